@@ -1,0 +1,109 @@
+//! Model-quality measurements that compare against a reference: perplexity the way llama-perplexity
+//! computes it, and the argmax prediction at every position (top-1 agreement).
+
+use crate::model::{BatchToken, ForwardError, Model, Scratch};
+use crate::sampler::{argmax, log_softmax};
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Perplexity {
+    pub ppl: f64,
+    pub nll: f64,
+    pub scored_tokens: usize,
+    pub chunks: usize,
+}
+
+/// Splits `tokens` into `chunks` windows of `ctx` tokens; the first token of each window becomes BOS
+/// (when the model uses one) and only the second half of each window is scored, so every scored token
+/// has at least ctx/2 tokens of context — llama-perplexity's procedure, so the figures compare.
+pub fn perplexity(
+    model: &Model,
+    tokens: &[u32],
+    ctx: usize,
+    chunks: usize,
+    bos: Option<u32>,
+    progress: &mut dyn FnMut(usize, f64),
+) -> Result<Perplexity, ForwardError> {
+    let n_chunks = chunks.min(tokens.len() / ctx.max(2));
+    let first = ctx / 2;
+    let mut nll = 0f64;
+    let mut count = 0usize;
+    let mut s = Scratch::default();
+    let mut kv = model.new_cache(ctx);
+    for c in 0..n_chunks {
+        let mut chunk = tokens[c * ctx..(c + 1) * ctx].to_vec();
+        if let Some(b) = bos {
+            chunk[0] = b;
+        }
+        kv.truncate(0);
+        let batch: Vec<BatchToken> = chunk
+            .iter()
+            .enumerate()
+            .map(|(pos, &token)| BatchToken {
+                token,
+                seq: 0,
+                pos,
+                logits: pos >= first && pos + 1 < ctx,
+            })
+            .collect();
+        model.forward(&batch, &mut [&mut kv], &mut s)?;
+        let v = model.cfg.vocab;
+        for (j, pos) in (first..ctx - 1).enumerate() {
+            let lp = log_softmax(&s.logits[j * v..(j + 1) * v]);
+            nll -= lp[chunk[pos + 1] as usize] as f64;
+            count += 1;
+        }
+        progress(c + 1, (nll / count as f64).exp());
+    }
+    Ok(Perplexity {
+        ppl: (nll / count.max(1) as f64).exp(),
+        nll,
+        scored_tokens: count,
+        chunks: n_chunks,
+    })
+}
+
+/// The model's most likely next token after every prefix of `ids` (one window, fresh cache).
+pub fn argmax_at_each_position(model: &Model, ids: &[u32]) -> Result<Vec<u32>, ForwardError> {
+    let mut s = Scratch::default();
+    let mut kv = model.new_cache(ids.len());
+    let batch: Vec<BatchToken> = ids
+        .iter()
+        .enumerate()
+        .map(|(pos, &token)| BatchToken {
+            token,
+            seq: 0,
+            pos,
+            logits: true,
+        })
+        .collect();
+    model.forward(&batch, &mut [&mut kv], &mut s)?;
+    let v = model.cfg.vocab;
+    Ok((0..ids.len())
+        .map(|i| argmax(&s.logits[i * v..(i + 1) * v]))
+        .collect())
+}
+
+/// Greedy continuation of `prompt` for `n` tokens, as raw ids (no stop conditions).
+pub fn greedy_ids(model: &Model, prompt: &[u32], n: usize) -> Result<Vec<u32>, ForwardError> {
+    let mut s = Scratch::default();
+    let mut kv = model.new_cache(prompt.len() + n + 1);
+    let mut logits = crate::generate::prefill(model, prompt, &mut kv, &mut s, 512)?;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = argmax(&logits);
+        out.push(t);
+        let pos = kv.len();
+        model.forward(
+            &[BatchToken {
+                token: t,
+                seq: 0,
+                pos,
+                logits: true,
+            }],
+            &mut [&mut kv],
+            &mut s,
+        )?;
+        logits.copy_from_slice(&s.logits[..model.cfg.vocab]);
+    }
+    Ok(out)
+}

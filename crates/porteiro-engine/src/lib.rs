@@ -1,0 +1,55 @@
+//! The local inference engine: quantized kernels over memory-mapped GGUF weights, a persistent thread
+//! pool, the transformer forward pass (llama, qwen2, gemma3), KV cache, sampling and generation.
+
+pub mod eval;
+pub mod generate;
+pub mod model;
+pub mod pool;
+pub mod quant;
+pub mod sampler;
+pub mod simd;
+
+pub use generate::{generate, FinishReason, GenerateOptions, Generation};
+pub use model::{BatchToken, KvCache, Model, ModelError, Scratch};
+pub use sampler::{Sampler, SamplingParams};
+
+use std::path::Path;
+use std::sync::Arc;
+
+use porteiro_models::gguf::GgufFile;
+use porteiro_models::template::ChatTemplate;
+use porteiro_models::tokenizer::Tokenizer;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Gguf(#[from] porteiro_models::gguf::GgufError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("tokenizer: {0}")]
+    Tokenizer(#[from] porteiro_models::tokenizer::TokenizerError),
+    #[error("chat template: {0}")]
+    Template(String),
+}
+
+/// A model ready to run: weights, its tokenizer and its chat template (if the file has one).
+pub struct LocalModel {
+    pub model: Model,
+    pub tokenizer: Tokenizer,
+    pub template: Option<ChatTemplate>,
+}
+
+impl LocalModel {
+    pub fn open(path: &Path, threads: usize) -> Result<Self, LoadError> {
+        let file = Arc::new(GgufFile::open(path)?);
+        let tokenizer = Tokenizer::from_gguf(&file)?;
+        let template = ChatTemplate::from_gguf(&file, &tokenizer)
+            .map_err(|e| LoadError::Template(e.to_string()))?;
+        let model = Model::load(file, threads)?;
+        Ok(Self {
+            model,
+            tokenizer,
+            template,
+        })
+    }
+}

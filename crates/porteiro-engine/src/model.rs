@@ -1,0 +1,873 @@
+//! Decoder-only transformers (llama, qwen2, gemma3) written once against shared building blocks.
+//!
+//! Weights are immutable views into the memory-mapped GGUF file; everything that belongs to one
+//! sequence (KV cache, positions) lives in `KvCache`, and scratch space in `Scratch`, so several
+//! sequences can share one model and be batched in one forward call.
+
+use std::sync::Arc;
+
+use half::f16;
+use porteiro_models::gguf::{GgmlType, GgufError, GgufFile, TensorInfo};
+
+use crate::pool::{split, ThreadPool};
+use crate::quant::{self, act_type, ActType};
+use crate::simd::{self, DotFn};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
+    #[error("unsupported architecture `{0}` (supported: llama, qwen2, gemma3)")]
+    UnsupportedArch(String),
+    #[error("tensor `{name}` has type {dtype}, which porteiro cannot compute with (supported: {supported})")]
+    UnsupportedType {
+        name: String,
+        dtype: String,
+        supported: &'static str,
+    },
+    #[error("tensor `{0}` is missing from the model file")]
+    MissingTensor(String),
+    #[error("tensor `{name}` has shape {found:?}, expected {expected:?}")]
+    BadShape {
+        name: String,
+        found: Vec<u64>,
+        expected: Vec<u64>,
+    },
+    #[error("invalid hyperparameter: {0}")]
+    BadConfig(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    Llama,
+    Qwen2,
+    Gemma3,
+}
+
+impl Arch {
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::Llama => "llama",
+            Arch::Qwen2 => "qwen2",
+            Arch::Gemma3 => "gemma3",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub arch: Arch,
+    pub n_embd: usize,
+    pub n_layer: usize,
+    pub n_head: usize,
+    pub n_head_kv: usize,
+    pub head_dim: usize,
+    pub n_ff: usize,
+    pub vocab: usize,
+    pub n_ctx_train: usize,
+    pub eps: f32,
+    pub rope_base: f32,
+    /// Rope base of sliding-window layers (gemma3).
+    pub rope_base_swa: f32,
+    /// NeoX rotation pairs (i, i + d/2) instead of adjacent pairs (2i, 2i+1).
+    pub rope_neox: bool,
+    /// Sliding-window size and which layers use it.
+    pub swa: Option<(usize, Vec<bool>)>,
+    /// Multiplies queries before the dot with keys.
+    pub q_scale: f32,
+    /// Multiplies token embeddings (gemma: sqrt(n_embd)).
+    pub embd_scale: f32,
+    pub gelu: bool,
+}
+
+impl Config {
+    pub fn kv_dim(&self) -> usize {
+        self.n_head_kv * self.head_dim
+    }
+    pub fn q_dim(&self) -> usize {
+        self.n_head * self.head_dim
+    }
+    fn is_swa(&self, layer: usize) -> Option<usize> {
+        self.swa.as_ref().and_then(|(w, l)| l[layer].then_some(*w))
+    }
+
+    fn from_gguf(g: &GgufFile) -> Result<Self, ModelError> {
+        let arch_name = g.architecture()?.to_string();
+        let arch = match arch_name.as_str() {
+            "llama" => Arch::Llama,
+            "qwen2" => Arch::Qwen2,
+            "gemma3" => Arch::Gemma3,
+            _ => return Err(ModelError::UnsupportedArch(arch_name)),
+        };
+        let a = arch.name();
+        let u = |k: &str| g.get_u64(&format!("{a}.{k}")).map(|v| v as usize);
+        let n_embd = u("embedding_length")?;
+        let n_head = u("attention.head_count")?;
+        let n_head_kv = u("attention.head_count_kv").unwrap_or(n_head);
+        if n_head == 0 || n_head_kv == 0 || n_head % n_head_kv != 0 {
+            return Err(ModelError::BadConfig(format!(
+                "{n_head} heads with {n_head_kv} KV heads"
+            )));
+        }
+        let head_dim = u("attention.key_length").unwrap_or(n_embd / n_head);
+        let n_layer = u("block_count")?;
+        let rope_base = g.get_f64(&format!("{a}.rope.freq_base")).unwrap_or(10000.0) as f32;
+        let eps = g.get_f64(&format!("{a}.attention.layer_norm_rms_epsilon"))? as f32;
+        let tok = g
+            .tensor("token_embd.weight")
+            .ok_or_else(|| ModelError::MissingTensor("token_embd.weight".into()))?;
+        let vocab = tok.dims.get(1).copied().unwrap_or(0) as usize;
+        let mut c = Config {
+            arch,
+            n_embd,
+            n_layer,
+            n_head,
+            n_head_kv,
+            head_dim,
+            n_ff: u("feed_forward_length")?,
+            vocab,
+            n_ctx_train: u("context_length").unwrap_or(4096),
+            eps,
+            rope_base,
+            rope_base_swa: rope_base,
+            rope_neox: arch != Arch::Llama,
+            swa: None,
+            q_scale: 1.0 / (head_dim as f32).sqrt(),
+            embd_scale: 1.0,
+            gelu: false,
+        };
+        if arch == Arch::Gemma3 {
+            c.gelu = true;
+            c.embd_scale = (n_embd as f32).sqrt();
+            // Gemma's reference scales queries by 1/sqrt(head_dim), except the 27B (62 layers).
+            c.q_scale = if n_layer == 62 {
+                1.0 / ((n_embd / n_head) as f32).sqrt()
+            } else {
+                1.0 / (head_dim as f32).sqrt()
+            };
+            if let Ok(w) = u("attention.sliding_window") {
+                if w > 0 {
+                    let pattern = u("attention.sliding_window_pattern").unwrap_or(6).max(1);
+                    let layers = (0..n_layer).map(|l| l % pattern < pattern - 1).collect();
+                    c.swa = Some((w, layers));
+                    c.rope_base_swa = g
+                        .get_f64(&format!("{a}.rope.freq_base_swa"))
+                        .unwrap_or(10000.0) as f32;
+                }
+            }
+        }
+        Ok(c)
+    }
+}
+
+/// A weight matrix in the mapping: `rows` outputs, each a row of `cols` inputs.
+pub struct QMatrix {
+    pub name: String,
+    pub dtype: GgmlType,
+    pub rows: usize,
+    pub cols: usize,
+    row_bytes: usize,
+    data: *const u8,
+    kernel: DotFn,
+    pub act: ActType,
+    _file: Arc<GgufFile>,
+}
+
+// SAFETY: `data` points into a read-only memory map kept alive by `_file`.
+unsafe impl Send for QMatrix {}
+unsafe impl Sync for QMatrix {}
+
+impl QMatrix {
+    fn new(file: &Arc<GgufFile>, t: &TensorInfo) -> Result<Self, ModelError> {
+        let unsupported = || ModelError::UnsupportedType {
+            name: t.name.clone(),
+            dtype: t.dtype.name(),
+            supported: quant::SUPPORTED_TYPES,
+        };
+        let act = act_type(t.dtype).ok_or_else(unsupported)?;
+        let kernel = simd::kernel(t.dtype).ok_or_else(unsupported)?;
+        let (bs, ts) = t.dtype.block_layout().ok_or_else(unsupported)?;
+        let cols = t.dims[0] as usize;
+        let rows = t.dims.iter().skip(1).product::<u64>() as usize;
+        if matches!(act, ActType::Q8K) && cols % quant::QK_K != 0
+            || cols % quant::QK != 0 && !matches!(act, ActType::F32)
+        {
+            return Err(ModelError::BadShape {
+                name: t.name.clone(),
+                found: t.dims.clone(),
+                expected: vec![(cols / bs * bs) as u64],
+            });
+        }
+        let data = file.data(t).as_ptr();
+        Ok(Self {
+            name: t.name.clone(),
+            dtype: t.dtype,
+            rows,
+            cols,
+            row_bytes: cols / bs * ts,
+            data,
+            kernel,
+            act,
+            _file: file.clone(),
+        })
+    }
+
+    #[inline]
+    pub fn row(&self, r: usize) -> &[u8] {
+        debug_assert!(r < self.rows);
+        // SAFETY: r < rows and the tensor's extent was checked against the file size at parse time.
+        unsafe { std::slice::from_raw_parts(self.data.add(r * self.row_bytes), self.row_bytes) }
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.rows * self.row_bytes
+    }
+
+    /// Dequantizes row `r` (an embedding lookup).
+    pub fn row_f32(&self, r: usize, out: &mut [f32]) {
+        quant::dequantize_row(self.dtype, self.row(r), out);
+    }
+}
+
+pub struct Layer {
+    attn_norm: Vec<f32>,
+    wq: QMatrix,
+    wk: QMatrix,
+    wv: QMatrix,
+    wo: QMatrix,
+    bq: Option<Vec<f32>>,
+    bk: Option<Vec<f32>>,
+    bv: Option<Vec<f32>>,
+    q_norm: Option<Vec<f32>>,
+    k_norm: Option<Vec<f32>>,
+    post_attn_norm: Option<Vec<f32>>,
+    ffn_norm: Vec<f32>,
+    gate: QMatrix,
+    up: QMatrix,
+    down: QMatrix,
+    post_ffn_norm: Option<Vec<f32>>,
+}
+
+pub struct Model {
+    pub cfg: Config,
+    pub file: Arc<GgufFile>,
+    tok_embd: QMatrix,
+    output: QMatrix,
+    output_norm: Vec<f32>,
+    layers: Vec<Layer>,
+    pool: ThreadPool,
+}
+
+fn vec_f32(file: &GgufFile, name: &str, len: usize) -> Result<Vec<f32>, ModelError> {
+    let t = file
+        .tensor(name)
+        .ok_or_else(|| ModelError::MissingTensor(name.into()))?;
+    if t.n_elements() as usize != len {
+        return Err(ModelError::BadShape {
+            name: name.into(),
+            found: t.dims.clone(),
+            expected: vec![len as u64],
+        });
+    }
+    if !matches!(t.dtype, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) {
+        return Err(ModelError::UnsupportedType {
+            name: name.into(),
+            dtype: t.dtype.name(),
+            supported: "F32, F16, BF16 (for norms and biases)",
+        });
+    }
+    let mut v = vec![0f32; len];
+    quant::dequantize_row(t.dtype, file.data(t), &mut v);
+    Ok(v)
+}
+
+fn opt_vec(file: &GgufFile, name: &str, len: usize) -> Result<Option<Vec<f32>>, ModelError> {
+    if file.tensor(name).is_some() {
+        vec_f32(file, name, len).map(Some)
+    } else {
+        Ok(None)
+    }
+}
+
+fn matrix(
+    file: &Arc<GgufFile>,
+    name: &str,
+    cols: usize,
+    rows: usize,
+) -> Result<QMatrix, ModelError> {
+    let t = file
+        .tensor(name)
+        .ok_or_else(|| ModelError::MissingTensor(name.into()))?;
+    if t.dims.len() != 2 || t.dims[0] as usize != cols || t.dims[1] as usize != rows {
+        return Err(ModelError::BadShape {
+            name: name.into(),
+            found: t.dims.clone(),
+            expected: vec![cols as u64, rows as u64],
+        });
+    }
+    QMatrix::new(file, t)
+}
+
+impl Model {
+    pub fn load(file: Arc<GgufFile>, threads: usize) -> Result<Self, ModelError> {
+        let cfg = Config::from_gguf(&file)?;
+        let (e, qd, kvd, ff) = (cfg.n_embd, cfg.q_dim(), cfg.kv_dim(), cfg.n_ff);
+        let tok_embd = matrix(&file, "token_embd.weight", e, cfg.vocab)?;
+        let output = if file.tensor("output.weight").is_some() {
+            matrix(&file, "output.weight", e, cfg.vocab)?
+        } else {
+            matrix(&file, "token_embd.weight", e, cfg.vocab)?
+        };
+        let output_norm = vec_f32(&file, "output_norm.weight", e)?;
+        let mut layers = Vec::with_capacity(cfg.n_layer);
+        for l in 0..cfg.n_layer {
+            let n = |s: &str| format!("blk.{l}.{s}");
+            let hd = cfg.head_dim;
+            layers.push(Layer {
+                attn_norm: vec_f32(&file, &n("attn_norm.weight"), e)?,
+                wq: matrix(&file, &n("attn_q.weight"), e, qd)?,
+                wk: matrix(&file, &n("attn_k.weight"), e, kvd)?,
+                wv: matrix(&file, &n("attn_v.weight"), e, kvd)?,
+                wo: matrix(&file, &n("attn_output.weight"), qd, e)?,
+                bq: opt_vec(&file, &n("attn_q.bias"), qd)?,
+                bk: opt_vec(&file, &n("attn_k.bias"), kvd)?,
+                bv: opt_vec(&file, &n("attn_v.bias"), kvd)?,
+                q_norm: opt_vec(&file, &n("attn_q_norm.weight"), hd)?,
+                k_norm: opt_vec(&file, &n("attn_k_norm.weight"), hd)?,
+                post_attn_norm: opt_vec(&file, &n("post_attention_norm.weight"), e)?,
+                ffn_norm: vec_f32(&file, &n("ffn_norm.weight"), e)?,
+                gate: matrix(&file, &n("ffn_gate.weight"), e, ff)?,
+                up: matrix(&file, &n("ffn_up.weight"), e, ff)?,
+                down: matrix(&file, &n("ffn_down.weight"), ff, e)?,
+                post_ffn_norm: opt_vec(&file, &n("post_ffw_norm.weight"), e)?,
+            });
+        }
+        Ok(Self {
+            cfg,
+            file,
+            tok_embd,
+            output,
+            output_norm,
+            layers,
+            pool: ThreadPool::new(threads),
+        })
+    }
+
+    pub fn threads(&self) -> usize {
+        self.pool.threads()
+    }
+
+    /// Bytes of weights read to decode one token (every layer matrix, the output projection, one
+    /// embedding row and the norms): the numerator of the memory-bandwidth ceiling.
+    pub fn bytes_per_token(&self) -> usize {
+        let mut b = self.output.bytes() + self.tok_embd.row_bytes + self.output_norm.len() * 4;
+        for l in &self.layers {
+            b += [&l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down]
+                .iter()
+                .map(|m| m.bytes())
+                .sum::<usize>();
+            b += (l.attn_norm.len() + l.ffn_norm.len()) * 4;
+        }
+        b
+    }
+
+    pub fn new_cache(&self, n_ctx: usize) -> KvCache {
+        KvCache::new(&self.cfg, n_ctx)
+    }
+}
+
+/// Keys and values of one sequence, f16, layout [layer][position][kv_head][head_dim].
+pub struct KvCache {
+    k: Vec<Vec<u16>>,
+    v: Vec<Vec<u16>>,
+    n_ctx: usize,
+    kv_dim: usize,
+    len: usize,
+}
+
+impl KvCache {
+    pub fn new(cfg: &Config, n_ctx: usize) -> Self {
+        let kv_dim = cfg.kv_dim();
+        Self {
+            k: (0..cfg.n_layer).map(|_| Vec::new()).collect(),
+            v: (0..cfg.n_layer).map(|_| Vec::new()).collect(),
+            n_ctx,
+            kv_dim,
+            len: 0,
+        }
+    }
+    /// Positions filled so far.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn capacity(&self) -> usize {
+        self.n_ctx
+    }
+    /// Forgets everything from position `pos` on (memory is kept for reuse).
+    pub fn truncate(&mut self, pos: usize) {
+        self.len = self.len.min(pos);
+    }
+    pub fn bytes(&self) -> usize {
+        self.k.iter().chain(&self.v).map(|x| x.capacity() * 2).sum()
+    }
+    fn reserve(&mut self, upto: usize) {
+        let need = upto * self.kv_dim;
+        for buf in self.k.iter_mut().chain(self.v.iter_mut()) {
+            if buf.len() < need {
+                // Grow geometrically so long generations do not reallocate per token.
+                let target = need
+                    .max(buf.len() * 2)
+                    .min(self.n_ctx * self.kv_dim)
+                    .max(need);
+                buf.resize(target, 0);
+            }
+        }
+    }
+}
+
+/// One token in a batch: which sequence it belongs to and whether its logits are wanted.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchToken {
+    pub token: u32,
+    pub seq: usize,
+    pub pos: usize,
+    pub logits: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    #[error("context full: position {pos} does not fit a context of {n_ctx} tokens")]
+    ContextFull { pos: usize, n_ctx: usize },
+    #[error("token id {0} is outside the vocabulary")]
+    BadToken(u32),
+    #[error("batch token refers to sequence {0}, but only {1} caches were given")]
+    BadSeq(usize, usize),
+    #[error("positions of sequence {seq} must continue its cache: got {pos}, expected {expected}")]
+    BadPos {
+        seq: usize,
+        pos: usize,
+        expected: usize,
+    },
+}
+
+/// Reusable buffers; grows to the largest batch seen.
+#[derive(Default)]
+pub struct Scratch {
+    x: Vec<f32>,
+    xb: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    att: Vec<f32>,
+    hb: Vec<f32>,
+    hb2: Vec<f32>,
+    act: Vec<u8>,
+    pub logits: Vec<f32>,
+}
+
+fn grow<T: Default + Clone>(v: &mut Vec<T>, n: usize) {
+    if v.len() < n {
+        v.resize(n, T::default());
+    }
+}
+
+/// A raw pointer that may be shared between the pool's threads; each thread writes disjoint indices.
+#[derive(Clone, Copy)]
+struct Shared<T>(*mut T);
+unsafe impl<T> Send for Shared<T> {}
+unsafe impl<T> Sync for Shared<T> {}
+
+fn rms_norm(x: &mut [f32], w: &[f32], eps: f32) {
+    let ss: f64 = x.iter().map(|&v| (v as f64) * (v as f64)).sum();
+    let scale = (1.0 / ((ss / x.len() as f64) as f32 + eps).sqrt()) as f32;
+    for (v, g) in x.iter_mut().zip(w) {
+        *v = *v * scale * g;
+    }
+}
+
+fn rms_norm_to(out: &mut [f32], x: &[f32], w: &[f32], eps: f32) {
+    out.copy_from_slice(x);
+    rms_norm(out, w, eps);
+}
+
+/// Rotates `x` (one head) in place for position `pos`.
+fn rope(x: &mut [f32], pos: usize, base: f32, neox: bool) {
+    let d = x.len();
+    let theta_scale = base.powf(-2.0 / d as f32);
+    let mut theta = pos as f32;
+    for i in 0..d / 2 {
+        let (s, c) = theta.sin_cos();
+        let (a, b) = if neox {
+            (i, i + d / 2)
+        } else {
+            (2 * i, 2 * i + 1)
+        };
+        let (x0, x1) = (x[a], x[b]);
+        x[a] = x0 * c - x1 * s;
+        x[b] = x0 * s + x1 * c;
+        theta *= theta_scale;
+    }
+}
+
+#[inline]
+fn gelu_tanh(x: f32) -> f32 {
+    const C: f32 = 0.797_884_6; // sqrt(2/pi)
+    0.5 * x * (1.0 + (C * x * (1.0 + 0.044715 * x * x)).tanh())
+}
+
+#[inline]
+fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+impl Model {
+    /// y[n][rows] = x[n][cols] · W^T, rows split across the pool.
+    fn matmul(&self, w: &QMatrix, x: &[f32], n: usize, y: &mut [f32], act: &mut Vec<u8>) {
+        let k = w.cols;
+        let rb = w.act.row_bytes(k);
+        grow(act, rb * n);
+        self.quantize_rows(w.act, x, k, n, &mut act[..rb * n]);
+        self.matmul_q(w, &act[..rb * n], n, y);
+    }
+
+    fn quantize_rows(&self, t: ActType, x: &[f32], k: usize, n: usize, out: &mut [u8]) {
+        let rb = t.row_bytes(k);
+        if n < 4 {
+            for i in 0..n {
+                quant::quantize_act(t, &x[i * k..(i + 1) * k], &mut out[i * rb..(i + 1) * rb]);
+            }
+            return;
+        }
+        let o = Shared(out.as_mut_ptr());
+        self.pool.run(&|ti, nt| {
+            let o = o;
+            for i in split(n, ti, nt, 1) {
+                // SAFETY: each thread writes the rows of its own token range.
+                let dst = unsafe { std::slice::from_raw_parts_mut(o.0.add(i * rb), rb) };
+                quant::quantize_act(t, &x[i * k..(i + 1) * k], dst);
+            }
+        });
+    }
+
+    /// Rows of W against already-quantized activations.
+    fn matmul_q(&self, w: &QMatrix, act: &[u8], n: usize, y: &mut [f32]) {
+        let rows = w.rows;
+        let rb = w.act.row_bytes(w.cols);
+        let out = Shared(y.as_mut_ptr());
+        // Tokens are processed in tiles so the activation tile stays in cache while weight rows stream.
+        const TILE: usize = 32;
+        self.pool.run(&|ti, nt| {
+            let out = out;
+            let r = split(rows, ti, nt, 4);
+            let mut t0 = 0;
+            while t0 < n {
+                let t1 = (t0 + TILE).min(n);
+                for row in r.clone() {
+                    let wr = w.row(row);
+                    for t in t0..t1 {
+                        let v = (w.kernel)(wr, &act[t * rb..(t + 1) * rb], w.cols);
+                        // SAFETY: (t, row) pairs are disjoint across threads (rows are split).
+                        unsafe { *out.0.add(t * rows + row) = v };
+                    }
+                }
+                t0 = t1;
+            }
+        });
+    }
+
+    /// Runs one forward step over a batch of tokens from one or more sequences. Logits of the tokens
+    /// marked `logits` are left in `scratch.logits`, `vocab` floats each, in batch order.
+    pub fn forward(
+        &self,
+        batch: &[BatchToken],
+        caches: &mut [&mut KvCache],
+        s: &mut Scratch,
+    ) -> Result<(), ForwardError> {
+        let c = &self.cfg;
+        let n = batch.len();
+        if n == 0 {
+            return Ok(());
+        }
+        // Validate before touching any state.
+        let mut next: Vec<usize> = caches.iter().map(|kv| kv.len).collect();
+        for b in batch {
+            if b.token as usize >= c.vocab {
+                return Err(ForwardError::BadToken(b.token));
+            }
+            let kv = caches
+                .get(b.seq)
+                .ok_or(ForwardError::BadSeq(b.seq, caches.len()))?;
+            if b.pos >= kv.n_ctx {
+                return Err(ForwardError::ContextFull {
+                    pos: b.pos,
+                    n_ctx: kv.n_ctx,
+                });
+            }
+            if b.pos != next[b.seq] {
+                return Err(ForwardError::BadPos {
+                    seq: b.seq,
+                    pos: b.pos,
+                    expected: next[b.seq],
+                });
+            }
+            next[b.seq] += 1;
+        }
+        for (kv, &upto) in caches.iter_mut().zip(&next) {
+            kv.reserve(upto);
+        }
+
+        let (e, qd, kvd, ff, hd) = (c.n_embd, c.q_dim(), c.kv_dim(), c.n_ff, c.head_dim);
+        grow(&mut s.x, n * e);
+        grow(&mut s.xb, n * e.max(qd));
+        grow(&mut s.q, n * qd);
+        grow(&mut s.k, n * kvd);
+        grow(&mut s.v, n * kvd);
+        grow(&mut s.att, n * qd);
+        grow(&mut s.hb, n * ff);
+        grow(&mut s.hb2, n * ff);
+
+        for (i, b) in batch.iter().enumerate() {
+            let x = &mut s.x[i * e..(i + 1) * e];
+            self.tok_embd.row_f32(b.token as usize, x);
+            if c.embd_scale != 1.0 {
+                x.iter_mut().for_each(|v| *v *= c.embd_scale);
+            }
+        }
+
+        for (li, l) in self.layers.iter().enumerate() {
+            // Attention block.
+            for i in 0..n {
+                rms_norm_to(
+                    &mut s.xb[i * e..(i + 1) * e],
+                    &s.x[i * e..(i + 1) * e],
+                    &l.attn_norm,
+                    c.eps,
+                );
+            }
+            self.qkv(l, n, s);
+            let base = if c.is_swa(li).is_some() {
+                c.rope_base_swa
+            } else {
+                c.rope_base
+            };
+            for (i, b) in batch.iter().enumerate() {
+                let q = &mut s.q[i * qd..(i + 1) * qd];
+                let k = &mut s.k[i * kvd..(i + 1) * kvd];
+                for (v, bias) in [(&mut *q, &l.bq), (&mut *k, &l.bk)] {
+                    if let Some(bias) = bias {
+                        v.iter_mut().zip(bias).for_each(|(a, b)| *a += b);
+                    }
+                }
+                if let Some(bv) = &l.bv {
+                    s.v[i * kvd..(i + 1) * kvd]
+                        .iter_mut()
+                        .zip(bv)
+                        .for_each(|(a, b)| *a += b);
+                }
+                for h in q.chunks_exact_mut(hd) {
+                    if let Some(w) = &l.q_norm {
+                        rms_norm(h, w, c.eps);
+                    }
+                    rope(h, b.pos, base, c.rope_neox);
+                    h.iter_mut().for_each(|v| *v *= c.q_scale);
+                }
+                for h in k.chunks_exact_mut(hd) {
+                    if let Some(w) = &l.k_norm {
+                        rms_norm(h, w, c.eps);
+                    }
+                    rope(h, b.pos, base, c.rope_neox);
+                }
+                let kv = &mut caches[b.seq];
+                let at = b.pos * kvd;
+                for (dst, src) in kv.k[li][at..at + kvd].iter_mut().zip(k.iter()) {
+                    *dst = f16::from_f32(*src).to_bits();
+                }
+                for (dst, src) in kv.v[li][at..at + kvd]
+                    .iter_mut()
+                    .zip(&s.v[i * kvd..(i + 1) * kvd])
+                {
+                    *dst = f16::from_f32(*src).to_bits();
+                }
+            }
+            self.attention(li, batch, caches, s);
+            self.matmul(&l.wo, &s.att[..n * qd], n, &mut s.xb[..n * e], &mut s.act);
+            for i in 0..n {
+                let o = &mut s.xb[i * e..(i + 1) * e];
+                if let Some(w) = &l.post_attn_norm {
+                    rms_norm(o, w, c.eps);
+                }
+                s.x[i * e..(i + 1) * e]
+                    .iter_mut()
+                    .zip(o.iter())
+                    .for_each(|(a, b)| *a += b);
+            }
+
+            // Feed-forward block.
+            for i in 0..n {
+                rms_norm_to(
+                    &mut s.xb[i * e..(i + 1) * e],
+                    &s.x[i * e..(i + 1) * e],
+                    &l.ffn_norm,
+                    c.eps,
+                );
+            }
+            self.gate_up(l, n, s);
+            for (g, u) in s.hb[..n * ff].iter_mut().zip(&s.hb2[..n * ff]) {
+                *g = if c.gelu { gelu_tanh(*g) } else { silu(*g) } * u;
+            }
+            self.matmul(&l.down, &s.hb[..n * ff], n, &mut s.xb[..n * e], &mut s.act);
+            for i in 0..n {
+                let o = &mut s.xb[i * e..(i + 1) * e];
+                if let Some(w) = &l.post_ffn_norm {
+                    rms_norm(o, w, c.eps);
+                }
+                s.x[i * e..(i + 1) * e]
+                    .iter_mut()
+                    .zip(o.iter())
+                    .for_each(|(a, b)| *a += b);
+            }
+        }
+        for (kv, &upto) in caches.iter_mut().zip(&next) {
+            kv.len = upto;
+        }
+
+        // Output projection only for the tokens that asked for logits.
+        let want: Vec<usize> = (0..n).filter(|&i| batch[i].logits).collect();
+        let m = want.len();
+        for (j, &i) in want.iter().enumerate() {
+            rms_norm_to(
+                &mut s.xb[j * e..(j + 1) * e],
+                &s.x[i * e..(i + 1) * e],
+                &self.output_norm,
+                c.eps,
+            );
+        }
+        grow(&mut s.logits, m * c.vocab);
+        s.logits.truncate(m * c.vocab);
+        let mut logits = std::mem::take(&mut s.logits);
+        self.matmul(&self.output, &s.xb[..m * e], m, &mut logits, &mut s.act);
+        s.logits = logits;
+        Ok(())
+    }
+
+    /// Q, K and V share one quantized copy of the normed input when their types allow.
+    fn qkv(&self, l: &Layer, n: usize, s: &mut Scratch) {
+        let (e, qd, kvd) = (self.cfg.n_embd, self.cfg.q_dim(), self.cfg.kv_dim());
+        let x = &s.xb[..n * e];
+        let mut done: Option<ActType> = None;
+        for (w, out) in [
+            (&l.wq, &mut s.q[..n * qd]),
+            (&l.wk, &mut s.k[..n * kvd]),
+            (&l.wv, &mut s.v[..n * kvd]),
+        ] {
+            let rb = w.act.row_bytes(e);
+            if done != Some(w.act) {
+                grow(&mut s.act, rb * n);
+                self.quantize_rows(w.act, x, e, n, &mut s.act[..rb * n]);
+                done = Some(w.act);
+            }
+            self.matmul_q(w, &s.act[..rb * n], n, out);
+        }
+    }
+
+    fn gate_up(&self, l: &Layer, n: usize, s: &mut Scratch) {
+        let (e, ff) = (self.cfg.n_embd, self.cfg.n_ff);
+        let rb = l.gate.act.row_bytes(e);
+        grow(&mut s.act, rb * n);
+        self.quantize_rows(l.gate.act, &s.xb[..n * e], e, n, &mut s.act[..rb * n]);
+        self.matmul_q(&l.gate, &s.act[..rb * n], n, &mut s.hb[..n * ff]);
+        if l.up.act != l.gate.act {
+            let rb = l.up.act.row_bytes(e);
+            grow(&mut s.act, rb * n);
+            self.quantize_rows(l.up.act, &s.xb[..n * e], e, n, &mut s.act[..rb * n]);
+        }
+        let rb = l.up.act.row_bytes(e);
+        self.matmul_q(&l.up, &s.act[..rb * n], n, &mut s.hb2[..n * ff]);
+    }
+
+    /// Causal attention of every (token, head) of the batch against its own sequence's cache.
+    fn attention(&self, li: usize, batch: &[BatchToken], caches: &[&mut KvCache], s: &mut Scratch) {
+        let c = &self.cfg;
+        let (qd, kvd, hd) = (c.q_dim(), c.kv_dim(), c.head_dim);
+        let group = c.n_head / c.n_head_kv;
+        let window = c.is_swa(li);
+        let n = batch.len();
+        let work = n * c.n_head;
+        let out = Shared(s.att.as_mut_ptr());
+        let q = &s.q;
+        self.pool.run(&|ti, nt| {
+            let out = out;
+            let mut scores: Vec<f32> = Vec::new();
+            let mut kf = vec![0f32; 0];
+            for w in split(work, ti, nt, 1) {
+                let (i, h) = (w / c.n_head, w % c.n_head);
+                let b = batch[i];
+                let kv = &caches[b.seq];
+                let kh = h / group;
+                let qh = &q[i * qd + h * hd..i * qd + (h + 1) * hd];
+                let start = window.map_or(0, |win| (b.pos + 1).saturating_sub(win));
+                let len = b.pos + 1 - start;
+                scores.clear();
+                scores.resize(len, 0.0);
+                let kc = &kv.k[li];
+                let qb: &[u8] =
+                    unsafe { std::slice::from_raw_parts(qh.as_ptr() as *const u8, hd * 4) };
+                let f16dot = simd::kernel(GgmlType::F16).unwrap_or(|_, _, _| 0.0);
+                for (j, sc) in scores.iter_mut().enumerate() {
+                    let at = (start + j) * kvd + kh * hd;
+                    let kb: &[u8] = unsafe {
+                        std::slice::from_raw_parts(kc[at..at + hd].as_ptr() as *const u8, hd * 2)
+                    };
+                    *sc = f16dot(kb, qb, hd);
+                }
+                let mx = scores.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                let mut sum = 0f32;
+                for v in scores.iter_mut() {
+                    *v = (*v - mx).exp();
+                    sum += *v;
+                }
+                let inv = 1.0 / sum;
+                // SAFETY: each (token, head) output slice is written by exactly one thread.
+                let o = unsafe { std::slice::from_raw_parts_mut(out.0.add(i * qd + h * hd), hd) };
+                o.fill(0.0);
+                kf.resize(hd, 0.0);
+                let vc = &kv.v[li];
+                for (j, &p) in scores.iter().enumerate() {
+                    let at = (start + j) * kvd + kh * hd;
+                    for (d, &bits) in kf.iter_mut().zip(&vc[at..at + hd]) {
+                        *d = f16::from_bits(bits).to_f32();
+                    }
+                    simd::axpy(o, p * inv, &kf);
+                }
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rope_rotates_pairs_and_preserves_norm() {
+        let mut x: Vec<f32> = (0..8).map(|i| i as f32 * 0.1 + 0.3).collect();
+        let before: f32 = x.iter().map(|v| v * v).sum();
+        rope(&mut x, 7, 10000.0, true);
+        let after: f32 = x.iter().map(|v| v * v).sum();
+        assert!((before - after).abs() < 1e-4);
+        let mut y: Vec<f32> = vec![1.0, 0.0, 1.0, 0.0];
+        rope(&mut y, 0, 10000.0, false);
+        assert_eq!(y, vec![1.0, 0.0, 1.0, 0.0]);
+    }
+
+    #[test]
+    fn rms_norm_unit_weights_gives_unit_rms() {
+        let mut x = vec![1.0f32, 2.0, 3.0, 4.0];
+        rms_norm(&mut x, &[1.0; 4], 0.0);
+        let ms: f32 = x.iter().map(|v| v * v).sum::<f32>() / 4.0;
+        assert!((ms - 1.0).abs() < 1e-5);
+    }
+}

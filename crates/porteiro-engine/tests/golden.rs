@@ -1,0 +1,180 @@
+//! Correctness against llama.cpp, the reference: golden files in tests/golden/ were produced by
+//! scripts/golden_model.py from llama.cpp's own runs on the same GGUF files.
+//!
+//! A model that is not cached is skipped with a message, unless PORTEIRO_REQUIRE_MODELS=1 (set by CI,
+//! which pulls every model first): then it is a failure, so the checks cannot pass by not running.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use porteiro_engine::eval::{argmax_at_each_position, greedy_ids, perplexity};
+use porteiro_engine::Model;
+use porteiro_models::gguf::GgufFile;
+use porteiro_models::tokenizer::Tokenizer;
+use serde_json::Value;
+
+/// Models use every core; running two at once would only measure contention.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn golden(alias: &str) -> Value {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("tests/golden/{alias}.json"));
+    serde_json::from_str(
+        &std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())),
+    )
+    .unwrap()
+}
+
+fn load(alias: &str) -> Option<(Model, Tokenizer)> {
+    let path = match porteiro_models::fetch::resolve_model(alias, false) {
+        Ok(p) => p,
+        Err(e) => {
+            assert!(
+                std::env::var("PORTEIRO_REQUIRE_MODELS").is_err(),
+                "{alias} required but not cached: {e}"
+            );
+            eprintln!("skipping {alias}: {e}");
+            return None;
+        }
+    };
+    let file = Arc::new(GgufFile::open(&path).unwrap());
+    let tok = Tokenizer::from_gguf(&file).unwrap();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    Some((Model::load(file, threads).unwrap(), tok))
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+fn wiki_text() -> Option<String> {
+    let p = porteiro_models::fetch::home_dir().join("data/wiki.txt");
+    match std::fs::read_to_string(&p) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            assert!(
+                std::env::var("PORTEIRO_REQUIRE_MODELS").is_err(),
+                "{} missing ({e}): run scripts/fetch-text.sh",
+                p.display()
+            );
+            eprintln!(
+                "skipping perplexity: {} missing; run scripts/fetch-text.sh",
+                p.display()
+            );
+            None
+        }
+    }
+}
+
+fn check(alias: &str) {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let g = golden(alias);
+    let Some((model, tok)) = load(alias) else {
+        return;
+    };
+
+    // Top-1 agreement at every position of real text, and the tokenizer on the same text.
+    let text = wiki_text();
+    let (mut agree, mut total) = (0usize, 0usize);
+    for (w, win) in g["top1"].as_array().unwrap().iter().enumerate() {
+        let window = ids(&win["ids"]);
+        let want = ids(&win["argmax"]);
+        if let Some(text) = &text {
+            let mut ours = tok.encode(text, true, false);
+            if let Some(b) = g["bos"].as_u64() {
+                ours[w * 512] = b as u32;
+            }
+            assert_eq!(
+                &ours[w * 512..w * 512 + window.len()],
+                &window[..],
+                "{alias}: token ids of window {w} differ from llama.cpp"
+            );
+        }
+        let got = argmax_at_each_position(&model, &window).unwrap();
+        agree += got.iter().zip(&want).filter(|(a, b)| a == b).count();
+        total += want.len();
+    }
+    let top1 = agree as f64 / total as f64;
+    eprintln!(
+        "{alias}: top-1 agreement with llama.cpp {agree}/{total} = {:.2}%",
+        top1 * 100.0
+    );
+    assert!(
+        top1 >= 0.99,
+        "{alias}: top-1 agreement {:.2}% < 99%",
+        top1 * 100.0
+    );
+
+    // Greedy continuations: the prompt tokenizes identically, and the continuation is identical or
+    // diverges only after both engines agree on a long prefix (float summation order differs).
+    let mut identical = 0;
+    for case in g["greedy"].as_array().unwrap() {
+        let prompt = case["prompt"].as_str().unwrap();
+        let want_prompt = ids(&case["prompt_ids"]);
+        assert_eq!(
+            tok.encode(prompt, true, false),
+            want_prompt,
+            "{alias}: prompt {prompt:?} tokenizes differently"
+        );
+        let want = ids(&case["ids"]);
+        let got = greedy_ids(&model, &want_prompt, want.len()).unwrap();
+        let same = got.iter().zip(&want).take_while(|(a, b)| a == b).count();
+        if same == want.len() {
+            identical += 1;
+        } else {
+            eprintln!(
+                "{alias}: {prompt:?} diverges at token {same}/{}",
+                want.len()
+            );
+        }
+    }
+    eprintln!("{alias}: {identical}/5 greedy 64-token continuations identical to llama.cpp");
+
+    // Perplexity on the same tokens, same procedure.
+    if let Some(text) = &text {
+        let p = &g["perplexity"];
+        let (window, chunks) = (
+            p["window"].as_u64().unwrap() as usize,
+            p["chunks"].as_u64().unwrap() as usize,
+        );
+        let all = tok.encode(text, true, false);
+        let bos = g["bos"].as_u64().map(|b| b as u32);
+        let ours = perplexity(&model, &all, window, chunks, bos, &mut |_, _| {})
+            .unwrap()
+            .ppl;
+        let reference = p["ppl"].as_f64().unwrap();
+        let rel = (ours - reference).abs() / reference;
+        eprintln!(
+            "{alias}: perplexity ours {ours:.4} llama.cpp {reference:.4} ({:+.3}%)",
+            (ours / reference - 1.0) * 100.0
+        );
+        assert!(
+            rel < 0.01,
+            "{alias}: perplexity {ours} vs llama.cpp {reference}: {:.2}% apart",
+            rel * 100.0
+        );
+    }
+}
+
+#[test]
+fn smollm2_135m_matches_llama_cpp() {
+    check("smollm2-135m");
+}
+
+#[test]
+fn qwen25_05b_matches_llama_cpp() {
+    check("qwen2.5-0.5b");
+}
+
+#[test]
+fn gemma3_270m_matches_llama_cpp() {
+    check("gemma3-270m");
+}
+
+#[test]
+fn qwen25_15b_matches_llama_cpp() {
+    check("qwen2.5-1.5b");
+}

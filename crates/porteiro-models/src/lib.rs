@@ -1,0 +1,10 @@
+//! Model sources and cache, GGUF files, tokenizers and chat templates.
+//!
+//! Nothing here runs a model: `porteiro-engine` owns the forward pass. This crate turns a name or a path
+//! into a memory-mapped GGUF file, a tokenizer that matches llama.cpp's, and a chat-template renderer.
+
+pub mod catalog;
+pub mod fetch;
+pub mod gguf;
+pub mod template;
+pub mod tokenizer;

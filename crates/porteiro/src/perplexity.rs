@@ -1,0 +1,67 @@
+//! `porteiro perplexity`: quality of a (quantized) model on real text, comparable with llama-perplexity.
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::ModelArgs;
+
+#[derive(Args)]
+pub struct PplArgs {
+    #[command(flatten)]
+    m: ModelArgs,
+    /// Text file to score.
+    #[arg(short, long)]
+    file: std::path::PathBuf,
+    /// Window size in tokens; the second half of each window is scored.
+    #[arg(short = 'c', long = "window", default_value_t = 512)]
+    window: usize,
+    /// Number of windows to score (at most what the text holds).
+    #[arg(long, default_value_t = 16)]
+    chunks: usize,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(a: &PplArgs) -> Result<()> {
+    let text = std::fs::read_to_string(&a.file)
+        .with_context(|| format!("reading {}", a.file.display()))?;
+    let lm = a.m.load()?;
+    let ids = lm.tokenizer.encode(&text, true, false);
+    if ids.len() < 2 * a.window {
+        bail!(
+            "{} tokenizes to {} tokens; need at least {} for a window of {}",
+            a.file.display(),
+            ids.len(),
+            2 * a.window,
+            a.window
+        );
+    }
+    let n = a.chunks.min(ids.len() / a.window);
+    let pb = ProgressBar::new(n as u64);
+    pb.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} windows  {msg}  eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let bos = lm
+        .tokenizer
+        .adds_bos()
+        .then(|| lm.tokenizer.bos_id())
+        .flatten();
+    let r =
+        porteiro_engine::eval::perplexity(&lm.model, &ids, a.window, n, bos, &mut |done, ppl| {
+            pb.set_position(done as u64);
+            pb.set_message(format!("ppl {ppl:.4}"));
+        })?;
+    pb.finish_and_clear();
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!(
+            "perplexity {:.4} over {} tokens ({} windows of {})",
+            r.ppl, r.scored_tokens, r.chunks, a.window
+        );
+    }
+    Ok(())
+}
