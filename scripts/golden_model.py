@@ -67,12 +67,13 @@ def main():
             am = ids(drive(str(path), "argmax", stdin=" ".join(map(str, chunk))))
             windows.append({"ids": chunk, "argmax": am})
         res = subprocess.run([ref / "bin/llama-perplexity", "-m", str(path), "-f", text_path, "-c", str(WINDOW),
-                              "--chunks", str(PPL_CHUNKS), "-t", threads, "-b", str(WINDOW)],
+                              "--chunks", str(PPL_CHUNKS), "-t", threads, "-b", str(WINDOW), "-fa", "off"],
                              capture_output=True, text=True, env=env)
         ppl = re.search(r"Final estimate: PPL = ([0-9.]+)", res.stdout + res.stderr)
         if not ppl:
             sys.exit(f"llama-perplexity failed for {alias}:\n{res.stderr[-2000:]}")
-        doc = {"model": alias, "reference": "llama.cpp (vendored in llama-cpp-python 0.3.36)", "bos": bos,
+        doc = {"model": alias, "reference": "llama.cpp (vendored in llama-cpp-python 0.3.36), flash attention off",
+               "bos": bos,
                "greedy": greedy, "top1": windows,
                "perplexity": {"window": WINDOW, "chunks": PPL_CHUNKS,
                               "text": "exllamav3 wiki.utf8, first 400 KB, <doc> tags stripped (scripts/fetch-text.sh)",

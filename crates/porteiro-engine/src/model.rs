@@ -11,7 +11,7 @@ use porteiro_models::gguf::{GgmlType, GgufError, GgufFile, TensorInfo};
 
 use crate::pool::{split, ThreadPool};
 use crate::quant::{self, act_type, ActType};
-use crate::simd::{self, DotFn};
+use crate::simd::{self, Dot4Fn, DotFn};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -73,8 +73,10 @@ pub struct Config {
     pub rope_neox: bool,
     /// Sliding-window size and which layers use it.
     pub swa: Option<(usize, Vec<bool>)>,
-    /// Multiplies queries before the dot with keys.
+    /// Multiplies queries before they meet the keys (gemma's query_pre_attn_scalar).
     pub q_scale: f32,
+    /// Multiplies attention scores (1/sqrt(head_dim) for llama and qwen2).
+    pub kq_scale: f32,
     /// Multiplies token embeddings (gemma: sqrt(n_embd)).
     pub embd_scale: f32,
     pub gelu: bool,
@@ -132,12 +134,14 @@ impl Config {
             rope_base_swa: rope_base,
             rope_neox: arch != Arch::Llama,
             swa: None,
-            q_scale: 1.0 / (head_dim as f32).sqrt(),
+            q_scale: 1.0,
+            kq_scale: 1.0 / (head_dim as f32).sqrt(),
             embd_scale: 1.0,
             gelu: false,
         };
         if arch == Arch::Gemma3 {
             c.gelu = true;
+            c.kq_scale = 1.0;
             c.embd_scale = (n_embd as f32).sqrt();
             // Gemma's reference scales queries by 1/sqrt(head_dim), except the 27B (62 layers).
             c.q_scale = if n_layer == 62 {
@@ -169,6 +173,7 @@ pub struct QMatrix {
     row_bytes: usize,
     data: *const u8,
     kernel: DotFn,
+    kernel4: Option<Dot4Fn>,
     pub act: ActType,
     _file: Arc<GgufFile>,
 }
@@ -207,6 +212,7 @@ impl QMatrix {
             row_bytes: cols / bs * ts,
             data,
             kernel,
+            kernel4: simd::kernel4(t.dtype),
             act,
             _file: file.clone(),
         })
@@ -464,7 +470,8 @@ pub struct Scratch {
     att: Vec<f32>,
     hb: Vec<f32>,
     hb2: Vec<f32>,
-    act: Vec<u8>,
+    /// Quantized activations, one buffer per activation format (indexed by `act_index`).
+    acts: [Vec<u8>; 4],
     pub logits: Vec<f32>,
 }
 
@@ -523,14 +530,87 @@ fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
 }
 
+fn quant_f16_dot(w: &[u8], a: &[u8], k: usize) -> f32 {
+    quant::dot_scalar(GgmlType::F16, w, a, k)
+}
+
+fn act_index(t: ActType) -> usize {
+    match t {
+        ActType::F32 => 0,
+        ActType::Q8_0 => 1,
+        ActType::Q8_1 => 2,
+        ActType::Q8K => 3,
+    }
+}
+
 impl Model {
-    /// y[n][rows] = x[n][cols] · W^T, rows split across the pool.
-    fn matmul(&self, w: &QMatrix, x: &[f32], n: usize, y: &mut [f32], act: &mut Vec<u8>) {
-        let k = w.cols;
-        let rb = w.act.row_bytes(k);
-        grow(act, rb * n);
-        self.quantize_rows(w.act, x, k, n, &mut act[..rb * n]);
-        self.matmul_q(w, &act[..rb * n], n, y);
+    /// y[n][rows] = x[n][cols] · W^T for one or more matrices sharing the input `x`, in one parallel
+    /// step: the rows of all matrices are split across the pool together (fewer synchronisations, and
+    /// small matrices do not leave threads idle). `x` is quantized once per activation format.
+    fn matmul(
+        &self,
+        jobs: &mut [(&QMatrix, &mut [f32])],
+        x: &[f32],
+        n: usize,
+        acts: &mut [Vec<u8>; 4],
+    ) {
+        let k = jobs[0].0.cols;
+        let mut done = [false; 4];
+        for (w, _) in jobs.iter() {
+            debug_assert_eq!(w.cols, k);
+            let i = act_index(w.act);
+            if !done[i] {
+                let rb = w.act.row_bytes(k);
+                grow(&mut acts[i], rb * n);
+                self.quantize_rows(w.act, x, k, n, &mut acts[i][..rb * n]);
+                done[i] = true;
+            }
+        }
+        let outs: Vec<(&QMatrix, Shared<f32>, &[u8])> = jobs
+            .iter_mut()
+            .map(|(w, y)| (&**w, Shared(y.as_mut_ptr()), &acts[act_index(w.act)][..]))
+            .collect();
+        let total: usize = outs.iter().map(|o| o.0.rows).sum();
+        // Tokens are processed in tiles so the activation tile stays in cache while weight rows stream.
+        const TILE: usize = 32;
+        self.pool.run(&|ti, nt| {
+            let mine = split(total, ti, nt, 4);
+            let mut base = 0;
+            for (w, out, act) in &outs {
+                let (lo, hi) = (mine.start.max(base), mine.end.min(base + w.rows));
+                base += w.rows;
+                if lo >= hi {
+                    continue;
+                }
+                let rb = w.act.row_bytes(w.cols);
+                let rows = w.rows;
+                let mut t0 = 0;
+                while t0 < n {
+                    let t1 = (t0 + TILE).min(n);
+                    for row in lo - (base - rows)..hi - (base - rows) {
+                        let wr = w.row(row);
+                        let mut t = t0;
+                        if let Some(k4) = w.kernel4 {
+                            let mut v = [0f32; 4];
+                            while t + 4 <= t1 {
+                                k4(wr, &act[t * rb..], rb, w.cols, &mut v);
+                                for (j, x) in v.iter().enumerate() {
+                                    // SAFETY: (token, row) pairs are disjoint across threads.
+                                    unsafe { *out.0.add((t + j) * rows + row) = *x };
+                                }
+                                t += 4;
+                            }
+                        }
+                        for t in t..t1 {
+                            let v = (w.kernel)(wr, &act[t * rb..(t + 1) * rb], w.cols);
+                            // SAFETY: (token, row) pairs are disjoint across threads (rows are split).
+                            unsafe { *out.0.add(t * rows + row) = v };
+                        }
+                    }
+                    t0 = t1;
+                }
+            }
+        });
     }
 
     fn quantize_rows(&self, t: ActType, x: &[f32], k: usize, n: usize, out: &mut [u8]) {
@@ -548,32 +628,6 @@ impl Model {
                 // SAFETY: each thread writes the rows of its own token range.
                 let dst = unsafe { std::slice::from_raw_parts_mut(o.0.add(i * rb), rb) };
                 quant::quantize_act(t, &x[i * k..(i + 1) * k], dst);
-            }
-        });
-    }
-
-    /// Rows of W against already-quantized activations.
-    fn matmul_q(&self, w: &QMatrix, act: &[u8], n: usize, y: &mut [f32]) {
-        let rows = w.rows;
-        let rb = w.act.row_bytes(w.cols);
-        let out = Shared(y.as_mut_ptr());
-        // Tokens are processed in tiles so the activation tile stays in cache while weight rows stream.
-        const TILE: usize = 32;
-        self.pool.run(&|ti, nt| {
-            let out = out;
-            let r = split(rows, ti, nt, 4);
-            let mut t0 = 0;
-            while t0 < n {
-                let t1 = (t0 + TILE).min(n);
-                for row in r.clone() {
-                    let wr = w.row(row);
-                    for t in t0..t1 {
-                        let v = (w.kernel)(wr, &act[t * rb..(t + 1) * rb], w.cols);
-                        // SAFETY: (t, row) pairs are disjoint across threads (rows are split).
-                        unsafe { *out.0.add(t * rows + row) = v };
-                    }
-                }
-                t0 = t1;
             }
         });
     }
@@ -647,7 +701,16 @@ impl Model {
                     c.eps,
                 );
             }
-            self.qkv(l, n, s);
+            self.matmul(
+                &mut [
+                    (&l.wq, &mut s.q[..n * qd]),
+                    (&l.wk, &mut s.k[..n * kvd]),
+                    (&l.wv, &mut s.v[..n * kvd]),
+                ],
+                &s.xb[..n * e],
+                n,
+                &mut s.acts,
+            );
             let base = if c.is_swa(li).is_some() {
                 c.rope_base_swa
             } else {
@@ -672,7 +735,9 @@ impl Model {
                         rms_norm(h, w, c.eps);
                     }
                     rope(h, b.pos, base, c.rope_neox);
-                    h.iter_mut().for_each(|v| *v *= c.q_scale);
+                    if c.q_scale != 1.0 {
+                        h.iter_mut().for_each(|v| *v *= c.q_scale);
+                    }
                 }
                 for h in k.chunks_exact_mut(hd) {
                     if let Some(w) = &l.k_norm {
@@ -693,7 +758,12 @@ impl Model {
                 }
             }
             self.attention(li, batch, caches, s);
-            self.matmul(&l.wo, &s.att[..n * qd], n, &mut s.xb[..n * e], &mut s.act);
+            self.matmul(
+                &mut [(&l.wo, &mut s.xb[..n * e])],
+                &s.att[..n * qd],
+                n,
+                &mut s.acts,
+            );
             for i in 0..n {
                 let o = &mut s.xb[i * e..(i + 1) * e];
                 if let Some(w) = &l.post_attn_norm {
@@ -714,11 +784,24 @@ impl Model {
                     c.eps,
                 );
             }
-            self.gate_up(l, n, s);
+            self.matmul(
+                &mut [
+                    (&l.gate, &mut s.hb[..n * ff]),
+                    (&l.up, &mut s.hb2[..n * ff]),
+                ],
+                &s.xb[..n * e],
+                n,
+                &mut s.acts,
+            );
             for (g, u) in s.hb[..n * ff].iter_mut().zip(&s.hb2[..n * ff]) {
                 *g = if c.gelu { gelu_tanh(*g) } else { silu(*g) } * u;
             }
-            self.matmul(&l.down, &s.hb[..n * ff], n, &mut s.xb[..n * e], &mut s.act);
+            self.matmul(
+                &mut [(&l.down, &mut s.xb[..n * e])],
+                &s.hb[..n * ff],
+                n,
+                &mut s.acts,
+            );
             for i in 0..n {
                 let o = &mut s.xb[i * e..(i + 1) * e];
                 if let Some(w) = &l.post_ffn_norm {
@@ -748,44 +831,16 @@ impl Model {
         grow(&mut s.logits, m * c.vocab);
         s.logits.truncate(m * c.vocab);
         let mut logits = std::mem::take(&mut s.logits);
-        self.matmul(&self.output, &s.xb[..m * e], m, &mut logits, &mut s.act);
+        if m > 0 {
+            self.matmul(
+                &mut [(&self.output, &mut logits[..])],
+                &s.xb[..m * e],
+                m,
+                &mut s.acts,
+            );
+        }
         s.logits = logits;
         Ok(())
-    }
-
-    /// Q, K and V share one quantized copy of the normed input when their types allow.
-    fn qkv(&self, l: &Layer, n: usize, s: &mut Scratch) {
-        let (e, qd, kvd) = (self.cfg.n_embd, self.cfg.q_dim(), self.cfg.kv_dim());
-        let x = &s.xb[..n * e];
-        let mut done: Option<ActType> = None;
-        for (w, out) in [
-            (&l.wq, &mut s.q[..n * qd]),
-            (&l.wk, &mut s.k[..n * kvd]),
-            (&l.wv, &mut s.v[..n * kvd]),
-        ] {
-            let rb = w.act.row_bytes(e);
-            if done != Some(w.act) {
-                grow(&mut s.act, rb * n);
-                self.quantize_rows(w.act, x, e, n, &mut s.act[..rb * n]);
-                done = Some(w.act);
-            }
-            self.matmul_q(w, &s.act[..rb * n], n, out);
-        }
-    }
-
-    fn gate_up(&self, l: &Layer, n: usize, s: &mut Scratch) {
-        let (e, ff) = (self.cfg.n_embd, self.cfg.n_ff);
-        let rb = l.gate.act.row_bytes(e);
-        grow(&mut s.act, rb * n);
-        self.quantize_rows(l.gate.act, &s.xb[..n * e], e, n, &mut s.act[..rb * n]);
-        self.matmul_q(&l.gate, &s.act[..rb * n], n, &mut s.hb[..n * ff]);
-        if l.up.act != l.gate.act {
-            let rb = l.up.act.row_bytes(e);
-            grow(&mut s.act, rb * n);
-            self.quantize_rows(l.up.act, &s.xb[..n * e], e, n, &mut s.act[..rb * n]);
-        }
-        let rb = l.up.act.row_bytes(e);
-        self.matmul_q(&l.up, &s.act[..rb * n], n, &mut s.hb2[..n * ff]);
     }
 
     /// Causal attention of every (token, head) of the batch against its own sequence's cache.
@@ -801,8 +856,10 @@ impl Model {
         self.pool.run(&|ti, nt| {
             let out = out;
             let mut scores: Vec<f32> = Vec::new();
-            let mut kf = vec![0f32; 0];
-            for w in split(work, ti, nt, 1) {
+            let mut q16: Vec<u8> = Vec::with_capacity(hd * 4);
+            let f16dot = simd::kernel(GgmlType::F16).unwrap_or(quant_f16_dot);
+            // Round-robin: later tokens of a prefill see more keys, so contiguous ranges would be uneven.
+            for w in (ti..work).step_by(nt) {
                 let (i, h) = (w / c.n_head, w % c.n_head);
                 let b = batch[i];
                 let kv = &caches[b.seq];
@@ -813,34 +870,35 @@ impl Model {
                 scores.clear();
                 scores.resize(len, 0.0);
                 let kc = &kv.k[li];
-                let qb: &[u8] =
-                    unsafe { std::slice::from_raw_parts(qh.as_ptr() as *const u8, hd * 4) };
-                let f16dot = simd::kernel(GgmlType::F16).unwrap_or(|_, _, _| 0.0);
+                // Queries meet f16 keys as f16, and probabilities meet f16 values as f16: the same
+                // roundings as llama.cpp's attention, which keeps greedy decoding in step with it.
+                q16.clear();
+                q16.extend(
+                    qh.iter()
+                        .flat_map(|&v| f16::from_f32(v).to_f32().to_le_bytes()),
+                );
                 for (j, sc) in scores.iter_mut().enumerate() {
                     let at = (start + j) * kvd + kh * hd;
+                    // SAFETY: reinterpreting initialised u16 storage as bytes.
                     let kb: &[u8] = unsafe {
                         std::slice::from_raw_parts(kc[at..at + hd].as_ptr() as *const u8, hd * 2)
                     };
-                    *sc = f16dot(kb, qb, hd);
+                    *sc = f16dot(kb, &q16, hd) * c.kq_scale;
                 }
                 let mx = scores.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-                let mut sum = 0f32;
+                let mut sum = 0f64;
                 for v in scores.iter_mut() {
                     *v = (*v - mx).exp();
-                    sum += *v;
+                    sum += *v as f64;
                 }
-                let inv = 1.0 / sum;
+                let inv = (1.0 / sum) as f32;
                 // SAFETY: each (token, head) output slice is written by exactly one thread.
                 let o = unsafe { std::slice::from_raw_parts_mut(out.0.add(i * qd + h * hd), hd) };
                 o.fill(0.0);
-                kf.resize(hd, 0.0);
                 let vc = &kv.v[li];
                 for (j, &p) in scores.iter().enumerate() {
                     let at = (start + j) * kvd + kh * hd;
-                    for (d, &bits) in kf.iter_mut().zip(&vc[at..at + hd]) {
-                        *d = f16::from_bits(bits).to_f32();
-                    }
-                    simd::axpy(o, p * inv, &kf);
+                    simd::axpy_f16(o, f16::from_f32(p * inv).to_f32(), &vc[at..at + hd]);
                 }
             }
         });

@@ -13,13 +13,16 @@ pub type DotFn = fn(&[u8], &[u8], usize) -> f32;
 pub enum Isa {
     Scalar,
     Avx2,
+    /// AVX2 plus AVX-VNNI (vpdpbusd on 256-bit vectors).
+    Avx2Vnni,
 }
 
-/// The instruction set used for this process. `PORTEIRO_ISA=scalar` forces the reference kernels.
+/// The instruction set used for this process. `PORTEIRO_ISA=scalar|avx2` caps what is used.
 pub fn isa() -> Isa {
     static ISA: OnceLock<Isa> = OnceLock::new();
     *ISA.get_or_init(|| {
-        if std::env::var("PORTEIRO_ISA").is_ok_and(|v| v == "scalar") {
+        let cap = std::env::var("PORTEIRO_ISA").unwrap_or_default();
+        if cap == "scalar" {
             return Isa::Scalar;
         }
         #[cfg(target_arch = "x86_64")]
@@ -27,6 +30,9 @@ pub fn isa() -> Isa {
             && is_x86_feature_detected!("fma")
             && is_x86_feature_detected!("f16c")
         {
+            if cap != "avx2" && is_x86_feature_detected!("avxvnni") {
+                return Isa::Avx2Vnni;
+            }
             return Isa::Avx2;
         }
         Isa::Scalar
@@ -70,44 +76,58 @@ pub fn scalar_kernel(t: GgmlType) -> Option<DotFn> {
     })
 }
 
-/// The fastest kernel for a type on this CPU.
+/// Four activation rows against one weight row: `a` holds the four rows `rb` bytes apart. Unpacking a
+/// weight block once for several tokens is what makes prefill compute-bound instead of unpack-bound.
+pub type Dot4Fn = fn(w: &[u8], a: &[u8], rb: usize, k: usize, out: &mut [f32; 4]);
+
+/// The fastest single-row kernel for a type on this CPU.
 pub fn kernel(t: GgmlType) -> Option<DotFn> {
     #[cfg(target_arch = "x86_64")]
-    if isa() == Isa::Avx2 {
-        let k: Option<DotFn> = match t {
-            GgmlType::F32 => Some(avx2::f32_safe),
-            GgmlType::F16 => Some(avx2::f16_safe),
-            GgmlType::Q4_0 => Some(avx2::q4_0_safe),
-            GgmlType::Q4_1 => Some(avx2::q4_1_safe),
-            GgmlType::Q5_0 => Some(avx2::q5_0_safe),
-            GgmlType::Q8_0 => Some(avx2::q8_0_safe),
-            GgmlType::Q4_K => Some(avx2::q4_k_safe),
-            GgmlType::Q6_K => Some(avx2::q6_k_safe),
-            _ => None,
-        };
-        if k.is_some() {
-            return k;
-        }
+    if let Some(k) = avx2::kernels(t, isa()) {
+        return Some(k.0);
     }
     scalar_kernel(t)
+}
+
+/// The four-token kernel for a type, where one exists (otherwise callers loop over `kernel`).
+pub fn kernel4(t: GgmlType) -> Option<Dot4Fn> {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(k) = avx2::kernels(t, isa()) {
+        return Some(k.1);
+    }
+    let _ = t;
+    None
 }
 
 /// f32 dot product (attention scores); vectorised where the CPU allows.
 #[inline]
 pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if isa() == Isa::Avx2 {
+    if isa() != Isa::Scalar {
         // SAFETY: AVX2/FMA presence checked by isa().
         return unsafe { avx2::dot_f32(a, b) };
     }
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
+/// y += alpha * x, with x in f16 (bits).
+#[inline]
+pub fn axpy_f16(y: &mut [f32], alpha: f32, x: &[u16]) {
+    #[cfg(target_arch = "x86_64")]
+    if isa() != Isa::Scalar {
+        // SAFETY: AVX2/FMA/F16C presence checked by isa().
+        return unsafe { avx2::axpy_f16(y, alpha, x) };
+    }
+    for (o, v) in y.iter_mut().zip(x) {
+        *o += alpha * half::f16::from_bits(*v).to_f32();
+    }
+}
+
 /// y += alpha * x
 #[inline]
 pub fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
     #[cfg(target_arch = "x86_64")]
-    if isa() == Isa::Avx2 {
+    if isa() != Isa::Scalar {
         // SAFETY: AVX2/FMA presence checked by isa().
         return unsafe { avx2::axpy(y, alpha, x) };
     }
@@ -121,24 +141,109 @@ mod avx2 {
     use super::*;
     use std::arch::x86_64::*;
 
-    macro_rules! safe {
-        ($safe:ident, $inner:ident) => {
-            pub fn $safe(w: &[u8], a: &[u8], k: usize) -> f32 {
-                // SAFETY: only handed out by `kernel()` after the CPU features were detected; the
-                // slices are at least as long as k elements of their formats (checked in the kernels
-                // by chunked iteration).
-                unsafe { $inner(w, a, k) }
+    /// Kernels are written once, generic over the number of tokens `N` and over `V` (use AVX-VNNI's
+    /// vpdpbusd for u8·i8 sums), and instantiated below with the matching target features.
+    macro_rules! instantiate {
+        ($gen:ident, $bs:expr, $abs:expr, $one:ident, $one_v:ident, $four:ident, $four_v:ident) => {
+            #[target_feature(enable = "avx2,fma,f16c")]
+            unsafe fn $one(w: &[u8], a: &[u8], _k: usize) -> f32 {
+                let mut o = [0f32; 1];
+                $gen::<1, false>(w.as_ptr(), w.len() / $bs, a.as_ptr(), 0, &mut o);
+                o[0]
+            }
+            #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+            unsafe fn $one_v(w: &[u8], a: &[u8], _k: usize) -> f32 {
+                let mut o = [0f32; 1];
+                $gen::<1, true>(w.as_ptr(), w.len() / $bs, a.as_ptr(), 0, &mut o);
+                o[0]
+            }
+            #[target_feature(enable = "avx2,fma,f16c")]
+            unsafe fn $four(w: &[u8], a: &[u8], rb: usize, _k: usize, out: &mut [f32; 4]) {
+                $gen::<4, false>(w.as_ptr(), w.len() / $bs, a.as_ptr(), rb, out);
+            }
+            #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+            unsafe fn $four_v(w: &[u8], a: &[u8], rb: usize, _k: usize, out: &mut [f32; 4]) {
+                $gen::<4, true>(w.as_ptr(), w.len() / $bs, a.as_ptr(), rb, out);
             }
         };
     }
-    safe!(f32_safe, f32_dot);
-    safe!(f16_safe, f16_dot);
-    safe!(q4_0_safe, q4_0);
-    safe!(q4_1_safe, q4_1);
-    safe!(q5_0_safe, q5_0);
-    safe!(q8_0_safe, q8_0);
-    safe!(q4_k_safe, q4_k);
-    safe!(q6_k_safe, q6_k);
+
+    instantiate!(q4_0, 18, Q8_BYTES, q4_0_1, q4_0_1v, q4_0_4, q4_0_4v);
+    instantiate!(q4_1, 20, Q8_BYTES, q4_1_1, q4_1_1v, q4_1_4, q4_1_4v);
+    instantiate!(q5_0, 22, Q8_BYTES, q5_0_1, q5_0_1v, q5_0_4, q5_0_4v);
+    instantiate!(q8_0, 34, Q8_BYTES, q8_0_1, q8_0_1v, q8_0_4, q8_0_4v);
+    instantiate!(q4_k, 144, Q8K_BYTES, q4_k_1, q4_k_1v, q4_k_4, q4_k_4v);
+    instantiate!(q6_k, 210, Q8K_BYTES, q6_k_1, q6_k_1v, q6_k_4, q6_k_4v);
+
+    /// Safe entry points: the caller (the matmul) guarantees `w` holds whole blocks, `a` holds the
+    /// matching activation blocks (for the four-token kernel: three strides plus one row), and the CPU
+    /// features were detected by `isa()` before these are handed out.
+    macro_rules! safe {
+        ($one:ident, $four:ident, $abs:expr, $wbs:expr) => {
+            (
+                |w: &[u8], a: &[u8], k: usize| {
+                    assert!(a.len() >= w.len() / $wbs * $abs);
+                    // SAFETY: see above; lengths checked.
+                    unsafe { $one(w, a, k) }
+                },
+                |w: &[u8], a: &[u8], rb: usize, k: usize, out: &mut [f32; 4]| {
+                    assert!(a.len() >= 3 * rb + w.len() / $wbs * $abs);
+                    // SAFETY: see above; lengths checked.
+                    unsafe { $four(w, a, rb, k, out) }
+                },
+            )
+        };
+    }
+
+    pub fn kernels(t: GgmlType, isa: Isa) -> Option<(DotFn, Dot4Fn)> {
+        let v = isa == Isa::Avx2Vnni;
+        if isa == Isa::Scalar {
+            return None;
+        }
+        Some(match (t, v) {
+            (GgmlType::Q4_0, false) => safe!(q4_0_1, q4_0_4, Q8_BYTES, 18),
+            (GgmlType::Q4_0, true) => safe!(q4_0_1v, q4_0_4v, Q8_BYTES, 18),
+            (GgmlType::Q4_1, false) => safe!(q4_1_1, q4_1_4, Q8_BYTES, 20),
+            (GgmlType::Q4_1, true) => safe!(q4_1_1v, q4_1_4v, Q8_BYTES, 20),
+            (GgmlType::Q5_0, false) => safe!(q5_0_1, q5_0_4, Q8_BYTES, 22),
+            (GgmlType::Q5_0, true) => safe!(q5_0_1v, q5_0_4v, Q8_BYTES, 22),
+            (GgmlType::Q8_0, false) => safe!(q8_0_1, q8_0_4, Q8_BYTES, 34),
+            (GgmlType::Q8_0, true) => safe!(q8_0_1v, q8_0_4v, Q8_BYTES, 34),
+            (GgmlType::Q4_K, false) => safe!(q4_k_1, q4_k_4, Q8K_BYTES, 144),
+            (GgmlType::Q4_K, true) => safe!(q4_k_1v, q4_k_4v, Q8K_BYTES, 144),
+            (GgmlType::Q6_K, false) => safe!(q6_k_1, q6_k_4, Q8K_BYTES, 210),
+            (GgmlType::Q6_K, true) => safe!(q6_k_1v, q6_k_4v, Q8K_BYTES, 210),
+            (GgmlType::F16, _) => (
+                |w: &[u8], a: &[u8], k: usize| {
+                    assert!(w.len() >= 2 * k && a.len() >= 4 * k);
+                    // SAFETY: lengths checked; features detected by isa().
+                    unsafe { f16_dot(w, a, k) }
+                },
+                |w: &[u8], a: &[u8], rb: usize, k: usize, out: &mut [f32; 4]| {
+                    for (t, o) in out.iter_mut().enumerate() {
+                        assert!(w.len() >= 2 * k && a.len() >= t * rb + 4 * k);
+                        // SAFETY: lengths checked; features detected by isa().
+                        *o = unsafe { f16_dot(w, &a[t * rb..], k) };
+                    }
+                },
+            ),
+            (GgmlType::F32, _) => (
+                |w: &[u8], a: &[u8], k: usize| {
+                    assert!(w.len() >= 4 * k && a.len() >= 4 * k);
+                    // SAFETY: lengths checked; features detected by isa().
+                    unsafe { f32_dot(w, a, k) }
+                },
+                |w: &[u8], a: &[u8], rb: usize, k: usize, out: &mut [f32; 4]| {
+                    for (t, o) in out.iter_mut().enumerate() {
+                        assert!(w.len() >= 4 * k && a.len() >= t * rb + 4 * k);
+                        // SAFETY: lengths checked; features detected by isa().
+                        *o = unsafe { f32_dot(w, &a[t * rb..], k) };
+                    }
+                },
+            ),
+            _ => return None,
+        })
+    }
 
     #[inline(always)]
     unsafe fn hsum(v: __m256) -> f32 {
@@ -149,27 +254,35 @@ mod avx2 {
     }
 
     #[inline(always)]
-    unsafe fn rd_f32(b: &[u8], i: usize) -> f32 {
-        f32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
+    unsafe fn rd_f32(p: *const u8) -> f32 {
+        (p as *const f32).read_unaligned()
     }
 
     #[inline(always)]
-    unsafe fn f16(b: &[u8], i: usize) -> f32 {
+    unsafe fn rd_i16(p: *const u8) -> i32 {
+        (p as *const i16).read_unaligned() as i32
+    }
+
+    #[inline(always)]
+    unsafe fn f16(p: *const u8) -> f32 {
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
-            u16::from_le_bytes([b[i], b[i + 1]]) as i32,
+            (p as *const u16).read_unaligned() as i32,
         )))
     }
 
-    /// 32 unsigned bytes (<128) times 32 signed bytes, summed pairwise to 8 i32 lanes.
     #[inline(always)]
-    unsafe fn mul_u8_i8(u: __m256i, s: __m256i) -> __m256i {
-        _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
+    unsafe fn load(p: *const u8) -> __m256i {
+        _mm256_loadu_si256(p as *const __m256i)
     }
 
-    /// Signed by signed bytes: move the sign of x onto y so that maddubs sees |x| unsigned.
+    /// Unsigned bytes (< 128) times signed bytes, summed in groups of four into 8 i32 lanes.
     #[inline(always)]
-    unsafe fn mul_i8_i8(x: __m256i, y: __m256i) -> __m256i {
-        mul_u8_i8(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x))
+    unsafe fn dot_u8i8<const V: bool>(u: __m256i, s: __m256i) -> __m256i {
+        if V {
+            _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s)
+        } else {
+            _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
+        }
     }
 
     /// 16 bytes of packed nibbles -> 32 bytes: low nibbles first, then high nibbles.
@@ -193,61 +306,109 @@ mod avx2 {
         _mm256_cmpeq_epi8(sel, _mm256_set1_epi64x(-1))
     }
 
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q4_0(w: &[u8], a: &[u8], _k: usize) -> f32 {
-        let mut acc = _mm256_setzero_ps();
-        for (wb, ab) in w.chunks_exact(18).zip(a.chunks_exact(Q8_BYTES)) {
-            let d = _mm256_set1_ps(f16(wb, 0) * rd_f32(ab, 0));
-            let q = _mm256_sub_epi8(nibbles(wb.as_ptr().add(2)), _mm256_set1_epi8(8));
-            let y = _mm256_loadu_si256(ab.as_ptr().add(8) as *const __m256i);
-            acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(mul_i8_i8(q, y)), acc);
+    /// Blocks of 32 signed weights with one f16 scale: the sign of the weight moves onto the
+    /// activation so that the unsigned-by-signed multiply sees |q|.
+    #[inline(always)]
+    unsafe fn signed_blocks<const N: usize, const V: bool>(
+        nb: usize,
+        wbs: usize,
+        w: *const u8,
+        a: *const u8,
+        rb: usize,
+        out: &mut [f32],
+        unpack: impl Fn(*const u8) -> __m256i,
+    ) {
+        let mut acc = [_mm256_setzero_ps(); N];
+        for b in 0..nb {
+            let wb = w.add(b * wbs);
+            let dw = f16(wb);
+            let q = unpack(wb);
+            let aq = _mm256_sign_epi8(q, q);
+            for (t, acc) in acc.iter_mut().enumerate() {
+                let ab = a.add(t * rb + b * Q8_BYTES);
+                let y = _mm256_sign_epi8(load(ab.add(8)), q);
+                let p = dot_u8i8::<V>(aq, y);
+                *acc =
+                    _mm256_fmadd_ps(_mm256_set1_ps(dw * rd_f32(ab)), _mm256_cvtepi32_ps(p), *acc);
+            }
         }
-        hsum(acc)
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q4_1(w: &[u8], a: &[u8], _k: usize) -> f32 {
-        let mut acc = _mm256_setzero_ps();
-        let mut mins = 0f32;
-        for (wb, ab) in w.chunks_exact(20).zip(a.chunks_exact(Q8_BYTES)) {
-            let d = _mm256_set1_ps(f16(wb, 0) * rd_f32(ab, 0));
-            mins += f16(wb, 2) * rd_f32(ab, 4);
-            let q = nibbles(wb.as_ptr().add(4));
-            let y = _mm256_loadu_si256(ab.as_ptr().add(8) as *const __m256i);
-            acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(mul_u8_i8(q, y)), acc);
+        for t in 0..N {
+            out[t] = hsum(acc[t]);
         }
-        hsum(acc) + mins
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q5_0(w: &[u8], a: &[u8], _k: usize) -> f32 {
-        let mut acc = _mm256_setzero_ps();
-        for (wb, ab) in w.chunks_exact(22).zip(a.chunks_exact(Q8_BYTES)) {
-            let d = _mm256_set1_ps(f16(wb, 0) * rd_f32(ab, 0));
-            let qh = u32::from_le_bytes([wb[2], wb[3], wb[4], wb[5]]);
-            // Where the fifth bit is clear the value is q4 - 16, i.e. q4 with the top nibble set.
-            let hi = _mm256_andnot_si256(bits_to_bytes(qh), _mm256_set1_epi8(0xF0u8 as i8));
-            let q = _mm256_or_si256(nibbles(wb.as_ptr().add(6)), hi);
-            let y = _mm256_loadu_si256(ab.as_ptr().add(8) as *const __m256i);
-            acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(mul_i8_i8(q, y)), acc);
-        }
-        hsum(acc)
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q8_0(w: &[u8], a: &[u8], _k: usize) -> f32 {
-        let mut acc = _mm256_setzero_ps();
-        for (wb, ab) in w.chunks_exact(34).zip(a.chunks_exact(Q8_BYTES)) {
-            let d = _mm256_set1_ps(f16(wb, 0) * rd_f32(ab, 0));
-            let q = _mm256_loadu_si256(wb.as_ptr().add(2) as *const __m256i);
-            let y = _mm256_loadu_si256(ab.as_ptr().add(8) as *const __m256i);
-            acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(mul_i8_i8(q, y)), acc);
-        }
-        hsum(acc)
     }
 
     #[inline(always)]
-    fn k4_scales(sc: &[u8]) -> ([i16; 8], [i16; 8]) {
+    unsafe fn q4_0<const N: usize, const V: bool>(
+        w: *const u8,
+        nb: usize,
+        a: *const u8,
+        rb: usize,
+        out: &mut [f32],
+    ) {
+        signed_blocks::<N, V>(nb, 18, w, a, rb, out, |wb| {
+            _mm256_sub_epi8(nibbles(wb.add(2)), _mm256_set1_epi8(8))
+        });
+    }
+
+    #[inline(always)]
+    unsafe fn q5_0<const N: usize, const V: bool>(
+        w: *const u8,
+        nb: usize,
+        a: *const u8,
+        rb: usize,
+        out: &mut [f32],
+    ) {
+        signed_blocks::<N, V>(nb, 22, w, a, rb, out, |wb| {
+            let qh = (wb.add(2) as *const u32).read_unaligned();
+            // Where the fifth bit is clear the value is q4 - 16, i.e. q4 with the top nibble set.
+            let hi = _mm256_andnot_si256(bits_to_bytes(qh), _mm256_set1_epi8(0xF0u8 as i8));
+            _mm256_or_si256(nibbles(wb.add(6)), hi)
+        });
+    }
+
+    #[inline(always)]
+    unsafe fn q8_0<const N: usize, const V: bool>(
+        w: *const u8,
+        nb: usize,
+        a: *const u8,
+        rb: usize,
+        out: &mut [f32],
+    ) {
+        signed_blocks::<N, V>(nb, 34, w, a, rb, out, |wb| load(wb.add(2)));
+    }
+
+    #[inline(always)]
+    unsafe fn q4_1<const N: usize, const V: bool>(
+        w: *const u8,
+        nb: usize,
+        a: *const u8,
+        rb: usize,
+        out: &mut [f32],
+    ) {
+        let mut acc = [_mm256_setzero_ps(); N];
+        let mut mins = [0f32; N];
+        for b in 0..nb {
+            let wb = w.add(b * 20);
+            let (dw, mw) = (f16(wb), f16(wb.add(2)));
+            let q = nibbles(wb.add(4));
+            for t in 0..N {
+                let ab = a.add(t * rb + b * Q8_BYTES);
+                let p = dot_u8i8::<V>(q, load(ab.add(8)));
+                acc[t] = _mm256_fmadd_ps(
+                    _mm256_set1_ps(dw * rd_f32(ab)),
+                    _mm256_cvtepi32_ps(p),
+                    acc[t],
+                );
+                mins[t] += mw * rd_f32(ab.add(4));
+            }
+        }
+        for t in 0..N {
+            out[t] = hsum(acc[t]) + mins[t];
+        }
+    }
+
+    #[inline(always)]
+    fn k4_scales(sc: &[u8; 12]) -> ([i16; 8], [i16; 8]) {
         let (mut s, mut m) = ([0i16; 8], [0i16; 8]);
         for j in 0..8 {
             let (a, b) = if j < 4 {
@@ -264,64 +425,93 @@ mod avx2 {
         (s, m)
     }
 
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q4_k(w: &[u8], a: &[u8], _k: usize) -> f32 {
-        let mut acc = _mm256_setzero_ps();
-        let mut acc_m = 0f32;
-        let low = _mm256_set1_epi8(0x0F);
-        for (wb, ab) in w.chunks_exact(144).zip(a.chunks_exact(Q8K_BYTES)) {
-            let ad = rd_f32(ab, 0);
-            let (sc, mn) = k4_scales(&wb[4..16]);
-            let mut summ = 0i32;
-            for j in 0..8 {
-                let bs = i16::from_le_bytes([ab[260 + 4 * j], ab[261 + 4 * j]]) as i32
-                    + i16::from_le_bytes([ab[262 + 4 * j], ab[263 + 4 * j]]) as i32;
-                summ += mn[j] as i32 * bs;
-            }
-            acc_m += ad * f16(wb, 2) * summ as f32;
-            let qs = wb.as_ptr().add(16);
-            let y = ab.as_ptr().add(4);
-            let mut sumi = _mm256_setzero_si256();
-            for c in 0..4 {
-                let bits = _mm256_loadu_si256(qs.add(32 * c) as *const __m256i);
-                let ql = _mm256_and_si256(bits, low);
-                let qh = _mm256_and_si256(_mm256_srli_epi16(bits, 4), low);
-                let yl = _mm256_loadu_si256(y.add(64 * c) as *const __m256i);
-                let yh = _mm256_loadu_si256(y.add(64 * c + 32) as *const __m256i);
-                let pl =
-                    _mm256_madd_epi16(_mm256_maddubs_epi16(ql, yl), _mm256_set1_epi16(sc[2 * c]));
-                let ph = _mm256_madd_epi16(
-                    _mm256_maddubs_epi16(qh, yh),
-                    _mm256_set1_epi16(sc[2 * c + 1]),
-                );
-                sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(pl, ph));
-            }
-            acc = _mm256_fmadd_ps(
-                _mm256_set1_ps(ad * f16(wb, 0)),
-                _mm256_cvtepi32_ps(sumi),
-                acc,
-            );
+    /// 32 unsigned weights times 32 activations, scaled by a per-sub-block integer scale.
+    #[inline(always)]
+    unsafe fn scaled<const V: bool>(q: __m256i, y: __m256i, sc: __m256i) -> __m256i {
+        if V {
+            _mm256_mullo_epi32(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), q, y), sc)
+        } else {
+            _mm256_madd_epi16(_mm256_maddubs_epi16(q, y), sc)
         }
-        hsum(acc) - acc_m
     }
 
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q6_k(w: &[u8], a: &[u8], _k: usize) -> f32 {
-        let mut acc = _mm256_setzero_ps();
+    #[inline(always)]
+    unsafe fn q4_k<const N: usize, const V: bool>(
+        w: *const u8,
+        nb: usize,
+        a: *const u8,
+        rb: usize,
+        out: &mut [f32],
+    ) {
+        let mut acc = [_mm256_setzero_ps(); N];
+        let mut acc_m = [0f32; N];
+        let low = _mm256_set1_epi8(0x0F);
+        for b in 0..nb {
+            let wb = w.add(b * 144);
+            let (dw, dmin) = (f16(wb), f16(wb.add(2)));
+            let (sc, mn) = k4_scales(&*(wb.add(4) as *const [u8; 12]));
+            let mut q = [_mm256_setzero_si256(); 8];
+            let mut scv = [_mm256_setzero_si256(); 8];
+            for c in 0..4 {
+                let bits = load(wb.add(16 + 32 * c));
+                q[2 * c] = _mm256_and_si256(bits, low);
+                q[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(bits, 4), low);
+            }
+            for j in 0..8 {
+                scv[j] = if V {
+                    _mm256_set1_epi32(sc[j] as i32)
+                } else {
+                    _mm256_set1_epi16(sc[j])
+                };
+            }
+            for t in 0..N {
+                let ab = a.add(t * rb + b * Q8K_BYTES);
+                let mut summ = 0i32;
+                for j in 0..8 {
+                    summ +=
+                        mn[j] as i32 * (rd_i16(ab.add(260 + 4 * j)) + rd_i16(ab.add(262 + 4 * j)));
+                }
+                let y = ab.add(4);
+                let mut sumi = _mm256_setzero_si256();
+                for j in 0..8 {
+                    sumi = _mm256_add_epi32(sumi, scaled::<V>(q[j], load(y.add(32 * j)), scv[j]));
+                }
+                let ad = rd_f32(ab);
+                acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(ad * dw), _mm256_cvtepi32_ps(sumi), acc[t]);
+                acc_m[t] += ad * dmin * summ as f32;
+            }
+        }
+        for t in 0..N {
+            out[t] = hsum(acc[t]) - acc_m[t];
+        }
+    }
+
+    /// Q6_K: weights are unpacked to unsigned 0..63; the -32 offset is applied through the activation
+    /// block sums (32 * Σ scale_g * bsum_g) instead of a second multiply per vector.
+    #[inline(always)]
+    unsafe fn q6_k<const N: usize, const V: bool>(
+        w: *const u8,
+        nb: usize,
+        a: *const u8,
+        rb: usize,
+        out: &mut [f32],
+    ) {
+        let mut acc = [_mm256_setzero_ps(); N];
         let low = _mm256_set1_epi8(0x0F);
         let three = _mm256_set1_epi8(3);
-        let m32 = _mm256_set1_epi8(32);
-        for (wb, ab) in w.chunks_exact(210).zip(a.chunks_exact(Q8K_BYTES)) {
-            let d = rd_f32(ab, 0) * f16(wb, 208);
-            let mut sumi = _mm256_setzero_si256();
+        for b in 0..nb {
+            let wb = w.add(b * 210);
+            let dw = f16(wb.add(208));
+            let scales = &*(wb.add(192) as *const [i8; 16]);
+            let mut q = [_mm256_setzero_si256(); 8];
+            let mut scv = [_mm256_setzero_si256(); 8];
             for half in 0..2 {
-                let ql = wb.as_ptr().add(64 * half);
-                let qh = _mm256_loadu_si256(wb.as_ptr().add(128 + 32 * half) as *const __m256i);
-                let sc = &wb[192 + 8 * half..200 + 8 * half];
-                let l1 = _mm256_loadu_si256(ql as *const __m256i);
-                let l2 = _mm256_loadu_si256(ql.add(32) as *const __m256i);
-                let h = |s: i32| -> __m256i {
-                    let v = match s {
+                let ql = wb.add(64 * half);
+                let qh = load(wb.add(128 + 32 * half));
+                let l1 = load(ql);
+                let l2 = load(ql.add(32));
+                let h = |sh: i32| -> __m256i {
+                    let v = match sh {
                         0 => qh,
                         2 => _mm256_srli_epi16(qh, 2),
                         4 => _mm256_srli_epi16(qh, 4),
@@ -329,29 +519,46 @@ mod avx2 {
                     };
                     _mm256_slli_epi16(_mm256_and_si256(v, three), 4)
                 };
-                let q = [
-                    _mm256_or_si256(_mm256_and_si256(l1, low), h(0)),
-                    _mm256_or_si256(_mm256_and_si256(l2, low), h(2)),
-                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low), h(4)),
-                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l2, 4), low), h(6)),
-                ];
-                let y = ab.as_ptr().add(4 + 128 * half);
-                for (i, qi) in q.iter().enumerate() {
-                    let yv = _mm256_loadu_si256(y.add(32 * i) as *const __m256i);
-                    let p = _mm256_sub_epi16(
-                        _mm256_maddubs_epi16(*qi, yv),
-                        _mm256_maddubs_epi16(m32, yv),
-                    );
-                    let s = _mm256_set_m128i(
-                        _mm_set1_epi16(sc[2 * i + 1] as i8 as i16),
-                        _mm_set1_epi16(sc[2 * i] as i8 as i16),
-                    );
-                    sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, s));
+                q[4 * half] = _mm256_or_si256(_mm256_and_si256(l1, low), h(0));
+                q[4 * half + 1] = _mm256_or_si256(_mm256_and_si256(l2, low), h(2));
+                q[4 * half + 2] =
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low), h(4));
+                q[4 * half + 3] =
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l2, 4), low), h(6));
+                for i in 0..4 {
+                    let (s0, s1) = (scales[8 * half + 2 * i], scales[8 * half + 2 * i + 1]);
+                    // Lanes 0..3 cover elements 0..15 (scale s0), lanes 4..7 elements 16..31 (s1).
+                    scv[4 * half + i] = if V {
+                        _mm256_set_m128i(_mm_set1_epi32(s1 as i32), _mm_set1_epi32(s0 as i32))
+                    } else {
+                        _mm256_set_m128i(_mm_set1_epi16(s1 as i16), _mm_set1_epi16(s0 as i16))
+                    };
                 }
             }
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+            for t in 0..N {
+                let ab = a.add(t * rb + b * Q8K_BYTES);
+                let y = ab.add(4);
+                let mut sumi = _mm256_setzero_si256();
+                for j in 0..8 {
+                    sumi = _mm256_add_epi32(sumi, scaled::<V>(q[j], load(y.add(32 * j)), scv[j]));
+                }
+                // Group g of 16 activations has scale scales[g]: vector j covers groups 2j and 2j+1.
+                let mut off = 0i32;
+                for g in 0..16 {
+                    off += scales[g] as i32 * rd_i16(ab.add(260 + 2 * g));
+                }
+                let total =
+                    _mm256_sub_epi32(sumi, _mm256_setr_epi32(32 * off, 0, 0, 0, 0, 0, 0, 0));
+                acc[t] = _mm256_fmadd_ps(
+                    _mm256_set1_ps(rd_f32(ab) * dw),
+                    _mm256_cvtepi32_ps(total),
+                    acc[t],
+                );
+            }
         }
-        hsum(acc)
+        for t in 0..N {
+            out[t] = hsum(acc[t]);
+        }
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -367,7 +574,7 @@ mod avx2 {
         }
         let mut s = hsum(acc);
         for j in n8..k {
-            s += f16(w, 2 * j) * rd_f32(a, 4 * j);
+            s += f16(w.as_ptr().add(2 * j)) * rd_f32(a.as_ptr().add(4 * j));
         }
         s
     }
@@ -412,6 +619,23 @@ mod avx2 {
         dot_raw(a, b)
     }
 
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn axpy_f16(y: &mut [f32], alpha: f32, x: &[u16]) {
+        let n = y.len().min(x.len());
+        let n8 = n / 8 * 8;
+        let av = _mm256_set1_ps(alpha);
+        let mut i = 0;
+        while i < n8 {
+            let p = y.as_mut_ptr().add(i);
+            let xv = _mm256_cvtph_ps(_mm_loadu_si128(x.as_ptr().add(i) as *const __m128i));
+            _mm256_storeu_ps(p, _mm256_fmadd_ps(av, xv, _mm256_loadu_ps(p)));
+            i += 8;
+        }
+        for j in n8..n {
+            y[j] += alpha * f16(x.as_ptr().add(j) as *const u8);
+        }
+    }
+
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
         let n = y.len().min(x.len());
@@ -438,37 +662,76 @@ mod tests {
     use crate::quant::testutil::{random_row, Rng};
     use crate::quant::{act_type, quantize_act};
 
-    /// Every SIMD kernel against the scalar reference on random blocks, several lengths.
+    fn isas() -> Vec<Isa> {
+        let mut v = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
+            {
+                v.push(Isa::Avx2);
+                if is_x86_feature_detected!("avxvnni") {
+                    v.push(Isa::Avx2Vnni);
+                }
+            }
+        }
+        v
+    }
+
+    /// Every SIMD kernel (one-token and four-token, with and without VNNI) against the scalar reference
+    /// on random blocks, for odd block counts too.
     #[test]
     fn simd_kernels_match_scalar_reference() {
-        if isa() == Isa::Scalar {
+        let isas = isas();
+        if isas.is_empty() {
             eprintln!("no AVX2 on this CPU: only the scalar kernels are in use");
             return;
         }
         let mut rng = Rng(12345);
-        for t in [
-            GgmlType::F32,
-            GgmlType::F16,
-            GgmlType::Q4_0,
-            GgmlType::Q4_1,
-            GgmlType::Q5_0,
-            GgmlType::Q8_0,
-            GgmlType::Q4_K,
-            GgmlType::Q6_K,
-        ] {
-            for k in [256usize, 512, 768, 2304] {
-                for _ in 0..20 {
-                    let w = random_row(t, k, &mut rng);
-                    let x: Vec<f32> = (0..k).map(|_| rng.f32() * 4.0).collect();
+        for isa in isas {
+            for t in [
+                GgmlType::F32,
+                GgmlType::F16,
+                GgmlType::Q4_0,
+                GgmlType::Q4_1,
+                GgmlType::Q5_0,
+                GgmlType::Q8_0,
+                GgmlType::Q4_K,
+                GgmlType::Q6_K,
+            ] {
+                #[cfg(target_arch = "x86_64")]
+                let (one, four) = avx2::kernels(t, isa).unwrap();
+                for k in [256usize, 768, 1280, 2304] {
                     let at = act_type(t).unwrap();
-                    let mut a = vec![0u8; at.row_bytes(k)];
-                    quantize_act(at, &x, &mut a);
-                    let s = scalar_kernel(t).unwrap()(&w, &a, k);
-                    let v = kernel(t).unwrap()(&w, &a, k);
-                    assert!(
-                        (s - v).abs() <= 1e-4 * s.abs().max(1.0),
-                        "{t:?} k={k}: simd {v} scalar {s}"
-                    );
+                    let rb = at.row_bytes(k) + 40; // a stride wider than a row, as a tile may have
+                    for _ in 0..10 {
+                        let w = random_row(t, k, &mut rng);
+                        let mut a = vec![0u8; 4 * rb];
+                        let mut want = [0f32; 4];
+                        for (i, wv) in want.iter_mut().enumerate() {
+                            let x: Vec<f32> = (0..k).map(|_| rng.f32() * 4.0).collect();
+                            quantize_act(at, &x, &mut a[i * rb..i * rb + at.row_bytes(k)]);
+                            *wv = scalar_kernel(t).unwrap()(&w, &a[i * rb..], k);
+                        }
+                        let close = |v: f32, s: f32| (s - v).abs() <= 1e-4 * s.abs().max(1.0);
+                        let v = one(&w, &a[rb..], k);
+                        assert!(
+                            close(v, want[1]),
+                            "{isa:?} {t:?} k={k}: simd {v} scalar {}",
+                            want[1]
+                        );
+                        let mut got = [0f32; 4];
+                        four(&w, &a, rb, k, &mut got);
+                        for i in 0..4 {
+                            assert!(
+                                close(got[i], want[i]),
+                                "{isa:?} {t:?} x4 k={k} row {i}: {} vs {}",
+                                got[i],
+                                want[i]
+                            );
+                        }
+                    }
                 }
             }
         }
@@ -482,6 +745,16 @@ mod tests {
             let b: Vec<f32> = (0..n).map(|_| rng.f32()).collect();
             let r: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
             assert!((dot_f32(&a, &b) - r).abs() < 1e-5);
+            let mut y = b.clone();
+            let a16: Vec<u16> = a
+                .iter()
+                .map(|v| half::f16::from_f32(*v).to_bits())
+                .collect();
+            axpy_f16(&mut y, 0.5, &a16);
+            for i in 0..n {
+                let want = b[i] + 0.5 * half::f16::from_bits(a16[i]).to_f32();
+                assert!((y[i] - want).abs() < 1e-6);
+            }
             let mut y = b.clone();
             axpy(&mut y, 0.5, &a);
             for i in 0..n {

@@ -620,21 +620,17 @@ mod tests {
     }
 
     fn model_file(alias: &str) -> Option<PathBuf> {
-        let home = std::env::var_os("PORTEIRO_HOME")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/porteiro")
-            });
-        let dir = home.join("models").join(alias);
-        let found = std::fs::read_dir(&dir).ok().and_then(|d| {
-            d.flatten()
-                .map(|e| e.path())
-                .find(|p| p.extension().is_some_and(|x| x == "gguf"))
-        });
-        if found.is_none() {
-            eprintln!("skipping {alias}: no .gguf under {}", dir.display());
+        match crate::fetch::resolve_model(alias, false) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                assert!(
+                    std::env::var_os("PORTEIRO_REQUIRE_MODELS").is_none(),
+                    "{alias} required but not cached: {e}"
+                );
+                eprintln!("skipping {alias}: {e}");
+                None
+            }
         }
-        found
     }
 
     #[test]

@@ -91,6 +91,68 @@ impl CFlags {
     }
 }
 
+/// Code points first assigned in Unicode 16.0. The regex engine's tables know them, llama.cpp's Unicode
+/// 15 tables do not (they are "unassigned" there, so neither letter, number nor punctuation); they are
+/// classified as unassigned so that token ids stay identical. Found by comparing the category of every
+/// code point between the two.
+const UNICODE16_ADDITIONS: &[(u32, u32)] = &[
+    (0x0897, 0x0897),
+    (0x1B4E, 0x1B4F),
+    (0x1B7F, 0x1B7F),
+    (0x1C89, 0x1C8A),
+    (0x2427, 0x2429),
+    (0x31E4, 0x31E5),
+    (0xA7CB, 0xA7CD),
+    (0xA7DA, 0xA7DC),
+    (0x105C0, 0x105F3),
+    (0x10D40, 0x10D65),
+    (0x10D69, 0x10D85),
+    (0x10D8E, 0x10D8F),
+    (0x10EC2, 0x10EC4),
+    (0x10EFC, 0x10EFC),
+    (0x11380, 0x11389),
+    (0x1138B, 0x1138B),
+    (0x1138E, 0x1138E),
+    (0x11390, 0x113B5),
+    (0x113B7, 0x113C0),
+    (0x113C2, 0x113C2),
+    (0x113C5, 0x113C5),
+    (0x113C7, 0x113CA),
+    (0x113CC, 0x113D5),
+    (0x113D7, 0x113D8),
+    (0x113E1, 0x113E2),
+    (0x116D0, 0x116E3),
+    (0x11BC0, 0x11BE1),
+    (0x11BF0, 0x11BF9),
+    (0x11DE0, 0x11DE9),
+    (0x11F5A, 0x11F5A),
+    (0x13460, 0x143FA),
+    (0x16100, 0x16139),
+    (0x16D40, 0x16D79),
+    (0x16FF4, 0x16FF6),
+    (0x18CFF, 0x18CFF),
+    (0x1CC00, 0x1CCF9),
+    (0x1CD00, 0x1CEB3),
+    (0x1E5D0, 0x1E5FA),
+    (0x1E5FF, 0x1E5FF),
+    (0x1F8B2, 0x1F8BB),
+    (0x1F8C0, 0x1F8C1),
+    (0x1FA89, 0x1FA89),
+    (0x1FA8F, 0x1FA8F),
+    (0x1FABE, 0x1FABE),
+    (0x1FAC6, 0x1FAC6),
+    (0x1FADC, 0x1FADC),
+    (0x1FADF, 0x1FADF),
+    (0x1FAE9, 0x1FAE9),
+    (0x1FBCB, 0x1FBEF),
+];
+
+fn unicode16_addition(c: char) -> bool {
+    let c = c as u32;
+    let i = UNICODE16_ADDITIONS.partition_point(|&(_, hi)| hi < c);
+    UNICODE16_ADDITIONS.get(i).is_some_and(|&(lo, _)| lo <= c)
+}
+
 /// Classifies code points by Unicode general category. ASCII comes from a table; other code points are
 /// looked up with the regex engine's Unicode tables and memoised per call.
 struct Classifier {
@@ -136,6 +198,10 @@ impl Classifier {
         }
         if let Some(&f) = cache.get(&c) {
             return f;
+        }
+        if unicode16_addition(c) {
+            cache.insert(c, CFlags(CFlags::IN));
+            return CFlags(CFlags::IN);
         }
         let mut buf = [0u8; 4];
         let s = &*c.encode_utf8(&mut buf);
@@ -387,8 +453,8 @@ impl Splitter {
                 }
                 Splitter::Digits => {
                     let mut start = ini;
-                    for p in ini..end {
-                        if fl[p].number() {
+                    for (p, f) in fl.iter().enumerate().take(end).skip(ini) {
+                        if f.number() {
                             if p > start {
                                 out.push((start, p));
                             }
@@ -1111,10 +1177,7 @@ impl Tokenizer {
             let normal_s = find("<|tool_response>").is_some() || find("<|plamo:eos|>").is_some();
             let s_tok = find("</s>");
             // harmony / solar-open: "<|end|>" ends a message, not the generation
-            if let (true, Some(end)) = (
-                (ret.is_some() && has_call) || (has_call && flush.is_some()),
-                end,
-            ) {
+            if let (true, Some(end)) = (has_call && (ret.is_some() || flush.is_some()), end) {
                 eog.remove(&end);
                 tokens[end as usize].attr = ATTR_USER_DEFINED;
             }
@@ -1515,7 +1578,7 @@ impl Tokenizer {
                 continue;
             }
             word.clear();
-            for &byte in text[offs[a]..offs[b]].as_bytes() {
+            for &byte in &text.as_bytes()[offs[a]..offs[b]] {
                 word.push(bpe.byte_map[byte as usize]);
             }
             self.bpe_word(bpe, &word, out);
@@ -1559,11 +1622,9 @@ impl Tokenizer {
             });
         }
         // (rank, left, right, left id, right id), smallest rank then leftmost first
-        let mut heap: BinaryHeap<Reverse<(u32, usize, usize, u32, u32)>> = BinaryHeap::new();
-        let try_add = |syms: &[Sym],
-                       heap: &mut BinaryHeap<Reverse<(u32, usize, usize, u32, u32)>>,
-                       l: isize,
-                       r: isize| {
+        type Queue = BinaryHeap<Reverse<(u32, usize, usize, u32, u32)>>;
+        let mut heap: Queue = BinaryHeap::new();
+        let try_add = |syms: &[Sym], heap: &mut Queue, l: isize, r: isize| {
             if l < 0 || r < 0 {
                 return;
             }
@@ -1612,7 +1673,7 @@ impl Tokenizer {
                 out.push(s.id);
             } else {
                 // not a token: fall back to tokens for single bytes of the mapped text, where they exist
-                for &b in word[s.start..s.end].as_bytes() {
+                for &b in &word.as_bytes()[s.start..s.end] {
                     if b < 128 {
                         if let Some(&id) = self
                             .token_to_id

@@ -1,40 +1,28 @@
-//! Token ids must equal llama.cpp's. The golden files come from the reference `llama-tokenize`
-//! (scripts/golden_tokens.py); the models are read from $PORTEIRO_HOME/models (default
-//! ~/.cache/porteiro/models), and a model that is not there is skipped with a message.
+//! Token ids must equal llama.cpp's. The golden files in tests/golden/tokens-*.json come from the
+//! reference `llama-tokenize` (scripts/golden_tokens.py) run on the same GGUF files.
+//!
+//! A model that is not cached is skipped with a message, unless PORTEIRO_REQUIRE_MODELS=1 (set by CI,
+//! which pulls every model first): then it is a failure.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use porteiro_models::gguf::GgufFile;
 use porteiro_models::tokenizer::{StreamDecoder, Tokenizer};
 
 const ALIASES: &[&str] = &["smollm2-135m", "qwen2.5-0.5b", "gemma3-270m"];
 
-fn home() -> PathBuf {
-    match std::env::var_os("PORTEIRO_HOME") {
-        Some(h) => PathBuf::from(h),
-        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/porteiro"),
-    }
-}
-
-fn model_file(alias: &str) -> Option<PathBuf> {
-    let dir = home().join("models").join(alias);
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .ok()?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "gguf"))
-        .collect();
-    files.sort();
-    files.into_iter().next()
+fn required() -> bool {
+    std::env::var_os("PORTEIRO_REQUIRE_MODELS").is_some()
 }
 
 fn load(alias: &str) -> Option<Tokenizer> {
-    let Some(path) = model_file(alias) else {
-        eprintln!(
-            "skipping {alias}: no .gguf under {} (pull the model first)",
-            home().join("models").join(alias).display()
-        );
-        return None;
+    let path = match porteiro_models::fetch::resolve_model(alias, false) {
+        Ok(p) => p,
+        Err(e) => {
+            assert!(!required(), "{alias} required but not cached: {e}");
+            eprintln!("skipping {alias}: {e}");
+            return None;
+        }
     };
     let g = GgufFile::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     Some(Tokenizer::from_gguf(&g).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
@@ -150,6 +138,22 @@ fn gemma3_matches_llama_cpp() {
     check_model("gemma3-270m");
 }
 
+/// End-of-generation sets as llama.cpp prints them when loading each model ("printing all EOG tokens").
+#[test]
+fn end_of_generation_sets_match_llama_cpp() {
+    for (alias, expect) in [
+        ("smollm2-135m", &[0u32, 2, 4][..]),
+        (
+            "qwen2.5-0.5b",
+            &[128247, 151643, 151645, 151662, 151663, 151664][..],
+        ),
+        ("gemma3-270m", &[1, 106, 212][..]),
+    ] {
+        let Some(tok) = load(alias) else { continue };
+        assert_eq!(tok.eog_ids(), expect, "{alias}");
+    }
+}
+
 #[test]
 fn special_token_ids_and_end_of_generation() {
     if let Some(tok) = load("qwen2.5-0.5b") {
@@ -175,13 +179,21 @@ fn special_token_ids_and_end_of_generation() {
 
 #[test]
 fn long_text_is_fast() {
-    let path = home().join("data/wiki.txt");
-    let Ok(text) = std::fs::read_to_string(&path) else {
-        eprintln!(
-            "skipping: {} not found (scripts/fetch-text.sh)",
-            path.display()
-        );
-        return;
+    let path = porteiro_models::fetch::home_dir().join("data/wiki.txt");
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) => {
+            assert!(
+                !required(),
+                "{} missing ({e}): run scripts/fetch-text.sh",
+                path.display()
+            );
+            eprintln!(
+                "skipping: {} missing ({e}); run scripts/fetch-text.sh",
+                path.display()
+            );
+            return;
+        }
     };
     let text: String = text.chars().take(300_000).collect();
     for alias in ALIASES {

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Everything the test suite needs on a fresh machine: the release binary, the four catalog models
+# (pulled through `porteiro pull`, verified by sha256) and the real text used for perplexity.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --release --quiet
+for m in smollm2-135m qwen2.5-0.5b gemma3-270m qwen2.5-1.5b; do
+  ./target/release/porteiro pull --quiet "$m" >/dev/null
+done
+scripts/fetch-text.sh >/dev/null
