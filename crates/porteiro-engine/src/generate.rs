@@ -97,6 +97,85 @@ fn held_back(text: &str, stops: &[String]) -> usize {
     keep
 }
 
+/// Text of generated tokens as it becomes final: decodes incrementally (complete UTF-8 only), cuts at the
+/// first stop string, and holds back a tail that may be the start of a stop string. Shared by
+/// [`generate`] and the server's scheduler.
+pub struct StopText<'a> {
+    dec: StreamDecoder<'a>,
+    stops: Vec<String>,
+    text: String,
+    emitted: usize,
+}
+
+/// What one token added to a [`StopText`].
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct TextStep {
+    /// Text that is now final (may be empty).
+    pub text: String,
+    /// A stop string was found: the text ends before it and generation must stop.
+    pub stopped: bool,
+}
+
+impl<'a> StopText<'a> {
+    pub fn new(tok: &'a Tokenizer, stops: &[String]) -> Self {
+        Self {
+            dec: StreamDecoder::new(tok),
+            stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(),
+            text: String::new(),
+            emitted: 0,
+        }
+    }
+
+    /// Adds one generated token.
+    pub fn push(&mut self, id: u32) -> TextStep {
+        self.text.push_str(&self.dec.push(id));
+        // A stop string can only start at or after `emitted`: text before it was released only once no
+        // suffix of it could begin one (see `held_back`).
+        let from = self.emitted;
+        if let Some(at) = self
+            .stops
+            .iter()
+            .filter_map(|st| self.text[from..].find(st.as_str()).map(|i| from + i))
+            .min()
+        {
+            self.text.truncate(at);
+            return TextStep {
+                text: self.release(at),
+                stopped: true,
+            };
+        }
+        let safe = self.text.len() - held_back(&self.text, &self.stops);
+        TextStep {
+            text: self.release(safe),
+            stopped: false,
+        }
+    }
+
+    /// Ends the text (end-of-generation token or length limit): releases what was held back. With
+    /// `flush_decoder`, bytes of an incomplete character come out too (as U+FFFD).
+    pub fn finish(&mut self, flush_decoder: bool) -> String {
+        if flush_decoder {
+            let rest = self.dec.flush();
+            self.text.push_str(&rest);
+        }
+        self.release(self.text.len())
+    }
+
+    /// All final text so far.
+    pub fn text(&self) -> &str {
+        &self.text[..self.emitted]
+    }
+
+    fn release(&mut self, upto: usize) -> String {
+        if upto <= self.emitted {
+            return String::new();
+        }
+        let out = self.text[self.emitted..upto].to_string();
+        self.emitted = upto;
+        out
+    }
+}
+
 /// Generates a continuation of `prompt` (token ids). `on_text` receives text as it becomes final.
 pub fn generate(
     model: &Model,
@@ -111,9 +190,7 @@ pub fn generate(
     let mut logits = prefill(model, prompt, kv, &mut s, opts.prefill_chunk)?;
     let prefill_s = t0.elapsed().as_secs_f64();
     let mut sampler = Sampler::new(opts.sampling.clone());
-    let mut dec = StreamDecoder::new(tok);
-    let mut text = String::new();
-    let mut emitted = 0usize;
+    let mut out = StopText::new(tok, &opts.stop);
     let mut tokens = Vec::new();
     let mut finish = FinishReason::Length;
     let mut ttft_s = 0.0;
@@ -129,25 +206,13 @@ pub fn generate(
         }
         sampler.accept(next);
         tokens.push(next);
-        text.push_str(&dec.push(next));
-        if let Some((at, _)) = opts
-            .stop
-            .iter()
-            .filter_map(|st| text.find(st.as_str()).map(|i| (i, st)))
-            .min_by_key(|x| x.0)
-        {
-            text.truncate(at);
-            if at > emitted {
-                on_text(&text[emitted..]);
-            }
-            emitted = text.len();
+        let step = out.push(next);
+        if !step.text.is_empty() {
+            on_text(&step.text);
+        }
+        if step.stopped {
             finish = FinishReason::Stop;
             break;
-        }
-        let safe = text.len() - held_back(&text, &opts.stop);
-        if safe > emitted {
-            on_text(&text[emitted..safe]);
-            emitted = safe;
         }
         if tokens.len() >= opts.max_tokens || kv.len() >= kv.capacity() {
             break;
@@ -165,14 +230,12 @@ pub fn generate(
         )?;
         logits.copy_from_slice(&s.logits[..model.cfg.vocab]);
     }
-    if finish == FinishReason::Length {
-        text.push_str(&dec.flush());
-    }
-    if text.len() > emitted {
-        on_text(&text[emitted..]);
+    let rest = out.finish(finish == FinishReason::Length);
+    if !rest.is_empty() {
+        on_text(&rest);
     }
     Ok(Generation {
-        text,
+        text: out.text().to_string(),
         tokens,
         prompt_tokens: prompt.len(),
         finish,

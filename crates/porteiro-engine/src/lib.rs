@@ -1,15 +1,19 @@
 //! The local inference engine: quantized kernels over memory-mapped GGUF weights, a persistent thread
-//! pool, the transformer forward pass (llama, qwen2, gemma3), KV cache, sampling and generation.
+//! pool, the transformer forward pass (llama, qwen2, gemma3), KV cache, sampling and generation, the
+//! continuous-batching scheduler that serves many sequences at once, and a BERT sentence encoder.
 
+pub mod bert;
 pub mod eval;
 pub mod generate;
 pub mod model;
 pub mod pool;
 pub mod quant;
 pub mod sampler;
+pub mod scheduler;
 pub mod simd;
+pub mod wordpiece;
 
-pub use generate::{generate, FinishReason, GenerateOptions, Generation};
+pub use generate::{generate, FinishReason, GenerateOptions, Generation, StopText};
 pub use model::{BatchToken, KvCache, Model, ModelError, Scratch};
 pub use sampler::{Sampler, SamplingParams};
 

@@ -2,6 +2,7 @@
 
 mod bench;
 mod perplexity;
+mod serve;
 
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
@@ -29,6 +30,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Serve the OpenAI-compatible API (chat, completions, embeddings) with continuous batching.
+    Serve(serve::ServeArgs),
     /// Download a catalog model into the cache ($PORTEIRO_HOME, default ~/.cache/porteiro) and verify it.
     Pull {
         /// Catalog alias (see `porteiro models --catalog`).
@@ -191,6 +194,7 @@ fn main() {
 
 fn dispatch(cmd: Cmd) -> Result<()> {
     match cmd {
+        Cmd::Serve(a) => serve::run(&a),
         Cmd::Pull { name, quiet } => {
             let entry = catalog::lookup(&name).with_context(|| {
                 format!(

@@ -1,0 +1,351 @@
+//! `porteiro.toml`: parsed into raw structs that reject unknown keys, then validated into [`Config`]
+//! with messages that name the key and say what is allowed. Command-line flags override the file
+//! ([`Overrides`]); `PORTEIRO_API_KEYS` (comma-separated) adds API keys without writing them to a file.
+//!
+//! ```toml
+//! [server]
+//! host = "127.0.0.1"
+//! port = 8080
+//! api_keys = []              # empty: no authentication
+//! max_body_bytes = 4194304   # larger request bodies get 413
+//! shutdown_grace_s = 10      # in-flight streams may finish for this long after SIGINT/SIGTERM
+//!
+//! [model]
+//! name = "qwen2.5-0.5b"      # catalog alias or a .gguf path
+//! threads = 0                # 0: all cores
+//! ctx = 4096                 # context window per sequence
+//! default_max_tokens = 1024  # completion length when a request gives none
+//!
+//! [embeddings]
+//! model = "minilm-l6"        # "" turns /v1/embeddings off
+//!
+//! [limits]
+//! max_seqs = 16              # sequences decoded together
+//! max_queue = 64             # requests waiting beyond that; more get 429
+//! kv_cache_mib = 1024        # KV memory reserved across running sequences at most
+//! prefill_chunk = 256        # prompt tokens per scheduler step
+//! ```
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+pub const DEFAULT_HOST: &str = "127.0.0.1";
+pub const DEFAULT_PORT: u16 = 8080;
+pub const DEFAULT_EMBEDDING_MODEL: &str = "minilm-l6";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {why}")]
+    Read { path: String, why: String },
+    #[error("{path}: {why}")]
+    Parse { path: String, why: String },
+    #[error("invalid configuration: `{key}` {why}")]
+    Invalid { key: &'static str, why: String },
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    server: Option<RawServer>,
+    model: Option<RawModel>,
+    embeddings: Option<RawEmbeddings>,
+    limits: Option<RawLimits>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    host: Option<String>,
+    port: Option<u16>,
+    api_keys: Option<Vec<String>>,
+    max_body_bytes: Option<u64>,
+    shutdown_grace_s: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModel {
+    name: Option<String>,
+    threads: Option<usize>,
+    ctx: Option<usize>,
+    default_max_tokens: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEmbeddings {
+    model: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_seqs: Option<usize>,
+    max_queue: Option<usize>,
+    kv_cache_mib: Option<u64>,
+    prefill_chunk: Option<usize>,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub host: String,
+    pub port: u16,
+    pub api_keys: Vec<String>,
+    pub max_body_bytes: usize,
+    pub shutdown_grace_s: u64,
+    /// Catalog alias or path of the generative model.
+    pub model: String,
+    /// Worker threads; 0 means all cores.
+    pub threads: usize,
+    /// Context window per sequence; None means min(model's training context, 4096).
+    pub ctx: Option<usize>,
+    pub default_max_tokens: usize,
+    /// The embedding model, if /v1/embeddings is on.
+    pub embedding_model: Option<String>,
+    pub max_seqs: usize,
+    pub max_queue: usize,
+    pub kv_cache_bytes: u64,
+    pub prefill_chunk: usize,
+}
+
+/// Values from the command line; they win over the file.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub model: Option<String>,
+    pub threads: Option<usize>,
+    pub ctx: Option<usize>,
+}
+
+impl Config {
+    /// Reads and validates a TOML file, applying `overrides` and `PORTEIRO_API_KEYS`.
+    pub fn load(
+        path: Option<&Path>,
+        overrides: &Overrides,
+        default_model: &str,
+    ) -> Result<Self, ConfigError> {
+        let (text, name) = match path {
+            Some(p) => (
+                std::fs::read_to_string(p).map_err(|e| ConfigError::Read {
+                    path: p.display().to_string(),
+                    why: e.to_string(),
+                })?,
+                p.display().to_string(),
+            ),
+            None => (String::new(), "(defaults)".to_string()),
+        };
+        let env_keys = std::env::var("PORTEIRO_API_KEYS").ok();
+        Self::from_toml(&text, &name, overrides, default_model, env_keys.as_deref())
+    }
+
+    /// Parses and validates TOML text (`name` is used in messages).
+    pub fn from_toml(
+        text: &str,
+        name: &str,
+        o: &Overrides,
+        default_model: &str,
+        env_api_keys: Option<&str>,
+    ) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: name.to_string(),
+            why: e.to_string().trim_end().to_string(),
+        })?;
+        let s = raw.server.unwrap_or_default();
+        let m = raw.model.unwrap_or_default();
+        let e = raw.embeddings.unwrap_or_default();
+        let l = raw.limits.unwrap_or_default();
+        let invalid = |key, why: &str| ConfigError::Invalid {
+            key,
+            why: why.to_string(),
+        };
+
+        let host = o
+            .host
+            .clone()
+            .or(s.host)
+            .unwrap_or_else(|| DEFAULT_HOST.into());
+        if host.trim().is_empty() {
+            return Err(invalid(
+                "server.host",
+                "is empty; use e.g. \"127.0.0.1\" or \"0.0.0.0\"",
+            ));
+        }
+        let port = o.port.or(s.port).unwrap_or(DEFAULT_PORT);
+        let mut api_keys = s.api_keys.unwrap_or_default();
+        if let Some(env) = env_api_keys {
+            api_keys.extend(
+                env.split(',')
+                    .map(str::trim)
+                    .filter(|k| !k.is_empty())
+                    .map(String::from),
+            );
+        }
+        if api_keys
+            .iter()
+            .any(|k| k.trim().is_empty() || k.chars().any(char::is_whitespace))
+        {
+            return Err(invalid(
+                "server.api_keys",
+                "holds an empty key or a key with spaces",
+            ));
+        }
+        let max_body_bytes = s.max_body_bytes.unwrap_or(4 << 20);
+        if !(1024..=1 << 30).contains(&max_body_bytes) {
+            return Err(invalid(
+                "server.max_body_bytes",
+                "must be between 1024 and 1073741824",
+            ));
+        }
+        let shutdown_grace_s = s.shutdown_grace_s.unwrap_or(10);
+        if shutdown_grace_s > 3600 {
+            return Err(invalid(
+                "server.shutdown_grace_s",
+                "must be at most 3600 seconds",
+            ));
+        }
+
+        let model = o
+            .model
+            .clone()
+            .or(m.name)
+            .unwrap_or_else(|| default_model.into());
+        if model.trim().is_empty() {
+            return Err(invalid(
+                "model.name",
+                "is empty; give a catalog alias (see `porteiro models --catalog`) or a .gguf path",
+            ));
+        }
+        let threads = o.threads.or(m.threads).unwrap_or(0);
+        if threads > 1024 {
+            return Err(invalid(
+                "model.threads",
+                "must be at most 1024 (0 = all cores)",
+            ));
+        }
+        let ctx = o.ctx.or(m.ctx);
+        if ctx.is_some_and(|c| c < 16) {
+            return Err(invalid("model.ctx", "must be at least 16 tokens"));
+        }
+        let default_max_tokens = m.default_max_tokens.unwrap_or(1024);
+        if default_max_tokens == 0 {
+            return Err(invalid("model.default_max_tokens", "must be at least 1"));
+        }
+        let embedding_model = match e.model {
+            None => Some(DEFAULT_EMBEDDING_MODEL.to_string()),
+            Some(s) if s.trim().is_empty() => None,
+            Some(s) => Some(s),
+        };
+
+        let max_seqs = l.max_seqs.unwrap_or(16);
+        if !(1..=1024).contains(&max_seqs) {
+            return Err(invalid("limits.max_seqs", "must be between 1 and 1024"));
+        }
+        let max_queue = l.max_queue.unwrap_or(64);
+        if max_queue > 100_000 {
+            return Err(invalid("limits.max_queue", "must be at most 100000"));
+        }
+        let kv_cache_mib = l.kv_cache_mib.unwrap_or(1024);
+        if !(1..=1 << 20).contains(&kv_cache_mib) {
+            return Err(invalid(
+                "limits.kv_cache_mib",
+                "must be between 1 and 1048576",
+            ));
+        }
+        let prefill_chunk = l.prefill_chunk.unwrap_or(256);
+        if !(1..=8192).contains(&prefill_chunk) {
+            return Err(invalid(
+                "limits.prefill_chunk",
+                "must be between 1 and 8192",
+            ));
+        }
+        Ok(Config {
+            host,
+            port,
+            api_keys,
+            max_body_bytes: max_body_bytes as usize,
+            shutdown_grace_s,
+            model,
+            threads,
+            ctx,
+            default_max_tokens,
+            embedding_model,
+            max_seqs,
+            max_queue,
+            kv_cache_bytes: kv_cache_mib << 20,
+            prefill_chunk,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(
+            text,
+            "porteiro.toml",
+            &Overrides::default(),
+            "qwen2.5-0.5b",
+            None,
+        )
+    }
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let c = parse("").unwrap();
+        assert_eq!((c.host.as_str(), c.port), ("127.0.0.1", 8080));
+        assert_eq!(c.model, "qwen2.5-0.5b");
+        assert_eq!(c.embedding_model.as_deref(), Some("minilm-l6"));
+        assert!(c.api_keys.is_empty());
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_their_name_and_the_allowed_ones() {
+        let e = parse("[server]\nprot = 9000\n").unwrap_err().to_string();
+        assert!(
+            e.contains("porteiro.toml") && e.contains("unknown field `prot`"),
+            "{e}"
+        );
+        assert!(e.contains("`port`"), "{e}");
+        let e = parse("[limit]\nmax_seqs = 2\n").unwrap_err().to_string();
+        assert!(e.contains("unknown field `limit`"), "{e}");
+    }
+
+    #[test]
+    fn invalid_values_name_the_key() {
+        let e = parse("[limits]\nmax_seqs = 0\n").unwrap_err().to_string();
+        assert!(
+            e.contains("limits.max_seqs") && e.contains("between 1 and 1024"),
+            "{e}"
+        );
+        let e = parse("[server]\nport = \"http\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("port"), "{e}");
+    }
+
+    #[test]
+    fn flags_override_the_file_and_env_adds_keys() {
+        let o = Overrides {
+            port: Some(9001),
+            model: Some("smollm2-135m".into()),
+            ..Default::default()
+        };
+        let c = Config::from_toml(
+            "[server]\nport = 9000\napi_keys = [\"a\"]\n[embeddings]\nmodel = \"\"\n",
+            "f",
+            &o,
+            "qwen2.5-0.5b",
+            Some("b, c"),
+        )
+        .unwrap();
+        assert_eq!(c.port, 9001);
+        assert_eq!(c.model, "smollm2-135m");
+        assert_eq!(c.api_keys, vec!["a", "b", "c"]);
+        assert_eq!(c.embedding_model, None);
+    }
+}

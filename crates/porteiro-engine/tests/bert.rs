@@ -1,0 +1,67 @@
+//! The MiniLM sentence encoder from the catalog on real sentences: vectors are unit length, and
+//! paraphrases are closer than unrelated sentences. (Agreement with sentence-transformers to the third
+//! decimal is the router's golden test.)
+//!
+//! Skipped with a message when minilm-l6 is not cached, unless PORTEIRO_REQUIRE_MODELS=1.
+
+use porteiro_engine::bert::BertEncoder;
+
+fn encoder() -> Option<BertEncoder> {
+    match porteiro_models::fetch::resolve_model("minilm-l6", false) {
+        Ok(dir) => Some(BertEncoder::open(&dir).unwrap()),
+        Err(e) => {
+            assert!(
+                std::env::var("PORTEIRO_REQUIRE_MODELS").is_err(),
+                "minilm-l6 required but not cached: {e}"
+            );
+            eprintln!("skipping: minilm-l6 not cached: {e}");
+            None
+        }
+    }
+}
+
+fn cos(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+#[test]
+fn minilm_paraphrases_are_closer_than_unrelated_sentences() {
+    let Some(enc) = encoder() else { return };
+    assert_eq!(enc.dim(), 384);
+    let cat = enc.embed("A cat is sitting on the mat.");
+    let kitten = enc.embed("A kitten rests on a rug.");
+    let stocks = enc.embed("The stock market fell sharply on Tuesday.");
+    let invoice = enc.embed("Please send me the invoice for March.");
+    let bill = enc.embed("Could you email the March bill?");
+    for e in [&cat, &kitten, &stocks, &invoice, &bill] {
+        let n: f32 = e.vector.iter().map(|v| v * v).sum::<f32>().sqrt();
+        assert!((n - 1.0).abs() < 1e-4, "norm {n}");
+        assert!(e.vector.iter().all(|v| v.is_finite()));
+    }
+    let (ck, cs) = (
+        cos(&cat.vector, &kitten.vector),
+        cos(&cat.vector, &stocks.vector),
+    );
+    let (ib, is) = (
+        cos(&invoice.vector, &bill.vector),
+        cos(&invoice.vector, &stocks.vector),
+    );
+    eprintln!("cat~kitten {ck:.3} cat~stocks {cs:.3} invoice~bill {ib:.3} invoice~stocks {is:.3}");
+    assert!(ck > 0.5 && cs < 0.2, "cat~kitten {ck}, cat~stocks {cs}");
+    assert!(
+        ib > 0.5 && is < 0.2,
+        "invoice~bill {ib}, invoice~stocks {is}"
+    );
+    // Same text, same vector; [CLS] + 8 words + '.' + [SEP].
+    assert_eq!(enc.embed("A cat is sitting on the mat.").vector, cat.vector);
+    assert_eq!(cat.tokens, 10);
+}
+
+#[test]
+fn minilm_truncates_long_inputs_to_max_seq_length() {
+    let Some(enc) = encoder() else { return };
+    let long = "word ".repeat(1000);
+    let e = enc.embed(&long);
+    assert_eq!(e.tokens, enc.cfg.max_seq);
+    assert!(e.vector.iter().all(|v| v.is_finite()));
+}

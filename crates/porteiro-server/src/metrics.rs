@@ -1,0 +1,282 @@
+//! Prometheus text exposition for `/metrics`. Every metric name lives in [`names`]; nothing else in the
+//! server spells one.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use porteiro_engine::scheduler::EngineStats;
+
+pub mod names {
+    pub const HTTP_REQUESTS: &str = "porteiro_http_requests_total";
+    pub const HTTP_DURATION: &str = "porteiro_http_request_duration_seconds";
+    pub const TTFT: &str = "porteiro_time_to_first_token_seconds";
+    pub const GENERATION_DURATION: &str = "porteiro_generation_duration_seconds";
+    pub const PROMPT_TOKENS: &str = "porteiro_prompt_tokens_total";
+    pub const COMPLETION_TOKENS: &str = "porteiro_completion_tokens_total";
+    pub const EMBEDDING_INPUTS: &str = "porteiro_embedding_inputs_total";
+    pub const CANCELLED: &str = "porteiro_cancelled_requests_total";
+    pub const REJECTED: &str = "porteiro_rejected_requests_total";
+    pub const RUNNING: &str = "porteiro_running_sequences";
+    pub const WAITING: &str = "porteiro_waiting_requests";
+    pub const KV_RESERVED: &str = "porteiro_kv_reserved_tokens";
+    pub const KV_BYTES: &str = "porteiro_kv_cache_bytes";
+    pub const STEPS: &str = "porteiro_engine_steps_total";
+    pub const BATCH_TOKENS: &str = "porteiro_engine_batch_tokens_total";
+    pub const READY: &str = "porteiro_ready";
+}
+
+const LATENCY_BUCKETS: [f64; 14] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
+
+#[derive(Debug, Default, Clone)]
+struct Histogram {
+    counts: [u64; LATENCY_BUCKETS.len()],
+    count: u64,
+    sum: f64,
+}
+
+impl Histogram {
+    fn observe(&mut self, v: f64) {
+        for (c, &b) in self.counts.iter_mut().zip(&LATENCY_BUCKETS) {
+            if v <= b {
+                *c += 1;
+            }
+        }
+        self.count += 1;
+        self.sum += v;
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let sep = if labels.is_empty() { "" } else { "," };
+        for (c, b) in self.counts.iter().zip(&LATENCY_BUCKETS) {
+            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{b}\"}} {c}");
+        }
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}",
+            self.count
+        );
+        let braces = if labels.is_empty() {
+            String::new()
+        } else {
+            format!("{{{labels}}}")
+        };
+        let _ = writeln!(out, "{name}_sum{braces} {}", self.sum);
+        let _ = writeln!(out, "{name}_count{braces} {}", self.count);
+    }
+}
+
+/// Counters and histograms owned by the HTTP layer (the engine keeps its own in [`EngineStats`]).
+#[derive(Default)]
+pub struct Metrics {
+    requests: Mutex<BTreeMap<(String, u16), u64>>,
+    http_duration: Mutex<BTreeMap<String, Histogram>>,
+    ttft: Mutex<BTreeMap<String, Histogram>>,
+    generation: Mutex<BTreeMap<String, Histogram>>,
+    prompt_tokens: AtomicU64,
+    completion_tokens: AtomicU64,
+    embedding_inputs: AtomicU64,
+    rejected: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding a metrics lock leaves plain numbers behind: keep going.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Metrics {
+    pub fn request(&self, route: &str, status: u16, seconds: f64) {
+        *lock(&self.requests)
+            .entry((route.to_string(), status))
+            .or_default() += 1;
+        lock(&self.http_duration)
+            .entry(route.to_string())
+            .or_default()
+            .observe(seconds);
+    }
+
+    pub fn first_token(&self, endpoint: &str, seconds: f64) {
+        lock(&self.ttft)
+            .entry(endpoint.to_string())
+            .or_default()
+            .observe(seconds);
+    }
+
+    pub fn generation_done(&self, endpoint: &str, seconds: f64, prompt: usize, completion: usize) {
+        lock(&self.generation)
+            .entry(endpoint.to_string())
+            .or_default()
+            .observe(seconds);
+        self.prompt_tokens
+            .fetch_add(prompt as u64, Ordering::Relaxed);
+        self.completion_tokens
+            .fetch_add(completion as u64, Ordering::Relaxed);
+    }
+
+    pub fn embedded(&self, inputs: usize, tokens: usize) {
+        self.embedding_inputs
+            .fetch_add(inputs as u64, Ordering::Relaxed);
+        self.prompt_tokens
+            .fetch_add(tokens as u64, Ordering::Relaxed);
+    }
+
+    pub fn rejected(&self) {
+        self.rejected.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The text exposition (format 0.0.4).
+    pub fn render(&self, engine: Option<&EngineStats>, ready: bool) -> String {
+        use names::*;
+        let mut o = String::new();
+        let head = |o: &mut String, name: &str, kind: &str, help: &str| {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        };
+        head(
+            &mut o,
+            READY,
+            "gauge",
+            "1 when the model is loaded and requests are served.",
+        );
+        let _ = writeln!(o, "{READY} {}", u8::from(ready));
+        head(
+            &mut o,
+            HTTP_REQUESTS,
+            "counter",
+            "HTTP requests by route and status.",
+        );
+        for ((route, status), n) in lock(&self.requests).iter() {
+            let _ = writeln!(
+                o,
+                "{HTTP_REQUESTS}{{route=\"{route}\",status=\"{status}\"}} {n}"
+            );
+        }
+        head(
+            &mut o,
+            HTTP_DURATION,
+            "histogram",
+            "Time to the response head (streams: until the stream starts).",
+        );
+        for (route, h) in lock(&self.http_duration).iter() {
+            h.render(&mut o, HTTP_DURATION, &format!("route=\"{route}\""));
+        }
+        head(
+            &mut o,
+            TTFT,
+            "histogram",
+            "Time from request to the first generated text.",
+        );
+        for (ep, h) in lock(&self.ttft).iter() {
+            h.render(&mut o, TTFT, &format!("endpoint=\"{ep}\""));
+        }
+        head(
+            &mut o,
+            GENERATION_DURATION,
+            "histogram",
+            "Time from request to the last generated token.",
+        );
+        for (ep, h) in lock(&self.generation).iter() {
+            h.render(&mut o, GENERATION_DURATION, &format!("endpoint=\"{ep}\""));
+        }
+        for (name, help, v) in [
+            (
+                PROMPT_TOKENS,
+                "Prompt tokens of finished requests (generation and embeddings).",
+                &self.prompt_tokens,
+            ),
+            (
+                COMPLETION_TOKENS,
+                "Generated tokens of finished requests.",
+                &self.completion_tokens,
+            ),
+            (EMBEDDING_INPUTS, "Texts embedded.", &self.embedding_inputs),
+            (
+                REJECTED,
+                "Requests refused because the queue was full (429).",
+                &self.rejected,
+            ),
+        ] {
+            head(&mut o, name, "counter", help);
+            let _ = writeln!(o, "{name} {}", v.load(Ordering::Relaxed));
+        }
+        if let Some(e) = engine {
+            let ld = |a: &std::sync::atomic::AtomicUsize| a.load(Ordering::Relaxed) as u64;
+            for (name, kind, help, v) in [
+                (
+                    RUNNING,
+                    "gauge",
+                    "Sequences holding a slot and a KV cache.",
+                    ld(&e.running),
+                ),
+                (
+                    WAITING,
+                    "gauge",
+                    "Requests queued for a slot.",
+                    ld(&e.waiting),
+                ),
+                (
+                    KV_RESERVED,
+                    "gauge",
+                    "KV positions reserved by running sequences.",
+                    ld(&e.kv_reserved_tokens),
+                ),
+                (
+                    KV_BYTES,
+                    "gauge",
+                    "Bytes allocated by the KV caches of running sequences.",
+                    ld(&e.kv_bytes),
+                ),
+                (
+                    CANCELLED,
+                    "counter",
+                    "Requests cancelled because the client went away.",
+                    e.cancelled.load(Ordering::Relaxed),
+                ),
+                (
+                    STEPS,
+                    "counter",
+                    "Batched forward steps.",
+                    e.steps.load(Ordering::Relaxed),
+                ),
+                (
+                    BATCH_TOKENS,
+                    "counter",
+                    "Tokens processed by batched forward steps.",
+                    e.batch_tokens.load(Ordering::Relaxed),
+                ),
+            ] {
+                head(&mut o, name, kind, help);
+                let _ = writeln!(o, "{name} {v}");
+            }
+        }
+        o
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let m = Metrics::default();
+        m.request("/v1/models", 200, 0.003);
+        m.request("/v1/models", 200, 0.7);
+        let text = m.render(None, true);
+        assert!(
+            text.contains("porteiro_http_requests_total{route=\"/v1/models\",status=\"200\"} 2")
+        );
+        assert!(text.contains(
+            "porteiro_http_request_duration_seconds_bucket{route=\"/v1/models\",le=\"0.005\"} 1"
+        ));
+        assert!(text.contains(
+            "porteiro_http_request_duration_seconds_bucket{route=\"/v1/models\",le=\"1\"} 2"
+        ));
+        assert!(
+            text.contains("porteiro_http_request_duration_seconds_count{route=\"/v1/models\"} 2")
+        );
+        assert!(text.contains("porteiro_ready 1"));
+    }
+}

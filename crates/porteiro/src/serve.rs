@@ -1,0 +1,159 @@
+//! `porteiro serve`: resolve (and pull) the models, listen, load, serve until SIGINT/SIGTERM.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use porteiro_config::{Config, Overrides};
+use porteiro_models::fetch;
+use porteiro_server::{load_generator, AppState, Embedder, Settings};
+
+use crate::DEFAULT_MODEL;
+
+#[derive(Args, Clone)]
+pub struct ServeArgs {
+    /// Address to listen on [default: 127.0.0.1, or server.host from the config].
+    #[arg(long)]
+    host: Option<String>,
+    /// Port to listen on (0 picks a free one) [default: 8080, or server.port from the config].
+    #[arg(long)]
+    port: Option<u16>,
+    /// Catalog alias or .gguf path of the generative model [default: qwen2.5-0.5b].
+    #[arg(short, long)]
+    model: Option<String>,
+    /// Worker threads of the engine [default: all cores].
+    #[arg(short, long)]
+    threads: Option<usize>,
+    /// Context window per sequence in tokens [default: min(model's, 4096)].
+    #[arg(long)]
+    ctx: Option<usize>,
+    /// porteiro.toml with everything else (limits, API keys, embeddings); flags win over it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+pub fn run(a: &ServeArgs) -> Result<()> {
+    let overrides = Overrides {
+        host: a.host.clone(),
+        port: a.port,
+        model: a.model.clone(),
+        threads: a.threads,
+        ctx: a.ctx,
+    };
+    let cfg = Config::load(a.config.as_deref(), &overrides, DEFAULT_MODEL)?;
+    let model_path = fetch::resolve_model(&cfg.model, true)?;
+    if model_path.is_dir() {
+        bail!(
+            "{} is an encoder model; `model.name` must be a generative GGUF model",
+            cfg.model
+        );
+    }
+    let embed_path = match &cfg.embedding_model {
+        Some(m) => {
+            Some(fetch::resolve_model(m, true).with_context(|| format!("embedding model {m}"))?)
+        }
+        None => None,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(serve(cfg, model_path, embed_path))
+}
+
+async fn serve(cfg: Config, model_path: PathBuf, embed_path: Option<PathBuf>) -> Result<()> {
+    let addr = format!("{}:{}", cfg.host, cfg.port);
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .with_context(|| {
+            format!("cannot listen on {addr} (use --port or server.port for another port)")
+        })?;
+    let local = listener.local_addr()?;
+    println!("porteiro: listening on http://{local}");
+    let settings = Settings::from_config(&cfg);
+    let state = AppState::new(settings.clone());
+    let grace = Duration::from_secs(cfg.shutdown_grace_s);
+    let server = tokio::spawn(porteiro_server::serve(
+        listener,
+        state.clone(),
+        shutdown_signal(grace),
+        grace,
+    ));
+
+    let (st, c) = (state.clone(), cfg.clone());
+    let loaded = tokio::task::spawn_blocking(move || -> Result<usize> {
+        if let Some(p) = embed_path {
+            let e = Embedder::open(&p).with_context(|| format!("loading {}", p.display()))?;
+            st.set_embedder(e);
+        }
+        let (g, _engine_thread) = load_generator(&model_path, &c)?;
+        let n_ctx = g.engine.config().n_ctx;
+        st.set_generator(g);
+        Ok(n_ctx)
+    })
+    .await
+    .context("the loading task failed")?;
+    let n_ctx = match loaded {
+        Ok(n) => n,
+        Err(e) => {
+            state.stop_engine();
+            return Err(e);
+        }
+    };
+
+    let host = if local.ip().is_unspecified() {
+        "127.0.0.1".to_string()
+    } else {
+        local.ip().to_string()
+    };
+    let base = format!("http://{host}:{}", local.port());
+    let auth = if settings.api_keys.is_empty() {
+        String::new()
+    } else {
+        " -H \"Authorization: Bearer $KEY\"".to_string()
+    };
+    println!(
+        "porteiro: serving {} (context {n_ctx} tokens, {} sequences at once{}) at {base}/v1",
+        settings.model_id,
+        cfg.max_seqs,
+        settings
+            .embedding_id
+            .as_deref()
+            .map(|e| format!(", embeddings by {e}"))
+            .unwrap_or_default()
+    );
+    println!(
+        "try: curl {base}/v1/chat/completions -H 'Content-Type: application/json'{auth} \\\n  -d '{{\"model\": \"{}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Say hello\"}}]}}'",
+        settings.model_id
+    );
+    server.await.context("the server task failed")??;
+    println!("porteiro: stopped");
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal(grace: Duration) {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    eprintln!(
+        "porteiro: shutting down; in-flight requests have {} s to finish",
+        grace.as_secs()
+    );
+}
