@@ -8,3 +8,7 @@ for m in smollm2-135m qwen2.5-0.5b gemma3-270m qwen2.5-1.5b; do
   ./target/release/porteiro pull --quiet "$m" >/dev/null
 done
 scripts/fetch-text.sh >/dev/null
+# The server tests: the sentence encoder behind /v1/embeddings, and the official OpenAI Python SDK that
+# scripts/openai_e2e.py drives `porteiro serve` with.
+./target/release/porteiro pull --quiet minilm-l6 >/dev/null
+python3 -m pip install --quiet --disable-pip-version-check openai

@@ -175,27 +175,38 @@ impl Sampler {
             cand.select_nth_unstable_by(p.top_k - 1, by_logit_desc);
             cand.truncate(p.top_k);
         }
-        cand.sort_unstable_by(by_logit_desc);
-        // Probabilities before temperature decide top-p and min-p.
-        let mx = cand[0].1;
-        let probs: Vec<f32> = cand.iter().map(|c| (c.1 - mx).exp()).collect();
-        let total: f32 = probs.iter().sum();
-        let mut keep = cand.len();
-        if p.top_p < 1.0 {
-            let mut acc = 0.0;
-            for (i, pr) in probs.iter().enumerate() {
-                acc += pr / total;
-                if acc >= p.top_p {
-                    keep = i + 1;
-                    break;
+        let mx;
+        if p.top_p >= 1.0 && cand.len() == logits.len() {
+            // No top-k and no cumulative cut (OpenAI's defaults): order does not matter, so the whole
+            // vocabulary is not sorted. Candidates stay in token-id order; min-p is a logit floor.
+            mx = cand.iter().fold(f32::NEG_INFINITY, |m, c| m.max(c.1));
+            if p.min_p > 0.0 {
+                let floor = mx + p.min_p.ln();
+                cand.retain(|c| c.1 >= floor);
+            }
+        } else {
+            cand.sort_unstable_by(by_logit_desc);
+            // Probabilities before temperature decide top-p and min-p.
+            mx = cand[0].1;
+            let probs: Vec<f32> = cand.iter().map(|c| (c.1 - mx).exp()).collect();
+            let total: f32 = probs.iter().sum();
+            let mut keep = cand.len();
+            if p.top_p < 1.0 {
+                let mut acc = 0.0;
+                for (i, pr) in probs.iter().enumerate() {
+                    acc += pr / total;
+                    if acc >= p.top_p {
+                        keep = i + 1;
+                        break;
+                    }
                 }
             }
+            if p.min_p > 0.0 {
+                let floor = p.min_p * probs[0];
+                keep = keep.min(probs.iter().take_while(|&&pr| pr >= floor).count().max(1));
+            }
+            cand.truncate(keep);
         }
-        if p.min_p > 0.0 {
-            let floor = p.min_p * probs[0];
-            keep = keep.min(probs.iter().take_while(|&&pr| pr >= floor).count().max(1));
-        }
-        cand.truncate(keep);
         let weights: Vec<f64> = cand
             .iter()
             .map(|c| (((c.1 - mx) / p.temperature) as f64).exp())
@@ -284,6 +295,40 @@ mod tests {
             s.accept(top);
         }
         assert_ne!(s.sample(&mut logits()), top);
+    }
+
+    #[test]
+    fn unsorted_full_vocabulary_path_draws_from_the_softmax() {
+        // p = 1/6, 2/6, 3/6 at temperature 1 (no top-k, no top-p: the path that skips sorting).
+        let base: Vec<f32> = vec![1f32.ln(), 2f32.ln(), 3f32.ln()];
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            seed: 3,
+            ..Default::default()
+        });
+        let mut counts = [0usize; 3];
+        let n = 30_000;
+        for _ in 0..n {
+            counts[s.sample(&mut base.clone()) as usize] += 1;
+        }
+        for (c, want) in counts.iter().zip([1.0 / 6.0, 2.0 / 6.0, 3.0 / 6.0]) {
+            let got = *c as f64 / n as f64;
+            assert!((got - want).abs() < 0.015, "{counts:?}");
+        }
+        // min-p 0.5 keeps tokens with p >= 0.5 * p_max: only ids 1 and 2.
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.5,
+            ..Default::default()
+        });
+        for _ in 0..200 {
+            assert_ne!(s.sample(&mut base.clone()), 0);
+        }
     }
 
     #[test]

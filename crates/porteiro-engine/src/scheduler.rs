@@ -539,32 +539,34 @@ impl<'a> Scheduler<'a> {
         if step.stopped {
             let mut text = step.text;
             text.push_str(&s.out.finish(false));
-            Self::send_text(s, text, logprobs);
+            Self::send_text(stats, s, text, logprobs);
             Self::finish(stats, s, String::new(), FinishReason::Stop);
             return;
         }
         if s.generated >= s.req.max_tokens || s.cache.len() >= s.cache.capacity() {
             let mut text = step.text;
             text.push_str(&s.out.finish(true));
-            Self::send_text(s, text, logprobs);
+            Self::send_text(stats, s, text, logprobs);
             Self::finish(stats, s, String::new(), FinishReason::Length);
             return;
         }
-        Self::send_text(s, step.text, logprobs);
+        Self::send_text(stats, s, step.text, logprobs);
         s.next = Some(t);
     }
 
-    fn send_text(s: &mut Seq<'_>, text: String, logprobs: Vec<TokenLogprob>) {
+    fn send_text(stats: &EngineStats, s: &mut Seq<'_>, text: String, logprobs: Vec<TokenLogprob>) {
         if s.finished || (text.is_empty() && logprobs.is_empty()) {
             return;
         }
         if !s.req.sink.send(Event::Text { text, logprobs }) {
+            // The receiver is gone: the client disconnected.
             s.finished = true;
+            stats.cancelled.fetch_add(1, Ordering::Relaxed);
         }
     }
 
     fn finish(stats: &EngineStats, s: &mut Seq<'_>, rest: String, finish: FinishReason) {
-        Self::send_text(s, rest, Vec::new());
+        Self::send_text(stats, s, rest, Vec::new());
         if !s.finished {
             s.req.sink.send(Event::Done {
                 finish,
