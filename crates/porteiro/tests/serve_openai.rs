@@ -117,7 +117,7 @@ fn openai_sdk_against_the_real_server() {
         dir.path(),
         "main",
         "[server]\nmax_body_bytes = 65536\n[model]\nctx = 1024\nthreads = 2\n\
-         [limits]\nmax_seqs = 16\nmax_queue = 64\n",
+         [limits]\nmax_seqs = 32\nmax_queue = 64\n",
     );
     let limited = start(
         dir.path(),
