@@ -8,7 +8,7 @@
 //! 3. admit waiting requests while a sequence slot is free and their KV reservation (prompt +
 //!    max_tokens positions) fits the KV budget;
 //! 4. build one batch: one token for every decoding sequence, then up to `prefill_chunk` prompt tokens
-//!    of the sequences still prefilling (oldest first), so a long prompt never stalls running streams;
+//!    shared by the sequences still prefilling, so a long prompt never stalls running streams;
 //! 5. one `forward` over the batch, then per sequence: sample, stop strings / end of generation /
 //!    length, and send the new text.
 //!
@@ -458,16 +458,21 @@ impl<'a> Scheduler<'a> {
                 });
             }
         }
+        // Prompt tokens: the step's prefill budget is shared evenly by the prefilling sequences (what a
+        // short prompt leaves goes to the longer ones), so a long prompt does not hold back the first
+        // token of short ones that arrived after it.
+        let prefilling: Vec<usize> = (0..self.active.len())
+            .filter(|&i| self.active[i].prefilled < self.active[i].req.prompt.len())
+            .collect();
         let mut budget = self.cfg.prefill_chunk;
-        for (i, s) in self.active.iter().enumerate() {
+        for (k, &i) in prefilling.iter().enumerate() {
             if budget == 0 {
                 break;
             }
+            let s = &self.active[i];
             let n = s.req.prompt.len();
-            if s.prefilled == n {
-                continue;
-            }
-            let take = budget.min(n - s.prefilled);
+            let share = budget.div_ceil(prefilling.len() - k);
+            let take = share.min(n - s.prefilled);
             for (j, &t) in s.req.prompt[s.prefilled..s.prefilled + take]
                 .iter()
                 .enumerate()

@@ -229,3 +229,63 @@ fn prompt_plus_max_tokens_over_the_context_is_refused_before_queueing() {
     h.shutdown();
     join.join().unwrap();
 }
+
+/// Sends every event to one shared channel, tagged, so that the order across requests is visible.
+struct Tagged(usize, mpsc::Sender<(usize, Event)>);
+
+impl EventSink for Tagged {
+    fn send(&mut self, ev: Event) -> bool {
+        self.1.send((self.0, ev)).is_ok()
+    }
+    fn is_closed(&self) -> bool {
+        false
+    }
+}
+
+#[test]
+fn a_short_prompt_behind_a_long_one_gets_its_first_token_first() {
+    let _g = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(lm) = open() else { return };
+    let long = lm.tokenizer.encode(
+        &"The quick brown fox jumps over the lazy dog. ".repeat(12),
+        true,
+        false,
+    );
+    let short = lm.tokenizer.encode("Hi", true, false);
+    assert!(long.len() > 100 && short.len() < 8);
+    let tok = Arc::new(lm.tokenizer);
+    let cfg = EngineConfig {
+        n_ctx: 512,
+        max_seqs: 4,
+        max_queue: 4,
+        kv_budget_tokens: 1024,
+        prefill_chunk: 16,
+    };
+    let (h, join) = scheduler::spawn(lm.model, tok, cfg).unwrap();
+    let (tx, rx) = mpsc::channel();
+    for (tag, prompt) in [(0, long), (1, short)] {
+        h.submit(GenRequest {
+            prompt,
+            max_tokens: 4,
+            stop: vec![],
+            sampling: SamplingParams::greedy(),
+            logprobs: None,
+            ignore_eos: true,
+            sink: Box::new(Tagged(tag, tx.clone())),
+        })
+        .unwrap();
+    }
+    let (first, _) = rx.recv_timeout(Duration::from_secs(60)).unwrap();
+    assert_eq!(
+        first, 1,
+        "the long prompt's prefill held back the short one"
+    );
+    let mut done = 0;
+    while done < 2 {
+        if let (_, Event::Done { .. }) = rx.recv_timeout(Duration::from_secs(60)).unwrap() {
+            done += 1;
+        }
+    }
+    h.shutdown();
+    join.join().unwrap();
+}

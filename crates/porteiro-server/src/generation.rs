@@ -280,8 +280,26 @@ fn submit(
             "max_tokens",
             "`max_tokens` must be at least 1.",
         )),
-        Err(SubmitError::Stopped) => Err(ApiError::unavailable("The server is shutting down.")),
+        Err(SubmitError::Stopped) => Err(ApiError::unavailable(
+            "The engine is not running (the server is shutting down).",
+        )),
     }
+}
+
+/// Runs prompt rendering and tokenization off the async workers (a prompt can be megabytes).
+async fn blocking<T: Send + 'static>(
+    st: &AppState,
+    f: impl FnOnce(&Generator) -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let st = st.clone();
+    tokio::task::spawn_blocking(move || match st.generator() {
+        Some(g) => f(g),
+        None => Err(ApiError::unavailable(
+            "The model is still loading; retry shortly.",
+        )),
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("the tokenizer task failed: {e}")))?
 }
 
 fn finish_reason(f: EngineFinish) -> FinishReason {
@@ -418,17 +436,20 @@ pub async fn chat(
     }
     .validate(&st)?;
     let msgs = chat_messages(&req.messages)?;
-    let text = match &g.template {
-        Some(t) => t
-            .render(&msgs, true)
-            .map_err(|e| ApiError::invalid("messages", format!("The chat template failed: {e}")))?,
-        None => msgs
-            .iter()
-            .map(|m| m.content.as_str())
-            .collect::<Vec<_>>()
-            .join("\n\n"),
-    };
-    let prompt = g.tokenizer.encode(&text, true, true);
+    let prompt = blocking(&st, move |g| {
+        let text = match &g.template {
+            Some(t) => t.render(&msgs, true).map_err(|e| {
+                ApiError::invalid("messages", format!("The chat template failed: {e}"))
+            })?,
+            None => msgs
+                .iter()
+                .map(|m| m.content.as_str())
+                .collect::<Vec<_>>()
+                .join("\n\n"),
+        };
+        Ok(g.tokenizer.encode(&text, true, true))
+    })
+    .await?;
     let max_tokens = completion_budget(
         g,
         prompt.len(),
@@ -526,10 +547,13 @@ pub async fn completions(
     };
     let prompt = match req.prompt {
         None => return Err(ApiError::invalid("prompt", "`prompt` is required.")),
-        Some(Prompt::Text(t)) => g.tokenizer.encode(&t, true, true),
-        Some(Prompt::Texts(v)) => {
+        Some(Prompt::Text(t)) => {
+            blocking(&st, move |g| Ok(g.tokenizer.encode(&t, true, true))).await?
+        }
+        Some(Prompt::Texts(mut v)) => {
             one("prompts", v.len())?;
-            g.tokenizer.encode(&v[0], true, true)
+            let t = v.swap_remove(0);
+            blocking(&st, move |g| Ok(g.tokenizer.encode(&t, true, true))).await?
         }
         Some(Prompt::Tokens(ids)) => ids,
         Some(Prompt::TokenLists(mut v)) => {

@@ -718,6 +718,9 @@ async fn metrics_count_requests_tokens_and_latency() {
     )
     .await;
     assert_eq!(r.status, StatusCode::OK);
+    // Done reaches the client just before the engine sweeps the finished sequence.
+    let stats = st.generator().unwrap().engine.stats();
+    wait_until(|| stats.running.load(Ordering::Relaxed) == 0).await;
     let r = send(&st, request("GET", "/metrics", None)).await;
     assert_eq!(r.status, StatusCode::OK);
     assert!(r.headers[header::CONTENT_TYPE]
