@@ -740,3 +740,67 @@ async fn metrics_count_requests_tokens_and_latency() {
     }
     st.stop_engine();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_after_the_grace_period_cancels_streams_with_an_error_event() {
+    use std::io::{Read, Write};
+    let Some(st) = start("[embeddings]\nmodel = \"\"\n") else {
+        return;
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(porteiro_server::serve(
+        listener,
+        st.clone(),
+        async {
+            let _ = stop_rx.await;
+        },
+        Duration::from_millis(200),
+    ));
+    let body = serde_json::to_string(&chat(
+        "Count to a thousand.",
+        json!({"max_tokens": 400, "stream": true, "ignore_eos": true}),
+    ))
+    .unwrap();
+    let client = std::thread::spawn(move || {
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        write!(
+            c,
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut all = Vec::new();
+        let _ = c.read_to_end(&mut all);
+        String::from_utf8_lossy(&all).into_owned()
+    });
+    let stats = st.generator().unwrap().engine.stats();
+    wait_until(|| stats.completion_tokens.load(Ordering::Relaxed) > 2).await;
+    let t0 = Instant::now();
+    stop_tx.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .expect("serve returned within the grace period + 2 s")
+        .unwrap()
+        .unwrap();
+    let text = tokio::task::spawn_blocking(move || client.join().unwrap())
+        .await
+        .unwrap();
+    assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        text.contains("shutting down") && text.contains("data: [DONE]"),
+        "{text}"
+    );
+    // The engine has stopped: new work is refused.
+    let r = post(
+        &st,
+        "/v1/chat/completions",
+        chat("hi", json!({"max_tokens": 2})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+}
