@@ -182,6 +182,11 @@ impl EngineHandle {
         &self.stats
     }
 
+    /// False once the engine thread has ended (shutdown, or a panic).
+    pub fn is_running(&self) -> bool {
+        !self.stopped.load(Ordering::Acquire)
+    }
+
     /// Queues a request. Refuses at once (without queueing) when the prompt does not fit or when the
     /// waiting queue is full.
     pub fn submit(&self, req: GenRequest) -> Result<(), SubmitError> {
@@ -257,10 +262,19 @@ pub fn spawn(
     let join = std::thread::Builder::new()
         .name("porteiro-engine".into())
         .spawn(move || {
+            // Marks the engine stopped however the loop ends, a panic included.
+            let _stopped = SetOnDrop(stopped);
             Scheduler::new(&model, &tokenizer, &cfg, &stats).run(rx);
-            stopped.store(true, Ordering::Release);
         })?;
     Ok((handle, join))
+}
+
+struct SetOnDrop(Arc<AtomicBool>);
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
 }
 
 /// A request that has a slot and a KV cache.

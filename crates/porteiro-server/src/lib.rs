@@ -230,10 +230,10 @@ impl AppState {
         self.0.embedder.get()
     }
 
-    /// Ready: the generative model and (when configured) the embedding model are loaded, and the
-    /// server is not shutting down.
+    /// Ready: the generative model and (when configured) the embedding model are loaded, the engine
+    /// thread is running, and the server is not shutting down.
     pub fn ready(&self) -> bool {
-        self.generator().is_some()
+        self.generator().is_some_and(|g| g.engine.is_running())
             && (self.settings.embedding_id.is_none() || self.embedder().is_some())
             && !self.draining.load(Ordering::Acquire)
     }

@@ -795,12 +795,17 @@ async fn shutdown_after_the_grace_period_cancels_streams_with_an_error_event() {
         text.contains("shutting down") && text.contains("data: [DONE]"),
         "{text}"
     );
-    // The engine has stopped: new work is refused.
+    // The engine has stopped: new work is refused ...
     let r = post(
         &st,
         "/v1/chat/completions",
         chat("hi", json!({"max_tokens": 2})),
     )
     .await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    // ... and the server is no longer ready.
+    let g = st.generator().unwrap();
+    wait_until(|| !g.engine.is_running()).await;
+    let r = send(&st, request("GET", "/health", None)).await;
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
 }
