@@ -311,14 +311,19 @@ def load_32_streams_of_64_tokens():
         await ac.close()
         return res, wall
 
+    m0 = metrics(args.base)
     res, wall = asyncio.run(main())
+    m1 = metrics(args.base)
+    steps = m1["porteiro_engine_steps_total"] - m0["porteiro_engine_steps_total"]
+    batch = (m1["porteiro_engine_batch_tokens_total"] - m0["porteiro_engine_batch_tokens_total"]) / max(steps, 1)
     for ttft, finish, usage in res:
         expect(finish == "length" and usage.completion_tokens == tokens, (finish, usage))
     ttfts = sorted(r[0] for r in res)
     p50, p95 = ttfts[len(ttfts) // 2], ttfts[int(len(ttfts) * 0.95) - 1]
     figures = {"streams": n, "tokens_each": tokens, "wall_s": round(wall, 2),
                "aggregate_tok_s": round(n * tokens / wall, 1), "ttft_p50_s": round(p50, 3),
-               "ttft_p95_s": round(p95, 3), "rss_before_mb": round(base_rss), "rss_peak_mb": round(peak[0])}
+               "ttft_p95_s": round(p95, 3), "rss_before_mb": round(base_rss), "rss_peak_mb": round(peak[0]),
+               "engine_steps": int(steps), "mean_batch_tokens": round(batch, 1)}
     print("LOAD " + json.dumps(figures))
     expect(peak[0] - base_rss < 400, f"RSS grew by {peak[0] - base_rss:.0f} MB")
     # The last Done reaches the client just before the engine sweeps its sequence.

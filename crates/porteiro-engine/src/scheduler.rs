@@ -8,7 +8,7 @@
 //! 3. admit waiting requests while a sequence slot is free and their KV reservation (prompt +
 //!    max_tokens positions) fits the KV budget;
 //! 4. build one batch: one token for every decoding sequence, then up to `prefill_chunk` prompt tokens
-//!    shared by the sequences still prefilling, so a long prompt never stalls running streams;
+//!    of the sequences still prefilling (`plan_prefill`), so a long prompt never stalls running streams;
 //! 5. one `forward` over the batch, then per sequence: sample, stop strings / end of generation /
 //!    length, and send the new text.
 //!
@@ -472,21 +472,19 @@ impl<'a> Scheduler<'a> {
                 });
             }
         }
-        // Prompt tokens: the step's prefill budget is shared evenly by the prefilling sequences (what a
-        // short prompt leaves goes to the longer ones), so a long prompt does not hold back the first
-        // token of short ones that arrived after it.
-        let prefilling: Vec<usize> = (0..self.active.len())
-            .filter(|&i| self.active[i].prefilled < self.active[i].req.prompt.len())
+        // Prompt tokens, within the step's prefill budget (see `plan_prefill`).
+        let remaining: Vec<(usize, usize)> = (0..self.active.len())
+            .map(|i| {
+                (
+                    i,
+                    self.active[i].req.prompt.len() - self.active[i].prefilled,
+                )
+            })
+            .filter(|&(_, r)| r > 0)
             .collect();
-        let mut budget = self.cfg.prefill_chunk;
-        for (k, &i) in prefilling.iter().enumerate() {
-            if budget == 0 {
-                break;
-            }
+        for (i, take) in plan_prefill(&remaining, self.cfg.prefill_chunk) {
             let s = &self.active[i];
             let n = s.req.prompt.len();
-            let share = budget.div_ceil(prefilling.len() - k);
-            let take = share.min(n - s.prefilled);
             for (j, &t) in s.req.prompt[s.prefilled..s.prefilled + take]
                 .iter()
                 .enumerate()
@@ -498,7 +496,6 @@ impl<'a> Scheduler<'a> {
                     logits: s.prefilled + j + 1 == n,
                 });
             }
-            budget -= take;
         }
         if batch.is_empty() {
             return;
@@ -603,6 +600,33 @@ impl<'a> Scheduler<'a> {
     }
 }
 
+/// Splits one step's prefill budget among the prefilling sequences, given as (index, prompt tokens
+/// left) oldest first; returns (index, tokens this step) in index order. The oldest gets a quarter of
+/// the budget first (so it always progresses), the rest goes shortest-remaining first (ties: oldest
+/// first). Shortest-first gives a short prompt behind a long one its first token at once, and
+/// prompts that arrive together finish one after another instead of all at the end.
+fn plan_prefill(remaining: &[(usize, usize)], budget: usize) -> Vec<(usize, usize)> {
+    let Some(&(oldest, left)) = remaining.first() else {
+        return Vec::new();
+    };
+    let mut take: Vec<(usize, usize)> = remaining.iter().map(|&(i, _)| (i, 0)).collect();
+    let guaranteed = left.min((budget / 4).max(1)).min(budget);
+    take[0] = (oldest, guaranteed);
+    let mut budget = budget - guaranteed;
+    let mut order: Vec<usize> = (0..remaining.len()).collect();
+    order.sort_by_key(|&k| (remaining[k].1 - take[k].1, k));
+    for k in order {
+        if budget == 0 {
+            break;
+        }
+        let t = budget.min(remaining[k].1 - take[k].1);
+        take[k].1 += t;
+        budget -= t;
+    }
+    take.retain(|&(_, t)| t > 0);
+    take
+}
+
 /// Log-probabilities of one position: returns a function giving the entry for the sampled token.
 fn token_logprobs<'t>(
     tok: &'t Tokenizer,
@@ -636,5 +660,39 @@ fn token_text(tok: &Tokenizer, id: u32) -> TokenText {
         id,
         text: String::from_utf8_lossy(&bytes).into_owned(),
         bytes,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::plan_prefill;
+
+    #[test]
+    fn short_prompt_behind_a_long_one_is_prefilled_at_once() {
+        assert_eq!(
+            plan_prefill(&[(0, 1000), (1, 5)], 256),
+            vec![(0, 251), (1, 5)]
+        );
+    }
+
+    #[test]
+    fn prompts_arriving_together_finish_one_after_another() {
+        // Four prompts of 100 with a budget of 128: the oldest completes now, the next one partly.
+        assert_eq!(
+            plan_prefill(&[(0, 100), (1, 100), (2, 100), (3, 100)], 128),
+            vec![(0, 100), (1, 28)]
+        );
+    }
+
+    #[test]
+    fn the_oldest_always_progresses() {
+        // Many short prompts cannot take the whole budget from an old long one.
+        let mut r = vec![(0, 5000)];
+        r.extend((1..100).map(|i| (i, 10)));
+        let plan = plan_prefill(&r, 256);
+        assert_eq!(plan[0], (0, 64));
+        assert_eq!(plan.iter().map(|p| p.1).sum::<usize>(), 256);
+        assert!(plan_prefill(&[], 256).is_empty());
+        assert_eq!(plan_prefill(&[(3, 1)], 1), vec![(3, 1)]);
     }
 }
