@@ -194,8 +194,8 @@ impl QMatrix {
         let (bs, ts) = t.dtype.block_layout().ok_or_else(unsupported)?;
         let cols = t.dims[0] as usize;
         let rows = t.dims.iter().skip(1).product::<u64>() as usize;
-        if matches!(act, ActType::Q8K) && cols % quant::QK_K != 0
-            || cols % quant::QK != 0 && !matches!(act, ActType::F32)
+        if matches!(act, ActType::Q8K) && !cols.is_multiple_of(quant::QK_K)
+            || !cols.is_multiple_of(quant::QK) && !matches!(act, ActType::F32)
         {
             return Err(ModelError::BadShape {
                 name: t.name.clone(),
@@ -484,12 +484,20 @@ fn grow<T: Default + Clone>(v: &mut Vec<T>, n: usize) {
 /// A raw pointer that may be shared between the pool's threads; each thread writes disjoint indices.
 #[derive(Clone, Copy)]
 struct Shared<T>(*mut T);
+
+impl<T> Shared<T> {
+    /// Through a method, closures capture the whole `Shared` (which is Sync), not the raw field.
+    #[inline]
+    fn ptr(&self) -> *mut T {
+        self.0
+    }
+}
 unsafe impl<T> Send for Shared<T> {}
 unsafe impl<T> Sync for Shared<T> {}
 
 fn rms_norm(x: &mut [f32], w: &[f32], eps: f32) {
     let ss: f64 = x.iter().map(|&v| (v as f64) * (v as f64)).sum();
-    let scale = (1.0 / ((ss / x.len() as f64) as f32 + eps).sqrt()) as f32;
+    let scale = 1.0 / ((ss / x.len() as f64) as f32 + eps).sqrt();
     for (v, g) in x.iter_mut().zip(w) {
         *v = *v * scale * g;
     }
@@ -596,7 +604,7 @@ impl Model {
                                 k4(wr, &act[t * rb..], rb, w.cols, &mut v);
                                 for (j, x) in v.iter().enumerate() {
                                     // SAFETY: (token, row) pairs are disjoint across threads.
-                                    unsafe { *out.0.add((t + j) * rows + row) = *x };
+                                    unsafe { *out.ptr().add((t + j) * rows + row) = *x };
                                 }
                                 t += 4;
                             }
@@ -604,7 +612,7 @@ impl Model {
                         for t in t..t1 {
                             let v = (w.kernel)(wr, &act[t * rb..(t + 1) * rb], w.cols);
                             // SAFETY: (token, row) pairs are disjoint across threads (rows are split).
-                            unsafe { *out.0.add(t * rows + row) = v };
+                            unsafe { *out.ptr().add(t * rows + row) = v };
                         }
                     }
                     t0 = t1;
@@ -617,17 +625,16 @@ impl Model {
         let rb = t.row_bytes(k);
         if n < 4 {
             for i in 0..n {
-                quant::quantize_act(t, &x[i * k..(i + 1) * k], &mut out[i * rb..(i + 1) * rb]);
+                simd::quantize_act(t, &x[i * k..(i + 1) * k], &mut out[i * rb..(i + 1) * rb]);
             }
             return;
         }
         let o = Shared(out.as_mut_ptr());
         self.pool.run(&|ti, nt| {
-            let o = o;
             for i in split(n, ti, nt, 1) {
                 // SAFETY: each thread writes the rows of its own token range.
-                let dst = unsafe { std::slice::from_raw_parts_mut(o.0.add(i * rb), rb) };
-                quant::quantize_act(t, &x[i * k..(i + 1) * k], dst);
+                let dst = unsafe { std::slice::from_raw_parts_mut(o.ptr().add(i * rb), rb) };
+                simd::quantize_act(t, &x[i * k..(i + 1) * k], dst);
             }
         });
     }
@@ -854,7 +861,6 @@ impl Model {
         let out = Shared(s.att.as_mut_ptr());
         let q = &s.q;
         self.pool.run(&|ti, nt| {
-            let out = out;
             let mut scores: Vec<f32> = Vec::new();
             let mut q16: Vec<u8> = Vec::with_capacity(hd * 4);
             let f16dot = simd::kernel(GgmlType::F16).unwrap_or(quant_f16_dot);
@@ -893,7 +899,8 @@ impl Model {
                 }
                 let inv = (1.0 / sum) as f32;
                 // SAFETY: each (token, head) output slice is written by exactly one thread.
-                let o = unsafe { std::slice::from_raw_parts_mut(out.0.add(i * qd + h * hd), hd) };
+                let o =
+                    unsafe { std::slice::from_raw_parts_mut(out.ptr().add(i * qd + h * hd), hd) };
                 o.fill(0.0);
                 let vc = &kv.v[li];
                 for (j, &p) in scores.iter().enumerate() {

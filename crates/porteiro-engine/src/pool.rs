@@ -33,8 +33,11 @@ pub struct ThreadPool {
     busy: Mutex<()>,
 }
 
-/// Iterations a worker spins before parking (a few hundred microseconds on current CPUs).
-const SPIN: usize = 20_000;
+/// Busy-wait iterations before a waiting thread starts yielding its core (tens of microseconds: covers
+/// the gap between two parallel steps of one token), and before a worker parks (about a millisecond).
+/// Yielding in between keeps the pool usable when the machine is oversubscribed.
+const SPIN: usize = 2_000;
+const PARK_AFTER: usize = 20_000;
 
 impl ThreadPool {
     /// A pool of `n` threads in total: the caller's thread plus `n - 1` workers.
@@ -118,6 +121,10 @@ fn worker(s: Arc<Shared>, idx: usize, n: usize) {
             spins += 1;
             if spins < SPIN {
                 std::hint::spin_loop();
+                continue;
+            }
+            if spins < PARK_AFTER {
+                std::thread::yield_now();
                 continue;
             }
             let guard = s.lock.lock().unwrap_or_else(|e| e.into_inner());
