@@ -83,6 +83,47 @@ pub fn argmax_at_each_position(model: &Model, ids: &[u32]) -> Result<Vec<u32>, F
         .collect())
 }
 
+/// Compares our next-token choice with a reference's at every position of one window. Where the two
+/// disagree, `gaps` holds how far (in logits, by our model) the reference's choice is behind ours: a
+/// small gap means a near-tie that float summation order can flip.
+#[derive(Debug, Clone, Default)]
+pub struct Top1 {
+    pub agree: usize,
+    pub total: usize,
+    pub gaps: Vec<f32>,
+}
+
+pub fn top1_against(model: &Model, ids: &[u32], reference: &[u32]) -> Result<Top1, ForwardError> {
+    let mut s = Scratch::default();
+    let mut kv = model.new_cache(ids.len());
+    let batch: Vec<BatchToken> = ids
+        .iter()
+        .enumerate()
+        .map(|(pos, &token)| BatchToken {
+            token,
+            seq: 0,
+            pos,
+            logits: true,
+        })
+        .collect();
+    model.forward(&batch, &mut [&mut kv], &mut s)?;
+    let v = model.cfg.vocab;
+    let mut r = Top1::default();
+    for (i, &want) in reference.iter().enumerate().take(ids.len()) {
+        let row = &s.logits[i * v..(i + 1) * v];
+        let ours = argmax(row);
+        r.total += 1;
+        if ours == want {
+            r.agree += 1;
+        } else {
+            r.gaps.push(
+                row[ours as usize] - row.get(want as usize).copied().unwrap_or(f32::NEG_INFINITY),
+            );
+        }
+    }
+    Ok(r)
+}
+
 /// Greedy continuation of `prompt` for `n` tokens, as raw ids (no stop conditions).
 pub fn greedy_ids(model: &Model, prompt: &[u32], n: usize) -> Result<Vec<u32>, ForwardError> {
     let mut s = Scratch::default();

@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use porteiro_engine::eval::{argmax_at_each_position, greedy_ids, perplexity};
+use porteiro_engine::eval::{greedy_ids, perplexity, top1_against};
 use porteiro_engine::Model;
 use porteiro_models::gguf::GgufFile;
 use porteiro_models::tokenizer::Tokenizer;
@@ -78,7 +78,7 @@ fn check(alias: &str) {
 
     // Top-1 agreement at every position of real text, and the tokenizer on the same text.
     let text = wiki_text();
-    let (mut agree, mut total) = (0usize, 0usize);
+    let (mut agree, mut total, mut gaps) = (0usize, 0usize, Vec::new());
     for (w, win) in g["top1"].as_array().unwrap().iter().enumerate() {
         let window = ids(&win["ids"]);
         let want = ids(&win["argmax"]);
@@ -93,21 +93,32 @@ fn check(alias: &str) {
                 "{alias}: token ids of window {w} differ from llama.cpp"
             );
         }
-        let got = argmax_at_each_position(&model, &window).unwrap();
-        agree += got.iter().zip(&want).filter(|(a, b)| a == b).count();
-        total += want.len();
+        let r = top1_against(&model, &window, &want).unwrap();
+        agree += r.agree;
+        total += r.total;
+        gaps.extend(r.gaps);
     }
+    gaps.sort_by(|a, b| a.total_cmp(b));
     let top1 = agree as f64 / total as f64;
+    let worst = gaps.last().copied().unwrap_or(0.0);
     eprintln!(
-        "{alias}: top-1 agreement with llama.cpp {agree}/{total} = {:.2}%",
+        "{alias}: top-1 agreement with llama.cpp {agree}/{total} = {:.2}%; where they differ, llama.cpp's pick is behind ours by median {:.3}, max {worst:.3} logits",
+        top1 * 100.0,
+        gaps.get(gaps.len() / 2).copied().unwrap_or(0.0)
+    );
+    // The reference disagrees with itself at this level: llama.cpp's flash-attention and unfused paths
+    // pick the same token at only 96.6% of these SmolLM2 positions (measured with scripts/golden). So the
+    // bar is agreement of at least 95% and every disagreement a near-tie (our logits put the reference's
+    // pick within one logit of ours); a wrong kernel or layout breaks both at once.
+    assert!(
+        top1 >= 0.95,
+        "{alias}: top-1 agreement {:.2}% < 95%",
         top1 * 100.0
     );
     assert!(
-        top1 >= 0.99,
-        "{alias}: top-1 agreement {:.2}% < 99%",
-        top1 * 100.0
+        worst < 1.0,
+        "{alias}: llama.cpp's pick is {worst:.3} logits behind ours somewhere: not a near-tie"
     );
-
     // Greedy continuations: the prompt tokenizes identically, and the continuation is identical or
     // diverges only after both engines agree on a long prefix (float summation order differs).
     let mut identical = 0;
@@ -122,6 +133,10 @@ fn check(alias: &str) {
         let want = ids(&case["ids"]);
         let got = greedy_ids(&model, &want_prompt, want.len()).unwrap();
         let same = got.iter().zip(&want).take_while(|(a, b)| a == b).count();
+        assert!(
+            same >= 2,
+            "{alias}: {prompt:?}: greedy continuation differs from llama.cpp at token {same}"
+        );
         if same == want.len() {
             identical += 1;
         } else {
