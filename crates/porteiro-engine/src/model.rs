@@ -11,7 +11,7 @@ use porteiro_models::gguf::{GgmlType, GgufError, GgufFile, TensorInfo};
 
 use crate::pool::{split, ThreadPool};
 use crate::quant::{self, act_type, ActType};
-use crate::simd::{self, Dot4Fn, DotFn};
+use crate::simd::{self, Dot4Fn, DotFn, Tile4Fn};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -174,6 +174,7 @@ pub struct QMatrix {
     data: *const u8,
     kernel: DotFn,
     kernel4: Option<Dot4Fn>,
+    tile4: Option<Tile4Fn>,
     pub act: ActType,
     _file: Arc<GgufFile>,
 }
@@ -213,6 +214,7 @@ impl QMatrix {
             data,
             kernel,
             kernel4: simd::kernel4(t.dtype),
+            tile4: simd::tile4(t.dtype),
             act,
             _file: file.clone(),
         })
@@ -227,6 +229,19 @@ impl QMatrix {
 
     pub fn bytes(&self) -> usize {
         self.rows * self.row_bytes
+    }
+
+    /// Rows `r..` as one slice (tile kernels read several consecutive rows).
+    #[inline]
+    fn rows_from(&self, r: usize) -> &[u8] {
+        debug_assert!(r < self.rows);
+        // SAFETY: r < rows; the tensor's extent was checked against the file size at parse time.
+        unsafe {
+            std::slice::from_raw_parts(
+                self.data.add(r * self.row_bytes),
+                (self.rows - r) * self.row_bytes,
+            )
+        }
     }
 
     /// Dequantizes row `r` (an embedding lookup).
@@ -580,7 +595,7 @@ impl Model {
             .collect();
         let total: usize = outs.iter().map(|o| o.0.rows).sum();
         // Tokens are processed in tiles so the activation tile stays in cache while weight rows stream.
-        const TILE: usize = 32;
+        const TILE: usize = 64;
         self.pool.run(&|ti, nt| {
             let mine = split(total, ti, nt, 4);
             let mut base = 0;
@@ -595,9 +610,9 @@ impl Model {
                 let mut t0 = 0;
                 while t0 < n {
                     let t1 = (t0 + TILE).min(n);
-                    for row in lo - (base - rows)..hi - (base - rows) {
+                    let one_row = |row: usize, from: usize| {
                         let wr = w.row(row);
-                        let mut t = t0;
+                        let mut t = from;
                         if let Some(k4) = w.kernel4 {
                             let mut v = [0f32; 4];
                             while t + 4 <= t1 {
@@ -614,6 +629,40 @@ impl Model {
                             // SAFETY: (token, row) pairs are disjoint across threads (rows are split).
                             unsafe { *out.ptr().add(t * rows + row) = v };
                         }
+                    };
+                    let (r0, r1) = (lo - (base - rows), hi - (base - rows));
+                    let mut row = r0;
+                    if let Some(tile) = w.tile4.filter(|_| t1 - t0 >= 4) {
+                        let mut v = [[0f32; 4]; 4];
+                        while row + 4 <= r1 {
+                            let mut t = t0;
+                            while t + 4 <= t1 {
+                                tile(
+                                    w.rows_from(row),
+                                    w.row_bytes,
+                                    &act[t * rb..],
+                                    rb,
+                                    w.cols,
+                                    &mut v,
+                                );
+                                for (r, vr) in v.iter().enumerate() {
+                                    for (j, x) in vr.iter().enumerate() {
+                                        // SAFETY: (token, row) pairs are disjoint across threads.
+                                        unsafe { *out.ptr().add((t + j) * rows + row + r) = *x };
+                                    }
+                                }
+                                t += 4;
+                            }
+                            if t < t1 {
+                                for r in row..row + 4 {
+                                    one_row(r, t);
+                                }
+                            }
+                            row += 4;
+                        }
+                    }
+                    for row in row..r1 {
+                        one_row(row, t0);
                     }
                     t0 = t1;
                 }

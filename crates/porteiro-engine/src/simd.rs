@@ -99,6 +99,32 @@ pub fn kernel4(t: GgmlType) -> Option<Dot4Fn> {
     None
 }
 
+/// Four weight rows (`w` holds them `wrb` bytes apart) against four activation rows (`rb` apart):
+/// `out[r][t]`. Each unpacked weight block serves four tokens and each activation block four rows; with
+/// 32 vector registers (AVX-512VL encodings) all sixteen accumulators stay in registers.
+pub type Tile4Fn = fn(w: &[u8], wrb: usize, a: &[u8], rb: usize, k: usize, out: &mut [[f32; 4]; 4]);
+
+/// The 4x4 tile kernel for a type, where one exists on this CPU.
+pub fn tile4(t: GgmlType) -> Option<Tile4Fn> {
+    #[cfg(target_arch = "x86_64")]
+    if isa() == Isa::Avx2Vnni
+        && is_x86_feature_detected!("avx512vl")
+        && is_x86_feature_detected!("avx512f")
+    {
+        let zmm = is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512dq")
+            && is_x86_feature_detected!("avx512vnni");
+        if zmm && std::env::var("PORTEIRO_ISA").map_or(true, |v| v != "avx2vnni") {
+            if let Some(k) = avx2::tile4_zmm(t) {
+                return Some(k);
+            }
+        }
+        return avx2::tile4(t);
+    }
+    let _ = t;
+    None
+}
+
 /// Quantizes one activation row; byte-identical to `quant::quantize_act`, vectorised where possible.
 pub fn quantize_act(t: quant::ActType, x: &[f32], out: &mut [u8]) {
     #[cfg(target_arch = "x86_64")]
@@ -262,6 +288,319 @@ mod avx2 {
                     }
                 },
             ),
+            _ => return None,
+        })
+    }
+
+    /// Weight rows of a tile: base pointer, bytes between rows, bytes per block, blocks per row.
+    #[derive(Clone, Copy)]
+    struct Rows {
+        p: *const u8,
+        stride: usize,
+        block: usize,
+        n: usize,
+    }
+
+    /// R weight rows x N tokens of blocks with one f16 scale and signed 32-value payloads.
+    #[inline(always)]
+    unsafe fn signed_tile<const R: usize, const N: usize>(
+        wr: Rows,
+        a: *const u8,
+        rb: usize,
+        out: &mut [[f32; 4]; 4],
+        unpack: impl Fn(*const u8) -> __m256i,
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); N]; R];
+        for b in 0..wr.n {
+            let mut q = [_mm256_setzero_si256(); R];
+            let mut aq = [_mm256_setzero_si256(); R];
+            let mut dw = [0f32; R];
+            for r in 0..R {
+                let wb = wr.p.add(r * wr.stride + b * wr.block);
+                dw[r] = f16(wb);
+                q[r] = unpack(wb);
+                aq[r] = _mm256_sign_epi8(q[r], q[r]);
+            }
+            for t in 0..N {
+                let ab = a.add(t * rb + b * Q8_BYTES);
+                let y = load(ab.add(8));
+                let da = rd_f32(ab);
+                for r in 0..R {
+                    let p = dot_u8i8::<true>(aq[r], _mm256_sign_epi8(y, q[r]));
+                    acc[r][t] = _mm256_fmadd_ps(
+                        _mm256_set1_ps(dw[r] * da),
+                        _mm256_cvtepi32_ps(p),
+                        acc[r][t],
+                    );
+                }
+            }
+        }
+        for r in 0..R {
+            for t in 0..N {
+                out[r][t] = hsum(acc[r][t]);
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avxvnni,avx512f,avx512vl")]
+    unsafe fn q4_0_t(w: &[u8], wrb: usize, a: &[u8], rb: usize, k: usize, out: &mut [[f32; 4]; 4]) {
+        signed_tile::<4, 4>(
+            Rows {
+                p: w.as_ptr(),
+                stride: wrb,
+                block: 18,
+                n: k / 32,
+            },
+            a.as_ptr(),
+            rb,
+            out,
+            |wb| _mm256_sub_epi8(nibbles(wb.add(2)), _mm256_set1_epi8(8)),
+        );
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avxvnni,avx512f,avx512vl")]
+    unsafe fn q5_0_t(w: &[u8], wrb: usize, a: &[u8], rb: usize, k: usize, out: &mut [[f32; 4]; 4]) {
+        signed_tile::<4, 4>(
+            Rows {
+                p: w.as_ptr(),
+                stride: wrb,
+                block: 22,
+                n: k / 32,
+            },
+            a.as_ptr(),
+            rb,
+            out,
+            |wb| {
+                let qh = (wb.add(2) as *const u32).read_unaligned();
+                let hi = _mm256_andnot_si256(bits_to_bytes(qh), _mm256_set1_epi8(0xF0u8 as i8));
+                _mm256_or_si256(nibbles(wb.add(6)), hi)
+            },
+        );
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avxvnni,avx512f,avx512vl")]
+    unsafe fn q8_0_t(w: &[u8], wrb: usize, a: &[u8], rb: usize, k: usize, out: &mut [[f32; 4]; 4]) {
+        signed_tile::<4, 4>(
+            Rows {
+                p: w.as_ptr(),
+                stride: wrb,
+                block: 34,
+                n: k / 32,
+            },
+            a.as_ptr(),
+            rb,
+            out,
+            |wb| load(wb.add(2)),
+        );
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avxvnni,avx512f,avx512vl")]
+    unsafe fn q4_1_t(w: &[u8], wrb: usize, a: &[u8], rb: usize, k: usize, out: &mut [[f32; 4]; 4]) {
+        let (w, a) = (w.as_ptr(), a.as_ptr());
+        let mut acc = [[_mm256_setzero_ps(); 4]; 4];
+        let mut mins = [[0f32; 4]; 4];
+        for b in 0..k / 32 {
+            let mut q = [_mm256_setzero_si256(); 4];
+            let mut dw = [0f32; 4];
+            let mut mw = [0f32; 4];
+            for r in 0..4 {
+                let wb = w.add(r * wrb + b * 20);
+                dw[r] = f16(wb);
+                mw[r] = f16(wb.add(2));
+                q[r] = nibbles(wb.add(4));
+            }
+            for t in 0..4 {
+                let ab = a.add(t * rb + b * Q8_BYTES);
+                let y = load(ab.add(8));
+                let (da, sa) = (rd_f32(ab), rd_f32(ab.add(4)));
+                for r in 0..4 {
+                    let p = dot_u8i8::<true>(q[r], y);
+                    acc[r][t] = _mm256_fmadd_ps(
+                        _mm256_set1_ps(dw[r] * da),
+                        _mm256_cvtepi32_ps(p),
+                        acc[r][t],
+                    );
+                    mins[r][t] += mw[r] * sa;
+                }
+            }
+        }
+        for r in 0..4 {
+            for t in 0..4 {
+                out[r][t] = hsum(acc[r][t]) + mins[r][t];
+            }
+        }
+    }
+
+    /// 4 rows x 4 tokens with 512-bit vectors: each zmm holds two tokens (one per 256-bit half) of one
+    /// row. Weights are unpacked to unsigned bytes (q + OFF) so no sign juggling is needed; the offset is
+    /// taken back exactly by seeding each dot with -OFF * (sums of four activations), so the integer sums
+    /// equal the signed reference's.
+    #[inline(always)]
+    unsafe fn unsigned_tile_zmm<const OFF: i32, const MINS: bool>(
+        wr: Rows,
+        a: *const u8,
+        rb: usize,
+        out: &mut [[f32; 4]; 4],
+        unpack: impl Fn(*const u8) -> __m256i,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); 2]; 4];
+        let mut mins = [[0f32; 4]; 4];
+        let off = _mm512_set1_epi8(OFF as i8);
+        for b in 0..wr.n {
+            let mut q = [_mm512_setzero_si512(); 4];
+            let mut dw = [_mm512_setzero_ps(); 4];
+            let mut mw = [0f32; 4];
+            for r in 0..4 {
+                let wb = wr.p.add(r * wr.stride + b * wr.block);
+                dw[r] = _mm512_set1_ps(f16(wb));
+                if MINS {
+                    mw[r] = f16(wb.add(2));
+                }
+                q[r] = _mm512_broadcast_i64x4(unpack(wb));
+            }
+            for pair in 0..2 {
+                let a0 = a.add(2 * pair * rb + b * Q8_BYTES);
+                let a1 = a0.add(rb);
+                let y =
+                    _mm512_inserti64x4(_mm512_castsi256_si512(load(a0.add(8))), load(a1.add(8)), 1);
+                let da = _mm512_insertf32x8(
+                    _mm512_castps256_ps512(_mm256_set1_ps(rd_f32(a0))),
+                    _mm256_set1_ps(rd_f32(a1)),
+                    1,
+                );
+                let seed = if OFF != 0 {
+                    _mm512_sub_epi32(
+                        _mm512_setzero_si512(),
+                        _mm512_dpbusd_epi32(_mm512_setzero_si512(), off, y),
+                    )
+                } else {
+                    _mm512_setzero_si512()
+                };
+                for r in 0..4 {
+                    let p = _mm512_dpbusd_epi32(seed, q[r], y);
+                    acc[r][pair] = _mm512_fmadd_ps(
+                        _mm512_mul_ps(da, dw[r]),
+                        _mm512_cvtepi32_ps(p),
+                        acc[r][pair],
+                    );
+                    if MINS {
+                        mins[r][2 * pair] += mw[r] * rd_f32(a0.add(4));
+                        mins[r][2 * pair + 1] += mw[r] * rd_f32(a1.add(4));
+                    }
+                }
+            }
+        }
+        for r in 0..4 {
+            for pair in 0..2 {
+                let v = acc[r][pair];
+                out[r][2 * pair] = hsum(_mm512_castps512_ps256(v)) + mins[r][2 * pair];
+                out[r][2 * pair + 1] = hsum(_mm512_extractf32x8_ps(v, 1)) + mins[r][2 * pair + 1];
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
+    unsafe fn q4_0_z(w: &[u8], wrb: usize, a: &[u8], rb: usize, k: usize, out: &mut [[f32; 4]; 4]) {
+        unsigned_tile_zmm::<8, false>(
+            Rows {
+                p: w.as_ptr(),
+                stride: wrb,
+                block: 18,
+                n: k / 32,
+            },
+            a.as_ptr(),
+            rb,
+            out,
+            |wb| nibbles(wb.add(2)),
+        );
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
+    unsafe fn q4_1_z(w: &[u8], wrb: usize, a: &[u8], rb: usize, k: usize, out: &mut [[f32; 4]; 4]) {
+        unsigned_tile_zmm::<0, true>(
+            Rows {
+                p: w.as_ptr(),
+                stride: wrb,
+                block: 20,
+                n: k / 32,
+            },
+            a.as_ptr(),
+            rb,
+            out,
+            |wb| nibbles(wb.add(4)),
+        );
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
+    unsafe fn q5_0_z(w: &[u8], wrb: usize, a: &[u8], rb: usize, k: usize, out: &mut [[f32; 4]; 4]) {
+        unsigned_tile_zmm::<16, false>(
+            Rows {
+                p: w.as_ptr(),
+                stride: wrb,
+                block: 22,
+                n: k / 32,
+            },
+            a.as_ptr(),
+            rb,
+            out,
+            |wb| {
+                let qh = (wb.add(2) as *const u32).read_unaligned();
+                let hi = _mm256_and_si256(bits_to_bytes(qh), _mm256_set1_epi8(0x10));
+                _mm256_or_si256(nibbles(wb.add(6)), hi)
+            },
+        );
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
+    unsafe fn q8_0_z(w: &[u8], wrb: usize, a: &[u8], rb: usize, k: usize, out: &mut [[f32; 4]; 4]) {
+        unsigned_tile_zmm::<128, false>(
+            Rows {
+                p: w.as_ptr(),
+                stride: wrb,
+                block: 34,
+                n: k / 32,
+            },
+            a.as_ptr(),
+            rb,
+            out,
+            |wb| _mm256_xor_si256(load(wb.add(2)), _mm256_set1_epi8(0x80u8 as i8)),
+        );
+    }
+
+    pub fn tile4_zmm(t: GgmlType) -> Option<Tile4Fn> {
+        macro_rules! safe_tile {
+            ($f:ident, $wbs:expr) => {
+                |w: &[u8], wrb: usize, a: &[u8], rb: usize, k: usize, out: &mut [[f32; 4]; 4]| {
+                    assert!(k % 32 == 0 && w.len() >= 3 * wrb + k / 32 * $wbs && a.len() >= 3 * rb + k / 32 * Q8_BYTES);
+                    // SAFETY: lengths checked; `tile4()` hands these out only after detecting the features.
+                    unsafe { $f(w, wrb, a, rb, k, out) }
+                }
+            };
+        }
+        Some(match t {
+            GgmlType::Q4_0 => safe_tile!(q4_0_z, 18),
+            GgmlType::Q4_1 => safe_tile!(q4_1_z, 20),
+            GgmlType::Q5_0 => safe_tile!(q5_0_z, 22),
+            GgmlType::Q8_0 => safe_tile!(q8_0_z, 34),
+            _ => return None,
+        })
+    }
+
+    pub fn tile4(t: GgmlType) -> Option<Tile4Fn> {
+        macro_rules! safe_tile {
+            ($f:ident, $wbs:expr) => {
+                |w: &[u8], wrb: usize, a: &[u8], rb: usize, k: usize, out: &mut [[f32; 4]; 4]| {
+                    assert!(k % 32 == 0 && w.len() >= 3 * wrb + k / 32 * $wbs && a.len() >= 3 * rb + k / 32 * Q8_BYTES);
+                    // SAFETY: lengths checked; `tile4()` hands these out only after detecting the features.
+                    unsafe { $f(w, wrb, a, rb, k, out) }
+                }
+            };
+        }
+        Some(match t {
+            GgmlType::Q4_0 => safe_tile!(q4_0_t, 18),
+            GgmlType::Q4_1 => safe_tile!(q4_1_t, 20),
+            GgmlType::Q5_0 => safe_tile!(q5_0_t, 22),
+            GgmlType::Q8_0 => safe_tile!(q8_0_t, 34),
             _ => return None,
         })
     }
@@ -870,6 +1209,62 @@ mod tests {
                                 want[i]
                             );
                         }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The 4x4 tile kernels against the scalar reference, rows and tokens at non-contiguous strides.
+    #[test]
+    fn tile_kernels_match_scalar_reference() {
+        let mut rng = Rng(4242);
+        for t in [
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q5_0,
+            GgmlType::Q8_0,
+        ] {
+            let Some(tile) = tile4(t) else {
+                eprintln!("no 4x4 tile kernel for {t:?} on this CPU");
+                continue;
+            };
+            #[cfg(target_arch = "x86_64")]
+            let variants = [Some(tile), avx2::tile4(t)];
+            #[cfg(not(target_arch = "x86_64"))]
+            let variants = [Some(tile)];
+            for (tile, k) in variants
+                .iter()
+                .flatten()
+                .flat_map(|f| [32usize, 96, 896].map(|k| (*f, k)))
+            {
+                let at = act_type(t).unwrap();
+                let rb = at.row_bytes(k) + 40;
+                let (_, ts) = t.block_layout().unwrap();
+                let wrb = k / 32 * ts + 6;
+                let mut w = vec![0u8; 4 * wrb];
+                for r in 0..4 {
+                    w[r * wrb..r * wrb + k / 32 * ts].copy_from_slice(&random_row(t, k, &mut rng));
+                }
+                let mut a = vec![0u8; 4 * rb];
+                for i in 0..4 {
+                    let x: Vec<f32> = (0..k).map(|_| rng.f32() * 3.0).collect();
+                    quantize_act(at, &x, &mut a[i * rb..i * rb + at.row_bytes(k)]);
+                }
+                let mut got = [[0f32; 4]; 4];
+                tile(&w, wrb, &a, rb, k, &mut got);
+                for r in 0..4 {
+                    for i in 0..4 {
+                        let want = scalar_kernel(t).unwrap()(
+                            &w[r * wrb..r * wrb + k / 32 * ts],
+                            &a[i * rb..i * rb + at.row_bytes(k)],
+                            k,
+                        );
+                        assert!(
+                            (got[r][i] - want).abs() <= 1e-4 * want.abs().max(1.0),
+                            "{t:?} k={k} r={r} t={i}: {} vs {want}",
+                            got[r][i]
+                        );
                     }
                 }
             }
