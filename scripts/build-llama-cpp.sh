@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the reference llama.cpp (vendored in the llama-cpp-python source package) for golden tests and
-# benchmarks. Never part of the porteiro binary. Output: $REF/bin/{llama-bench,llama-perplexity,llama-tokenize},
+# benchmarks. Never part of the porteiro binary. Output: $REF/bin/{llama-bench,llama-perplexity,llama-tokenize,llama-server},
 # $REF/lib/libllama.so and $REF/bin/llama_golden (our driver in scripts/golden/, used by scripts/golden_model.py).
 # Flags: this CPU's SIMD (AVX2, AVX-VNNI, AVX-512 VNNI/BF16) spelled out instead of -march=native, because
 # native also turns on AMX, which the CPU advertises but this virtual machine faults on.
@@ -8,7 +8,7 @@ set -euo pipefail
 VER=0.3.36
 HOME_DIR=${PORTEIRO_HOME:-$HOME/.cache/porteiro}
 REF=${PORTEIRO_LLAMA_CPP:-$HOME_DIR/llama.cpp-$VER}
-if [[ -x $REF/bin/llama-bench && -x $REF/bin/llama_golden ]]; then echo "$REF"; exit 0; fi
+if [[ -x $REF/bin/llama-bench && -x $REF/bin/llama-server && -x $REF/bin/llama_golden ]]; then echo "$REF"; exit 0; fi
 command -v cmake >/dev/null || { echo "cmake missing: apt-get install -y cmake" >&2; exit 1; }
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -21,10 +21,10 @@ src="$work/llama_cpp_python-$VER"
 cmake -S "$src/vendor/llama.cpp" -B "$work/build" -DCMAKE_BUILD_TYPE=Release \
   -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX_VNNI=ON \
   -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF \
-  -DBUILD_SHARED_LIBS=ON -DCMAKE_BUILD_RPATH="$REF/lib" -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_EXAMPLES=OFF >&2
-cmake --build "$work/build" -j"$(nproc)" --target llama-bench llama-perplexity llama-tokenize >&2
+  -DBUILD_SHARED_LIBS=ON -DCMAKE_BUILD_RPATH="$REF/lib" -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_EXAMPLES=OFF >&2
+cmake --build "$work/build" -j"$(nproc)" --target llama-bench llama-perplexity llama-tokenize llama-server >&2
 mkdir -p "$REF/bin" "$REF/lib"
-cp "$work"/build/bin/llama-bench "$work"/build/bin/llama-perplexity "$work"/build/bin/llama-tokenize "$REF/bin/"
+cp "$work"/build/bin/llama-bench "$work"/build/bin/llama-perplexity "$work"/build/bin/llama-tokenize "$work"/build/bin/llama-server "$REF/bin/"
 find "$work/build" -name '*.so*' -exec cp -P {} "$REF/lib/" \;
 here=$(cd "$(dirname "$0")" && pwd)
 g++ -O2 -std=c++17 -I"$src/vendor/llama.cpp/include" -I"$src/vendor/llama.cpp/ggml/include" "$here/golden/llama_golden.cpp" \

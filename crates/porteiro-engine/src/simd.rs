@@ -17,7 +17,8 @@ pub enum Isa {
     Avx2Vnni,
 }
 
-/// The instruction set used for this process. `PORTEIRO_ISA=scalar|avx2` caps what is used.
+/// The instruction set used for this process. `PORTEIRO_ISA=scalar|avx2|avx2vnni` caps what is used
+/// (`avx2vnni` keeps AVX-VNNI but not the AVX-512 tiles).
 pub fn isa() -> Isa {
     static ISA: OnceLock<Isa> = OnceLock::new();
     *ISA.get_or_init(|| {
