@@ -106,10 +106,12 @@ fn check(alias: &str) {
         top1 * 100.0,
         gaps.get(gaps.len() / 2).copied().unwrap_or(0.0)
     );
-    // The reference disagrees with itself at this level: llama.cpp's flash-attention and unfused paths
-    // pick the same token at only 96.6% of these SmolLM2 positions (measured with scripts/golden). So the
-    // bar is agreement of at least 95% and every disagreement a near-tie (our logits put the reference's
-    // pick within one logit of ours); a wrong kernel or layout breaks both at once.
+    // Float summation order alone moves top-1 by a few percent on these quantized models, because
+    // activations are re-quantized to int8 at every matmul and a tiny difference can flip a rounding:
+    // llama.cpp's flash-attention and unfused paths agree on only 96.6% of these SmolLM2 positions, and our
+    // engine against itself with only the order of the attention-value sum reversed agrees on 97.1%
+    // (SmolLM2) and 98.2% (Qwen2.5-0.5B). So the bar is agreement of at least 95% with every disagreement
+    // a near-tie (the reference's pick within one logit of ours); a wrong kernel or layout breaks both.
     assert!(
         top1 >= 0.95,
         "{alias}: top-1 agreement {:.2}% < 95%",
