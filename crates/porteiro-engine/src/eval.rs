@@ -62,9 +62,8 @@ pub fn perplexity(
     })
 }
 
-/// The model's most likely next token after every prefix of `ids` (one window, fresh cache).
-pub fn argmax_at_each_position(model: &Model, ids: &[u32]) -> Result<Vec<u32>, ForwardError> {
-    let mut s = Scratch::default();
+/// Runs one window from a fresh cache with logits at every position (left in `s.logits`).
+fn forward_all(model: &Model, ids: &[u32], s: &mut Scratch) -> Result<(), ForwardError> {
     let mut kv = model.new_cache(ids.len());
     let batch: Vec<BatchToken> = ids
         .iter()
@@ -76,7 +75,13 @@ pub fn argmax_at_each_position(model: &Model, ids: &[u32]) -> Result<Vec<u32>, F
             logits: true,
         })
         .collect();
-    model.forward(&batch, &mut [&mut kv], &mut s)?;
+    model.forward(&batch, &mut [&mut kv], s)
+}
+
+/// The model's most likely next token after every prefix of `ids` (one window, fresh cache).
+pub fn argmax_at_each_position(model: &Model, ids: &[u32]) -> Result<Vec<u32>, ForwardError> {
+    let mut s = Scratch::default();
+    forward_all(model, ids, &mut s)?;
     let v = model.cfg.vocab;
     Ok((0..ids.len())
         .map(|i| argmax(&s.logits[i * v..(i + 1) * v]))
@@ -95,18 +100,7 @@ pub struct Top1 {
 
 pub fn top1_against(model: &Model, ids: &[u32], reference: &[u32]) -> Result<Top1, ForwardError> {
     let mut s = Scratch::default();
-    let mut kv = model.new_cache(ids.len());
-    let batch: Vec<BatchToken> = ids
-        .iter()
-        .enumerate()
-        .map(|(pos, &token)| BatchToken {
-            token,
-            seq: 0,
-            pos,
-            logits: true,
-        })
-        .collect();
-    model.forward(&batch, &mut [&mut kv], &mut s)?;
+    forward_all(model, ids, &mut s)?;
     let v = model.cfg.vocab;
     let mut r = Top1::default();
     for (i, &want) in reference.iter().enumerate().take(ids.len()) {
