@@ -11,7 +11,7 @@ use porteiro_models::gguf::{GgmlType, GgufError, GgufFile, TensorInfo};
 
 use crate::pool::{split, ThreadPool};
 use crate::quant::{self, act_type, ActType};
-use crate::simd::{self, Dot4Fn, DotFn, Tile4Fn};
+use crate::simd::{self, Dot4Fn, DotFn, Tile4Fn, Tile8Fn};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -175,6 +175,7 @@ pub struct QMatrix {
     kernel: DotFn,
     kernel4: Option<Dot4Fn>,
     tile4: Option<Tile4Fn>,
+    tile8: Option<Tile8Fn>,
     pub act: ActType,
     _file: Arc<GgufFile>,
 }
@@ -215,6 +216,7 @@ impl QMatrix {
             kernel,
             kernel4: simd::kernel4(t.dtype),
             tile4: simd::tile4(t.dtype),
+            tile8: simd::tile8(t.dtype),
             act,
             _file: file.clone(),
         })
@@ -636,6 +638,28 @@ impl Model {
                         let mut v = [[0f32; 4]; 4];
                         while row + 4 <= r1 {
                             let mut t = t0;
+                            if let Some(tile8) = w.tile8 {
+                                let mut v8 = [[0f32; 8]; 4];
+                                while t + 8 <= t1 {
+                                    tile8(
+                                        w.rows_from(row),
+                                        w.row_bytes,
+                                        &act[t * rb..],
+                                        rb,
+                                        w.cols,
+                                        &mut v8,
+                                    );
+                                    for (r, vr) in v8.iter().enumerate() {
+                                        for (j, x) in vr.iter().enumerate() {
+                                            // SAFETY: (token, row) pairs are disjoint across threads.
+                                            unsafe {
+                                                *out.ptr().add((t + j) * rows + row + r) = *x
+                                            };
+                                        }
+                                    }
+                                    t += 8;
+                                }
+                            }
                             while t + 4 <= t1 {
                                 tile(
                                     w.rows_from(row),

@@ -105,6 +105,25 @@ pub fn kernel4(t: GgmlType) -> Option<Dot4Fn> {
 /// 32 vector registers (AVX-512VL encodings) all sixteen accumulators stay in registers.
 pub type Tile4Fn = fn(w: &[u8], wrb: usize, a: &[u8], rb: usize, k: usize, out: &mut [[f32; 4]; 4]);
 
+/// Four weight rows against eight activation rows: `out[r][t]` (AVX-512 VNNI only).
+pub type Tile8Fn = fn(w: &[u8], wrb: usize, a: &[u8], rb: usize, k: usize, out: &mut [[f32; 8]; 4]);
+
+/// The 4x8 tile kernel for a type, where one exists on this CPU.
+pub fn tile8(t: GgmlType) -> Option<Tile8Fn> {
+    #[cfg(target_arch = "x86_64")]
+    if isa() == Isa::Avx2Vnni
+        && is_x86_feature_detected!("avx512vl")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512dq")
+        && is_x86_feature_detected!("avx512vnni")
+        && std::env::var("PORTEIRO_ISA").map_or(true, |v| v != "avx2vnni")
+    {
+        return avx2::tile8_zmm(t);
+    }
+    let _ = t;
+    None
+}
+
 /// The 4x4 tile kernel for a type, where one exists on this CPU.
 pub fn tile4(t: GgmlType) -> Option<Tile4Fn> {
     #[cfg(target_arch = "x86_64")]
@@ -437,15 +456,15 @@ mod avx2 {
     /// taken back exactly by seeding each dot with -OFF * (sums of four activations), so the integer sums
     /// equal the signed reference's.
     #[inline(always)]
-    unsafe fn unsigned_tile_zmm<const OFF: i32, const MINS: bool>(
+    unsafe fn unsigned_tile_zmm<const OFF: i32, const MINS: bool, const P: usize>(
         wr: Rows,
         a: *const u8,
         rb: usize,
-        out: &mut [[f32; 4]; 4],
+        out: &mut [[f32; 8]; 4],
         unpack: impl Fn(*const u8) -> __m256i,
     ) {
-        let mut acc = [[_mm512_setzero_ps(); 2]; 4];
-        let mut mins = [[0f32; 4]; 4];
+        let mut acc = [[_mm512_setzero_ps(); P]; 4];
+        let mut mins = [[0f32; 8]; 4];
         let off = _mm512_set1_epi8(OFF as i8);
         for b in 0..wr.n {
             let mut q = [_mm512_setzero_si512(); 4];
@@ -459,7 +478,7 @@ mod avx2 {
                 }
                 q[r] = _mm512_broadcast_i64x4(unpack(wb));
             }
-            for pair in 0..2 {
+            for pair in 0..P {
                 let a0 = a.add(2 * pair * rb + b * Q8_BYTES);
                 let a1 = a0.add(rb);
                 let y =
@@ -492,7 +511,7 @@ mod avx2 {
             }
         }
         for r in 0..4 {
-            for pair in 0..2 {
+            for pair in 0..P {
                 let v = acc[r][pair];
                 out[r][2 * pair] = hsum(_mm512_castps512_ps256(v)) + mins[r][2 * pair];
                 out[r][2 * pair + 1] = hsum(_mm512_extractf32x8_ps(v, 1)) + mins[r][2 * pair + 1];
@@ -502,7 +521,34 @@ mod avx2 {
 
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
     unsafe fn q4_0_z(w: &[u8], wrb: usize, a: &[u8], rb: usize, k: usize, out: &mut [[f32; 4]; 4]) {
-        unsigned_tile_zmm::<8, false>(
+        let mut o = [[0f32; 8]; 4];
+        unsigned_tile_zmm::<8, false, 2>(
+            Rows {
+                p: w.as_ptr(),
+                stride: wrb,
+                block: 18,
+                n: k / 32,
+            },
+            a.as_ptr(),
+            rb,
+            &mut o,
+            |wb| nibbles(wb.add(2)),
+        );
+        for r in 0..4 {
+            out[r].copy_from_slice(&o[r][..4]);
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
+    unsafe fn q4_0_z8(
+        w: &[u8],
+        wrb: usize,
+        a: &[u8],
+        rb: usize,
+        k: usize,
+        out: &mut [[f32; 8]; 4],
+    ) {
+        unsigned_tile_zmm::<8, false, 4>(
             Rows {
                 p: w.as_ptr(),
                 stride: wrb,
@@ -518,7 +564,34 @@ mod avx2 {
 
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
     unsafe fn q4_1_z(w: &[u8], wrb: usize, a: &[u8], rb: usize, k: usize, out: &mut [[f32; 4]; 4]) {
-        unsigned_tile_zmm::<0, true>(
+        let mut o = [[0f32; 8]; 4];
+        unsigned_tile_zmm::<0, true, 2>(
+            Rows {
+                p: w.as_ptr(),
+                stride: wrb,
+                block: 20,
+                n: k / 32,
+            },
+            a.as_ptr(),
+            rb,
+            &mut o,
+            |wb| nibbles(wb.add(4)),
+        );
+        for r in 0..4 {
+            out[r].copy_from_slice(&o[r][..4]);
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
+    unsafe fn q4_1_z8(
+        w: &[u8],
+        wrb: usize,
+        a: &[u8],
+        rb: usize,
+        k: usize,
+        out: &mut [[f32; 8]; 4],
+    ) {
+        unsigned_tile_zmm::<0, true, 4>(
             Rows {
                 p: w.as_ptr(),
                 stride: wrb,
@@ -534,7 +607,38 @@ mod avx2 {
 
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
     unsafe fn q5_0_z(w: &[u8], wrb: usize, a: &[u8], rb: usize, k: usize, out: &mut [[f32; 4]; 4]) {
-        unsigned_tile_zmm::<16, false>(
+        let mut o = [[0f32; 8]; 4];
+        unsigned_tile_zmm::<16, false, 2>(
+            Rows {
+                p: w.as_ptr(),
+                stride: wrb,
+                block: 22,
+                n: k / 32,
+            },
+            a.as_ptr(),
+            rb,
+            &mut o,
+            |wb| {
+                let qh = (wb.add(2) as *const u32).read_unaligned();
+                let hi = _mm256_and_si256(bits_to_bytes(qh), _mm256_set1_epi8(0x10));
+                _mm256_or_si256(nibbles(wb.add(6)), hi)
+            },
+        );
+        for r in 0..4 {
+            out[r].copy_from_slice(&o[r][..4]);
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
+    unsafe fn q5_0_z8(
+        w: &[u8],
+        wrb: usize,
+        a: &[u8],
+        rb: usize,
+        k: usize,
+        out: &mut [[f32; 8]; 4],
+    ) {
+        unsigned_tile_zmm::<16, false, 4>(
             Rows {
                 p: w.as_ptr(),
                 stride: wrb,
@@ -554,7 +658,34 @@ mod avx2 {
 
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
     unsafe fn q8_0_z(w: &[u8], wrb: usize, a: &[u8], rb: usize, k: usize, out: &mut [[f32; 4]; 4]) {
-        unsigned_tile_zmm::<128, false>(
+        let mut o = [[0f32; 8]; 4];
+        unsigned_tile_zmm::<128, false, 2>(
+            Rows {
+                p: w.as_ptr(),
+                stride: wrb,
+                block: 34,
+                n: k / 32,
+            },
+            a.as_ptr(),
+            rb,
+            &mut o,
+            |wb| _mm256_xor_si256(load(wb.add(2)), _mm256_set1_epi8(0x80u8 as i8)),
+        );
+        for r in 0..4 {
+            out[r].copy_from_slice(&o[r][..4]);
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
+    unsafe fn q8_0_z8(
+        w: &[u8],
+        wrb: usize,
+        a: &[u8],
+        rb: usize,
+        k: usize,
+        out: &mut [[f32; 8]; 4],
+    ) {
+        unsigned_tile_zmm::<128, false, 4>(
             Rows {
                 p: w.as_ptr(),
                 stride: wrb,
@@ -583,6 +714,25 @@ mod avx2 {
             GgmlType::Q4_1 => safe_tile!(q4_1_z, 20),
             GgmlType::Q5_0 => safe_tile!(q5_0_z, 22),
             GgmlType::Q8_0 => safe_tile!(q8_0_z, 34),
+            _ => return None,
+        })
+    }
+
+    pub fn tile8_zmm(t: GgmlType) -> Option<Tile8Fn> {
+        macro_rules! safe_tile {
+            ($f:ident, $wbs:expr) => {
+                |w: &[u8], wrb: usize, a: &[u8], rb: usize, k: usize, out: &mut [[f32; 8]; 4]| {
+                    assert!(k % 32 == 0 && w.len() >= 3 * wrb + k / 32 * $wbs && a.len() >= 7 * rb + k / 32 * Q8_BYTES);
+                    // SAFETY: lengths checked; `tile8()` hands these out only after detecting the features.
+                    unsafe { $f(w, wrb, a, rb, k, out) }
+                }
+            };
+        }
+        Some(match t {
+            GgmlType::Q4_0 => safe_tile!(q4_0_z8, 18),
+            GgmlType::Q4_1 => safe_tile!(q4_1_z8, 20),
+            GgmlType::Q5_0 => safe_tile!(q5_0_z8, 22),
+            GgmlType::Q8_0 => safe_tile!(q8_0_z8, 34),
             _ => return None,
         })
     }
@@ -1256,6 +1406,53 @@ mod tests {
                 tile(&w, wrb, &a, rb, k, &mut got);
                 for r in 0..4 {
                     for i in 0..4 {
+                        let want = scalar_kernel(t).unwrap()(
+                            &w[r * wrb..r * wrb + k / 32 * ts],
+                            &a[i * rb..i * rb + at.row_bytes(k)],
+                            k,
+                        );
+                        assert!(
+                            (got[r][i] - want).abs() <= 1e-4 * want.abs().max(1.0),
+                            "{t:?} k={k} r={r} t={i}: {} vs {want}",
+                            got[r][i]
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn tile8_kernels_match_scalar_reference() {
+        let mut rng = Rng(777);
+        for t in [
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q5_0,
+            GgmlType::Q8_0,
+        ] {
+            let Some(tile) = tile8(t) else {
+                eprintln!("no 4x8 tile kernel for {t:?} on this CPU");
+                continue;
+            };
+            for k in [32usize, 96, 896] {
+                let at = act_type(t).unwrap();
+                let rb = at.row_bytes(k) + 40;
+                let (_, ts) = t.block_layout().unwrap();
+                let wrb = k / 32 * ts + 6;
+                let mut w = vec![0u8; 4 * wrb];
+                for r in 0..4 {
+                    w[r * wrb..r * wrb + k / 32 * ts].copy_from_slice(&random_row(t, k, &mut rng));
+                }
+                let mut a = vec![0u8; 8 * rb];
+                for i in 0..8 {
+                    let x: Vec<f32> = (0..k).map(|_| rng.f32() * 3.0).collect();
+                    quantize_act(at, &x, &mut a[i * rb..i * rb + at.row_bytes(k)]);
+                }
+                let mut got = [[0f32; 8]; 4];
+                tile(&w, wrb, &a, rb, k, &mut got);
+                for r in 0..4 {
+                    for i in 0..8 {
                         let want = scalar_kernel(t).unwrap()(
                             &w[r * wrb..r * wrb + k / 32 * ts],
                             &a[i * rb..i * rb + at.row_bytes(k)],
