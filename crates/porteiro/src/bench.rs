@@ -34,9 +34,48 @@ pub struct BenchArgs {
     /// Aggregate decode throughput with this many sequences decoded together (comma-separated).
     #[arg(long, value_delimiter = ',')]
     batch: Vec<usize>,
+    /// Also measure this machine's read bandwidth (multi-threaded streaming read of a 1 GiB buffer)
+    /// and report decode against the ceiling it implies (bandwidth / weight bytes read per token).
+    #[arg(long)]
+    ceiling: bool,
     /// One JSON object on stdout.
     #[arg(long)]
     json: bool,
+}
+
+/// Streaming read bandwidth in bytes/s with `threads` threads over a buffer far larger than the caches
+/// (best of three passes).
+fn read_bandwidth(threads: usize) -> f64 {
+    const BYTES: usize = 1 << 30;
+    let buf: Vec<u64> = (0..BYTES / 8).map(|i| i as u64).collect();
+    let chunk = buf.len().div_ceil(threads.max(1));
+    let mut best = 0f64;
+    for _ in 0..3 {
+        let t = Instant::now();
+        let total: u64 = std::thread::scope(|sc| {
+            let hs: Vec<_> = buf
+                .chunks(chunk)
+                .map(|part| {
+                    sc.spawn(move || {
+                        // Four independent sums keep several loads in flight per thread.
+                        let mut acc = [0u64; 4];
+                        for c in part.chunks_exact(4) {
+                            for j in 0..4 {
+                                acc[j] = acc[j].wrapping_add(c[j]);
+                            }
+                        }
+                        acc.iter().fold(0u64, |a, b| a.wrapping_add(*b))
+                    })
+                })
+                .collect();
+            hs.into_iter()
+                .map(|h| h.join().unwrap_or(0))
+                .fold(0u64, |a, b| a.wrapping_add(b))
+        });
+        std::hint::black_box(total);
+        best = best.max(BYTES as f64 / t.elapsed().as_secs_f64());
+    }
+    best
 }
 
 #[derive(Serialize, Default, Clone)]
@@ -236,6 +275,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         .map(|&b| Ok((b, batched_decode(&lm, b, a.gen.clamp(16, 64))?)))
         .collect::<Result<_>>()?;
     let bytes_tok = lm.model.bytes_per_token();
+    let bandwidth = a.ceiling.then(|| read_bandwidth(threads));
     if a.json {
         let mut v = serde_json::to_value(&ours)?;
         v["model"] = a.m.model.clone().into();
@@ -243,6 +283,11 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         v["n_prompt"] = a.prompt.into();
         v["n_gen"] = a.gen.into();
         v["weight_bytes_per_token"] = bytes_tok.into();
+        if let Some(bw) = bandwidth {
+            v["read_bandwidth_bytes_s"] = bw.into();
+            v["decode_ceiling_tok_s"] = (bw / bytes_tok as f64).into();
+            v["decode_of_ceiling"] = (ours.decode_tok_s * bytes_tok as f64 / bw).into();
+        }
         v["batched_decode_tok_s"] = batched
             .iter()
             .map(|(b, t)| serde_json::json!({"sequences": b, "tok_s": t}))
@@ -293,6 +338,14 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         "peak RSS            {:>8.1} MB",
         ours.peak_rss_bytes as f64 / 1e6
     );
+    if let Some(bw) = bandwidth {
+        let ceiling = bw / bytes_tok as f64;
+        println!(
+            "read bandwidth      {:>8.1} GB/s ({threads} threads): decode ceiling {ceiling:.1} tok/s, achieved {:.0}%",
+            bw / 1e9,
+            100.0 * ours.decode_tok_s / ceiling
+        );
+    }
     for (b, t) in batched {
         println!("batched decode x{b:<3} {t:>8.1} tok/s aggregate");
     }
