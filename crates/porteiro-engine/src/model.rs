@@ -555,6 +555,25 @@ fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
 }
 
+/// Writes a tile result `v[r][j]` (row `row + r`, token `t + j`) into the token-major output.
+///
+/// # Safety
+/// `out` must hold `(t + N) * rows` floats and no other thread may write these positions.
+#[inline]
+unsafe fn scatter_tile<const N: usize>(
+    out: *mut f32,
+    rows: usize,
+    t: usize,
+    row: usize,
+    v: &[[f32; N]; 4],
+) {
+    for (r, vr) in v.iter().enumerate() {
+        for (j, x) in vr.iter().enumerate() {
+            *out.add((t + j) * rows + row + r) = *x;
+        }
+    }
+}
+
 fn quant_f16_dot(w: &[u8], a: &[u8], k: usize) -> f32 {
     quant::dot_scalar(GgmlType::F16, w, a, k)
 }
@@ -649,14 +668,8 @@ impl Model {
                                         w.cols,
                                         &mut v8,
                                     );
-                                    for (r, vr) in v8.iter().enumerate() {
-                                        for (j, x) in vr.iter().enumerate() {
-                                            // SAFETY: (token, row) pairs are disjoint across threads.
-                                            unsafe {
-                                                *out.ptr().add((t + j) * rows + row + r) = *x
-                                            };
-                                        }
-                                    }
+                                    // SAFETY: (token, row) pairs are disjoint across threads.
+                                    unsafe { scatter_tile(out.ptr(), rows, t, row, &v8) };
                                     t += 8;
                                 }
                             }
@@ -669,12 +682,8 @@ impl Model {
                                     w.cols,
                                     &mut v,
                                 );
-                                for (r, vr) in v.iter().enumerate() {
-                                    for (j, x) in vr.iter().enumerate() {
-                                        // SAFETY: (token, row) pairs are disjoint across threads.
-                                        unsafe { *out.ptr().add((t + j) * rows + row + r) = *x };
-                                    }
-                                }
+                                // SAFETY: (token, row) pairs are disjoint across threads.
+                                unsafe { scatter_tile(out.ptr(), rows, t, row, &v) };
                                 t += 4;
                             }
                             if t < t1 {
