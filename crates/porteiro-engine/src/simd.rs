@@ -1369,58 +1369,66 @@ mod tests {
         }
     }
 
-    /// The 4x4 tile kernels against the scalar reference, rows and tokens at non-contiguous strides.
+    /// Checks one tile kernel (4 weight rows x N tokens) against the scalar reference for several row
+    /// lengths, with rows and tokens at non-contiguous strides.
+    fn check_tile<const N: usize>(
+        t: GgmlType,
+        rng: &mut Rng,
+        tile: impl Fn(&[u8], usize, &[u8], usize, usize, &mut [[f32; N]; 4]),
+    ) {
+        for k in [32usize, 96, 896] {
+            let at = act_type(t).unwrap();
+            let rb = at.row_bytes(k) + 40;
+            let (_, ts) = t.block_layout().unwrap();
+            let wrb = k / 32 * ts + 6;
+            let mut w = vec![0u8; 4 * wrb];
+            for r in 0..4 {
+                w[r * wrb..r * wrb + k / 32 * ts].copy_from_slice(&random_row(t, k, rng));
+            }
+            let mut a = vec![0u8; N * rb];
+            for i in 0..N {
+                let x: Vec<f32> = (0..k).map(|_| rng.f32() * 3.0).collect();
+                quantize_act(at, &x, &mut a[i * rb..i * rb + at.row_bytes(k)]);
+            }
+            let mut got = [[0f32; N]; 4];
+            tile(&w, wrb, &a, rb, k, &mut got);
+            for r in 0..4 {
+                for i in 0..N {
+                    let want = scalar_kernel(t).unwrap()(
+                        &w[r * wrb..r * wrb + k / 32 * ts],
+                        &a[i * rb..i * rb + at.row_bytes(k)],
+                        k,
+                    );
+                    assert!(
+                        (got[r][i] - want).abs() <= 1e-4 * want.abs().max(1.0),
+                        "{t:?} x{N} k={k} r={r} t={i}: {} vs {want}",
+                        got[r][i]
+                    );
+                }
+            }
+        }
+    }
+
+    const TILE_TYPES: [GgmlType; 4] = [
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q8_0,
+    ];
+
+    /// The 4x4 tile kernels (the selected one and the AVX-VNNI one) against the scalar reference.
     #[test]
     fn tile_kernels_match_scalar_reference() {
         let mut rng = Rng(4242);
-        for t in [
-            GgmlType::Q4_0,
-            GgmlType::Q4_1,
-            GgmlType::Q5_0,
-            GgmlType::Q8_0,
-        ] {
+        for t in TILE_TYPES {
             let Some(tile) = tile4(t) else {
                 eprintln!("no 4x4 tile kernel for {t:?} on this CPU");
                 continue;
             };
+            check_tile(t, &mut rng, tile);
             #[cfg(target_arch = "x86_64")]
-            let variants = [Some(tile), avx2::tile4(t)];
-            #[cfg(not(target_arch = "x86_64"))]
-            let variants = [Some(tile)];
-            for (tile, k) in variants
-                .iter()
-                .flatten()
-                .flat_map(|f| [32usize, 96, 896].map(|k| (*f, k)))
-            {
-                let at = act_type(t).unwrap();
-                let rb = at.row_bytes(k) + 40;
-                let (_, ts) = t.block_layout().unwrap();
-                let wrb = k / 32 * ts + 6;
-                let mut w = vec![0u8; 4 * wrb];
-                for r in 0..4 {
-                    w[r * wrb..r * wrb + k / 32 * ts].copy_from_slice(&random_row(t, k, &mut rng));
-                }
-                let mut a = vec![0u8; 4 * rb];
-                for i in 0..4 {
-                    let x: Vec<f32> = (0..k).map(|_| rng.f32() * 3.0).collect();
-                    quantize_act(at, &x, &mut a[i * rb..i * rb + at.row_bytes(k)]);
-                }
-                let mut got = [[0f32; 4]; 4];
-                tile(&w, wrb, &a, rb, k, &mut got);
-                for r in 0..4 {
-                    for i in 0..4 {
-                        let want = scalar_kernel(t).unwrap()(
-                            &w[r * wrb..r * wrb + k / 32 * ts],
-                            &a[i * rb..i * rb + at.row_bytes(k)],
-                            k,
-                        );
-                        assert!(
-                            (got[r][i] - want).abs() <= 1e-4 * want.abs().max(1.0),
-                            "{t:?} k={k} r={r} t={i}: {} vs {want}",
-                            got[r][i]
-                        );
-                    }
-                }
+            if let Some(vnni) = avx2::tile4(t) {
+                check_tile(t, &mut rng, vnni);
             }
         }
     }
@@ -1428,47 +1436,12 @@ mod tests {
     #[test]
     fn tile8_kernels_match_scalar_reference() {
         let mut rng = Rng(777);
-        for t in [
-            GgmlType::Q4_0,
-            GgmlType::Q4_1,
-            GgmlType::Q5_0,
-            GgmlType::Q8_0,
-        ] {
+        for t in TILE_TYPES {
             let Some(tile) = tile8(t) else {
                 eprintln!("no 4x8 tile kernel for {t:?} on this CPU");
                 continue;
             };
-            for k in [32usize, 96, 896] {
-                let at = act_type(t).unwrap();
-                let rb = at.row_bytes(k) + 40;
-                let (_, ts) = t.block_layout().unwrap();
-                let wrb = k / 32 * ts + 6;
-                let mut w = vec![0u8; 4 * wrb];
-                for r in 0..4 {
-                    w[r * wrb..r * wrb + k / 32 * ts].copy_from_slice(&random_row(t, k, &mut rng));
-                }
-                let mut a = vec![0u8; 8 * rb];
-                for i in 0..8 {
-                    let x: Vec<f32> = (0..k).map(|_| rng.f32() * 3.0).collect();
-                    quantize_act(at, &x, &mut a[i * rb..i * rb + at.row_bytes(k)]);
-                }
-                let mut got = [[0f32; 8]; 4];
-                tile(&w, wrb, &a, rb, k, &mut got);
-                for r in 0..4 {
-                    for i in 0..8 {
-                        let want = scalar_kernel(t).unwrap()(
-                            &w[r * wrb..r * wrb + k / 32 * ts],
-                            &a[i * rb..i * rb + at.row_bytes(k)],
-                            k,
-                        );
-                        assert!(
-                            (got[r][i] - want).abs() <= 1e-4 * want.abs().max(1.0),
-                            "{t:?} k={k} r={r} t={i}: {} vs {want}",
-                            got[r][i]
-                        );
-                    }
-                }
-            }
+            check_tile(t, &mut rng, tile);
         }
     }
 
