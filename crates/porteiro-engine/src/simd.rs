@@ -840,16 +840,14 @@ mod avx2 {
         out: &mut [f32],
         unpack: impl Fn(*const u8) -> __m256i,
     ) {
-        // Two accumulator sets (even and odd blocks) halve the loop-carried FMA chain; for one token the
-        // loop is otherwise latency-bound.
-        let mut acc = [[_mm256_setzero_ps(); N]; 2];
+        let mut acc = [_mm256_setzero_ps(); N];
         for b in 0..nb {
             let wb = w.add(b * wbs);
             prefetch::<N>(wb);
             let dw = f16(wb);
             let q = unpack(wb);
             let aq = _mm256_sign_epi8(q, q);
-            for (t, acc) in acc[b & 1].iter_mut().enumerate() {
+            for (t, acc) in acc.iter_mut().enumerate() {
                 let ab = a.add(t * rb + b * Q8_BYTES);
                 let y = _mm256_sign_epi8(load(ab.add(8)), q);
                 let p = dot_u8i8::<V>(aq, y);
@@ -858,7 +856,7 @@ mod avx2 {
             }
         }
         for t in 0..N {
-            out[t] = hsum(_mm256_add_ps(acc[0][t], acc[1][t]));
+            out[t] = hsum(acc[t]);
         }
     }
 
@@ -910,8 +908,8 @@ mod avx2 {
         rb: usize,
         out: &mut [f32],
     ) {
-        let mut acc = [[_mm256_setzero_ps(); N]; 2];
-        let mut mins = [[0f32; N]; 2];
+        let mut acc = [_mm256_setzero_ps(); N];
+        let mut mins = [0f32; N];
         for b in 0..nb {
             let wb = w.add(b * 20);
             prefetch::<N>(wb);
@@ -920,17 +918,16 @@ mod avx2 {
             for t in 0..N {
                 let ab = a.add(t * rb + b * Q8_BYTES);
                 let p = dot_u8i8::<V>(q, load(ab.add(8)));
-                let h = b & 1;
-                acc[h][t] = _mm256_fmadd_ps(
+                acc[t] = _mm256_fmadd_ps(
                     _mm256_set1_ps(dw * rd_f32(ab)),
                     _mm256_cvtepi32_ps(p),
-                    acc[h][t],
+                    acc[t],
                 );
-                mins[h][t] += mw * rd_f32(ab.add(4));
+                mins[t] += mw * rd_f32(ab.add(4));
             }
         }
         for t in 0..N {
-            out[t] = hsum(_mm256_add_ps(acc[0][t], acc[1][t])) + mins[0][t] + mins[1][t];
+            out[t] = hsum(acc[t]) + mins[t];
         }
     }
 
