@@ -465,16 +465,8 @@ pub async fn chat(
         model: req.model.clone(),
         t0,
     };
-    if req.stream.unwrap_or(false) {
-        let include_usage = req
-            .stream_options
-            .as_ref()
-            .and_then(|o| o.include_usage)
-            .unwrap_or(false);
-        Ok(out.stream(rx, include_usage, None))
-    } else {
-        out.collect(rx, None).await
-    }
+    out.respond(rx, req.stream, req.stream_options.as_ref(), None)
+        .await
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -586,16 +578,8 @@ pub async fn completions(
         model: req.model.clone(),
         t0,
     };
-    if req.stream.unwrap_or(false) {
-        let include_usage = req
-            .stream_options
-            .as_ref()
-            .and_then(|o| o.include_usage)
-            .unwrap_or(false);
-        Ok(out.stream(rx, include_usage, echo_text))
-    } else {
-        out.collect(rx, echo_text).await
-    }
+    out.respond(rx, req.stream, req.stream_options.as_ref(), echo_text)
+        .await
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -654,6 +638,22 @@ fn stream_error(msg: &str) -> ErrorBody {
 }
 
 impl Output {
+    /// An SSE stream or one JSON body, as the request asked.
+    async fn respond(
+        self,
+        rx: UnboundedReceiver<Event>,
+        stream: Option<bool>,
+        options: Option<&porteiro_protocol::StreamOptions>,
+        echo: Option<String>,
+    ) -> Result<Response, ApiError> {
+        if stream.unwrap_or(false) {
+            let include_usage = options.and_then(|o| o.include_usage).unwrap_or(false);
+            Ok(self.stream(rx, include_usage, echo))
+        } else {
+            self.collect(rx, echo).await
+        }
+    }
+
     async fn collect(
         self,
         mut rx: UnboundedReceiver<Event>,
