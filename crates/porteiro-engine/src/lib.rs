@@ -47,8 +47,15 @@ pub struct LocalModel {
 }
 
 impl LocalModel {
+    /// Loads a model for serving. Weights are read into huge-page-backed memory
+    /// (`GgufFile::open_resident`) unless `PORTEIRO_MMAP=1` asks to run from the file mapping.
     pub fn open(path: &Path, threads: usize) -> Result<Self, LoadError> {
-        let file = Arc::new(GgufFile::open(path)?);
+        let mapped = std::env::var("PORTEIRO_MMAP").is_ok_and(|v| v == "1");
+        let file = Arc::new(if mapped {
+            GgufFile::open(path)?
+        } else {
+            GgufFile::open_resident(path)?
+        });
         let tokenizer = Tokenizer::from_gguf(&file)?;
         let template = ChatTemplate::from_gguf(&file, &tokenizer)
             .map_err(|e| LoadError::Template(e.to_string()))?;

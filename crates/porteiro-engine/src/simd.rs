@@ -312,6 +312,54 @@ mod avx2 {
         })
     }
 
+    /// Unpacks one 32-weight block to 32 bytes (a trait, not closures: closures do not inherit the
+    /// caller's target features and would not inline into the kernels).
+    trait Unpack: Copy {
+        unsafe fn get(&self, wb: *const u8) -> __m256i;
+    }
+
+    macro_rules! unpacker {
+        ($name:ident, $doc:literal, |$wb:ident| $body:expr) => {
+            #[doc = $doc]
+            #[derive(Clone, Copy)]
+            struct $name;
+            impl Unpack for $name {
+                #[inline(always)]
+                unsafe fn get(&self, $wb: *const u8) -> __m256i {
+                    $body
+                }
+            }
+        };
+    }
+
+    unpacker!(Q4_0Signed, "Q4_0 as signed values q - 8.", |wb| {
+        _mm256_sub_epi8(nibbles(wb.add(2)), _mm256_set1_epi8(8))
+    });
+    unpacker!(Q5_0Signed, "Q5_0 as signed values: where the fifth bit is clear the value is q4 - 16, i.e. q4 with the top nibble set.", |wb| {
+        let qh = (wb.add(2) as *const u32).read_unaligned();
+        let hi = _mm256_andnot_si256(bits_to_bytes(qh), _mm256_set1_epi8(0xF0u8 as i8));
+        _mm256_or_si256(nibbles(wb.add(6)), hi)
+    });
+    unpacker!(Q8_0Signed, "Q8_0 as stored.", |wb| load(wb.add(2)));
+    unpacker!(
+        Q4_0Unsigned,
+        "Q4_0 as unsigned q (offset 8).",
+        |wb| nibbles(wb.add(2))
+    );
+    unpacker!(
+        Q4_1Unsigned,
+        "Q4_1 as unsigned q (offset 0; min terms apart).",
+        |wb| nibbles(wb.add(4))
+    );
+    unpacker!(Q5_0Unsigned, "Q5_0 as unsigned q (offset 16).", |wb| {
+        let qh = (wb.add(2) as *const u32).read_unaligned();
+        let hi = _mm256_and_si256(bits_to_bytes(qh), _mm256_set1_epi8(0x10));
+        _mm256_or_si256(nibbles(wb.add(6)), hi)
+    });
+    unpacker!(Q8_0Unsigned, "Q8_0 as unsigned q (offset 128).", |wb| {
+        _mm256_xor_si256(load(wb.add(2)), _mm256_set1_epi8(0x80u8 as i8))
+    });
+
     /// Weight rows of a tile: base pointer, bytes between rows, bytes per block, blocks per row.
     #[derive(Clone, Copy)]
     struct Rows {
@@ -321,39 +369,67 @@ mod avx2 {
         n: usize,
     }
 
-    /// R weight rows x N tokens of blocks with one f16 scale and signed 32-value payloads.
+    /// Block `b` of R weight rows against N tokens: (scale, product) per row and token.
+    #[inline(always)]
+    unsafe fn signed_tile_step<const R: usize, const N: usize>(
+        wr: Rows,
+        a: *const u8,
+        rb: usize,
+        b: usize,
+        unpack: &impl Unpack,
+    ) -> ([[__m256; N]; R], [[__m256; N]; R]) {
+        let mut q = [_mm256_setzero_si256(); R];
+        let mut aq = [_mm256_setzero_si256(); R];
+        let mut dw = [0f32; R];
+        for r in 0..R {
+            let wb = wr.p.add(r * wr.stride + b * wr.block);
+            dw[r] = f16(wb);
+            q[r] = unpack.get(wb);
+            aq[r] = _mm256_sign_epi8(q[r], q[r]);
+        }
+        let (mut sv, mut pv) = ([[_mm256_setzero_ps(); N]; R], [[_mm256_setzero_ps(); N]; R]);
+        for t in 0..N {
+            let ab = a.add(t * rb + b * Q8_BYTES);
+            let y = load(ab.add(8));
+            let da = rd_f32(ab);
+            for r in 0..R {
+                let p = dot_u8i8::<true>(aq[r], _mm256_sign_epi8(y, q[r]));
+                pv[r][t] = _mm256_cvtepi32_ps(p);
+                sv[r][t] = _mm256_set1_ps(dw[r] * da);
+            }
+        }
+        (sv, pv)
+    }
+
+    /// R weight rows x N tokens of blocks with one f16 scale and signed 32-value payloads, in the
+    /// shared pairwise block order (see `pair_acc`).
     #[inline(always)]
     unsafe fn signed_tile<const R: usize, const N: usize>(
         wr: Rows,
         a: *const u8,
         rb: usize,
         out: &mut [[f32; 4]; 4],
-        unpack: impl Fn(*const u8) -> __m256i,
+        unpack: impl Unpack,
     ) {
         let mut acc = [[_mm256_setzero_ps(); N]; R];
-        for b in 0..wr.n {
-            let mut q = [_mm256_setzero_si256(); R];
-            let mut aq = [_mm256_setzero_si256(); R];
-            let mut dw = [0f32; R];
-            for r in 0..R {
-                let wb = wr.p.add(r * wr.stride + b * wr.block);
-                dw[r] = f16(wb);
-                q[r] = unpack(wb);
-                aq[r] = _mm256_sign_epi8(q[r], q[r]);
-            }
-            for t in 0..N {
-                let ab = a.add(t * rb + b * Q8_BYTES);
-                let y = load(ab.add(8));
-                let da = rd_f32(ab);
+        let mut b = 0;
+        while b < wr.n {
+            let (s0, p0) = signed_tile_step::<R, N>(wr, a, rb, b, &unpack);
+            if b + 1 < wr.n {
+                let (s1, p1) = signed_tile_step::<R, N>(wr, a, rb, b + 1, &unpack);
                 for r in 0..R {
-                    let p = dot_u8i8::<true>(aq[r], _mm256_sign_epi8(y, q[r]));
-                    acc[r][t] = _mm256_fmadd_ps(
-                        _mm256_set1_ps(dw[r] * da),
-                        _mm256_cvtepi32_ps(p),
-                        acc[r][t],
-                    );
+                    for t in 0..N {
+                        acc[r][t] = pair_acc(acc[r][t], s0[r][t], p0[r][t], s1[r][t], p1[r][t]);
+                    }
+                }
+            } else {
+                for r in 0..R {
+                    for t in 0..N {
+                        acc[r][t] = last_acc(acc[r][t], s0[r][t], p0[r][t]);
+                    }
                 }
             }
+            b += 2;
         }
         for r in 0..R {
             for t in 0..N {
@@ -374,7 +450,7 @@ mod avx2 {
             a.as_ptr(),
             rb,
             out,
-            |wb| _mm256_sub_epi8(nibbles(wb.add(2)), _mm256_set1_epi8(8)),
+            Q4_0Signed,
         );
     }
 
@@ -390,11 +466,7 @@ mod avx2 {
             a.as_ptr(),
             rb,
             out,
-            |wb| {
-                let qh = (wb.add(2) as *const u32).read_unaligned();
-                let hi = _mm256_andnot_si256(bits_to_bytes(qh), _mm256_set1_epi8(0xF0u8 as i8));
-                _mm256_or_si256(nibbles(wb.add(6)), hi)
-            },
+            Q5_0Signed,
         );
     }
 
@@ -410,43 +482,59 @@ mod avx2 {
             a.as_ptr(),
             rb,
             out,
-            |wb| load(wb.add(2)),
+            Q8_0Signed,
         );
+    }
+
+    #[inline(always)]
+    unsafe fn q4_1_tile_step(
+        w: *const u8,
+        wrb: usize,
+        a: *const u8,
+        rb: usize,
+        b: usize,
+    ) -> ([[__m256; 4]; 4], [[__m256; 4]; 4]) {
+        let (mut sv, mut pv) = ([[_mm256_setzero_ps(); 4]; 4], [[_mm256_setzero_ps(); 4]; 4]);
+        for r in 0..4 {
+            let wb = w.add(r * wrb + b * 20);
+            let dw = f16(wb);
+            let q = nibbles(wb.add(4));
+            for t in 0..4 {
+                let ab = a.add(t * rb + b * Q8_BYTES);
+                pv[r][t] = _mm256_cvtepi32_ps(dot_u8i8::<true>(q, load(ab.add(8))));
+                sv[r][t] = _mm256_set1_ps(dw * rd_f32(ab));
+            }
+        }
+        (sv, pv)
     }
 
     #[target_feature(enable = "avx2,fma,f16c,avxvnni,avx512f,avx512vl")]
     unsafe fn q4_1_t(w: &[u8], wrb: usize, a: &[u8], rb: usize, k: usize, out: &mut [[f32; 4]; 4]) {
         let (w, a) = (w.as_ptr(), a.as_ptr());
+        let nb = k / 32;
         let mut acc = [[_mm256_setzero_ps(); 4]; 4];
-        let mut mins = [[0f32; 4]; 4];
-        for b in 0..k / 32 {
-            let mut q = [_mm256_setzero_si256(); 4];
-            let mut dw = [0f32; 4];
-            let mut mw = [0f32; 4];
-            for r in 0..4 {
-                let wb = w.add(r * wrb + b * 20);
-                dw[r] = f16(wb);
-                mw[r] = f16(wb.add(2));
-                q[r] = nibbles(wb.add(4));
-            }
-            for t in 0..4 {
-                let ab = a.add(t * rb + b * Q8_BYTES);
-                let y = load(ab.add(8));
-                let (da, sa) = (rd_f32(ab), rd_f32(ab.add(4)));
+        let mut b = 0;
+        while b < nb {
+            let (s0, p0) = q4_1_tile_step(w, wrb, a, rb, b);
+            if b + 1 < nb {
+                let (s1, p1) = q4_1_tile_step(w, wrb, a, rb, b + 1);
                 for r in 0..4 {
-                    let p = dot_u8i8::<true>(q[r], y);
-                    acc[r][t] = _mm256_fmadd_ps(
-                        _mm256_set1_ps(dw[r] * da),
-                        _mm256_cvtepi32_ps(p),
-                        acc[r][t],
-                    );
-                    mins[r][t] += mw[r] * sa;
+                    for t in 0..4 {
+                        acc[r][t] = pair_acc(acc[r][t], s0[r][t], p0[r][t], s1[r][t], p1[r][t]);
+                    }
+                }
+            } else {
+                for r in 0..4 {
+                    for t in 0..4 {
+                        acc[r][t] = last_acc(acc[r][t], s0[r][t], p0[r][t]);
+                    }
                 }
             }
+            b += 2;
         }
         for r in 0..4 {
             for t in 0..4 {
-                out[r][t] = hsum(acc[r][t]) + mins[r][t];
+                out[r][t] = hsum(acc[r][t]) + q4_1_mins(w.add(r * wrb), 20, nb, a.add(t * rb));
             }
         }
     }
@@ -455,66 +543,96 @@ mod avx2 {
     /// row. Weights are unpacked to unsigned bytes (q + OFF) so no sign juggling is needed; the offset is
     /// taken back exactly by seeding each dot with -OFF * (sums of four activations), so the integer sums
     /// equal the signed reference's.
+    /// One token pair's activations for block b: values, scales (one per half) and the offset seed
+    /// (-OFF times the sums of four activations).
+    #[inline(always)]
+    unsafe fn zmm_act<const OFF: i32>(
+        a: *const u8,
+        rb: usize,
+        pair: usize,
+        b: usize,
+    ) -> (__m512i, __m512, __m512i) {
+        let a0 = a.add(2 * pair * rb + b * Q8_BYTES);
+        let a1 = a0.add(rb);
+        let y = _mm512_inserti64x4(_mm512_castsi256_si512(load(a0.add(8))), load(a1.add(8)), 1);
+        let da = _mm512_insertf32x8(
+            _mm512_castps256_ps512(_mm256_set1_ps(rd_f32(a0))),
+            _mm256_set1_ps(rd_f32(a1)),
+            1,
+        );
+        let seed = if OFF != 0 {
+            let off = _mm512_set1_epi8(OFF as i8);
+            _mm512_sub_epi32(
+                _mm512_setzero_si512(),
+                _mm512_dpbusd_epi32(_mm512_setzero_si512(), off, y),
+            )
+        } else {
+            _mm512_setzero_si512()
+        };
+        (y, da, seed)
+    }
+
+    /// Block b of four weight rows, unpacked to unsigned bytes and broadcast to both halves.
+    #[inline(always)]
+    unsafe fn zmm_weights(wr: Rows, b: usize, unpack: &impl Unpack) -> ([__m512i; 4], [f32; 4]) {
+        let mut q = [_mm512_setzero_si512(); 4];
+        let mut dw = [0f32; 4];
+        for r in 0..4 {
+            let wb = wr.p.add(r * wr.stride + b * wr.block);
+            dw[r] = f16(wb);
+            q[r] = _mm512_broadcast_i64x4(unpack.get(wb));
+        }
+        (q, dw)
+    }
+
     #[inline(always)]
     unsafe fn unsigned_tile_zmm<const OFF: i32, const MINS: bool, const P: usize>(
         wr: Rows,
         a: *const u8,
         rb: usize,
         out: &mut [[f32; 8]; 4],
-        unpack: impl Fn(*const u8) -> __m256i,
+        unpack: impl Unpack,
     ) {
         let mut acc = [[_mm512_setzero_ps(); P]; 4];
-        let mut mins = [[0f32; 8]; 4];
-        let off = _mm512_set1_epi8(OFF as i8);
-        for b in 0..wr.n {
-            let mut q = [_mm512_setzero_si512(); 4];
-            let mut dw = [_mm512_setzero_ps(); 4];
-            let mut mw = [0f32; 4];
-            for r in 0..4 {
-                let wb = wr.p.add(r * wr.stride + b * wr.block);
-                dw[r] = _mm512_set1_ps(f16(wb));
-                if MINS {
-                    mw[r] = f16(wb.add(2));
-                }
-                q[r] = _mm512_broadcast_i64x4(unpack(wb));
-            }
+        let mut b = 0;
+        while b + 1 < wr.n {
+            let (q0, dw0) = zmm_weights(wr, b, &unpack);
+            let (q1, dw1) = zmm_weights(wr, b + 1, &unpack);
             for pair in 0..P {
-                let a0 = a.add(2 * pair * rb + b * Q8_BYTES);
-                let a1 = a0.add(rb);
-                let y =
-                    _mm512_inserti64x4(_mm512_castsi256_si512(load(a0.add(8))), load(a1.add(8)), 1);
-                let da = _mm512_insertf32x8(
-                    _mm512_castps256_ps512(_mm256_set1_ps(rd_f32(a0))),
-                    _mm256_set1_ps(rd_f32(a1)),
-                    1,
-                );
-                let seed = if OFF != 0 {
-                    _mm512_sub_epi32(
-                        _mm512_setzero_si512(),
-                        _mm512_dpbusd_epi32(_mm512_setzero_si512(), off, y),
-                    )
-                } else {
-                    _mm512_setzero_si512()
-                };
+                let (y0, da0, seed0) = zmm_act::<OFF>(a, rb, pair, b);
+                let (y1, da1, seed1) = zmm_act::<OFF>(a, rb, pair, b + 1);
                 for r in 0..4 {
-                    let p = _mm512_dpbusd_epi32(seed, q[r], y);
-                    acc[r][pair] = _mm512_fmadd_ps(
-                        _mm512_mul_ps(da, dw[r]),
-                        _mm512_cvtepi32_ps(p),
-                        acc[r][pair],
-                    );
-                    if MINS {
-                        mins[r][2 * pair] += mw[r] * rd_f32(a0.add(4));
-                        mins[r][2 * pair + 1] += mw[r] * rd_f32(a1.add(4));
-                    }
+                    let p0 = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(seed0, q0[r], y0));
+                    let p1 = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(seed1, q1[r], y1));
+                    let s0 = _mm512_mul_ps(da0, _mm512_set1_ps(dw0[r]));
+                    let s1 = _mm512_mul_ps(da1, _mm512_set1_ps(dw1[r]));
+                    acc[r][pair] = pair_acc_z(acc[r][pair], s0, p0, s1, p1);
+                }
+            }
+            b += 2;
+        }
+        if b < wr.n {
+            let (q0, dw0) = zmm_weights(wr, b, &unpack);
+            for pair in 0..P {
+                let (y0, da0, seed0) = zmm_act::<OFF>(a, rb, pair, b);
+                for r in 0..4 {
+                    let p0 = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(seed0, q0[r], y0));
+                    let s0 = _mm512_mul_ps(da0, _mm512_set1_ps(dw0[r]));
+                    acc[r][pair] = last_acc_z(acc[r][pair], s0, p0);
                 }
             }
         }
         for r in 0..4 {
             for pair in 0..P {
                 let v = acc[r][pair];
-                out[r][2 * pair] = hsum(_mm512_castps512_ps256(v)) + mins[r][2 * pair];
-                out[r][2 * pair + 1] = hsum(_mm512_extractf32x8_ps(v, 1)) + mins[r][2 * pair + 1];
+                let (t0, t1) = (2 * pair, 2 * pair + 1);
+                out[r][t0] = hsum(_mm512_castps512_ps256(v));
+                out[r][t1] = hsum(_mm512_extractf32x8_ps(v, 1));
+                if MINS {
+                    let wrow = wr.p.add(r * wr.stride);
+                    out[r][t0] += q4_1_mins(wrow, wr.block, wr.n, a.add(t0 * rb));
+                    out[r][t1] += q4_1_mins(wrow, wr.block, wr.n, a.add(t1 * rb));
+                }
             }
         }
     }
@@ -532,7 +650,7 @@ mod avx2 {
             a.as_ptr(),
             rb,
             &mut o,
-            |wb| nibbles(wb.add(2)),
+            Q4_0Unsigned,
         );
         for r in 0..4 {
             out[r].copy_from_slice(&o[r][..4]);
@@ -558,7 +676,7 @@ mod avx2 {
             a.as_ptr(),
             rb,
             out,
-            |wb| nibbles(wb.add(2)),
+            Q4_0Unsigned,
         );
     }
 
@@ -575,7 +693,7 @@ mod avx2 {
             a.as_ptr(),
             rb,
             &mut o,
-            |wb| nibbles(wb.add(4)),
+            Q4_1Unsigned,
         );
         for r in 0..4 {
             out[r].copy_from_slice(&o[r][..4]);
@@ -601,7 +719,7 @@ mod avx2 {
             a.as_ptr(),
             rb,
             out,
-            |wb| nibbles(wb.add(4)),
+            Q4_1Unsigned,
         );
     }
 
@@ -618,11 +736,7 @@ mod avx2 {
             a.as_ptr(),
             rb,
             &mut o,
-            |wb| {
-                let qh = (wb.add(2) as *const u32).read_unaligned();
-                let hi = _mm256_and_si256(bits_to_bytes(qh), _mm256_set1_epi8(0x10));
-                _mm256_or_si256(nibbles(wb.add(6)), hi)
-            },
+            Q5_0Unsigned,
         );
         for r in 0..4 {
             out[r].copy_from_slice(&o[r][..4]);
@@ -648,11 +762,7 @@ mod avx2 {
             a.as_ptr(),
             rb,
             out,
-            |wb| {
-                let qh = (wb.add(2) as *const u32).read_unaligned();
-                let hi = _mm256_and_si256(bits_to_bytes(qh), _mm256_set1_epi8(0x10));
-                _mm256_or_si256(nibbles(wb.add(6)), hi)
-            },
+            Q5_0Unsigned,
         );
     }
 
@@ -669,7 +779,7 @@ mod avx2 {
             a.as_ptr(),
             rb,
             &mut o,
-            |wb| _mm256_xor_si256(load(wb.add(2)), _mm256_set1_epi8(0x80u8 as i8)),
+            Q8_0Unsigned,
         );
         for r in 0..4 {
             out[r].copy_from_slice(&o[r][..4]);
@@ -695,9 +805,215 @@ mod avx2 {
             a.as_ptr(),
             rb,
             out,
-            |wb| _mm256_xor_si256(load(wb.add(2)), _mm256_set1_epi8(0x80u8 as i8)),
+            Q8_0Unsigned,
         );
     }
+
+    /// One K-quant superblock of one weight row, unpacked for the zmm tiles: four registers of
+    /// sub-block pairs (2c, 2c+1) as unsigned bytes, their i16 scales (one per 256-bit half), the
+    /// weights' f32 scale, and what the per-token correction needs.
+    struct KRow {
+        q: [__m512i; 4],
+        sc: [__m512i; 4],
+        d: f32,
+        /// Q4_K: dmin; Q6_K: unused.
+        dmin: f32,
+        /// Q4_K: mins as i16 pairs (m0,m0,m1,m1,..), dotted with the 16 activation group sums;
+        /// Q6_K: the 16 group scales, dotted with the same sums for the -32 offset.
+        corr: __m256i,
+    }
+
+    #[inline(always)]
+    unsafe fn pair512(lo: __m256i, hi: __m256i) -> __m512i {
+        _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1)
+    }
+
+    #[inline(always)]
+    unsafe fn q4_k_row(wb: *const u8) -> KRow {
+        let low = _mm256_set1_epi8(0x0F);
+        let (sc, mn) = k4_scales(&*(wb.add(4) as *const [u8; 12]));
+        let mut q = [_mm512_setzero_si512(); 4];
+        let mut scv = [_mm512_setzero_si512(); 4];
+        for c in 0..4 {
+            let bits = load(wb.add(16 + 32 * c));
+            q[c] = pair512(
+                _mm256_and_si256(bits, low),
+                _mm256_and_si256(_mm256_srli_epi16(bits, 4), low),
+            );
+            scv[c] = pair512(
+                _mm256_set1_epi16(sc[2 * c]),
+                _mm256_set1_epi16(sc[2 * c + 1]),
+            );
+        }
+        let mut pairs = [0i16; 16];
+        for j in 0..8 {
+            pairs[2 * j] = mn[j];
+            pairs[2 * j + 1] = mn[j];
+        }
+        KRow {
+            q,
+            sc: scv,
+            d: f16(wb),
+            dmin: f16(wb.add(2)),
+            corr: _mm256_loadu_si256(pairs.as_ptr() as *const __m256i),
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn q6_k_row(wb: *const u8) -> KRow {
+        let low = _mm256_set1_epi8(0x0F);
+        let three = _mm256_set1_epi8(3);
+        let scales = &*(wb.add(192) as *const [i8; 16]);
+        let mut q8 = [_mm256_setzero_si256(); 8];
+        let mut sc8 = [_mm256_setzero_si256(); 8];
+        for half in 0..2 {
+            let ql = wb.add(64 * half);
+            let qh = load(wb.add(128 + 32 * half));
+            let (l1, l2) = (load(ql), load(ql.add(32)));
+            let h = |v: __m256i| _mm256_slli_epi16(_mm256_and_si256(v, three), 4);
+            q8[4 * half] = _mm256_or_si256(_mm256_and_si256(l1, low), h(qh));
+            q8[4 * half + 1] =
+                _mm256_or_si256(_mm256_and_si256(l2, low), h(_mm256_srli_epi16(qh, 2)));
+            q8[4 * half + 2] = _mm256_or_si256(
+                _mm256_and_si256(_mm256_srli_epi16(l1, 4), low),
+                h(_mm256_srli_epi16(qh, 4)),
+            );
+            q8[4 * half + 3] = _mm256_or_si256(
+                _mm256_and_si256(_mm256_srli_epi16(l2, 4), low),
+                h(_mm256_srli_epi16(qh, 6)),
+            );
+            for i in 0..4 {
+                let (s0, s1) = (scales[8 * half + 2 * i], scales[8 * half + 2 * i + 1]);
+                sc8[4 * half + i] =
+                    _mm256_set_m128i(_mm_set1_epi16(s1 as i16), _mm_set1_epi16(s0 as i16));
+            }
+        }
+        let mut q = [_mm512_setzero_si512(); 4];
+        let mut sc = [_mm512_setzero_si512(); 4];
+        for c in 0..4 {
+            q[c] = pair512(q8[2 * c], q8[2 * c + 1]);
+            sc[c] = pair512(sc8[2 * c], sc8[2 * c + 1]);
+        }
+        KRow {
+            q,
+            sc,
+            d: f16(wb.add(208)),
+            dmin: 0.0,
+            corr: _mm256_cvtepi8_epi16(_mm_loadu_si128(scales.as_ptr() as *const __m128i)),
+        }
+    }
+
+    /// Exact sum of eight i32 lanes.
+    #[inline(always)]
+    unsafe fn hsum_i32(v: __m256i) -> i32 {
+        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+        _mm_cvtsi128_si32(s)
+    }
+
+    /// 4 K-quant weight rows x N tokens. Per (row, token, superblock) the integer lane sums equal
+    /// the one-token kernel's exactly (u8·i8 pairs via maddubs, scaled via madd: the same i32 lanes
+    /// as dpbusd then a multiply; the two 256-bit halves hold sub-blocks 2c and 2c+1 and are added
+    /// at the end), and the float steps are the same operations in the same order, so results are
+    /// bit-identical. Weight unpacking is paid once per row and superblock for N tokens.
+    #[inline(always)]
+    unsafe fn k_tile_zmm<const N: usize, const Q6: bool>(
+        wr: Rows,
+        a: *const u8,
+        rb: usize,
+        out: &mut [[f32; N]; 4],
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); N]; 4];
+        let mut acc_m = [[0f32; N]; 4];
+        for b in 0..wr.n {
+            for r in 0..4 {
+                let wb = wr.p.add(r * wr.stride + b * wr.block);
+                let kr = if Q6 { q6_k_row(wb) } else { q4_k_row(wb) };
+                for t in 0..N {
+                    let ab = a.add(t * rb + b * Q8K_BYTES);
+                    let mut s = _mm512_setzero_si512();
+                    for c in 0..4 {
+                        let y = _mm512_loadu_si512(ab.add(4 + 64 * c) as *const _);
+                        s = _mm512_add_epi32(
+                            s,
+                            _mm512_madd_epi16(_mm512_maddubs_epi16(kr.q[c], y), kr.sc[c]),
+                        );
+                    }
+                    let sumi = _mm256_add_epi32(
+                        _mm512_castsi512_si256(s),
+                        _mm512_extracti64x4_epi64(s, 1),
+                    );
+                    let corr = hsum_i32(_mm256_madd_epi16(load(ab.add(260)), kr.corr));
+                    let ad = rd_f32(ab);
+                    if Q6 {
+                        let total = _mm256_sub_epi32(
+                            sumi,
+                            _mm256_setr_epi32(32 * corr, 0, 0, 0, 0, 0, 0, 0),
+                        );
+                        acc[r][t] = _mm256_fmadd_ps(
+                            _mm256_set1_ps(ad * kr.d),
+                            _mm256_cvtepi32_ps(total),
+                            acc[r][t],
+                        );
+                    } else {
+                        acc[r][t] = _mm256_fmadd_ps(
+                            _mm256_set1_ps(ad * kr.d),
+                            _mm256_cvtepi32_ps(sumi),
+                            acc[r][t],
+                        );
+                        acc_m[r][t] += ad * kr.dmin * corr as f32;
+                    }
+                }
+            }
+        }
+        for r in 0..4 {
+            for t in 0..N {
+                out[r][t] = hsum(acc[r][t]) - acc_m[r][t];
+            }
+        }
+    }
+
+    macro_rules! k_tiles {
+        ($name4:ident, $name8:ident, $q6:expr, $block:expr) => {
+            #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl")]
+            unsafe fn $name4(
+                w: &[u8],
+                wrb: usize,
+                a: &[u8],
+                rb: usize,
+                k: usize,
+                out: &mut [[f32; 4]; 4],
+            ) {
+                let rows = Rows {
+                    p: w.as_ptr(),
+                    stride: wrb,
+                    block: $block,
+                    n: k / 256,
+                };
+                k_tile_zmm::<4, $q6>(rows, a.as_ptr(), rb, out);
+            }
+            #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl")]
+            unsafe fn $name8(
+                w: &[u8],
+                wrb: usize,
+                a: &[u8],
+                rb: usize,
+                k: usize,
+                out: &mut [[f32; 8]; 4],
+            ) {
+                let rows = Rows {
+                    p: w.as_ptr(),
+                    stride: wrb,
+                    block: $block,
+                    n: k / 256,
+                };
+                k_tile_zmm::<8, $q6>(rows, a.as_ptr(), rb, out);
+            }
+        };
+    }
+    k_tiles!(q4_k_z, q4_k_z8, false, 144);
+    k_tiles!(q6_k_z, q6_k_z8, true, 210);
 
     pub fn tile4_zmm(t: GgmlType) -> Option<Tile4Fn> {
         macro_rules! safe_tile {
@@ -708,8 +1024,17 @@ mod avx2 {
                     unsafe { $f(w, wrb, a, rb, k, out) }
                 }
             };
+            (k $f:ident, $wbs:expr) => {
+                |w: &[u8], wrb: usize, a: &[u8], rb: usize, k: usize, out: &mut [[f32; 4]; 4]| {
+                    assert!(k % 256 == 0 && w.len() >= 3 * wrb + k / 256 * $wbs && a.len() >= 3 * rb + k / 256 * Q8K_BYTES);
+                    // SAFETY: lengths checked; `tile4()` hands these out only after detecting the features.
+                    unsafe { $f(w, wrb, a, rb, k, out) }
+                }
+            };
         }
         Some(match t {
+            GgmlType::Q4_K => safe_tile!(k q4_k_z, 144),
+            GgmlType::Q6_K => safe_tile!(k q6_k_z, 210),
             GgmlType::Q4_0 => safe_tile!(q4_0_z, 18),
             GgmlType::Q4_1 => safe_tile!(q4_1_z, 20),
             GgmlType::Q5_0 => safe_tile!(q5_0_z, 22),
@@ -727,8 +1052,17 @@ mod avx2 {
                     unsafe { $f(w, wrb, a, rb, k, out) }
                 }
             };
+            (k $f:ident, $wbs:expr) => {
+                |w: &[u8], wrb: usize, a: &[u8], rb: usize, k: usize, out: &mut [[f32; 8]; 4]| {
+                    assert!(k % 256 == 0 && w.len() >= 3 * wrb + k / 256 * $wbs && a.len() >= 7 * rb + k / 256 * Q8K_BYTES);
+                    // SAFETY: lengths checked; `tile8()` hands these out only after detecting the features.
+                    unsafe { $f(w, wrb, a, rb, k, out) }
+                }
+            };
         }
         Some(match t {
+            GgmlType::Q4_K => safe_tile!(k q4_k_z8, 144),
+            GgmlType::Q6_K => safe_tile!(k q6_k_z8, 210),
             GgmlType::Q4_0 => safe_tile!(q4_0_z8, 18),
             GgmlType::Q4_1 => safe_tile!(q4_1_z8, 20),
             GgmlType::Q5_0 => safe_tile!(q5_0_z8, 22),
@@ -783,7 +1117,8 @@ mod avx2 {
 
     /// Bytes ahead of the current weight block to prefetch when decoding one token: weights stream
     /// from DRAM once per token and the hardware prefetcher stops at every 4 KiB page boundary.
-    const PREFETCH: usize = 1024;
+    /// (4 KiB measured best on this machine: 1 KiB left decode ~10% slower, 8 KiB too.)
+    const PREFETCH: usize = 4096;
 
     #[inline(always)]
     unsafe fn prefetch<const N: usize>(p: *const u8) {
@@ -828,8 +1163,96 @@ mod avx2 {
         _mm256_cmpeq_epi8(sel, _mm256_set1_epi64x(-1))
     }
 
-    /// Blocks of 32 signed weights with one f16 scale: the sign of the weight moves onto the
-    /// activation so that the unsigned-by-signed multiply sees |q|.
+    /// Accumulation order shared by every kernel over 32-value blocks (one token, four tokens, tiles):
+    /// blocks are taken in pairs, `acc += s1*p1 + s0*p0` (one rounding in the fma), and an odd last
+    /// block adds `s0*p0`. Pairs halve the dependency chain on the accumulator, which bounds decode;
+    /// one fixed order makes a token's logits the same whether it is decoded alone or in a tile.
+    #[inline(always)]
+    unsafe fn pair_acc(acc: __m256, s0: __m256, p0: __m256, s1: __m256, p1: __m256) -> __m256 {
+        _mm256_add_ps(acc, _mm256_fmadd_ps(s1, p1, _mm256_mul_ps(s0, p0)))
+    }
+
+    #[inline(always)]
+    unsafe fn last_acc(acc: __m256, s0: __m256, p0: __m256) -> __m256 {
+        _mm256_add_ps(acc, _mm256_mul_ps(s0, p0))
+    }
+
+    /// `pair_acc` for 512-bit vectors (two tokens per register): lane for lane the same operations.
+    #[inline(always)]
+    unsafe fn pair_acc_z(acc: __m512, s0: __m512, p0: __m512, s1: __m512, p1: __m512) -> __m512 {
+        _mm512_add_ps(acc, _mm512_fmadd_ps(s1, p1, _mm512_mul_ps(s0, p0)))
+    }
+
+    #[inline(always)]
+    unsafe fn last_acc_z(acc: __m512, s0: __m512, p0: __m512) -> __m512 {
+        _mm512_add_ps(acc, _mm512_mul_ps(s0, p0))
+    }
+
+    /// The scalar side of the same order (Q4_1's min terms).
+    #[inline(always)]
+    fn pair_acc_f(acc: f32, s0: f32, p0: f32, s1: f32, p1: f32) -> f32 {
+        acc + s1.mul_add(p1, s0 * p0)
+    }
+
+    /// Walks blocks `0..nb` in the shared order; `$step` (with `$b` bound to the block index) yields
+    /// that block's (scales, products) per token. A macro, not a closure: closures do not inherit the
+    /// caller's target features, so their intrinsics would not inline.
+    macro_rules! pairwise {
+        ($n:expr, $nb:expr, |$b:ident| $step:expr) => {{
+            let mut acc = [_mm256_setzero_ps(); $n];
+            let mut b_ = 0;
+            while b_ + 1 < $nb {
+                let (s0, p0) = {
+                    let $b = b_;
+                    $step
+                };
+                let (s1, p1) = {
+                    let $b = b_ + 1;
+                    $step
+                };
+                for t in 0..$n {
+                    acc[t] = pair_acc(acc[t], s0[t], p0[t], s1[t], p1[t]);
+                }
+                b_ += 2;
+            }
+            if b_ < $nb {
+                let (s0, p0) = {
+                    let $b = b_;
+                    $step
+                };
+                for t in 0..$n {
+                    acc[t] = last_acc(acc[t], s0[t], p0[t]);
+                }
+            }
+            acc
+        }};
+    }
+
+    /// One block `wb` of signed weights against the matching activation block of N tokens (`ab`,
+    /// tokens `rb` apart): the sign of the weight moves onto the activation so that the
+    /// unsigned-by-signed multiply sees |q|.
+    #[inline(always)]
+    unsafe fn signed_step<const N: usize, const V: bool>(
+        wb: *const u8,
+        ab: *const u8,
+        rb: usize,
+        unpack: &impl Unpack,
+    ) -> ([__m256; N], [__m256; N]) {
+        prefetch::<N>(wb);
+        let dw = f16(wb);
+        let q = unpack.get(wb);
+        let aq = _mm256_sign_epi8(q, q);
+        let (mut sv, mut pv) = ([_mm256_setzero_ps(); N], [_mm256_setzero_ps(); N]);
+        for t in 0..N {
+            let ab = ab.add(t * rb);
+            let y = _mm256_sign_epi8(load(ab.add(8)), q);
+            pv[t] = _mm256_cvtepi32_ps(dot_u8i8::<V>(aq, y));
+            sv[t] = _mm256_set1_ps(dw * rd_f32(ab));
+        }
+        (sv, pv)
+    }
+
+    /// Blocks of 32 signed weights with one f16 scale.
     #[inline(always)]
     unsafe fn signed_blocks<const N: usize, const V: bool>(
         nb: usize,
@@ -838,23 +1261,14 @@ mod avx2 {
         a: *const u8,
         rb: usize,
         out: &mut [f32],
-        unpack: impl Fn(*const u8) -> __m256i,
+        unpack: impl Unpack,
     ) {
-        let mut acc = [_mm256_setzero_ps(); N];
-        for b in 0..nb {
-            let wb = w.add(b * wbs);
-            prefetch::<N>(wb);
-            let dw = f16(wb);
-            let q = unpack(wb);
-            let aq = _mm256_sign_epi8(q, q);
-            for (t, acc) in acc.iter_mut().enumerate() {
-                let ab = a.add(t * rb + b * Q8_BYTES);
-                let y = _mm256_sign_epi8(load(ab.add(8)), q);
-                let p = dot_u8i8::<V>(aq, y);
-                *acc =
-                    _mm256_fmadd_ps(_mm256_set1_ps(dw * rd_f32(ab)), _mm256_cvtepi32_ps(p), *acc);
-            }
-        }
+        let acc = pairwise!(N, nb, |b| signed_step::<N, V>(
+            w.add(b * wbs),
+            a.add(b * Q8_BYTES),
+            rb,
+            &unpack
+        ));
         for t in 0..N {
             out[t] = hsum(acc[t]);
         }
@@ -868,9 +1282,7 @@ mod avx2 {
         rb: usize,
         out: &mut [f32],
     ) {
-        signed_blocks::<N, V>(nb, 18, w, a, rb, out, |wb| {
-            _mm256_sub_epi8(nibbles(wb.add(2)), _mm256_set1_epi8(8))
-        });
+        signed_blocks::<N, V>(nb, 18, w, a, rb, out, Q4_0Signed);
     }
 
     #[inline(always)]
@@ -881,12 +1293,7 @@ mod avx2 {
         rb: usize,
         out: &mut [f32],
     ) {
-        signed_blocks::<N, V>(nb, 22, w, a, rb, out, |wb| {
-            let qh = (wb.add(2) as *const u32).read_unaligned();
-            // Where the fifth bit is clear the value is q4 - 16, i.e. q4 with the top nibble set.
-            let hi = _mm256_andnot_si256(bits_to_bytes(qh), _mm256_set1_epi8(0xF0u8 as i8));
-            _mm256_or_si256(nibbles(wb.add(6)), hi)
-        });
+        signed_blocks::<N, V>(nb, 22, w, a, rb, out, Q5_0Signed);
     }
 
     #[inline(always)]
@@ -897,7 +1304,26 @@ mod avx2 {
         rb: usize,
         out: &mut [f32],
     ) {
-        signed_blocks::<N, V>(nb, 34, w, a, rb, out, |wb| load(wb.add(2)));
+        signed_blocks::<N, V>(nb, 34, w, a, rb, out, Q8_0Signed);
+    }
+
+    /// One Q4_1 block against N tokens' Q8_1 blocks (the min terms are added by `q4_1_mins`).
+    #[inline(always)]
+    unsafe fn q4_1_step<const N: usize, const V: bool>(
+        wb: *const u8,
+        ab: *const u8,
+        rb: usize,
+    ) -> ([__m256; N], [__m256; N]) {
+        prefetch::<N>(wb);
+        let dw = f16(wb);
+        let q = nibbles(wb.add(4));
+        let (mut sv, mut pv) = ([_mm256_setzero_ps(); N], [_mm256_setzero_ps(); N]);
+        for t in 0..N {
+            let ab = ab.add(t * rb);
+            pv[t] = _mm256_cvtepi32_ps(dot_u8i8::<V>(q, load(ab.add(8))));
+            sv[t] = _mm256_set1_ps(dw * rd_f32(ab));
+        }
+        (sv, pv)
     }
 
     #[inline(always)]
@@ -908,27 +1334,57 @@ mod avx2 {
         rb: usize,
         out: &mut [f32],
     ) {
+        // The pairwise walk of `pairwise!`, with the min terms summed alongside in the same order as
+        // `q4_1_mins` (scalar work that overlaps the vector work instead of a second pass).
         let mut acc = [_mm256_setzero_ps(); N];
         let mut mins = [0f32; N];
-        for b in 0..nb {
-            let wb = w.add(b * 20);
-            prefetch::<N>(wb);
-            let (dw, mw) = (f16(wb), f16(wb.add(2)));
-            let q = nibbles(wb.add(4));
+        let m = |b: usize, t: usize| {
+            (
+                f16(w.add(b * 20 + 2)),
+                rd_f32(a.add(t * rb + b * Q8_BYTES + 4)),
+            )
+        };
+        let mut b = 0;
+        while b + 1 < nb {
+            let (s0, p0) = q4_1_step::<N, V>(w.add(b * 20), a.add(b * Q8_BYTES), rb);
+            let (s1, p1) = q4_1_step::<N, V>(w.add((b + 1) * 20), a.add((b + 1) * Q8_BYTES), rb);
             for t in 0..N {
-                let ab = a.add(t * rb + b * Q8_BYTES);
-                let p = dot_u8i8::<V>(q, load(ab.add(8)));
-                acc[t] = _mm256_fmadd_ps(
-                    _mm256_set1_ps(dw * rd_f32(ab)),
-                    _mm256_cvtepi32_ps(p),
-                    acc[t],
-                );
-                mins[t] += mw * rd_f32(ab.add(4));
+                acc[t] = pair_acc(acc[t], s0[t], p0[t], s1[t], p1[t]);
+                let ((m0, a0), (m1, a1)) = (m(b, t), m(b + 1, t));
+                mins[t] = pair_acc_f(mins[t], m0, a0, m1, a1);
+            }
+            b += 2;
+        }
+        if b < nb {
+            let (s0, p0) = q4_1_step::<N, V>(w.add(b * 20), a.add(b * Q8_BYTES), rb);
+            for t in 0..N {
+                acc[t] = last_acc(acc[t], s0[t], p0[t]);
+                let (m0, a0) = m(b, t);
+                mins[t] += m0 * a0;
             }
         }
         for t in 0..N {
             out[t] = hsum(acc[t]) + mins[t];
         }
+    }
+
+    /// Σ_b min_b · s_b for one weight row and one Q8_1 activation row (`s` = d · Σq), in the shared
+    /// pairwise order; kept apart from the vector sums so every kernel variant adds it the same way.
+    #[inline(always)]
+    unsafe fn q4_1_mins(w: *const u8, wbs: usize, nb: usize, a: *const u8) -> f32 {
+        let m = |b: usize| (f16(w.add(b * wbs + 2)), rd_f32(a.add(b * Q8_BYTES + 4)));
+        let mut acc = 0f32;
+        let mut b = 0;
+        while b + 1 < nb {
+            let ((m0, s0), (m1, s1)) = (m(b), m(b + 1));
+            acc = pair_acc_f(acc, m0, s0, m1, s1);
+            b += 2;
+        }
+        if b < nb {
+            let (m0, s0) = m(b);
+            acc += m0 * s0;
+        }
+        acc
     }
 
     #[inline(always)]
@@ -1331,7 +1787,12 @@ mod tests {
             ] {
                 #[cfg(target_arch = "x86_64")]
                 let (one, four) = avx2::kernels(t, isa).unwrap();
-                for k in [256usize, 768, 1280, 2304] {
+                // Odd block counts (288 = 9 blocks of 32) exercise the unpaired last block.
+                for k in [256usize, 288, 768, 1280, 2304, 2336] {
+                    let (per_block, _) = t.block_layout().unwrap();
+                    if k % per_block != 0 {
+                        continue;
+                    }
                     let at = act_type(t).unwrap();
                     let rb = at.row_bytes(k) + 40; // a stride wider than a row, as a tile may have
                     for _ in 0..10 {
@@ -1359,6 +1820,10 @@ mod tests {
                                 got[i],
                                 want[i]
                             );
+                            // Bit for bit what the one-token kernel gives: a token's logits must not
+                            // depend on whether it was computed alone or with others.
+                            let alone = one(&w, &a[i * rb..], k);
+                            assert_eq!(got[i].to_bits(), alone.to_bits(), "{isa:?} {t:?} x4 vs x1");
                         }
                     }
                 }
@@ -1373,14 +1838,17 @@ mod tests {
         rng: &mut Rng,
         tile: impl Fn(&[u8], usize, &[u8], usize, usize, &mut [[f32; N]; 4]),
     ) {
-        for k in [32usize, 96, 896] {
+        let (per, ts) = t.block_layout().unwrap();
+        for k in [32usize, 64, 96, 896, 256, 768, 1536] {
+            if k % per != 0 {
+                continue;
+            }
             let at = act_type(t).unwrap();
             let rb = at.row_bytes(k) + 40;
-            let (_, ts) = t.block_layout().unwrap();
-            let wrb = k / 32 * ts + 6;
+            let wrb = k / per * ts + 6;
             let mut w = vec![0u8; 4 * wrb];
             for r in 0..4 {
-                w[r * wrb..r * wrb + k / 32 * ts].copy_from_slice(&random_row(t, k, rng));
+                w[r * wrb..r * wrb + k / per * ts].copy_from_slice(&random_row(t, k, rng));
             }
             let mut a = vec![0u8; N * rb];
             for i in 0..N {
@@ -1392,7 +1860,7 @@ mod tests {
             for r in 0..4 {
                 for i in 0..N {
                     let want = scalar_kernel(t).unwrap()(
-                        &w[r * wrb..r * wrb + k / 32 * ts],
+                        &w[r * wrb..r * wrb + k / per * ts],
                         &a[i * rb..i * rb + at.row_bytes(k)],
                         k,
                     );
@@ -1401,16 +1869,29 @@ mod tests {
                         "{t:?} x{N} k={k} r={r} t={i}: {} vs {want}",
                         got[r][i]
                     );
+                    // Bit for bit the one-token kernel's result (same summation order).
+                    let alone = kernel(t).unwrap()(
+                        &w[r * wrb..r * wrb + k / per * ts],
+                        &a[i * rb..i * rb + at.row_bytes(k)],
+                        k,
+                    );
+                    assert_eq!(
+                        got[r][i].to_bits(),
+                        alone.to_bits(),
+                        "{t:?} x{N} tile vs x1"
+                    );
                 }
             }
         }
     }
 
-    const TILE_TYPES: [GgmlType; 4] = [
+    const TILE_TYPES: [GgmlType; 6] = [
         GgmlType::Q4_0,
         GgmlType::Q4_1,
         GgmlType::Q5_0,
         GgmlType::Q8_0,
+        GgmlType::Q4_K,
+        GgmlType::Q6_K,
     ];
 
     /// The 4x4 tile kernels (the selected one and the AVX-VNNI one) against the scalar reference.
