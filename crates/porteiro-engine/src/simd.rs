@@ -903,20 +903,32 @@ mod avx2 {
         }
     }
 
-    /// Exact sum of eight i32 lanes.
+    /// Exact horizontal sums of up to eight i32x8 vectors, one per lane (lanes past `N` are 0).
     #[inline(always)]
-    unsafe fn hsum_i32(v: __m256i) -> i32 {
-        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-        _mm_cvtsi128_si32(s)
+    unsafe fn hsums_i32<const N: usize>(m: &[__m256i; 8]) -> __m256i {
+        let h01 = _mm256_hadd_epi32(m[0], m[1]);
+        let h23 = _mm256_hadd_epi32(m[2], m[3]);
+        let lo = _mm256_hadd_epi32(h01, h23);
+        let hi = if N > 4 {
+            let h45 = _mm256_hadd_epi32(m[4], m[5]);
+            let h67 = _mm256_hadd_epi32(m[6], m[7]);
+            _mm256_hadd_epi32(h45, h67)
+        } else {
+            _mm256_setzero_si256()
+        };
+        // lo = [s0..s3 of halves 0..3 | s0..s3 of halves 4..7]: add the 128-bit halves.
+        _mm256_add_epi32(
+            _mm256_permute2x128_si256(lo, hi, 0x20),
+            _mm256_permute2x128_si256(lo, hi, 0x31),
+        )
     }
 
     /// 4 K-quant weight rows x N tokens. Per (row, token, superblock) the integer lane sums equal
-    /// the one-token kernel's exactly (u8·i8 pairs via maddubs, scaled via madd: the same i32 lanes
-    /// as dpbusd then a multiply; the two 256-bit halves hold sub-blocks 2c and 2c+1 and are added
-    /// at the end), and the float steps are the same operations in the same order, so results are
-    /// bit-identical. Weight unpacking is paid once per row and superblock for N tokens.
+    /// the one-token kernel's exactly (u8·i8 pairs via maddubs, then scaled and summed by dpwssd:
+    /// the same i32 lanes as dpbusd then a multiply; the two 256-bit halves hold sub-blocks 2c and
+    /// 2c+1 and are added at the end), and every float step is the same operation in the same order
+    /// (lane-wise across tokens where vectorised), so results are bit-identical. Weight unpacking is
+    /// paid once per row and superblock for N tokens.
     #[inline(always)]
     unsafe fn k_tile_zmm<const N: usize, const Q6: bool>(
         wr: Rows,
@@ -925,58 +937,71 @@ mod avx2 {
         out: &mut [[f32; N]; 4],
     ) {
         let mut acc = [[_mm256_setzero_ps(); N]; 4];
-        let mut acc_m = [[0f32; N]; 4];
+        let mut acc_m = [_mm256_setzero_ps(); 4];
         for b in 0..wr.n {
+            let mut ad = [0f32; 8];
+            for t in 0..N {
+                ad[t] = rd_f32(a.add(t * rb + b * Q8K_BYTES));
+            }
+            let adv = _mm256_loadu_ps(ad.as_ptr());
             for r in 0..4 {
                 let wb = wr.p.add(r * wr.stride + b * wr.block);
                 let kr = if Q6 { q6_k_row(wb) } else { q4_k_row(wb) };
+                let mut m = [_mm256_setzero_si256(); 8];
+                for t in 0..N {
+                    m[t] = _mm256_madd_epi16(load(a.add(t * rb + b * Q8K_BYTES + 260)), kr.corr);
+                }
+                let corr = hsums_i32::<N>(&m);
+                let mut corr_s = [0i32; 8];
+                if Q6 {
+                    _mm256_storeu_si256(corr_s.as_mut_ptr() as *mut __m256i, corr);
+                } else {
+                    // acc_m += (ad * dmin) * corr, lane by lane as the one-token kernel does it.
+                    let f = _mm256_mul_ps(
+                        _mm256_mul_ps(adv, _mm256_set1_ps(kr.dmin)),
+                        _mm256_cvtepi32_ps(corr),
+                    );
+                    acc_m[r] = _mm256_add_ps(acc_m[r], f);
+                }
                 for t in 0..N {
                     let ab = a.add(t * rb + b * Q8K_BYTES);
                     let mut s = _mm512_setzero_si512();
                     for c in 0..4 {
                         let y = _mm512_loadu_si512(ab.add(4 + 64 * c) as *const _);
-                        s = _mm512_add_epi32(
-                            s,
-                            _mm512_madd_epi16(_mm512_maddubs_epi16(kr.q[c], y), kr.sc[c]),
-                        );
+                        s = _mm512_dpwssd_epi32(s, _mm512_maddubs_epi16(kr.q[c], y), kr.sc[c]);
                     }
-                    let sumi = _mm256_add_epi32(
+                    let mut sumi = _mm256_add_epi32(
                         _mm512_castsi512_si256(s),
                         _mm512_extracti64x4_epi64(s, 1),
                     );
-                    let corr = hsum_i32(_mm256_madd_epi16(load(ab.add(260)), kr.corr));
-                    let ad = rd_f32(ab);
                     if Q6 {
-                        let total = _mm256_sub_epi32(
+                        sumi = _mm256_sub_epi32(
                             sumi,
-                            _mm256_setr_epi32(32 * corr, 0, 0, 0, 0, 0, 0, 0),
+                            _mm256_setr_epi32(32 * corr_s[t], 0, 0, 0, 0, 0, 0, 0),
                         );
-                        acc[r][t] = _mm256_fmadd_ps(
-                            _mm256_set1_ps(ad * kr.d),
-                            _mm256_cvtepi32_ps(total),
-                            acc[r][t],
-                        );
-                    } else {
-                        acc[r][t] = _mm256_fmadd_ps(
-                            _mm256_set1_ps(ad * kr.d),
-                            _mm256_cvtepi32_ps(sumi),
-                            acc[r][t],
-                        );
-                        acc_m[r][t] += ad * kr.dmin * corr as f32;
                     }
+                    acc[r][t] = _mm256_fmadd_ps(
+                        _mm256_set1_ps(ad[t] * kr.d),
+                        _mm256_cvtepi32_ps(sumi),
+                        acc[r][t],
+                    );
                 }
             }
         }
         for r in 0..4 {
+            let mut mins = [0f32; 8];
+            _mm256_storeu_ps(mins.as_mut_ptr(), acc_m[r]);
             for t in 0..N {
-                out[r][t] = hsum(acc[r][t]) - acc_m[r][t];
+                out[r][t] = hsum(acc[r][t]) - mins[t];
             }
         }
     }
 
     macro_rules! k_tiles {
         ($name4:ident, $name8:ident, $q6:expr, $block:expr) => {
-            #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl")]
+            #[target_feature(
+                enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512vnni"
+            )]
             unsafe fn $name4(
                 w: &[u8],
                 wrb: usize,
@@ -993,7 +1018,9 @@ mod avx2 {
                 };
                 k_tile_zmm::<4, $q6>(rows, a.as_ptr(), rb, out);
             }
-            #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl")]
+            #[target_feature(
+                enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512vnni"
+            )]
             unsafe fn $name8(
                 w: &[u8],
                 wrb: usize,
