@@ -24,6 +24,31 @@
 //! max_queue = 64             # requests waiting beyond that; more get 429
 //! kv_cache_mib = 1024        # KV memory reserved across running sequences at most
 //! prefill_chunk = 256        # prompt tokens per scheduler step
+//!
+//! [router]
+//! auto_model = "auto"        # requests for this model are routed
+//! local_min_score = 0.5      # stay local when the router's score reaches this (calibrated)
+//! similarity_floor = 0.45    # a route matches only this close to one of its examples
+//! mid_stream = "continue"    # upstream stream broken mid-way: "continue" locally or "error"
+//!
+//! [[upstreams]]              # cheapest first; any OpenAI-compatible endpoint
+//! name = "big"
+//! base_url = "http://127.0.0.1:8081/v1"
+//! model = "qwen2.5-1.5b"
+//! api_key_env = "BIG_API_KEY"    # the key is read from this variable, never from the file
+//! price_in_per_m = 0.15      # USD per 1M prompt tokens
+//! price_out_per_m = 0.60     # USD per 1M completion tokens
+//! timeout_s = 60             # whole request
+//! connect_timeout_s = 3
+//! retries = 2                # on 429/5xx/connect errors, never after tokens reached the client
+//! breaker_failures = 5       # consecutive failures that open the circuit
+//! breaker_cooldown_s = 30    # open circuit: requests skip this upstream this long
+//! min_score = 0.0            # routed here when the score reaches this (the last tier catches all)
+//!
+//! [[routes]]                 # rules by example: the nearest route above the floor wins
+//! name = "extract"
+//! tier = "local"             # "local" or an upstream's name
+//! examples = ["extract the fields from this text", "format this as JSON"]
 //! ```
 
 use std::path::Path;
@@ -51,6 +76,97 @@ struct RawConfig {
     model: Option<RawModel>,
     embeddings: Option<RawEmbeddings>,
     limits: Option<RawLimits>,
+    router: Option<RawRouter>,
+    #[serde(default)]
+    upstreams: Vec<RawUpstream>,
+    #[serde(default)]
+    routes: Vec<RawRoute>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRouter {
+    auto_model: Option<String>,
+    local_min_score: Option<f64>,
+    similarity_floor: Option<f64>,
+    mid_stream: Option<String>,
+    scorer: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    name: String,
+    base_url: String,
+    model: String,
+    api_key_env: Option<String>,
+    price_in_per_m: Option<f64>,
+    price_out_per_m: Option<f64>,
+    timeout_s: Option<u64>,
+    connect_timeout_s: Option<u64>,
+    retries: Option<u32>,
+    breaker_failures: Option<u32>,
+    breaker_cooldown_s: Option<u64>,
+    min_score: Option<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    name: String,
+    tier: String,
+    examples: Vec<String>,
+}
+
+/// The name of the local tier in routes and headers.
+pub const LOCAL_TIER: &str = "local";
+
+/// What happens when an upstream stream breaks after tokens reached the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MidStream {
+    /// The local model continues the answer from what was already streamed.
+    Continue,
+    /// The stream ends with an error event (never a silently truncated answer).
+    Error,
+}
+
+/// An OpenAI-compatible endpoint the router may escalate to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Upstream {
+    pub name: String,
+    /// Base URL up to and including `/v1`.
+    pub base_url: String,
+    /// Model name sent upstream; clients may also ask for it by this name.
+    pub model: String,
+    /// Environment variable holding the API key (read at start).
+    pub api_key_env: Option<String>,
+    pub price_in_per_m: f64,
+    pub price_out_per_m: f64,
+    pub timeout_s: u64,
+    pub connect_timeout_s: u64,
+    pub retries: u32,
+    pub breaker_failures: u32,
+    pub breaker_cooldown_s: u64,
+    /// Requests whose router score reaches this go here (tiers are tried cheapest first).
+    pub min_score: f64,
+}
+
+/// A named route: example utterances and the tier that serves them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Route {
+    pub name: String,
+    pub tier: String,
+    pub examples: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouterConfig {
+    pub auto_model: String,
+    pub local_min_score: f64,
+    pub similarity_floor: f64,
+    pub mid_stream: MidStream,
+    /// A learned difficulty scorer (`porteiro router train`), if any.
+    pub scorer: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -88,7 +204,7 @@ struct RawLimits {
 }
 
 /// The validated configuration.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub host: String,
     pub port: u16,
@@ -108,6 +224,10 @@ pub struct Config {
     pub max_queue: usize,
     pub kv_cache_bytes: u64,
     pub prefill_chunk: usize,
+    pub router: RouterConfig,
+    /// Upstream tiers, cheapest first.
+    pub upstreams: Vec<Upstream>,
+    pub routes: Vec<Route>,
 }
 
 /// Values from the command line; they win over the file.
@@ -261,7 +381,12 @@ impl Config {
                 "must be between 1 and 8192",
             ));
         }
+        let (router, upstreams, routes) =
+            validate_routing(raw.router.unwrap_or_default(), raw.upstreams, raw.routes)?;
         Ok(Config {
+            router,
+            upstreams,
+            routes,
             host,
             port,
             api_keys,
@@ -278,6 +403,128 @@ impl Config {
             prefill_chunk,
         })
     }
+}
+
+fn validate_routing(
+    r: RawRouter,
+    ups: Vec<RawUpstream>,
+    routes: Vec<RawRoute>,
+) -> Result<(RouterConfig, Vec<Upstream>, Vec<Route>), ConfigError> {
+    let invalid = |key, why: String| ConfigError::Invalid { key, why };
+    let unit = |key, v: f64| {
+        if (0.0..=1.0).contains(&v) {
+            Ok(v)
+        } else {
+            Err(invalid(key, format!("must be between 0 and 1 (got {v})")))
+        }
+    };
+    let auto_model = r.auto_model.unwrap_or_else(|| "auto".into());
+    if auto_model.trim().is_empty() {
+        return Err(invalid("router.auto_model", "is empty".into()));
+    }
+    let mid_stream = match r.mid_stream.as_deref().unwrap_or("continue") {
+        "continue" => MidStream::Continue,
+        "error" => MidStream::Error,
+        other => {
+            return Err(invalid(
+                "router.mid_stream",
+                format!("is `{other}`; use \"continue\" or \"error\""),
+            ))
+        }
+    };
+    let router = RouterConfig {
+        auto_model,
+        local_min_score: unit("router.local_min_score", r.local_min_score.unwrap_or(0.5))?,
+        similarity_floor: unit(
+            "router.similarity_floor",
+            r.similarity_floor.unwrap_or(0.45),
+        )?,
+        mid_stream,
+        scorer: r.scorer.filter(|s| !s.trim().is_empty()),
+    };
+    let mut upstreams: Vec<Upstream> = Vec::new();
+    for u in ups {
+        let name = u.name.trim().to_string();
+        if name.is_empty() || name == LOCAL_TIER {
+            return Err(invalid(
+                "upstreams.name",
+                format!("`{name}` is empty or reserved for the local tier"),
+            ));
+        }
+        if upstreams.iter().any(|x| x.name == name) {
+            return Err(invalid("upstreams.name", format!("`{name}` appears twice")));
+        }
+        if !(u.base_url.starts_with("http://") || u.base_url.starts_with("https://")) {
+            return Err(invalid(
+                "upstreams.base_url",
+                format!("`{}` must start with http:// or https://", u.base_url),
+            ));
+        }
+        let price = |key, v: Option<f64>| match v.unwrap_or(0.0) {
+            p if p.is_finite() && p >= 0.0 => Ok(p),
+            p => Err(invalid(key, format!("must be a price >= 0 (got {p})"))),
+        };
+        let timeout_s = u.timeout_s.unwrap_or(60);
+        if !(1..=3600).contains(&timeout_s) {
+            return Err(invalid(
+                "upstreams.timeout_s",
+                "must be between 1 and 3600".into(),
+            ));
+        }
+        let retries = u.retries.unwrap_or(2);
+        if retries > 10 {
+            return Err(invalid("upstreams.retries", "must be at most 10".into()));
+        }
+        upstreams.push(Upstream {
+            base_url: u.base_url.trim_end_matches('/').to_string(),
+            model: u.model,
+            api_key_env: u.api_key_env.filter(|s| !s.is_empty()),
+            price_in_per_m: price("upstreams.price_in_per_m", u.price_in_per_m)?,
+            price_out_per_m: price("upstreams.price_out_per_m", u.price_out_per_m)?,
+            timeout_s,
+            connect_timeout_s: u.connect_timeout_s.unwrap_or(3).clamp(1, timeout_s),
+            retries,
+            breaker_failures: u.breaker_failures.unwrap_or(5).max(1),
+            breaker_cooldown_s: u.breaker_cooldown_s.unwrap_or(30),
+            min_score: unit("upstreams.min_score", u.min_score.unwrap_or(0.0))?,
+            name,
+        });
+    }
+    let mut out_routes: Vec<Route> = Vec::new();
+    for rt in routes {
+        if rt.tier != LOCAL_TIER && !upstreams.iter().any(|u| u.name == rt.tier) {
+            let known: Vec<&str> = std::iter::once(LOCAL_TIER)
+                .chain(upstreams.iter().map(|u| u.name.as_str()))
+                .collect();
+            return Err(invalid(
+                "routes.tier",
+                format!(
+                    "route `{}` names tier `{}`, which is not configured (tiers: {})",
+                    rt.name,
+                    rt.tier,
+                    known.join(", ")
+                ),
+            ));
+        }
+        if rt.examples.iter().all(|e| e.trim().is_empty()) {
+            return Err(invalid(
+                "routes.examples",
+                format!("route `{}` needs at least one example", rt.name),
+            ));
+        }
+        if out_routes.iter().any(|x| x.name == rt.name) {
+            return Err(invalid(
+                "routes.name",
+                format!("`{}` appears twice", rt.name),
+            ));
+        }
+        out_routes.push(Route {
+            name: rt.name,
+            tier: rt.tier,
+            examples: rt.examples,
+        });
+    }
+    Ok((router, upstreams, out_routes))
 }
 
 #[cfg(test)]
@@ -347,5 +594,32 @@ mod tests {
         assert_eq!(c.model, "smollm2-135m");
         assert_eq!(c.api_keys, vec!["a", "b", "c"]);
         assert_eq!(c.embedding_model, None);
+    }
+
+    #[test]
+    fn tiers_and_routes_are_validated() {
+        let c = parse(
+            "[[upstreams]]\nname = \"big\"\nbase_url = \"http://127.0.0.1:9/v1/\"\nmodel = \"m\"\nprice_in_per_m = 1.5\n\n[[routes]]\nname = \"json\"\ntier = \"local\"\nexamples = [\"format as JSON\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.upstreams[0].base_url, "http://127.0.0.1:9/v1");
+        assert_eq!(c.upstreams[0].price_in_per_m, 1.5);
+        assert_eq!(c.routes[0].tier, "local");
+        assert_eq!(c.router.auto_model, "auto");
+        let e = parse("[[routes]]\nname = \"x\"\ntier = \"cloud\"\nexamples = [\"a\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("tier `cloud`") && e.contains("tiers: local"),
+            "{e}"
+        );
+        let e = parse("[[upstreams]]\nname = \"b\"\nbase_url = \"ftp://x\"\nmodel = \"m\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("http://"), "{e}");
+        let e = parse("[router]\nmid_stream = \"drop\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("router.mid_stream"), "{e}");
     }
 }

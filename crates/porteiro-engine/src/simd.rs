@@ -585,6 +585,45 @@ mod avx2 {
         (q, dw)
     }
 
+    /// `q4_1_mins` for 4 rows x 2P tokens at once, tokens in the lanes: lane for lane the same
+    /// operations in the same order as the scalar function, so the sums are bit-identical.
+    #[inline(always)]
+    unsafe fn q4_1_mins_tile<const P: usize>(wr: Rows, a: *const u8, rb: usize) -> [__m256; 4] {
+        // Offsets of the tokens' Q8_1 `s` fields; lanes past 2P repeat token 0 (ignored).
+        let mut idx = [0i32; 8];
+        for (t, v) in idx.iter_mut().enumerate().take(2 * P) {
+            *v = (t * rb) as i32;
+        }
+        let vidx = _mm256_loadu_si256(idx.as_ptr() as *const __m256i);
+        // Macros, not closures: closures would not inherit the target features (see `pairwise!`).
+        macro_rules! s_of {
+            ($b:expr) => {
+                _mm256_i32gather_ps::<1>(a.add($b * Q8_BYTES + 4) as *const f32, vidx)
+            };
+        }
+        macro_rules! m_of {
+            ($r:expr, $b:expr) => {
+                _mm256_set1_ps(f16(wr.p.add($r * wr.stride + $b * wr.block + 2)))
+            };
+        }
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut b = 0;
+        while b + 1 < wr.n {
+            let (s0, s1) = (s_of!(b), s_of!(b + 1));
+            for r in 0..4 {
+                acc[r] = pair_acc(acc[r], m_of!(r, b), s0, m_of!(r, b + 1), s1);
+            }
+            b += 2;
+        }
+        if b < wr.n {
+            let s0 = s_of!(b);
+            for r in 0..4 {
+                acc[r] = last_acc(acc[r], m_of!(r, b), s0);
+            }
+        }
+        acc
+    }
+
     #[inline(always)]
     unsafe fn unsigned_tile_zmm<const OFF: i32, const MINS: bool, const P: usize>(
         wr: Rows,
@@ -622,17 +661,21 @@ mod avx2 {
                 }
             }
         }
+        let mins = if MINS {
+            q4_1_mins_tile::<P>(wr, a, rb)
+        } else {
+            [_mm256_setzero_ps(); 4]
+        };
+        let mut m = [[0f32; 8]; 4];
+        for r in 0..4 {
+            _mm256_storeu_ps(m[r].as_mut_ptr(), mins[r]);
+        }
         for r in 0..4 {
             for pair in 0..P {
                 let v = acc[r][pair];
                 let (t0, t1) = (2 * pair, 2 * pair + 1);
-                out[r][t0] = hsum(_mm512_castps512_ps256(v));
-                out[r][t1] = hsum(_mm512_extractf32x8_ps(v, 1));
-                if MINS {
-                    let wrow = wr.p.add(r * wr.stride);
-                    out[r][t0] += q4_1_mins(wrow, wr.block, wr.n, a.add(t0 * rb));
-                    out[r][t1] += q4_1_mins(wrow, wr.block, wr.n, a.add(t1 * rb));
-                }
+                out[r][t0] = hsum(_mm512_castps512_ps256(v)) + m[r][t0];
+                out[r][t1] = hsum(_mm512_extractf32x8_ps(v, 1)) + m[r][t1];
             }
         }
     }

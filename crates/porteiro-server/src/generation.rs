@@ -21,7 +21,7 @@ use porteiro_models::template::ChatMessage as TemplateMessage;
 use porteiro_protocol::*;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
-use crate::{ApiError, AppState, Generator, OpenAiJson};
+use crate::{ApiError, AppState, Generator, OpenAiJson, OpenAiJsonRaw};
 
 /// Most alternatives per token OpenAI allows for chat (`top_logprobs`).
 const MAX_TOP_LOGPROBS: i64 = 20;
@@ -365,10 +365,48 @@ fn chat_messages(msgs: &[ChatMessage]) -> Result<Vec<TemplateMessage>, ApiError>
 
 pub async fn chat(
     State(st): State<AppState>,
-    OpenAiJson(req): OpenAiJson<ChatCompletionRequest>,
+    OpenAiJsonRaw(req, raw): OpenAiJsonRaw<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
     let t0 = Instant::now();
-    let g = generator(&st, &req.model)?;
+    match crate::routing::resolve(&st, &req).await? {
+        None => {
+            generator(&st, &req.model)?;
+            chat_local(&st, &req, t0, None).await
+        }
+        Some(routed) => crate::routing::serve_routed(st, req, raw, routed, t0).await,
+    }
+}
+
+/// The local tier's answer to a chat request (whatever model name it asked for).
+pub(crate) async fn chat_local(
+    st: &AppState,
+    req: &ChatCompletionRequest,
+    t0: Instant,
+    model_name: Option<String>,
+) -> Result<Response, ApiError> {
+    let rx = local_chat_events(st, req, None).await?;
+    let out = Output {
+        st: st.clone(),
+        api: Api::Chat,
+        id: st.new_id("chatcmpl"),
+        created: crate::unix_now(),
+        model: model_name.unwrap_or_else(|| req.model.clone()),
+        t0,
+    };
+    out.respond(rx, req.stream, req.stream_options.as_ref(), None)
+        .await
+}
+
+/// Validates a chat request for the local engine and submits it; `prefix` is assistant text already
+/// given to the client (an upstream's answer cut mid-way), which the local model continues.
+pub(crate) async fn local_chat_events(
+    st: &AppState,
+    req: &ChatCompletionRequest,
+    prefix: Option<String>,
+) -> Result<UnboundedReceiver<Event>, ApiError> {
+    let g = st
+        .generator()
+        .ok_or_else(|| ApiError::unavailable("The model is still loading; retry shortly."))?;
     refuse_if_present(&req.tools, "tools", "tool calling is not implemented")?;
     refuse_if_present(
         &req.tool_choice,
@@ -434,10 +472,10 @@ pub async fn chat(
         repetition_penalty: req.repetition_penalty,
         ignore_eos: req.ignore_eos,
     }
-    .validate(&st)?;
+    .validate(st)?;
     let msgs = chat_messages(&req.messages)?;
-    let prompt = blocking(&st, move |g| {
-        let text = match &g.template {
+    let prompt = blocking(st, move |g| {
+        let mut text = match &g.template {
             Some(t) => t.render(&msgs, true).map_err(|e| {
                 ApiError::invalid("messages", format!("The chat template failed: {e}"))
             })?,
@@ -447,6 +485,9 @@ pub async fn chat(
                 .collect::<Vec<_>>()
                 .join("\n\n"),
         };
+        if let Some(p) = prefix {
+            text.push_str(&p);
+        }
         Ok(g.tokenizer.encode(&text, true, true))
     })
     .await?;
@@ -456,17 +497,7 @@ pub async fn chat(
         limits.max_tokens,
         st.settings.default_max_tokens,
     )?;
-    let rx = submit(&st, g, prompt, max_tokens, limits, logprobs)?;
-    let out = Output {
-        st: st.clone(),
-        api: Api::Chat,
-        id: st.new_id("chatcmpl"),
-        created: crate::unix_now(),
-        model: req.model.clone(),
-        t0,
-    };
-    out.respond(rx, req.stream, req.stream_options.as_ref(), None)
-        .await
+    submit(st, g, prompt, max_tokens, limits, logprobs)
 }
 
 // ------------------------------------------------------------------------------------------------

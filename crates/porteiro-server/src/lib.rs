@@ -10,6 +10,7 @@ pub mod embeddings;
 pub mod error;
 pub mod generation;
 pub mod metrics;
+pub mod routing;
 
 use std::future::{Future, IntoFuture};
 use std::path::Path;
@@ -177,6 +178,7 @@ pub struct Inner {
     pub settings: Settings,
     generator: OnceLock<Generator>,
     embedder: OnceLock<Embedder>,
+    routing: OnceLock<routing::Routing>,
     pub metrics: Metrics,
     draining: AtomicBool,
     created: u64,
@@ -206,6 +208,7 @@ impl AppState {
             settings,
             generator: OnceLock::new(),
             embedder: OnceLock::new(),
+            routing: OnceLock::new(),
             metrics: Metrics::default(),
             draining: AtomicBool::new(false),
             created: unix_now(),
@@ -220,6 +223,15 @@ impl AppState {
 
     pub fn set_embedder(&self, e: Embedder) -> bool {
         self.0.embedder.set(e).is_ok()
+    }
+
+    /// Installs the router and upstream clients (once).
+    pub fn set_routing(&self, r: routing::Routing) -> bool {
+        self.0.routing.set(r).is_ok()
+    }
+
+    pub fn routing(&self) -> Option<&routing::Routing> {
+        self.0.routing.get()
     }
 
     pub fn generator(&self) -> Option<&Generator> {
@@ -390,8 +402,15 @@ async fn metrics_text(State(st): State<AppState>) -> Response {
 }
 
 fn cards(st: &AppState) -> Vec<ModelCard> {
+    // The local model, the embedding model, then the routed name and each upstream's name.
+    let routed: Vec<String> = st.routing().map_or(Vec::new(), |r| {
+        std::iter::once(r.cfg.auto_model.clone())
+            .chain(r.upstreams.iter().map(|u| u.name().to_string()))
+            .collect()
+    });
     std::iter::once(&st.settings.model_id)
         .chain(st.settings.embedding_id.as_ref())
+        .chain(routed.iter())
         .map(|id| ModelCard {
             id: id.clone(),
             object: "model",
@@ -438,6 +457,21 @@ impl<T: DeserializeOwned> FromRequest<AppState> for OpenAiJson<T> {
         }
         let bytes = read_limited(req.into_body(), limit).await?;
         parse_json(&bytes).map(OpenAiJson)
+    }
+}
+
+/// Like [`OpenAiJson`], also keeping the body as a JSON value (passed through to upstreams as sent).
+pub struct OpenAiJsonRaw<T>(pub T, pub serde_json::Value);
+
+impl<T: DeserializeOwned> FromRequest<AppState> for OpenAiJsonRaw<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, st: &AppState) -> Result<Self, ApiError> {
+        let OpenAiJson(raw) = OpenAiJson::<serde_json::Value>::from_request(req, st).await?;
+        let bytes = serde_json::to_vec(&raw)
+            .map_err(|e| ApiError::malformed(format!("re-reading the body: {e}")))?;
+        let typed = parse_json(&bytes)?;
+        Ok(OpenAiJsonRaw(typed, raw))
     }
 }
 

@@ -25,6 +25,10 @@ pub mod names {
     pub const STEPS: &str = "porteiro_engine_steps_total";
     pub const BATCH_TOKENS: &str = "porteiro_engine_batch_tokens_total";
     pub const READY: &str = "porteiro_ready";
+    pub const ROUTER_DECISIONS: &str = "porteiro_router_decisions_total";
+    pub const ROUTER_DECISION_DURATION: &str = "porteiro_router_decision_seconds";
+    pub const UPSTREAM_FAILURES: &str = "porteiro_upstream_failures_total";
+    pub const FALLBACKS: &str = "porteiro_fallbacks_total";
 }
 
 const LATENCY_BUCKETS: [f64; 14] = [
@@ -80,6 +84,13 @@ pub struct Metrics {
     completion_tokens: AtomicU64,
     embedding_inputs: AtomicU64,
     rejected: AtomicU64,
+    /// (wanted tier, served tier, route) -> decisions.
+    decisions: Mutex<BTreeMap<(String, String, String), u64>>,
+    decision_time: Mutex<Histogram>,
+    /// (upstream, kind) -> failures.
+    upstream_failures: Mutex<BTreeMap<(String, String), u64>>,
+    /// (upstream, when) -> answers the local tier took over.
+    fallbacks: Mutex<BTreeMap<(String, String), u64>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -125,6 +136,27 @@ impl Metrics {
 
     pub fn rejected(&self) {
         self.rejected.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A routing decision: the tier the router chose, the tier that served, and the route.
+    pub fn routed(&self, wanted: &str, served: &str, route: &str, seconds: f64) {
+        *lock(&self.decisions)
+            .entry((wanted.to_string(), served.to_string(), route.to_string()))
+            .or_default() += 1;
+        lock(&self.decision_time).observe(seconds);
+    }
+
+    pub fn upstream_failure(&self, upstream: &str, kind: &str) {
+        *lock(&self.upstream_failures)
+            .entry((upstream.to_string(), kind.to_string()))
+            .or_default() += 1;
+    }
+
+    /// The local tier took over from `upstream` (`when`: before_first_token or mid_stream).
+    pub fn fallback(&self, upstream: &str, when: &str) {
+        *lock(&self.fallbacks)
+            .entry((upstream.to_string(), when.to_string()))
+            .or_default() += 1;
     }
 
     /// The text exposition (format 0.0.4).
@@ -250,6 +282,46 @@ impl Metrics {
                 head(&mut o, name, kind, help);
                 let _ = writeln!(o, "{name} {v}");
             }
+        }
+        head(
+            &mut o,
+            ROUTER_DECISIONS,
+            "counter",
+            "Routed requests by the tier the router chose, the tier that served and the route.",
+        );
+        for ((wanted, served, route), n) in lock(&self.decisions).iter() {
+            let _ = writeln!(
+                o,
+                "{ROUTER_DECISIONS}{{wanted=\"{wanted}\",served=\"{served}\",route=\"{route}\"}} {n}"
+            );
+        }
+        head(
+            &mut o,
+            ROUTER_DECISION_DURATION,
+            "histogram",
+            "Time to decide a route (encode + decide).",
+        );
+        lock(&self.decision_time).render(&mut o, ROUTER_DECISION_DURATION, "");
+        head(
+            &mut o,
+            UPSTREAM_FAILURES,
+            "counter",
+            "Failed upstream attempts by upstream and kind.",
+        );
+        for ((up, kind), n) in lock(&self.upstream_failures).iter() {
+            let _ = writeln!(
+                o,
+                "{UPSTREAM_FAILURES}{{upstream=\"{up}\",kind=\"{kind}\"}} {n}"
+            );
+        }
+        head(
+            &mut o,
+            FALLBACKS,
+            "counter",
+            "Answers the local tier took over from an upstream, by when it happened.",
+        );
+        for ((up, when), n) in lock(&self.fallbacks).iter() {
+            let _ = writeln!(o, "{FALLBACKS}{{upstream=\"{up}\",when=\"{when}\"}} {n}");
         }
         o
     }

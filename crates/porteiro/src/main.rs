@@ -2,6 +2,7 @@
 
 mod bench;
 mod perplexity;
+mod router_cmd;
 mod serve;
 
 use std::io::{BufRead, Write};
@@ -83,6 +84,9 @@ enum Cmd {
     Bench(bench::BenchArgs),
     /// Perplexity of a model on a text file, computed the way llama-perplexity does.
     Perplexity(perplexity::PplArgs),
+    /// The semantic router: train its scorer, calibrate, evaluate, measure decision latency.
+    #[command(subcommand)]
+    Router(router_cmd::RouterCmd),
     /// Show the token ids of a text.
     Tokenize {
         #[command(flatten)]
@@ -263,6 +267,7 @@ fn dispatch(cmd: Cmd) -> Result<()> {
         Cmd::Chat { m, s, system } => chat(&m, &s, system),
         Cmd::Bench(a) => bench::run(&a),
         Cmd::Perplexity(a) => perplexity::run(&a),
+        Cmd::Router(c) => router_cmd::run(&c),
         Cmd::Tokenize {
             m,
             no_special,

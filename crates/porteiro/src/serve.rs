@@ -49,6 +49,9 @@ pub fn run(a: &ServeArgs) -> Result<()> {
             cfg.model
         );
     }
+    if cfg.embedding_model.is_none() && (!cfg.routes.is_empty() || cfg.router.scorer.is_some()) {
+        bail!("the router needs the sentence encoder: set [embeddings] model (e.g. \"minilm-l6\") or remove [[routes]] and router.scorer");
+    }
     let embed_path = match &cfg.embedding_model {
         Some(m) => {
             Some(fetch::resolve_model(m, true).with_context(|| format!("embedding model {m}"))?)
@@ -64,6 +67,13 @@ pub fn run(a: &ServeArgs) -> Result<()> {
 
 async fn serve(cfg: Config, model_path: PathBuf, embed_path: Option<PathBuf>) -> Result<()> {
     let addr = format!("{}:{}", cfg.host, cfg.port);
+    // Upstream clients first: a missing API key variable should stop the start, not the first request.
+    let upstreams = cfg
+        .upstreams
+        .iter()
+        .map(|u| porteiro_upstream::UpstreamClient::new(u.clone()).map(std::sync::Arc::new))
+        .collect::<Result<Vec<_>, String>>()
+        .map_err(anyhow::Error::msg)?;
     let listener = tokio::net::TcpListener::bind(&addr)
         .await
         .with_context(|| {
@@ -83,10 +93,17 @@ async fn serve(cfg: Config, model_path: PathBuf, embed_path: Option<PathBuf>) ->
 
     let (st, c) = (state.clone(), cfg.clone());
     let loaded = tokio::task::spawn_blocking(move || -> Result<usize> {
+        let mut router = None;
         if let Some(p) = embed_path {
             let e = Embedder::open(&p).with_context(|| format!("loading {}", p.display()))?;
+            router = Some(porteiro_router::Router::new(&c, e.encoder.clone())?);
             st.set_embedder(e);
         }
+        st.set_routing(porteiro_server::routing::Routing {
+            cfg: c.router.clone(),
+            router,
+            upstreams,
+        });
         let (g, _engine_thread) = load_generator(&model_path, &c)?;
         let n_ctx = g.engine.config().n_ctx;
         st.set_generator(g);
@@ -123,6 +140,24 @@ async fn serve(cfg: Config, model_path: PathBuf, embed_path: Option<PathBuf>) ->
             .map(|e| format!(", embeddings by {e}"))
             .unwrap_or_default()
     );
+    if let Some(r) = state.routing() {
+        let tiers: Vec<String> = std::iter::once(format!("local ({})", settings.model_id))
+            .chain(r.upstreams.iter().map(|u| {
+                format!(
+                    "{} ({} at {})",
+                    u.name(),
+                    u.config().model,
+                    u.config().base_url
+                )
+            }))
+            .collect();
+        println!(
+            "porteiro: model \"{}\" is routed over tiers: {}; {} routes",
+            r.cfg.auto_model,
+            tiers.join(", "),
+            cfg.routes.len()
+        );
+    }
     println!(
         "try: curl {base}/v1/chat/completions -H 'Content-Type: application/json'{auth} \\\n  -d '{{\"model\": \"{}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Say hello\"}}]}}'",
         settings.model_id

@@ -1,0 +1,371 @@
+//! Tiers behind one endpoint. A chat request for the auto model (`router.auto_model`) is routed by
+//! the semantic router; a request naming an upstream (its `name` or `model`) goes there directly;
+//! anything else is the local model's.
+//!
+//! Upstream answers are passed through (JSON, or SSE chunk by chunk). When the upstream fails before
+//! the first token (down, breaker open, 5xx after retries, timeout) the local tier answers instead;
+//! when a stream breaks after tokens reached the client, the local model continues from the text
+//! already streamed (`mid_stream = "continue"`) or the stream ends with an error event — never a
+//! silently truncated answer. Every routed response carries `x-porteiro-tier`, `x-porteiro-route`
+//! and `x-porteiro-score` (plus `x-porteiro-fallback` when the local tier took over).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::http::HeaderValue;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures_util::stream::{self, StreamExt};
+use porteiro_config::{MidStream, RouterConfig, LOCAL_TIER};
+use porteiro_engine::scheduler::Event;
+use porteiro_protocol::{ChatCompletionRequest, Content};
+use porteiro_router::{Decision, Router};
+use porteiro_upstream::{ChunkStream, Reply, UpstreamClient, UpstreamError};
+use serde_json::{json, Value};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use crate::generation::{chat_local, local_chat_events};
+use crate::{ApiError, AppState};
+
+/// Request fields only local servers understand; removed before a body goes upstream.
+const LOCAL_ONLY_FIELDS: [&str; 4] = ["top_k", "min_p", "repetition_penalty", "ignore_eos"];
+
+pub struct Routing {
+    pub cfg: RouterConfig,
+    /// None when no sentence encoder is loaded (then auto requests stay local).
+    pub router: Option<Router>,
+    /// Cheapest first, as configured.
+    pub upstreams: Vec<Arc<UpstreamClient>>,
+}
+
+/// Where a request goes.
+pub struct Routed {
+    /// Index into `Routing::upstreams`; None is the local tier.
+    pub upstream: Option<usize>,
+    pub decision: Option<Decision>,
+}
+
+/// Routes requests for the auto model or an upstream's name; None for anything else.
+pub async fn resolve(
+    st: &AppState,
+    req: &ChatCompletionRequest,
+) -> Result<Option<Routed>, ApiError> {
+    let Some(r) = st.routing() else {
+        return Ok(None);
+    };
+    if let Some(i) = r
+        .upstreams
+        .iter()
+        .position(|u| u.name() == req.model || u.config().model == req.model)
+    {
+        if req.model != st.settings.model_id {
+            return Ok(Some(Routed {
+                upstream: Some(i),
+                decision: None,
+            }));
+        }
+    }
+    if req.model != r.cfg.auto_model {
+        return Ok(None);
+    }
+    let text = porteiro_router::request_text(req.messages.iter().map(|m| {
+        let content = match &m.content {
+            Some(Content::Text(t)) => t.as_str(),
+            Some(Content::Parts(p)) => p.iter().find_map(|p| p.text.as_deref()).unwrap_or_default(),
+            None => "",
+        };
+        (m.role.as_str(), content)
+    }));
+    let st2 = st.clone();
+    let decision = tokio::task::spawn_blocking(move || {
+        st2.routing()
+            .and_then(|r| r.router.as_ref())
+            .map(|router| router.decide(&text))
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("routing: {e}")))?;
+    let upstream = decision
+        .as_ref()
+        .and_then(|d| r.upstreams.iter().position(|u| u.name() == d.tier));
+    Ok(Some(Routed { upstream, decision }))
+}
+
+fn header(resp: &mut Response, name: &'static str, value: &str) {
+    if let Ok(v) = HeaderValue::from_str(value) {
+        resp.headers_mut().insert(name, v);
+    }
+}
+
+fn decorate(
+    mut resp: Response,
+    tier: &str,
+    d: Option<&Decision>,
+    fallback: Option<&str>,
+) -> Response {
+    header(&mut resp, "x-porteiro-tier", tier);
+    header(
+        &mut resp,
+        "x-porteiro-route",
+        d.map_or("explicit", |d| d.route.as_str()),
+    );
+    header(
+        &mut resp,
+        "x-porteiro-score",
+        &d.map_or_else(|| "none".to_string(), |d| d.score_header()),
+    );
+    if let Some(f) = fallback {
+        header(&mut resp, "x-porteiro-fallback", f);
+    }
+    resp
+}
+
+fn failure_kind(e: &UpstreamError) -> &'static str {
+    match e {
+        UpstreamError::Status { status: 429, .. } => "rate_limited",
+        UpstreamError::Status { .. } => "status",
+        UpstreamError::Connect { .. } => "connect",
+        UpstreamError::Timeout { .. } => "timeout",
+        UpstreamError::BreakerOpen { .. } => "breaker_open",
+        UpstreamError::Protocol { .. } => "protocol",
+        UpstreamError::Broken { .. } => "broken_stream",
+    }
+}
+
+/// Serves a routed chat request.
+pub async fn serve_routed(
+    st: AppState,
+    req: ChatCompletionRequest,
+    raw: Value,
+    routed: Routed,
+    t0: Instant,
+) -> Result<Response, ApiError> {
+    let routing = st
+        .routing()
+        .ok_or_else(|| ApiError::internal("routing is not configured"))?;
+    let d = routed.decision.as_ref();
+    let local_id = st.settings.model_id.clone();
+    let wanted = match d {
+        Some(d) if d.would_escalate && routed.upstream.is_none() => "escalate".to_string(),
+        Some(d) => d.tier.clone(),
+        None => routed.upstream.map_or(LOCAL_TIER.to_string(), |i| {
+            routing.upstreams[i].name().to_string()
+        }),
+    };
+    let route = d.map_or("explicit", |d| d.route.as_str()).to_string();
+    let secs = d.map_or(0.0, |d| d.elapsed.as_secs_f64());
+    let Some(i) = routed.upstream else {
+        st.metrics.routed(&wanted, LOCAL_TIER, &route, secs);
+        let resp = chat_local(&st, &req, t0, Some(local_id)).await?;
+        return Ok(decorate(resp, LOCAL_TIER, d, None));
+    };
+    let client = routing.upstreams[i].clone();
+    let mut body = raw;
+    if let Some(o) = body.as_object_mut() {
+        for f in LOCAL_ONLY_FIELDS {
+            o.remove(f);
+        }
+    }
+    let reply = client.chat(body).await;
+    let fallback = |e: UpstreamError| {
+        let st = st.clone();
+        let req = req.clone();
+        let (local_id, wanted, route) = (local_id.clone(), wanted.clone(), route.clone());
+        let d = routed.decision.clone();
+        async move {
+            st.metrics
+                .upstream_failure(client_name(&st, i), failure_kind(&e));
+            st.metrics
+                .fallback(client_name(&st, i), "before_first_token");
+            st.metrics.routed(&wanted, LOCAL_TIER, &route, secs);
+            let resp = chat_local(&st, &req, t0, Some(local_id)).await?;
+            Ok(decorate(
+                resp,
+                LOCAL_TIER,
+                d.as_ref(),
+                Some(failure_kind(&e)),
+            ))
+        }
+    };
+    match reply {
+        Err(e) => fallback(e).await,
+        Ok((Reply::Json(v), _)) => {
+            st.metrics.routed(&wanted, client.name(), &route, secs);
+            Ok(decorate(Json(v).into_response(), client.name(), d, None))
+        }
+        Ok((Reply::Stream(mut s), _)) => match s.next().await {
+            None => {
+                fallback(UpstreamError::Broken {
+                    name: client.name().to_string(),
+                    why: "empty stream".into(),
+                })
+                .await
+            }
+            Some(Err(e)) => fallback(e).await,
+            Some(Ok(first)) => {
+                st.metrics.routed(&wanted, client.name(), &route, secs);
+                let relay = Relay {
+                    st: st.clone(),
+                    req: req.clone(),
+                    upstream: client.name().to_string(),
+                    mode: routing.cfg.mid_stream,
+                    phase: Phase::Upstream(s),
+                    pending: Some(first),
+                    text: String::new(),
+                    id: String::new(),
+                    model: String::new(),
+                    created: crate::unix_now(),
+                };
+                let events = stream::unfold(relay, |mut r| async move {
+                    let batch = r.next_events().await?;
+                    Some((stream::iter(batch.into_iter().map(Ok::<_, Infallible>)), r))
+                })
+                .flatten();
+                let resp = Sse::new(events)
+                    .keep_alive(KeepAlive::default())
+                    .into_response();
+                Ok(decorate(resp, client.name(), d, None))
+            }
+        },
+    }
+}
+
+fn client_name(st: &AppState, i: usize) -> &str {
+    st.routing().map_or("?", |r| r.upstreams[i].name())
+}
+
+enum Phase {
+    Upstream(ChunkStream),
+    Local(UnboundedReceiver<Event>),
+    Done,
+}
+
+/// Relays an upstream stream to the client, switching to the local model if it breaks.
+struct Relay {
+    st: AppState,
+    req: ChatCompletionRequest,
+    upstream: String,
+    mode: MidStream,
+    phase: Phase,
+    pending: Option<Value>,
+    /// Assistant text the client has received so far.
+    text: String,
+    id: String,
+    model: String,
+    created: u64,
+}
+
+fn data(v: &Value) -> SseEvent {
+    SseEvent::default().data(v.to_string())
+}
+
+fn error_events(msg: &str) -> Vec<SseEvent> {
+    vec![
+        data(
+            &json!({"error": {"message": msg, "type": "server_error", "param": null, "code": null}}),
+        ),
+        SseEvent::default().data("[DONE]"),
+    ]
+}
+
+impl Relay {
+    fn chunk(&self, content: Option<&str>, finish: Option<&str>) -> Value {
+        json!({
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [{
+                "index": 0,
+                "delta": match content { Some(c) => json!({"content": c}), None => json!({}) },
+                "finish_reason": finish,
+            }],
+        })
+    }
+
+    fn forward(&mut self, v: Value) -> SseEvent {
+        if self.id.is_empty() {
+            self.id = v["id"].as_str().unwrap_or("chatcmpl-upstream").to_string();
+            self.model = v["model"].as_str().unwrap_or(&self.upstream).to_string();
+            if let Some(c) = v["created"].as_u64() {
+                self.created = c;
+            }
+        }
+        if let Some(t) = v["choices"][0]["delta"]["content"].as_str() {
+            self.text.push_str(t);
+        }
+        data(&v)
+    }
+
+    /// The next SSE events; None once the stream is over.
+    async fn next_events(&mut self) -> Option<Vec<SseEvent>> {
+        if let Some(v) = self.pending.take() {
+            return Some(vec![self.forward(v)]);
+        }
+        loop {
+            match &mut self.phase {
+                Phase::Done => return None,
+                Phase::Upstream(s) => match s.next().await {
+                    Some(Ok(v)) => return Some(vec![self.forward(v)]),
+                    None => {
+                        self.phase = Phase::Done;
+                        return Some(vec![SseEvent::default().data("[DONE]")]);
+                    }
+                    Some(Err(e)) => {
+                        self.st
+                            .metrics
+                            .upstream_failure(&self.upstream, failure_kind(&e));
+                        if self.mode == MidStream::Error {
+                            self.phase = Phase::Done;
+                            return Some(error_events(&format!(
+                                "The upstream answer broke off: {e}"
+                            )));
+                        }
+                        self.st.metrics.fallback(&self.upstream, "mid_stream");
+                        let mut req = self.req.clone();
+                        req.stream = Some(true);
+                        match local_chat_events(&self.st, &req, Some(self.text.clone())).await {
+                            Ok(rx) => self.phase = Phase::Local(rx),
+                            Err(err) => {
+                                self.phase = Phase::Done;
+                                return Some(error_events(&format!(
+                                    "The upstream answer broke off ({e}) and the local tier could not continue it: {}",
+                                    err.message
+                                )));
+                            }
+                        }
+                    }
+                },
+                Phase::Local(rx) => {
+                    let ev = rx.recv().await;
+                    return Some(match ev {
+                        Some(Event::Text { text, .. }) => {
+                            self.text.push_str(&text);
+                            vec![data(&self.chunk(Some(&text), None))]
+                        }
+                        Some(Event::Done { finish, .. }) => {
+                            self.phase = Phase::Done;
+                            let f = match finish {
+                                porteiro_engine::FinishReason::Length => "length",
+                                _ => "stop",
+                            };
+                            vec![
+                                data(&self.chunk(None, Some(f))),
+                                SseEvent::default().data("[DONE]"),
+                            ]
+                        }
+                        Some(Event::Error(msg)) => {
+                            self.phase = Phase::Done;
+                            error_events(&msg)
+                        }
+                        None => {
+                            self.phase = Phase::Done;
+                            error_events("The engine stopped before the answer was complete.")
+                        }
+                    });
+                }
+            }
+        }
+    }
+}
