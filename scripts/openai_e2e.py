@@ -167,9 +167,26 @@ def embeddings_float_and_base64():
 @check
 def models_list_and_retrieve():
     ids = [m.id for m in client.models.list().data]
-    expect(ids == [M, E], ids)
+    expect(ids == [M, E, "auto"], ids)
     expect(client.models.retrieve(M).id == M, "retrieve")
     raises(openai.NotFoundError, lambda: client.models.retrieve("gpt-4o"))
+
+
+@check
+def auto_model_is_routed_and_says_where():
+    # No upstream and no routes configured: the router keeps everything local and says so.
+    raw = client.chat.completions.with_raw_response.create(
+        model="auto", messages=user("Format this as JSON: name Ana, age 31"), max_tokens=8, temperature=0)
+    expect(raw.headers.get("x-porteiro-tier") == "local", dict(raw.headers))
+    expect(raw.headers.get("x-porteiro-route") == "default", dict(raw.headers))
+    float(raw.headers.get("x-porteiro-score"))
+    r = raw.parse()
+    expect(r.model == M and r.choices[0].message.content, r)
+    with client.chat.completions.with_streaming_response.create(
+            model="auto", messages=user("Say hi"), max_tokens=8, stream=True) as resp:
+        expect(resp.headers.get("x-porteiro-tier") == "local", dict(resp.headers))
+        text = "".join(c.choices[0].delta.content or "" for c in resp.parse() if c.choices)
+    expect(text, "empty stream")
 
 
 @check
@@ -230,7 +247,7 @@ def error_401_with_api_keys():
     e = raises(openai.AuthenticationError, lambda: bad.models.list())
     expect(e.status_code == 401, e.status_code)
     good = OpenAI(base_url=args.limited + "/v1", api_key="sk-test", max_retries=0, timeout=30)
-    expect([m.id for m in good.models.list().data] == [M], "models with the right key")
+    expect([m.id for m in good.models.list().data] == [M, "auto"], "models with the right key")
 
 
 @check

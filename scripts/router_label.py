@@ -83,13 +83,15 @@ def load(dataset):
 
 
 def letter(text):
-    m = re.search(r"\b([ABCD])\b", text or "")
+    """The chosen option: "B", "B. ...", "The correct answer is B", "(B)"."""
+    text = text or ""
+    m = re.search(r"answer is:?\s*\(?([ABCD])\b", text) or re.search(r"\b([ABCD])\b", text)
     return m.group(1) if m else None
 
 
-def ask(client, model, prompt):
+def ask(client, model, prompt, max_tokens):
     r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
-                                       temperature=0, max_tokens=4)
+                                       temperature=0, max_tokens=max_tokens)
     return r.choices[0].message.content
 
 
@@ -103,6 +105,8 @@ def main():
     ap.add_argument("--upstream", required=True)
     ap.add_argument("--upstream-model", required=True)
     ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=12,
+                    help="room for answers such as 'The correct answer is B'")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     from openai import OpenAI
@@ -115,7 +119,7 @@ def main():
     scores = {}
     for name, client, model in tiers:
         with cf.ThreadPoolExecutor(a.concurrency) as ex:
-            answers = list(ex.map(lambda r: ask(client, model, r[0]), rows))
+            answers = list(ex.map(lambda r: ask(client, model, r[0], a.max_tokens), rows))
         scores[name] = [1.0 if letter(ans) == r[1] else 0.0 for ans, r in zip(answers, rows)]
         print(f"{a.dataset} {name} ({model}): {sum(scores[name]) / len(rows):.3f} correct on {len(rows)}",
               file=sys.stderr)

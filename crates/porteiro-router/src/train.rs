@@ -105,7 +105,7 @@ pub fn fit(xs: &[Vec<f32>], ys: &[f32], l2: f32, epochs: usize) -> (Vec<f32>, f3
 }
 
 /// Trains a scorer on rows with their embeddings.
-pub fn train_scorer(rows: &[Labelled], embeddings: &[Vec<f32>], source: &str) -> Scorer {
+pub fn train_scorer(rows: &[Labelled], embeddings: &[Vec<f32>], l2: f32, source: &str) -> Scorer {
     let xs: Vec<Vec<f32>> = rows
         .iter()
         .zip(embeddings)
@@ -115,7 +115,7 @@ pub fn train_scorer(rows: &[Labelled], embeddings: &[Vec<f32>], source: &str) ->
         .iter()
         .map(|r| if r.local_good_enough() { 1.0 } else { 0.0 })
         .collect();
-    let (weights, bias) = fit(&xs, &ys, 1e-2, 300);
+    let (weights, bias) = fit(&xs, &ys, l2, 300);
     Scorer {
         embedding_dim: embeddings.first().map_or(0, |e| e.len()),
         cheap: CHEAP.iter().map(|s| s.to_string()).collect(),

@@ -26,6 +26,9 @@ pub enum RouterCmd {
         /// Share of rows held out to report accuracy (every k-th row).
         #[arg(long, default_value_t = 0.2)]
         holdout: f64,
+        /// L2 penalty on the (standardised) weights; raise it when rows are few.
+        #[arg(long, default_value_t = 0.1)]
+        l2: f32,
         #[command(flatten)]
         enc: EncoderArgs,
     },
@@ -144,6 +147,7 @@ pub fn run(cmd: &RouterCmd) -> Result<()> {
             data,
             out,
             holdout,
+            l2,
             enc,
         } => {
             let rows = read(data)?;
@@ -164,7 +168,7 @@ pub fn run(cmd: &RouterCmd) -> Result<()> {
             }
             let (tr_rows, tr_emb): (Vec<_>, Vec<_>) = tr.into_iter().unzip();
             let source = format!("{} ({} training rows)", data.display(), tr_rows.len());
-            let scorer = train::train_scorer(&tr_rows, &tr_emb, &source);
+            let scorer = train::train_scorer(&tr_rows, &tr_emb, *l2, &source);
             let acc = |set: &[(Labelled, Vec<f32>)]| {
                 let ok = set
                     .iter()
