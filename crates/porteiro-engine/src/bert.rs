@@ -55,7 +55,9 @@ impl Linear {
             y.extend_from_slice(&self.b);
         }
         // A cache-blocked GEMM: the weights are read once per block of tokens, not once per token.
-        sgemm(n, self.n_in, out, x, self.n_in, 1, &self.w, 1, self.n_in, y, out, 1.0);
+        sgemm(
+            n, self.n_in, out, x, self.n_in, 1, &self.w, 1, self.n_in, y, out, 1.0,
+        );
     }
 }
 
@@ -323,7 +325,20 @@ impl BertEncoder {
                 let off = head * hd;
                 scores.fill(0.0);
                 // scores[t][j] = q_t · k_j (k read transposed through its strides).
-                sgemm(n, hd, n, &q[off..], h, 1, &k[off..], 1, h, &mut scores, n, scale);
+                sgemm(
+                    n,
+                    hd,
+                    n,
+                    &q[off..],
+                    h,
+                    1,
+                    &k[off..],
+                    1,
+                    h,
+                    &mut scores,
+                    n,
+                    scale,
+                );
                 for row in scores.chunks_exact_mut(n) {
                     let mx = row.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
                     let mut sum = 0.0;
@@ -336,7 +351,20 @@ impl BertEncoder {
                 for t in 0..n {
                     ctx[t * h + off..t * h + off + hd].fill(0.0);
                 }
-                sgemm(n, n, hd, &scores, n, 1, &v[off..], h, 1, &mut ctx[off..], h, 1.0);
+                sgemm(
+                    n,
+                    n,
+                    hd,
+                    &scores,
+                    n,
+                    1,
+                    &v[off..],
+                    h,
+                    1,
+                    &mut ctx[off..],
+                    h,
+                    1.0,
+                );
             }
             l.o.forward(&ctx, n, &mut tmp);
             x.iter_mut().zip(&tmp).for_each(|(a, b)| *a += b);
@@ -479,7 +507,10 @@ mod tests {
         for i in 0..m {
             for j in 0..n {
                 let want: f32 = 1.0
-                    + 0.5 * (0..k).map(|p| a[i * h + 1 + p] * b[j * h + 1 + p]).sum::<f32>();
+                    + 0.5
+                        * (0..k)
+                            .map(|p| a[i * h + 1 + p] * b[j * h + 1 + p])
+                            .sum::<f32>();
                 assert!((c[i * h + 2 + j] - want).abs() < 1e-5, "{i},{j}");
             }
             assert_eq!(c[i * h], 1.0);
