@@ -1040,18 +1040,18 @@ mod avx2 {
         }
     }
 
-    macro_rules! k_tiles {
-        ($name4:ident, $name8:ident, $q6:expr, $block:expr) => {
+    macro_rules! k_tile {
+        ($name:ident, $n:expr, $q6:expr, $block:expr) => {
             #[target_feature(
                 enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512vnni"
             )]
-            unsafe fn $name4(
+            unsafe fn $name(
                 w: &[u8],
                 wrb: usize,
                 a: &[u8],
                 rb: usize,
                 k: usize,
-                out: &mut [[f32; 4]; 4],
+                out: &mut [[f32; $n]; 4],
             ) {
                 let rows = Rows {
                     p: w.as_ptr(),
@@ -1059,31 +1059,14 @@ mod avx2 {
                     block: $block,
                     n: k / 256,
                 };
-                k_tile_zmm::<4, $q6>(rows, a.as_ptr(), rb, out);
-            }
-            #[target_feature(
-                enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512vnni"
-            )]
-            unsafe fn $name8(
-                w: &[u8],
-                wrb: usize,
-                a: &[u8],
-                rb: usize,
-                k: usize,
-                out: &mut [[f32; 8]; 4],
-            ) {
-                let rows = Rows {
-                    p: w.as_ptr(),
-                    stride: wrb,
-                    block: $block,
-                    n: k / 256,
-                };
-                k_tile_zmm::<8, $q6>(rows, a.as_ptr(), rb, out);
+                k_tile_zmm::<$n, $q6>(rows, a.as_ptr(), rb, out);
             }
         };
     }
-    k_tiles!(q4_k_z, q4_k_z8, false, 144);
-    k_tiles!(q6_k_z, q6_k_z8, true, 210);
+    k_tile!(q4_k_z, 4, false, 144);
+    k_tile!(q4_k_z8, 8, false, 144);
+    k_tile!(q6_k_z, 4, true, 210);
+    k_tile!(q6_k_z8, 8, true, 210);
 
     pub fn tile4_zmm(t: GgmlType) -> Option<Tile4Fn> {
         macro_rules! safe_tile {

@@ -122,6 +122,15 @@ fn embed_all(enc: &BertEncoder, rows: &[Labelled]) -> Vec<Vec<f32>> {
     out
 }
 
+/// The scorer's P(local good enough) for every row.
+fn score_all(enc: &BertEncoder, scorer: &Scorer, rows: &[Labelled]) -> Vec<f32> {
+    embed_all(enc, rows)
+        .iter()
+        .zip(rows)
+        .map(|(e, r)| scorer.score(&r.prompt, e))
+        .collect()
+}
+
 fn load_scorer(scorer: Option<&Path>, cfg: Option<&Path>) -> Result<Scorer> {
     let path = match scorer {
         Some(p) => p.to_path_buf(),
@@ -205,13 +214,7 @@ pub fn run(cmd: &RouterCmd) -> Result<()> {
             }
             let rows = read(data)?;
             let scorer = load_scorer(scorer.as_deref(), cfg_path.as_deref())?;
-            let enc = enc.load()?;
-            let embs = embed_all(&enc, &rows);
-            let scores: Vec<f32> = rows
-                .iter()
-                .zip(&embs)
-                .map(|(r, e)| scorer.score(&r.prompt, e))
-                .collect();
+            let scores = score_all(&enc.load()?, &scorer, &rows);
             let t = train::calibrate(&scores, *local_share);
             let (esc, q) = eval::at_threshold(&rows, &scores, t);
             println!("router.local_min_score = {t:.6}");
@@ -242,13 +245,7 @@ pub fn run(cmd: &RouterCmd) -> Result<()> {
                 Some(p) => Some(config(Some(p))?.router.local_min_score),
                 None => None,
             };
-            let enc = enc.load()?;
-            let embs = embed_all(&enc, &rows);
-            let scores: Vec<f32> = rows
-                .iter()
-                .zip(&embs)
-                .map(|(r, e)| scorer.score(&r.prompt, e))
-                .collect();
+            let scores = score_all(&enc.load()?, &scorer, &rows);
             let router = eval::router_curve(&rows, &scores);
             let random = eval::random_curve(&rows);
             let oracle = eval::oracle_curve(&rows);
