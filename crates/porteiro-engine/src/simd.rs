@@ -369,6 +369,71 @@ mod avx2 {
         n: usize,
     }
 
+    /// Walks blocks `0..nb` in the shared order; `$step` (with `$b` bound to the block index) yields
+    /// that block's (scales, products) per token. A macro, not a closure: closures do not inherit the
+    /// caller's target features, so their intrinsics would not inline.
+    macro_rules! pairwise {
+        // R rows x N tokens of accumulators (the tiles).
+        ($r:expr, $n:expr, $nb:expr, |$b:ident| $step:expr) => {{
+            let mut acc = [[_mm256_setzero_ps(); $n]; $r];
+            let mut b_ = 0;
+            while b_ < $nb {
+                let (s0, p0) = {
+                    let $b = b_;
+                    $step
+                };
+                if b_ + 1 < $nb {
+                    let (s1, p1) = {
+                        let $b = b_ + 1;
+                        $step
+                    };
+                    for r in 0..$r {
+                        for t in 0..$n {
+                            acc[r][t] = pair_acc(acc[r][t], s0[r][t], p0[r][t], s1[r][t], p1[r][t]);
+                        }
+                    }
+                } else {
+                    for r in 0..$r {
+                        for t in 0..$n {
+                            acc[r][t] = last_acc(acc[r][t], s0[r][t], p0[r][t]);
+                        }
+                    }
+                }
+                b_ += 2;
+            }
+            acc
+        }};
+        // N tokens of accumulators (the one- and four-token kernels).
+        ($n:expr, $nb:expr, |$b:ident| $step:expr) => {{
+            let mut acc = [_mm256_setzero_ps(); $n];
+            let mut b_ = 0;
+            while b_ + 1 < $nb {
+                let (s0, p0) = {
+                    let $b = b_;
+                    $step
+                };
+                let (s1, p1) = {
+                    let $b = b_ + 1;
+                    $step
+                };
+                for t in 0..$n {
+                    acc[t] = pair_acc(acc[t], s0[t], p0[t], s1[t], p1[t]);
+                }
+                b_ += 2;
+            }
+            if b_ < $nb {
+                let (s0, p0) = {
+                    let $b = b_;
+                    $step
+                };
+                for t in 0..$n {
+                    acc[t] = last_acc(acc[t], s0[t], p0[t]);
+                }
+            }
+            acc
+        }};
+    }
+
     /// Block `b` of R weight rows against N tokens: (scale, product) per row and token.
     #[inline(always)]
     unsafe fn signed_tile_step<const R: usize, const N: usize>(
@@ -411,26 +476,9 @@ mod avx2 {
         out: &mut [[f32; 4]; 4],
         unpack: impl Unpack,
     ) {
-        let mut acc = [[_mm256_setzero_ps(); N]; R];
-        let mut b = 0;
-        while b < wr.n {
-            let (s0, p0) = signed_tile_step::<R, N>(wr, a, rb, b, &unpack);
-            if b + 1 < wr.n {
-                let (s1, p1) = signed_tile_step::<R, N>(wr, a, rb, b + 1, &unpack);
-                for r in 0..R {
-                    for t in 0..N {
-                        acc[r][t] = pair_acc(acc[r][t], s0[r][t], p0[r][t], s1[r][t], p1[r][t]);
-                    }
-                }
-            } else {
-                for r in 0..R {
-                    for t in 0..N {
-                        acc[r][t] = last_acc(acc[r][t], s0[r][t], p0[r][t]);
-                    }
-                }
-            }
-            b += 2;
-        }
+        let acc = pairwise!(R, N, wr.n, |b| signed_tile_step::<R, N>(
+            wr, a, rb, b, &unpack
+        ));
         for r in 0..R {
             for t in 0..N {
                 out[r][t] = hsum(acc[r][t]);
@@ -512,26 +560,7 @@ mod avx2 {
     unsafe fn q4_1_t(w: &[u8], wrb: usize, a: &[u8], rb: usize, k: usize, out: &mut [[f32; 4]; 4]) {
         let (w, a) = (w.as_ptr(), a.as_ptr());
         let nb = k / 32;
-        let mut acc = [[_mm256_setzero_ps(); 4]; 4];
-        let mut b = 0;
-        while b < nb {
-            let (s0, p0) = q4_1_tile_step(w, wrb, a, rb, b);
-            if b + 1 < nb {
-                let (s1, p1) = q4_1_tile_step(w, wrb, a, rb, b + 1);
-                for r in 0..4 {
-                    for t in 0..4 {
-                        acc[r][t] = pair_acc(acc[r][t], s0[r][t], p0[r][t], s1[r][t], p1[r][t]);
-                    }
-                }
-            } else {
-                for r in 0..4 {
-                    for t in 0..4 {
-                        acc[r][t] = last_acc(acc[r][t], s0[r][t], p0[r][t]);
-                    }
-                }
-            }
-            b += 2;
-        }
+        let acc = pairwise!(4, 4, nb, |b| q4_1_tile_step(w, wrb, a, rb, b));
         for r in 0..4 {
             for t in 0..4 {
                 out[r][t] = hsum(acc[r][t]) + q4_1_mins(w.add(r * wrb), 20, nb, a.add(t * rb));
@@ -1068,77 +1097,53 @@ mod avx2 {
     k_tile!(q6_k_z, 4, true, 210);
     k_tile!(q6_k_z8, 8, true, 210);
 
+    /// A safe tile entry point: `$n` tokens, weight blocks of `$per` values and `$wbs` bytes,
+    /// activation blocks of `$abs` bytes. The caller hands these out only after detecting the
+    /// features `$f` needs.
+    macro_rules! safe_tile {
+        ($f:ident, $n:expr, $per:expr, $wbs:expr, $abs:expr) => {
+            |w: &[u8], wrb: usize, a: &[u8], rb: usize, k: usize, out: &mut [[f32; $n]; 4]| {
+                assert!(
+                    k % $per == 0
+                        && w.len() >= 3 * wrb + k / $per * $wbs
+                        && a.len() >= ($n - 1) * rb + k / $per * $abs
+                );
+                // SAFETY: lengths checked; features detected before this was handed out.
+                unsafe { $f(w, wrb, a, rb, k, out) }
+            }
+        };
+    }
+
     pub fn tile4_zmm(t: GgmlType) -> Option<Tile4Fn> {
-        macro_rules! safe_tile {
-            ($f:ident, $wbs:expr) => {
-                |w: &[u8], wrb: usize, a: &[u8], rb: usize, k: usize, out: &mut [[f32; 4]; 4]| {
-                    assert!(k % 32 == 0 && w.len() >= 3 * wrb + k / 32 * $wbs && a.len() >= 3 * rb + k / 32 * Q8_BYTES);
-                    // SAFETY: lengths checked; `tile4()` hands these out only after detecting the features.
-                    unsafe { $f(w, wrb, a, rb, k, out) }
-                }
-            };
-            (k $f:ident, $wbs:expr) => {
-                |w: &[u8], wrb: usize, a: &[u8], rb: usize, k: usize, out: &mut [[f32; 4]; 4]| {
-                    assert!(k % 256 == 0 && w.len() >= 3 * wrb + k / 256 * $wbs && a.len() >= 3 * rb + k / 256 * Q8K_BYTES);
-                    // SAFETY: lengths checked; `tile4()` hands these out only after detecting the features.
-                    unsafe { $f(w, wrb, a, rb, k, out) }
-                }
-            };
-        }
         Some(match t {
-            GgmlType::Q4_K => safe_tile!(k q4_k_z, 144),
-            GgmlType::Q6_K => safe_tile!(k q6_k_z, 210),
-            GgmlType::Q4_0 => safe_tile!(q4_0_z, 18),
-            GgmlType::Q4_1 => safe_tile!(q4_1_z, 20),
-            GgmlType::Q5_0 => safe_tile!(q5_0_z, 22),
-            GgmlType::Q8_0 => safe_tile!(q8_0_z, 34),
+            GgmlType::Q4_K => safe_tile!(q4_k_z, 4, 256, 144, Q8K_BYTES),
+            GgmlType::Q6_K => safe_tile!(q6_k_z, 4, 256, 210, Q8K_BYTES),
+            GgmlType::Q4_0 => safe_tile!(q4_0_z, 4, 32, 18, Q8_BYTES),
+            GgmlType::Q4_1 => safe_tile!(q4_1_z, 4, 32, 20, Q8_BYTES),
+            GgmlType::Q5_0 => safe_tile!(q5_0_z, 4, 32, 22, Q8_BYTES),
+            GgmlType::Q8_0 => safe_tile!(q8_0_z, 4, 32, 34, Q8_BYTES),
             _ => return None,
         })
     }
 
     pub fn tile8_zmm(t: GgmlType) -> Option<Tile8Fn> {
-        macro_rules! safe_tile {
-            ($f:ident, $wbs:expr) => {
-                |w: &[u8], wrb: usize, a: &[u8], rb: usize, k: usize, out: &mut [[f32; 8]; 4]| {
-                    assert!(k % 32 == 0 && w.len() >= 3 * wrb + k / 32 * $wbs && a.len() >= 7 * rb + k / 32 * Q8_BYTES);
-                    // SAFETY: lengths checked; `tile8()` hands these out only after detecting the features.
-                    unsafe { $f(w, wrb, a, rb, k, out) }
-                }
-            };
-            (k $f:ident, $wbs:expr) => {
-                |w: &[u8], wrb: usize, a: &[u8], rb: usize, k: usize, out: &mut [[f32; 8]; 4]| {
-                    assert!(k % 256 == 0 && w.len() >= 3 * wrb + k / 256 * $wbs && a.len() >= 7 * rb + k / 256 * Q8K_BYTES);
-                    // SAFETY: lengths checked; `tile8()` hands these out only after detecting the features.
-                    unsafe { $f(w, wrb, a, rb, k, out) }
-                }
-            };
-        }
         Some(match t {
-            GgmlType::Q4_K => safe_tile!(k q4_k_z8, 144),
-            GgmlType::Q6_K => safe_tile!(k q6_k_z8, 210),
-            GgmlType::Q4_0 => safe_tile!(q4_0_z8, 18),
-            GgmlType::Q4_1 => safe_tile!(q4_1_z8, 20),
-            GgmlType::Q5_0 => safe_tile!(q5_0_z8, 22),
-            GgmlType::Q8_0 => safe_tile!(q8_0_z8, 34),
+            GgmlType::Q4_K => safe_tile!(q4_k_z8, 8, 256, 144, Q8K_BYTES),
+            GgmlType::Q6_K => safe_tile!(q6_k_z8, 8, 256, 210, Q8K_BYTES),
+            GgmlType::Q4_0 => safe_tile!(q4_0_z8, 8, 32, 18, Q8_BYTES),
+            GgmlType::Q4_1 => safe_tile!(q4_1_z8, 8, 32, 20, Q8_BYTES),
+            GgmlType::Q5_0 => safe_tile!(q5_0_z8, 8, 32, 22, Q8_BYTES),
+            GgmlType::Q8_0 => safe_tile!(q8_0_z8, 8, 32, 34, Q8_BYTES),
             _ => return None,
         })
     }
 
     pub fn tile4(t: GgmlType) -> Option<Tile4Fn> {
-        macro_rules! safe_tile {
-            ($f:ident, $wbs:expr) => {
-                |w: &[u8], wrb: usize, a: &[u8], rb: usize, k: usize, out: &mut [[f32; 4]; 4]| {
-                    assert!(k % 32 == 0 && w.len() >= 3 * wrb + k / 32 * $wbs && a.len() >= 3 * rb + k / 32 * Q8_BYTES);
-                    // SAFETY: lengths checked; `tile4()` hands these out only after detecting the features.
-                    unsafe { $f(w, wrb, a, rb, k, out) }
-                }
-            };
-        }
         Some(match t {
-            GgmlType::Q4_0 => safe_tile!(q4_0_t, 18),
-            GgmlType::Q4_1 => safe_tile!(q4_1_t, 20),
-            GgmlType::Q5_0 => safe_tile!(q5_0_t, 22),
-            GgmlType::Q8_0 => safe_tile!(q8_0_t, 34),
+            GgmlType::Q4_0 => safe_tile!(q4_0_t, 4, 32, 18, Q8_BYTES),
+            GgmlType::Q4_1 => safe_tile!(q4_1_t, 4, 32, 20, Q8_BYTES),
+            GgmlType::Q5_0 => safe_tile!(q5_0_t, 4, 32, 22, Q8_BYTES),
+            GgmlType::Q8_0 => safe_tile!(q8_0_t, 4, 32, 34, Q8_BYTES),
             _ => return None,
         })
     }
@@ -1245,40 +1250,6 @@ mod avx2 {
     #[inline(always)]
     fn pair_acc_f(acc: f32, s0: f32, p0: f32, s1: f32, p1: f32) -> f32 {
         acc + s1.mul_add(p1, s0 * p0)
-    }
-
-    /// Walks blocks `0..nb` in the shared order; `$step` (with `$b` bound to the block index) yields
-    /// that block's (scales, products) per token. A macro, not a closure: closures do not inherit the
-    /// caller's target features, so their intrinsics would not inline.
-    macro_rules! pairwise {
-        ($n:expr, $nb:expr, |$b:ident| $step:expr) => {{
-            let mut acc = [_mm256_setzero_ps(); $n];
-            let mut b_ = 0;
-            while b_ + 1 < $nb {
-                let (s0, p0) = {
-                    let $b = b_;
-                    $step
-                };
-                let (s1, p1) = {
-                    let $b = b_ + 1;
-                    $step
-                };
-                for t in 0..$n {
-                    acc[t] = pair_acc(acc[t], s0[t], p0[t], s1[t], p1[t]);
-                }
-                b_ += 2;
-            }
-            if b_ < $nb {
-                let (s0, p0) = {
-                    let $b = b_;
-                    $step
-                };
-                for t in 0..$n {
-                    acc[t] = last_acc(acc[t], s0[t], p0[t]);
-                }
-            }
-            acc
-        }};
     }
 
     /// One block `wb` of signed weights against the matching activation block of N tokens (`ab`,
