@@ -302,7 +302,7 @@ async fn blocking<T: Send + 'static>(
     .map_err(|e| ApiError::internal(format!("the tokenizer task failed: {e}")))?
 }
 
-fn finish_reason(f: EngineFinish) -> FinishReason {
+pub(crate) fn finish_reason(f: EngineFinish) -> FinishReason {
     match f {
         EngineFinish::Stop => FinishReason::Stop,
         EngineFinish::Length => FinishReason::Length,

@@ -26,7 +26,7 @@ use porteiro_upstream::{ChunkStream, Reply, UpstreamClient, UpstreamError};
 use serde_json::{json, Value};
 use tokio::sync::mpsc::UnboundedReceiver;
 
-use crate::generation::{chat_local, local_chat_events};
+use crate::generation::{chat_local, finish_reason, local_chat_events};
 use crate::{ApiError, AppState};
 
 /// Request fields only local servers understand; removed before a body goes upstream.
@@ -270,7 +270,11 @@ fn error_events(msg: &str) -> Vec<SseEvent> {
 }
 
 impl Relay {
-    fn chunk(&self, content: Option<&str>, finish: Option<&str>) -> Value {
+    fn chunk(
+        &self,
+        content: Option<&str>,
+        finish: Option<porteiro_protocol::FinishReason>,
+    ) -> Value {
         json!({
             "id": self.id,
             "object": "chat.completion.chunk",
@@ -346,12 +350,8 @@ impl Relay {
                         }
                         Some(Event::Done { finish, .. }) => {
                             self.phase = Phase::Done;
-                            let f = match finish {
-                                porteiro_engine::FinishReason::Length => "length",
-                                _ => "stop",
-                            };
                             vec![
-                                data(&self.chunk(None, Some(f))),
+                                data(&self.chunk(None, Some(finish_reason(finish)))),
                                 SseEvent::default().data("[DONE]"),
                             ]
                         }
