@@ -11,4 +11,7 @@ scripts/fetch-text.sh >/dev/null
 # The server tests: the sentence encoder behind /v1/embeddings, and the official OpenAI Python SDK that
 # scripts/openai_e2e.py drives `porteiro serve` with.
 ./target/release/porteiro pull --quiet minilm-l6 >/dev/null
+# The privacy guard: its first-name list, and the labelled PII corpus its tests measure against.
+./target/release/porteiro pull --quiet names >/dev/null
+scripts/fetch-pii.sh >/dev/null
 python3 -m pip install --quiet --disable-pip-version-check openai

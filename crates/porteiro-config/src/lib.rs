@@ -44,11 +44,19 @@
 //! breaker_failures = 5       # consecutive failures that open the circuit
 //! breaker_cooldown_s = 30    # open circuit: requests skip this upstream this long
 //! min_score = 0.0            # routed here when the score reaches this (the last tier catches all)
+//! privacy = "mask"           # this tier's policy for requests holding personal data (default: [privacy].policy)
 //!
 //! [[routes]]                 # rules by example: the nearest route above the floor wins
 //! name = "extract"
 //! tier = "local"             # "local" or an upstream's name
 //! examples = ["extract the fields from this text", "format this as JSON"]
+//! privacy = "keep_local"     # wins over the tier's and the default policy
+//!
+//! [privacy]                  # what leaves the machine when a request holds PII / PHI / secrets
+//! policy = "keep_local"      # keep_local | mask | block | allow (secrets leave only under allow)
+//! audit_db = "porteiro-audit.db"   # hash-chained audit trail; "" turns it off
+//! audit_key_env = "PORTEIRO_AUDIT_KEY"  # if set, the chain is an HMAC under this key
+//! names = "names"            # first-name list for person detection (catalog alias, path, or "")
 //! ```
 
 use std::path::Path;
@@ -81,6 +89,16 @@ struct RawConfig {
     upstreams: Vec<RawUpstream>,
     #[serde(default)]
     routes: Vec<RawRoute>,
+    privacy: Option<RawPrivacy>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPrivacy {
+    policy: Option<String>,
+    audit_db: Option<String>,
+    audit_key_env: Option<String>,
+    names: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -108,6 +126,7 @@ struct RawUpstream {
     breaker_failures: Option<u32>,
     breaker_cooldown_s: Option<u64>,
     min_score: Option<f64>,
+    privacy: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -116,6 +135,7 @@ struct RawRoute {
     name: String,
     tier: String,
     examples: Vec<String>,
+    privacy: Option<String>,
 }
 
 /// The name of the local tier in routes and headers.
@@ -149,6 +169,8 @@ pub struct Upstream {
     pub breaker_cooldown_s: u64,
     /// Requests whose router score reaches this go here (tiers are tried cheapest first).
     pub min_score: f64,
+    /// Privacy policy for this tier; None: `[privacy].policy`.
+    pub privacy: Option<String>,
 }
 
 /// A named route: example utterances and the tier that serves them.
@@ -157,6 +179,45 @@ pub struct Route {
     pub name: String,
     pub tier: String,
     pub examples: Vec<String>,
+    /// Privacy policy for requests on this route; wins over the tier's.
+    pub privacy: Option<String>,
+}
+
+/// The privacy policies `[privacy]`, `[[upstreams]]` and `[[routes]]` accept.
+pub const PRIVACY_POLICIES: [&str; 4] = ["keep_local", "mask", "block", "allow"];
+
+/// `[privacy]`: what happens to requests holding personal data before they leave the machine.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PrivacyConfig {
+    /// Default policy of upstream tiers.
+    pub policy: String,
+    /// The audit trail's SQLite file; None: no audit trail.
+    pub audit_db: Option<String>,
+    pub audit_key_env: String,
+    /// First-name list (catalog alias or path); None: context rules only.
+    pub names: Option<String>,
+}
+
+impl Default for PrivacyConfig {
+    fn default() -> Self {
+        Self {
+            policy: "keep_local".into(),
+            audit_db: None,
+            audit_key_env: "PORTEIRO_AUDIT_KEY".into(),
+            names: Some("names".into()),
+        }
+    }
+}
+
+fn policy(key: &'static str, v: Option<String>) -> Result<Option<String>, ConfigError> {
+    match v {
+        None => Ok(None),
+        Some(p) if PRIVACY_POLICIES.contains(&p.as_str()) => Ok(Some(p)),
+        Some(p) => Err(ConfigError::Invalid {
+            key,
+            why: format!("is `{p}`; use one of {}", PRIVACY_POLICIES.join(", ")),
+        }),
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -228,6 +289,7 @@ pub struct Config {
     /// Upstream tiers, cheapest first.
     pub upstreams: Vec<Upstream>,
     pub routes: Vec<Route>,
+    pub privacy: PrivacyConfig,
 }
 
 /// Values from the command line; they win over the file.
@@ -383,7 +445,23 @@ impl Config {
         }
         let (router, upstreams, routes) =
             validate_routing(raw.router.unwrap_or_default(), raw.upstreams, raw.routes)?;
+        let p = raw.privacy.unwrap_or_default();
+        let d = PrivacyConfig::default();
+        let privacy = PrivacyConfig {
+            policy: policy("privacy.policy", p.policy)?.unwrap_or(d.policy),
+            audit_db: p.audit_db.filter(|s| !s.trim().is_empty()),
+            audit_key_env: p
+                .audit_key_env
+                .filter(|s| !s.is_empty())
+                .unwrap_or(d.audit_key_env),
+            names: match p.names {
+                Some(n) if n.trim().is_empty() => None,
+                Some(n) => Some(n),
+                None => d.names,
+            },
+        };
         Ok(Config {
+            privacy,
             router,
             upstreams,
             routes,
@@ -487,6 +565,7 @@ fn validate_routing(
             breaker_failures: u.breaker_failures.unwrap_or(5).max(1),
             breaker_cooldown_s: u.breaker_cooldown_s.unwrap_or(30),
             min_score: unit("upstreams.min_score", u.min_score.unwrap_or(0.0))?,
+            privacy: policy("upstreams.privacy", u.privacy)?,
             name,
         });
     }
@@ -522,6 +601,7 @@ fn validate_routing(
             name: rt.name,
             tier: rt.tier,
             examples: rt.examples,
+            privacy: policy("routes.privacy", rt.privacy)?,
         });
     }
     Ok((router, upstreams, out_routes))

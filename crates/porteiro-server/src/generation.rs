@@ -13,7 +13,7 @@ use std::time::Instant;
 use axum::extract::State;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use futures_util::stream::{self, StreamExt};
 use porteiro_engine::scheduler::{Event, EventSink, GenRequest, SubmitError, TokenLogprob};
 use porteiro_engine::{FinishReason as EngineFinish, SamplingParams};
@@ -21,6 +21,7 @@ use porteiro_models::template::ChatMessage as TemplateMessage;
 use porteiro_protocol::*;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
+use crate::privacy::RequestCtx;
 use crate::{ApiError, AppState, Generator, OpenAiJson, OpenAiJsonRaw};
 
 /// Most alternatives per token OpenAI allows for chat (`top_logprobs`).
@@ -365,15 +366,17 @@ fn chat_messages(msgs: &[ChatMessage]) -> Result<Vec<TemplateMessage>, ApiError>
 
 pub async fn chat(
     State(st): State<AppState>,
+    Extension(ctx): Extension<RequestCtx>,
     OpenAiJsonRaw(req, raw): OpenAiJsonRaw<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
     let t0 = Instant::now();
     match crate::routing::resolve(&st, &req).await? {
         None => {
             generator(&st, &req.model)?;
+            crate::routing::audit_local(&st, &ctx, &raw, "-");
             chat_local(&st, &req, t0, None).await
         }
-        Some(routed) => crate::routing::serve_routed(st, req, raw, routed, t0).await,
+        Some(routed) => crate::routing::serve_routed(st, req, raw, routed, t0, ctx).await,
     }
 }
 

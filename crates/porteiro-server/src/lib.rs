@@ -10,6 +10,7 @@ pub mod embeddings;
 pub mod error;
 pub mod generation;
 pub mod metrics;
+pub mod privacy;
 pub mod routing;
 
 use std::future::{Future, IntoFuture};
@@ -179,6 +180,7 @@ pub struct Inner {
     generator: OnceLock<Generator>,
     embedder: OnceLock<Embedder>,
     routing: OnceLock<routing::Routing>,
+    privacy: OnceLock<privacy::Guard>,
     pub metrics: Metrics,
     draining: AtomicBool,
     created: u64,
@@ -209,6 +211,7 @@ impl AppState {
             generator: OnceLock::new(),
             embedder: OnceLock::new(),
             routing: OnceLock::new(),
+            privacy: OnceLock::new(),
             metrics: Metrics::default(),
             draining: AtomicBool::new(false),
             created: unix_now(),
@@ -232,6 +235,15 @@ impl AppState {
 
     pub fn routing(&self) -> Option<&routing::Routing> {
         self.0.routing.get()
+    }
+
+    /// Installs the privacy guard (once).
+    pub fn set_privacy(&self, g: privacy::Guard) -> bool {
+        self.0.privacy.set(g).is_ok()
+    }
+
+    pub fn privacy(&self) -> Option<&privacy::Guard> {
+        self.0.privacy.get()
     }
 
     pub fn generator(&self) -> Option<&Generator> {
@@ -321,8 +333,13 @@ pub async fn serve(
     result
 }
 
-/// Records route, status and time to the response head; adds `x-request-id`.
-async fn track(State(st): State<AppState>, req: Request, next: Next) -> Response {
+/// Records route, status and time to the response head; gives the request its id (`x-request-id`).
+async fn track(State(st): State<AppState>, mut req: Request, next: Next) -> Response {
+    let id = st.new_id("req");
+    req.extensions_mut().insert(privacy::RequestCtx {
+        id: id.clone(),
+        key_id: porteiro_privacy::key_id(None),
+    });
     let route = req
         .extensions()
         .get::<MatchedPath>()
@@ -332,14 +349,14 @@ async fn track(State(st): State<AppState>, req: Request, next: Next) -> Response
     let mut resp = next.run(req).await;
     st.metrics
         .request(&route, resp.status().as_u16(), t0.elapsed().as_secs_f64());
-    if let Ok(v) = HeaderValue::from_str(&st.new_id("req")) {
+    if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert("x-request-id", v);
     }
     resp
 }
 
 /// With API keys configured, `/v1` needs `Authorization: Bearer <key>`.
-async fn auth(State(st): State<AppState>, req: Request, next: Next) -> Response {
+async fn auth(State(st): State<AppState>, mut req: Request, next: Next) -> Response {
     let keys = &st.settings.api_keys;
     if keys.is_empty() {
         return next.run(req).await;
@@ -356,6 +373,10 @@ async fn auth(State(st): State<AppState>, req: Request, next: Next) -> Response 
                 .iter()
                 .any(|key| constant_time_eq(key.as_bytes(), k.as_bytes())) =>
         {
+            let key_id = porteiro_privacy::key_id(Some(k));
+            if let Some(ctx) = req.extensions_mut().get_mut::<privacy::RequestCtx>() {
+                ctx.key_id = key_id;
+            }
             next.run(req).await
         }
         Some(_) => ApiError::unauthorized("Incorrect API key provided.").into_response(),

@@ -29,6 +29,8 @@ pub mod names {
     pub const ROUTER_DECISION_DURATION: &str = "porteiro_router_decision_seconds";
     pub const UPSTREAM_FAILURES: &str = "porteiro_upstream_failures_total";
     pub const FALLBACKS: &str = "porteiro_fallbacks_total";
+    pub const PRIVACY_ACTIONS: &str = "porteiro_privacy_actions_total";
+    pub const PII_FOUND: &str = "porteiro_pii_found_total";
 }
 
 const LATENCY_BUCKETS: [f64; 14] = [
@@ -91,6 +93,10 @@ pub struct Metrics {
     upstream_failures: Mutex<BTreeMap<(String, String), u64>>,
     /// (upstream, when) -> answers the local tier took over.
     fallbacks: Mutex<BTreeMap<(String, String), u64>>,
+    /// (tier, action) -> requests the privacy guard acted on.
+    privacy_actions: Mutex<BTreeMap<(String, String), u64>>,
+    /// category -> values found.
+    pii_found: Mutex<BTreeMap<String, u64>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -157,6 +163,17 @@ impl Metrics {
         *lock(&self.fallbacks)
             .entry((upstream.to_string(), when.to_string()))
             .or_default() += 1;
+    }
+
+    /// The privacy guard applied `action` (keep_local, mask, block, allow, none) to a request for `tier`.
+    pub fn privacy(&self, tier: &str, action: &str, categories: &[(&str, usize)]) {
+        *lock(&self.privacy_actions)
+            .entry((tier.to_string(), action.to_string()))
+            .or_default() += 1;
+        let mut found = lock(&self.pii_found);
+        for (c, n) in categories {
+            *found.entry(c.to_string()).or_default() += *n as u64;
+        }
     }
 
     /// The text exposition (format 0.0.4).
@@ -322,6 +339,27 @@ impl Metrics {
         );
         for ((up, when), n) in lock(&self.fallbacks).iter() {
             let _ = writeln!(o, "{FALLBACKS}{{upstream=\"{up}\",when=\"{when}\"}} {n}");
+        }
+        head(
+            &mut o,
+            PRIVACY_ACTIONS,
+            "counter",
+            "Requests by tier and what the privacy guard did (none, keep_local, mask, block, allow).",
+        );
+        for ((tier, action), n) in lock(&self.privacy_actions).iter() {
+            let _ = writeln!(
+                o,
+                "{PRIVACY_ACTIONS}{{tier=\"{tier}\",action=\"{action}\"}} {n}"
+            );
+        }
+        head(
+            &mut o,
+            PII_FOUND,
+            "counter",
+            "Personal-data values found in requests, by category (never the values).",
+        );
+        for (c, n) in lock(&self.pii_found).iter() {
+            let _ = writeln!(o, "{PII_FOUND}{{category=\"{c}\"}} {n}");
         }
         o
     }

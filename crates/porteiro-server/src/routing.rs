@@ -9,6 +9,7 @@
 //! silently truncated answer. Every routed response carries `x-porteiro-tier`, `x-porteiro-route`
 //! and `x-porteiro-score` (plus `x-porteiro-fallback` when the local tier took over).
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Instant;
@@ -20,6 +21,7 @@ use axum::Json;
 use futures_util::stream::{self, StreamExt};
 use porteiro_config::{MidStream, RouterConfig, LOCAL_TIER};
 use porteiro_engine::scheduler::Event;
+use porteiro_privacy::{StreamUnmasker, Unmasker};
 use porteiro_protocol::{ChatCompletionRequest, Content};
 use porteiro_router::{Decision, Router};
 use porteiro_upstream::{ChunkStream, Reply, UpstreamClient, UpstreamError};
@@ -27,6 +29,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::generation::{chat_local, finish_reason, local_chat_events};
+use crate::privacy::{counts_list, describe, unmask_json, Counts, RequestCtx, Verdict};
 use crate::{ApiError, AppState};
 
 /// Request fields only local servers understand; removed before a body goes upstream.
@@ -140,6 +143,7 @@ pub async fn serve_routed(
     raw: Value,
     routed: Routed,
     t0: Instant,
+    ctx: RequestCtx,
 ) -> Result<Response, ApiError> {
     let routing = st
         .routing()
@@ -156,6 +160,7 @@ pub async fn serve_routed(
     let route = d.map_or("explicit", |d| d.route.as_str()).to_string();
     let secs = d.map_or(0.0, |d| d.elapsed.as_secs_f64());
     let Some(i) = routed.upstream else {
+        audit_local(&st, &ctx, &raw, &route);
         st.metrics.routed(&wanted, LOCAL_TIER, &route, secs);
         let resp = chat_local(&st, &req, t0, Some(local_id)).await?;
         return Ok(decorate(resp, LOCAL_TIER, d, None));
@@ -167,6 +172,56 @@ pub async fn serve_routed(
             o.remove(f);
         }
     }
+    let mut unmasker: Option<Unmasker> = None;
+    let mut action = "none";
+    if let Some(g) = st.privacy() {
+        let tier = client.name();
+        let verdict = g.inspect(&body, tier, d.map(|d| d.route.as_str()));
+        let (act, counts): (&'static str, Counts) = match &verdict {
+            Verdict::Clean => ("none", Counts::new()),
+            Verdict::KeepLocal(c) => ("keep_local", c.clone()),
+            Verdict::Block(c) => ("block", c.clone()),
+            Verdict::Mask(c, ..) => ("mask", c.clone()),
+            Verdict::Allow(c) => ("allow", c.clone()),
+        };
+        let served = if act == "keep_local" {
+            LOCAL_TIER
+        } else {
+            tier
+        };
+        g.audit(&ctx, served, &route, act, &counts);
+        st.metrics.privacy(served, act, &counts_list(&counts));
+        action = act;
+        match verdict {
+            Verdict::KeepLocal(_) => {
+                st.metrics.routed(&wanted, LOCAL_TIER, &route, secs);
+                let resp = chat_local(&st, &req, t0, Some(local_id)).await?;
+                let mut resp = decorate(resp, LOCAL_TIER, d, None);
+                header(&mut resp, "x-porteiro-privacy", "keep_local");
+                return Ok(resp);
+            }
+            Verdict::Block(c) => {
+                return Err(ApiError::invalid(
+                    "messages",
+                    format!(
+                        "This request holds personal data or secrets ({}); the privacy policy for tier `{tier}` is `block`, so it was not sent.",
+                        describe(&c)
+                    ),
+                ));
+            }
+            Verdict::Mask(_, masked, un) => {
+                body = masked;
+                unmasker = Some(un);
+            }
+            Verdict::Clean | Verdict::Allow(_) => {}
+        }
+    }
+    let privacy_header = |mut resp: Response| {
+        if action != "none" {
+            header(&mut resp, "x-porteiro-privacy", action);
+        }
+        resp
+    };
     let reply = client.chat(body).await;
     let fallback = |e: UpstreamError| {
         let st = st.clone();
@@ -190,9 +245,17 @@ pub async fn serve_routed(
     };
     match reply {
         Err(e) => fallback(e).await,
-        Ok((Reply::Json(v), _)) => {
+        Ok((Reply::Json(mut v), _)) => {
             st.metrics.routed(&wanted, client.name(), &route, secs);
-            Ok(decorate(Json(v).into_response(), client.name(), d, None))
+            if let Some(un) = &unmasker {
+                unmask_json(&mut v, un);
+            }
+            Ok(privacy_header(decorate(
+                Json(v).into_response(),
+                client.name(),
+                d,
+                None,
+            )))
         }
         Ok((Reply::Stream(mut s), _)) => match s.next().await {
             None => {
@@ -216,6 +279,9 @@ pub async fn serve_routed(
                     id: String::new(),
                     model: String::new(),
                     created: crate::unix_now(),
+                    unmask: unmasker,
+                    held: BTreeMap::new(),
+                    prefix: Vec::new(),
                 };
                 let events = stream::unfold(relay, |mut r| async move {
                     let batch = r.next_events().await?;
@@ -225,9 +291,19 @@ pub async fn serve_routed(
                 let resp = Sse::new(events)
                     .keep_alive(KeepAlive::default())
                     .into_response();
-                Ok(decorate(resp, client.name(), d, None))
+                Ok(privacy_header(decorate(resp, client.name(), d, None)))
             }
         },
+    }
+}
+
+/// Audit record of a request the local tier serves (nothing leaves the machine).
+pub(crate) fn audit_local(st: &AppState, ctx: &RequestCtx, raw: &Value, route: &str) {
+    if let Some(g) = st.privacy() {
+        let counts = g.count(raw);
+        g.audit(ctx, LOCAL_TIER, route, "none", &counts);
+        st.metrics
+            .privacy(LOCAL_TIER, "none", &counts_list(&counts));
     }
 }
 
@@ -254,7 +330,15 @@ struct Relay {
     id: String,
     model: String,
     created: u64,
+    /// Restores placeholders when the request was masked.
+    unmask: Option<Unmasker>,
+    /// (choice, tool call or u64::MAX for content) -> text held back mid-placeholder.
+    held: BTreeMap<(u64, u64), StreamUnmasker>,
+    /// Events to send before the next ones (held text flushed when the upstream stream ends).
+    prefix: Vec<SseEvent>,
 }
+
+const CONTENT: u64 = u64::MAX;
 
 fn data(v: &Value) -> SseEvent {
     SseEvent::default().data(v.to_string())
@@ -288,7 +372,88 @@ impl Relay {
         })
     }
 
-    fn forward(&mut self, v: Value) -> SseEvent {
+    /// Restores placeholders in a chunk's content and tool-call arguments; a finishing choice
+    /// releases whatever it still holds.
+    fn unmask_chunk(&mut self, v: &mut Value) {
+        let Some(un) = &self.unmask else {
+            return;
+        };
+        let Some(choices) = v.get_mut("choices").and_then(Value::as_array_mut) else {
+            return;
+        };
+        for ch in choices {
+            let idx = ch["index"].as_u64().unwrap_or(0);
+            let finishing = !ch["finish_reason"].is_null();
+            let delta = &mut ch["delta"];
+            let mut push = |key: (u64, u64), text: &str| {
+                let s = self.held.entry(key).or_insert_with(|| un.stream());
+                let mut out = s.push(text);
+                if finishing {
+                    out.push_str(&s.finish());
+                }
+                out
+            };
+            if let Some(c) = delta["content"].as_str() {
+                let c = c.to_string();
+                delta["content"] = push((idx, CONTENT), &c).into();
+            }
+            if let Some(tcs) = delta["tool_calls"].as_array_mut() {
+                for tc in tcs {
+                    let ti = tc["index"].as_u64().unwrap_or(0);
+                    if let Some(a) = tc["function"]["arguments"].as_str() {
+                        let a = a.to_string();
+                        tc["function"]["arguments"] = push((idx, ti), &a).into();
+                    }
+                }
+            }
+            if finishing {
+                // Held text whose key did not appear in this chunk.
+                let keys: Vec<(u64, u64)> = self
+                    .held
+                    .range((idx, 0)..=(idx, CONTENT))
+                    .map(|(k, _)| *k)
+                    .collect();
+                for key in keys {
+                    let rest = self
+                        .held
+                        .remove(&key)
+                        .map(|mut s| s.finish())
+                        .unwrap_or_default();
+                    if rest.is_empty() {
+                        continue;
+                    }
+                    if key.1 == CONTENT {
+                        let c = delta["content"].as_str().unwrap_or_default().to_string();
+                        delta["content"] = (c + &rest).into();
+                    } else {
+                        let entry = json!({"index": key.1, "function": {"arguments": rest}});
+                        match delta["tool_calls"].as_array_mut() {
+                            Some(a) => a.push(entry),
+                            None => delta["tool_calls"] = json!([entry]),
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// A chunk carrying everything still held (the stream ended without a finishing chunk).
+    fn flush_held(&mut self) -> Option<SseEvent> {
+        let held = std::mem::take(&mut self.held);
+        let text: String = held
+            .into_iter()
+            .filter(|((_, k), _)| *k == CONTENT)
+            .map(|(_, mut s)| s.finish())
+            .collect();
+        if text.is_empty() {
+            return None;
+        }
+        self.text.push_str(&text);
+        Some(data(&self.chunk(Some(&text), None)))
+    }
+
+    fn forward(&mut self, mut v: Value) -> SseEvent {
+        self.unmask_chunk(&mut v);
         if self.id.is_empty() {
             self.id = v["id"].as_str().unwrap_or("chatcmpl-upstream").to_string();
             self.model = v["model"].as_str().unwrap_or(&self.upstream).to_string();
@@ -304,6 +469,19 @@ impl Relay {
 
     /// The next SSE events; None once the stream is over.
     async fn next_events(&mut self) -> Option<Vec<SseEvent>> {
+        let next = self.next_inner().await;
+        let mut out = std::mem::take(&mut self.prefix);
+        match next {
+            Some(ev) => {
+                out.extend(ev);
+                Some(out)
+            }
+            None if !out.is_empty() => Some(out),
+            None => None,
+        }
+    }
+
+    async fn next_inner(&mut self) -> Option<Vec<SseEvent>> {
         if let Some(v) = self.pending.take() {
             return Some(vec![self.forward(v)]);
         }
@@ -314,9 +492,14 @@ impl Relay {
                     Some(Ok(v)) => return Some(vec![self.forward(v)]),
                     None => {
                         self.phase = Phase::Done;
-                        return Some(vec![SseEvent::default().data("[DONE]")]);
+                        let mut ev: Vec<SseEvent> = self.flush_held().into_iter().collect();
+                        ev.push(SseEvent::default().data("[DONE]"));
+                        return Some(ev);
                     }
                     Some(Err(e)) => {
+                        if let Some(ev) = self.flush_held() {
+                            self.prefix.push(ev);
+                        }
                         self.st
                             .metrics
                             .upstream_failure(&self.upstream, failure_kind(&e));

@@ -2,6 +2,7 @@
 
 mod bench;
 mod perplexity;
+mod privacy_cmd;
 mod router_cmd;
 mod serve;
 
@@ -87,6 +88,12 @@ enum Cmd {
     /// The semantic router: train its scorer, calibrate, evaluate, measure decision latency.
     #[command(subcommand)]
     Router(router_cmd::RouterCmd),
+    /// The privacy guard's detectors: scan a text, measure precision/recall on a labelled corpus, bench.
+    #[command(subcommand)]
+    Privacy(privacy_cmd::PrivacyCmd),
+    /// The tamper-evident audit trail: verify its hash chain, export it.
+    #[command(subcommand)]
+    Audit(privacy_cmd::AuditCmd),
     /// Show the token ids of a text.
     Tokenize {
         #[command(flatten)]
@@ -268,6 +275,8 @@ fn dispatch(cmd: Cmd) -> Result<()> {
         Cmd::Bench(a) => bench::run(&a),
         Cmd::Perplexity(a) => perplexity::run(&a),
         Cmd::Router(c) => router_cmd::run(&c),
+        Cmd::Privacy(c) => privacy_cmd::run_privacy(&c),
+        Cmd::Audit(c) => privacy_cmd::run_audit(&c),
         Cmd::Tokenize {
             m,
             no_special,

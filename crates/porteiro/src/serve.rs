@@ -83,6 +83,7 @@ async fn serve(cfg: Config, model_path: PathBuf, embed_path: Option<PathBuf>) ->
     println!("porteiro: listening on http://{local}");
     let settings = Settings::from_config(&cfg);
     let state = AppState::new(settings.clone());
+    state.set_privacy(privacy_guard(&cfg)?);
     let grace = Duration::from_secs(cfg.shutdown_grace_s);
     let server = tokio::spawn(porteiro_server::serve(
         listener,
@@ -163,8 +164,29 @@ async fn serve(cfg: Config, model_path: PathBuf, embed_path: Option<PathBuf>) ->
         settings.model_id
     );
     server.await.context("the server task failed")??;
+    if let Some(g) = state.privacy() {
+        g.flush_audit();
+    }
     println!("porteiro: stopped");
     Ok(())
+}
+
+/// The privacy guard: detectors (with the first-name list unless `[privacy] names = ""`), the
+/// policies, and the audit trail when `[privacy] audit_db` is set.
+fn privacy_guard(cfg: &Config) -> Result<porteiro_server::privacy::Guard> {
+    let det = crate::privacy_cmd::detector(cfg.privacy.names.as_deref())?;
+    let audit = match &cfg.privacy.audit_db {
+        None => None,
+        Some(p) => {
+            let key = std::env::var(&cfg.privacy.audit_key_env).ok();
+            let log = porteiro_privacy::AuditLog::open(
+                std::path::Path::new(p),
+                key.as_deref().map(str::as_bytes),
+            )?;
+            Some(porteiro_privacy::AuditWriter::spawn(log).context("starting the audit writer")?)
+        }
+    };
+    Ok(porteiro_server::privacy::Guard::new(cfg, det, audit))
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -1,0 +1,989 @@
+//! Typed PII / PHI / secret detectors. A regular expression only proposes a candidate; each
+//! category then validates it (check digits, octet ranges, entropy, a context word nearby), so a
+//! random run of digits is not reported as a card number.
+
+use std::net::Ipv6Addr;
+
+use regex::Regex;
+use serde::Serialize;
+
+/// What was found. The label is what placeholders and audit records use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Category {
+    Secret,
+    Email,
+    CreditCard,
+    Iban,
+    UsSsn,
+    Cpf,
+    Cnpj,
+    IpAddress,
+    Phone,
+    DateOfBirth,
+    MedicalRecord,
+    Address,
+    Person,
+}
+
+impl Category {
+    pub const ALL: [Category; 13] = [
+        Category::Secret,
+        Category::Email,
+        Category::CreditCard,
+        Category::Iban,
+        Category::UsSsn,
+        Category::Cpf,
+        Category::Cnpj,
+        Category::IpAddress,
+        Category::Phone,
+        Category::DateOfBirth,
+        Category::MedicalRecord,
+        Category::Address,
+        Category::Person,
+    ];
+
+    /// Upper-case label used in placeholders (`[EMAIL_1]`).
+    pub fn label(self) -> &'static str {
+        match self {
+            Category::Secret => "SECRET",
+            Category::Email => "EMAIL",
+            Category::CreditCard => "CREDIT_CARD",
+            Category::Iban => "IBAN",
+            Category::UsSsn => "SSN",
+            Category::Cpf => "CPF",
+            Category::Cnpj => "CNPJ",
+            Category::IpAddress => "IP",
+            Category::Phone => "PHONE",
+            Category::DateOfBirth => "DOB",
+            Category::MedicalRecord => "MRN",
+            Category::Address => "ADDRESS",
+            Category::Person => "PERSON",
+        }
+    }
+
+    /// Lower-case name used in config, errors and audit records.
+    pub fn name(self) -> &'static str {
+        match self {
+            Category::Secret => "secret",
+            Category::Email => "email",
+            Category::CreditCard => "credit_card",
+            Category::Iban => "iban",
+            Category::UsSsn => "us_ssn",
+            Category::Cpf => "cpf",
+            Category::Cnpj => "cnpj",
+            Category::IpAddress => "ip_address",
+            Category::Phone => "phone",
+            Category::DateOfBirth => "date_of_birth",
+            Category::MedicalRecord => "medical_record",
+            Category::Address => "address",
+            Category::Person => "person",
+        }
+    }
+
+    pub fn is_secret(self) -> bool {
+        self == Category::Secret
+    }
+
+    /// Overlapping candidates keep the stronger kind: secrets, then check-digit validated
+    /// numbers, then shape-validated ones, then context rules.
+    fn rank(self) -> u8 {
+        match self {
+            Category::Secret => 5,
+            Category::Email | Category::CreditCard | Category::Iban | Category::Cpf => 4,
+            Category::Cnpj | Category::UsSsn | Category::IpAddress => 4,
+            Category::DateOfBirth | Category::MedicalRecord => 3,
+            Category::Phone => 2,
+            Category::Address | Category::Person => 1,
+        }
+    }
+}
+
+/// One detected value: byte offsets into the scanned text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Finding {
+    pub category: Category,
+    pub start: usize,
+    pub end: usize,
+}
+
+impl Finding {
+    pub fn value<'a>(&self, text: &'a str) -> &'a str {
+        &text[self.start..self.end]
+    }
+}
+
+type Check = fn(&str, &str, usize, usize) -> bool;
+
+struct Rule {
+    category: Category,
+    re: Regex,
+    /// Capture group holding the value (0 = the whole match).
+    group: usize,
+    check: Check,
+}
+
+/// All detectors, compiled once; `Detector` is cheap to share (`&self` scanning).
+pub struct Detector {
+    rules: Vec<Rule>,
+    names: Option<Names>,
+    /// Capitalised words and initials, for the first-name list.
+    words: Regex,
+}
+
+/// A list of first names (gender-guesser's `nam_dict.txt`: ~45,000 names from many countries).
+/// A listed name followed by a capitalised word, or a listed name inside a sentence, is a person.
+pub struct Names {
+    set: std::collections::HashSet<String>,
+}
+
+impl Names {
+    /// Reads `nam_dict.txt` (a name in columns 3..29 after a gender code; `=` lines are aliases).
+    pub fn from_nam_dict(text: &str) -> Self {
+        let set = text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.starts_with('='))
+            .filter_map(|l| {
+                l.get(3..)
+                    .map(|r| r.split("  ").next().unwrap_or("").trim())
+            })
+            .filter(|n| n.chars().count() >= 2 && !n.contains('+') && !n.contains(' '))
+            .filter(|n| !COMMON_WORDS.contains(n))
+            .map(str::to_string)
+            .collect();
+        Self { set }
+    }
+
+    pub fn load(path: &std::path::Path) -> std::io::Result<Self> {
+        Ok(Self::from_nam_dict(&std::fs::read_to_string(path)?))
+    }
+
+    pub fn len(&self) -> usize {
+        self.set.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty()
+    }
+
+    pub fn contains(&self, w: &str) -> bool {
+        self.set.contains(w)
+    }
+}
+
+/// Listed as first names somewhere, but far more often ordinary capitalised words in a request.
+const COMMON_WORDS: [&str; 44] = [
+    "The", "This", "That", "What", "When", "Where", "Who", "How", "Why", "Can", "May", "Will",
+    "Please", "Thanks", "Hello", "Dear", "Street", "Road", "Avenue", "Apt", "Suite", "Unit",
+    "Office", "Fax", "Phone", "Mobile", "Desk", "Email", "Mail", "Card", "Bank", "Account",
+    "Personal", "Info", "Home", "Work", "North", "South", "East", "West", "New", "Rua", "Avenida",
+    "Is",
+];
+
+const MONTHS: &str = "(?:jan(?:uary|eiro)?|feb(?:ruary)?|fev(?:ereiro)?|mar(?:ch|ço|co)?|apr(?:il)?|abr(?:il)?|may|mai(?:o)?|june?|jun(?:ho)?|july?|jul(?:ho)?|aug(?:ust)?|ago(?:sto)?|sep(?:t(?:ember)?)?|set(?:embro)?|oct(?:ober)?|out(?:ubro)?|nov(?:ember|embro)?|dec(?:ember)?|dez(?:embro)?)\\.?";
+
+fn date_re() -> String {
+    format!(
+        r"(?:\d{{1,2}}[/.\-]\d{{1,2}}[/.\-]\d{{2,4}}|\d{{4}}-\d{{2}}-\d{{2}}|(?:\d{{1,2}}(?:st|nd|rd|th)?\s+(?:of\s+|de\s+)?)?{m}(?:\s+\d{{1,2}}(?:st|nd|rd|th)?)?,?\s+(?:de\s+)?\d{{4}})",
+        m = MONTHS
+    )
+}
+
+const STREET_EN: &str = r"(?:Street|St|Avenue|Ave|Road|Rd|Lane|Ln|Boulevard|Blvd|Drive|Dr|Court|Ct|Place|Pl|Way|Terrace|Ter|Parkway|Pkwy|Circle|Cir|Square|Sq|Highway|Hwy|Alley|Crescent|Close|Row|Trail|Plaza|Route)\b\.?";
+const STREET_EU: &str = r"(?:straße|strasse|str\.|katu|tie|gatan|vägen|vej|weg|gade|laan|straat|allee|platz|gasse|veien|gata|utca|ulica|cesta|iela|tee)";
+const UNIT: &str =
+    r"(?:Apt|Apartment|Suite|Ste|Unit|Flat|Apto|Sala|Bloco|Casa)\.?\s*#?\s*\d+[A-Za-z]?";
+const NAME: &str = r"\p{Lu}[\p{Ll}'’\-]+(?:\s+(?:\p{Lu}\.|(?:da|de|do|dos|das|van|von|del|la)\s+\p{Lu}[\p{Ll}'’\-]+|\p{Lu}[\p{Ll}'’\-]+)){0,3}";
+
+impl Detector {
+    pub fn new() -> Self {
+        let date = date_re();
+        let specs: Vec<(Category, String, usize, Check)> = vec![
+            (
+                Category::Secret,
+                r"-----BEGIN (?:[A-Z]+ )*PRIVATE KEY-----(?s:.*?)-----END (?:[A-Z]+ )*PRIVATE KEY-----".into(),
+                0,
+                always,
+            ),
+            (
+                Category::Secret,
+                r"\b(?:sk-(?:proj-|ant-|live-)?[A-Za-z0-9_\-]{20,}|sk_(?:live|test)_[A-Za-z0-9]{16,}|rk_live_[A-Za-z0-9]{16,}|gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{22,}|(?:AKIA|ASIA)[0-9A-Z]{16}|xox[abprse]-[A-Za-z0-9\-]{10,}|AIza[0-9A-Za-z_\-]{35}|glpat-[A-Za-z0-9_\-]{20,})".into(),
+                0,
+                always,
+            ),
+            (
+                Category::Secret,
+                r"\beyJ[A-Za-z0-9_\-]{8,}\.eyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}".into(),
+                0,
+                always,
+            ),
+            (
+                Category::Secret,
+                r#"(?i)\b(?:api[_\-\s]?key|apikey|secret(?:[_\-]?key)?|access[_\-]?key|auth[_\-]?token|token|password|passwd|pwd|senha|chave)\b["']?\s*(?:[:=]|\bis\b|\bé\b)\s*["']?([A-Za-z0-9_\-+/=.!@#$%^&*]{8,})"#.into(),
+                1,
+                high_entropy,
+            ),
+            (
+                Category::Email,
+                r"\b[A-Za-z0-9][A-Za-z0-9._%+\-]*@[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?)*\.[A-Za-z]{2,24}\b".into(),
+                0,
+                email_ok,
+            ),
+            (Category::CreditCard, r"\b\d(?:[ \-]?\d){11,18}\b".into(), 0, card_ok),
+            // Right after the word "card", any Luhn-valid number of card length is one.
+            (
+                Category::CreditCard,
+                r"(?i)\b(?:card|cart[aã]o|cc)\b(?:\s+(?:number|no\.?|#|n[º°o]\.?))?\s*[:#]?\s*(\d(?:[ \-]?\d){11,18})\b".into(),
+                1,
+                card_in_context_ok,
+            ),
+            (
+                Category::Iban,
+                r"(?i)\b[A-Z]{2}\d{2}[A-Z0-9]{11,30}\b".into(),
+                0,
+                iban_ok,
+            ),
+            (
+                Category::Iban,
+                r"(?i)\b[A-Z]{2}\d{2}(?: [A-Z0-9]{4}){2,7}(?: [A-Z0-9]{1,4})?\b".into(),
+                0,
+                iban_ok,
+            ),
+            (Category::UsSsn, r"\b\d{3}([\- ])\d{2}([\- ])\d{4}\b".into(), 0, ssn_ok),
+            (
+                Category::UsSsn,
+                r"(?i)\b(?:ssn|social security(?: number| no\.?)?)\s*[:#]?\s*(\d{9})\b".into(),
+                1,
+                ssn_ok,
+            ),
+            (Category::Cpf, r"\b\d{3}\.?\d{3}\.?\d{3}-?\d{2}\b".into(), 0, cpf_ok),
+            (Category::Cnpj, r"\b\d{2}\.?\d{3}\.?\d{3}/?\d{4}-?\d{2}\b".into(), 0, cnpj_ok),
+            (
+                Category::IpAddress,
+                r"\b(?:\d{1,3}\.){3}\d{1,3}\b".into(),
+                0,
+                ipv4_ok,
+            ),
+            (
+                Category::IpAddress,
+                r"(?i)[0-9a-f]{0,4}(?::[0-9a-f]{0,4}){2,7}(?:(?:\d{1,3}\.){3}\d{1,3})?".into(),
+                0,
+                ipv6_ok,
+            ),
+            // E.164 and other numbers written with a country code.
+            (
+                Category::Phone,
+                r"\+\d{1,3}(?:[ .\-]?\(?\d{1,5}\)?){1,5}(?:\s?(?:x|ext\.?)\s?\d{1,5})?\b".into(),
+                0,
+                e164_ok,
+            ),
+            // North American numbers: (212) 555-0199, 212-555-0199, 212.555.0199.
+            (
+                Category::Phone,
+                r"(?:\(\d{3}\)\s?|\b\d{3}[ .\-])\d{3}[ .\-]\d{4}(?:\s?(?:x|ext\.?)\s?\d{1,5})?\b".into(),
+                0,
+                nanp_ok,
+            ),
+            // Brazilian mobiles and landlines: (11) 98765-4321, 11 3456-7890, 11987654321.
+            (
+                Category::Phone,
+                r"(?:\(\d{2}\)\s?|\b\d{2}\s)9?\d{4}[\- ]?\d{4}\b|\b\d{2}9\d{8}\b".into(),
+                0,
+                br_phone_ok,
+            ),
+            // Anything else shaped like a phone number, when a phone word is just before it.
+            (
+                Category::Phone,
+                r"(?i)\b(?:phone|tel|telephone|mobile|cell|fax|desk|office|call|contact|number|answering at|reach me at|messages to|registered|sms|text me at|telefone|celular|fone|whatsapp|ligue|contato)\b[^\d]{0,24}(\+?\(?\d{1,5}\)?(?:[ .\-]?\(?\d{1,5}\)?){0,5}(?:\s?(?:x|ext\.?)\s?\d{1,5})?)".into(),
+                1,
+                phone_digits_ok,
+            ),
+            // Numbers with a trunk prefix 0 in groups: 07700 900 123, 0489 25 37 29, 03.93.92.16.85.
+            (
+                Category::Phone,
+                r"\b0\d{1,4}(?:[ .\-]\d{2,4}){2,4}\b".into(),
+                0,
+                trunk_ok,
+            ),
+            // A number labelled as a phone right after it: "416 60 039 office", "930.167.3943 fax".
+            (
+                Category::Phone,
+                r"(?i)(\+?\(?\d{1,5}\)?(?:[ .\-]?\(?\d{1,5}\)?){0,5}(?:\s?x\d{1,5})?)\s*-?\s*(?:office|fax|mobile|cell|home|work)\b".into(),
+                1,
+                phone_digits_ok,
+            ),
+            (
+                Category::DateOfBirth,
+                format!(
+                    r"(?i)\b(?:born(?:\s+on)?|date\s+of\s+birth|d\.?o\.?b\.?|birth\s?date|birthday|nascid[oa](?:\s+em)?|data\s+de\s+nascimento|nasc\.?)\s*[:\-]?\s*({date})"
+                ),
+                1,
+                always,
+            ),
+            (
+                Category::MedicalRecord,
+                r"(?i)\b(?:MRN|medical\s+record(?:\s+(?:number|no\.?|#))?|patient\s+(?:id|number)|health\s+(?:id|plan\s+number)|prontu[aá]rio(?:\s+n[º°o]?\.?)?|registro\s+m[eé]dico|cart[aã]o\s+sus)\s*[:#]?\s*([A-Z0-9][A-Z0-9\-]{4,19})\b".into(),
+                1,
+                has_digit,
+            ),
+            (
+                Category::Address,
+                format!(
+                    r"\b\d{{1,6}}[A-Za-z]?(?:-\d+)?\s+(?:\p{{Lu}}[\p{{L}}'.\-]*\s+){{0,4}}{STREET_EN}(?:,?\s+{UNIT})?"
+                ),
+                0,
+                always,
+            ),
+            (
+                Category::Address,
+                format!(r"(?:\b\d{{1,6}}\s+)?\b\p{{Lu}}\p{{Ll}}*{STREET_EU}\s+\d{{1,5}}[A-Za-z]?\b(?:,?\s+{UNIT})?"),
+                0,
+                always,
+            ),
+            (
+                Category::Address,
+                r"(?i)\b(?:rua|r\.|avenida|av\.|travessa|tv\.|alameda|al\.|praça|pça\.|estrada|rodovia|largo)\s+(?:[\p{L}'.]+\s+){0,5}?[\p{L}'.]+,?\s*(?:n[º°o.]?\s*)?\d{1,5}\b".into(),
+                0,
+                always,
+            ),
+            (Category::Address, format!(r"\b{UNIT}\b"), 0, always),
+            (
+                Category::Person,
+                format!(
+                    r"\b(?:Mr|Mrs|Ms|Miss|Mx|Dr|Prof|Sr|Sra|Srta|Dra|Dona)\.?\s+({NAME})"
+                ),
+                1,
+                always,
+            ),
+            (
+                Category::Person,
+                format!(
+                    r"(?i:\b(?:my name is|name is|name:|named|called|i am|i'm|dear|hi|hello|olá|oi|prezad[oa]|caro|cara|meu nome é|me chamo|chamad[oa]|patient|paciente|signed|regards,|atenciosamente,|sincerely,|thanks,|obrigad[oa],)\s+)({NAME})"
+                ),
+                1,
+                not_common_word,
+            ),
+        ];
+        let rules: Vec<Rule> = specs
+            .into_iter()
+            .map(|(category, re, group, check)| Rule {
+                category,
+                re: Regex::new(&re).unwrap_or_else(|e| panic!("detector {category:?}: {e}")),
+                group,
+                check,
+            })
+            .collect();
+        let words = Regex::new(r"\p{Lu}[\p{Ll}'’\-]+|\p{Lu}\.").expect("words");
+        Self {
+            rules,
+            names: None,
+            words,
+        }
+    }
+
+    /// Adds person detection by a first-name list.
+    pub fn with_names(mut self, names: Names) -> Self {
+        self.names = Some(names);
+        self
+    }
+
+    fn scan_names(&self, text: &str, out: &mut Vec<Finding>) {
+        let Some(names) = &self.names else {
+            return;
+        };
+        let words: Vec<(usize, usize)> = self
+            .words
+            .find_iter(text)
+            .map(|m| (m.start(), m.end()))
+            .collect();
+        let mut i = 0;
+        while i < words.len() {
+            let (s, e) = words[i];
+            if !names.contains(&text[s..e]) {
+                i += 1;
+                continue;
+            }
+            // Extend over following capitalised words or initials separated by one space.
+            let mut j = i;
+            while j + 1 < words.len()
+                && j - i < 3
+                && matches!(&text[words[j].1..words[j + 1].0], " ")
+            {
+                j += 1;
+            }
+            let end = words[j].1;
+            let sentence_start = text[..s]
+                .trim_end_matches([' ', '"', '\'', '('])
+                .chars()
+                .next_back()
+                .is_none_or(|c| matches!(c, '.' | '!' | '?' | '\n' | ':'));
+            if j > i || !sentence_start {
+                out.push(Finding {
+                    category: Category::Person,
+                    start: s,
+                    end,
+                });
+            }
+            i = j + 1;
+        }
+    }
+
+    /// Every finding in `text`, sorted by start, without overlaps.
+    pub fn scan(&self, text: &str) -> Vec<Finding> {
+        let mut cands: Vec<Finding> = Vec::new();
+        for rule in &self.rules {
+            // find_iter is several times cheaper than captures_iter; the capture group is only
+            // resolved for actual matches (from the match start, so \b sees the real context).
+            for m in rule.re.find_iter(text) {
+                let (s0, e0) = if rule.group == 0 {
+                    (m.start(), m.end())
+                } else {
+                    match rule
+                        .re
+                        .captures_at(text, m.start())
+                        .and_then(|c| c.get(rule.group))
+                    {
+                        Some(g) => (g.start(), g.end()),
+                        None => continue,
+                    }
+                };
+                let (s, e) = trim_span(text, s0, e0);
+                if s < e && (rule.check)(text, &text[s..e], s, e) {
+                    cands.push(Finding {
+                        category: rule.category,
+                        start: s,
+                        end: e,
+                    });
+                }
+            }
+        }
+        self.scan_names(text, &mut cands);
+        resolve(cands)
+    }
+}
+
+impl Default for Detector {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Trailing punctuation and spaces are not part of a value.
+fn trim_span(text: &str, s: usize, mut e: usize) -> (usize, usize) {
+    while e > s {
+        let c = text[..e].chars().next_back().unwrap_or(' ');
+        if c.is_whitespace() || matches!(c, ',' | ';' | ':') {
+            e -= c.len_utf8();
+        } else {
+            break;
+        }
+    }
+    (s, e)
+}
+
+/// Keeps the strongest of overlapping candidates (rank, then length, then earliest).
+fn resolve(mut cands: Vec<Finding>) -> Vec<Finding> {
+    cands.sort_by(|a, b| {
+        b.category
+            .rank()
+            .cmp(&a.category.rank())
+            .then((b.end - b.start).cmp(&(a.end - a.start)))
+            .then(a.start.cmp(&b.start))
+    });
+    let mut kept: Vec<Finding> = Vec::with_capacity(cands.len());
+    for c in cands {
+        if kept.iter().all(|k| c.end <= k.start || c.start >= k.end) {
+            kept.push(c);
+        }
+    }
+    kept.sort_by_key(|f| f.start);
+    kept
+}
+
+fn always(_: &str, _: &str, _: usize, _: usize) -> bool {
+    true
+}
+
+fn digits(v: &str) -> Vec<u8> {
+    v.bytes()
+        .filter(u8::is_ascii_digit)
+        .map(|b| b - b'0')
+        .collect()
+}
+
+/// The characters just around a match: a digit or letter glued to it means it is part of
+/// something longer (an order number, a hash).
+fn glued(text: &str, s: usize, e: usize) -> bool {
+    let before = text[..s].chars().next_back();
+    let after = text[e..].chars().next();
+    let bad = |c: Option<char>| c.is_some_and(|c| c.is_alphanumeric() || c == '_');
+    bad(before) || bad(after)
+}
+
+fn has_digit(_: &str, v: &str, _: usize, _: usize) -> bool {
+    v.bytes().any(|b| b.is_ascii_digit())
+}
+
+fn email_ok(_: &str, v: &str, _: usize, _: usize) -> bool {
+    let Some((local, domain)) = v.split_once('@') else {
+        return false;
+    };
+    !local.ends_with('.') && !local.contains("..") && !domain.contains("..") && local.len() <= 64
+}
+
+pub fn luhn(d: &[u8]) -> bool {
+    let mut sum = 0u32;
+    for (i, &x) in d.iter().rev().enumerate() {
+        let mut x = x as u32;
+        if i % 2 == 1 {
+            x *= 2;
+            if x > 9 {
+                x -= 9;
+            }
+        }
+        sum += x;
+    }
+    sum.is_multiple_of(10)
+}
+
+fn card_in_context_ok(text: &str, v: &str, s: usize, e: usize) -> bool {
+    let d = digits(v);
+    (12..=19).contains(&d.len()) && !glued(text, s, e) && luhn(&d)
+}
+
+fn card_ok(text: &str, v: &str, s: usize, e: usize) -> bool {
+    let d = digits(v);
+    if !(12..=19).contains(&d.len()) || glued(text, s, e) || !luhn(&d) {
+        return false;
+    }
+    // "+44 7700 …" is a phone number.
+    if text[..s].ends_with('+') {
+        return false;
+    }
+    // One separator style only (groups like "4111 1111 1111 1111" or "4111-1111-...").
+    let seps: Vec<char> = v.chars().filter(|c| !c.is_ascii_digit()).collect();
+    if seps.windows(2).any(|w| w[0] != w[1]) {
+        return false;
+    }
+    // Issuer ranges: Visa, Mastercard, Amex, Diners, Discover, JCB, Maestro, UnionPay, Elo, Hipercard.
+    let p2 = d[0] * 10 + d[1];
+    let p4: u32 = d[..4].iter().fold(0, |a, &x| a * 10 + x as u32);
+    matches!(d[0], 3..=6) || (22..=27).contains(&p2) || (d.len() == 15 && matches!(p4, 1800 | 2131))
+}
+
+/// ISO 13616: move the first four characters to the end, letters become 10..35, the number mod 97 is 1.
+pub fn iban_mod97(v: &str) -> bool {
+    let s: Vec<char> = v
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .map(|c| c.to_ascii_uppercase())
+        .collect();
+    if s.len() < 15 || s.len() > 34 {
+        return false;
+    }
+    let mut rem = 0u32;
+    for c in s[4..].iter().chain(s[..4].iter()) {
+        let n = match c {
+            '0'..='9' => *c as u32 - '0' as u32,
+            'A'..='Z' => *c as u32 - 'A' as u32 + 10,
+            _ => return false,
+        };
+        rem = if n >= 10 {
+            (rem * 100 + n) % 97
+        } else {
+            (rem * 10 + n) % 97
+        };
+    }
+    rem == 1
+}
+
+fn iban_ok(text: &str, v: &str, s: usize, e: usize) -> bool {
+    !glued(text, s, e) && iban_mod97(v)
+}
+
+fn ssn_ok(text: &str, v: &str, s: usize, e: usize) -> bool {
+    let d = digits(v);
+    if d.len() != 9 || glued(text, s, e) {
+        return false;
+    }
+    // Hyphen and space forms must not mix ("123-45 6789" is something else).
+    let seps: Vec<char> = v.chars().filter(|c| !c.is_ascii_digit()).collect();
+    if seps.windows(2).any(|w| w[0] != w[1]) {
+        return false;
+    }
+    let area = d[0] as u32 * 100 + d[1] as u32 * 10 + d[2] as u32;
+    let group = d[3] * 10 + d[4];
+    let serial = d[5..].iter().fold(0u32, |a, &x| a * 10 + x as u32);
+    area != 0 && area != 666 && area < 900 && group != 0 && serial != 0
+}
+
+/// Brazilian CPF: two mod-11 check digits over weights 10..2 and 11..2.
+pub fn cpf_valid(d: &[u8]) -> bool {
+    if d.len() != 11 || d.iter().all(|&x| x == d[0]) {
+        return false;
+    }
+    let check = |n: usize| {
+        let s: u32 = (0..n)
+            .map(|i| d[i] as u32 * (n as u32 + 1 - i as u32))
+            .sum();
+        let r = (s * 10) % 11;
+        if r == 10 {
+            0
+        } else {
+            r as u8
+        }
+    };
+    check(9) == d[9] && check(10) == d[10]
+}
+
+fn cpf_ok(text: &str, v: &str, s: usize, e: usize) -> bool {
+    // Either fully punctuated (123.456.789-09) or bare digits.
+    let punct = v.contains('.') || v.contains('-');
+    let well_formed = !punct || (v.len() == 14 && v.matches('.').count() == 2);
+    well_formed && !glued(text, s, e) && cpf_valid(&digits(v))
+}
+
+/// Brazilian CNPJ: two mod-11 check digits with weights 5..2,9..2 and 6..2,9..2.
+pub fn cnpj_valid(d: &[u8]) -> bool {
+    if d.len() != 14 || d.iter().all(|&x| x == d[0]) {
+        return false;
+    }
+    let check = |n: usize| {
+        let w: &[u32] = if n == 12 {
+            &[5, 4, 3, 2, 9, 8, 7, 6, 5, 4, 3, 2]
+        } else {
+            &[6, 5, 4, 3, 2, 9, 8, 7, 6, 5, 4, 3, 2]
+        };
+        let s: u32 = (0..n).map(|i| d[i] as u32 * w[i]).sum();
+        let r = s % 11;
+        if r < 2 {
+            0
+        } else {
+            (11 - r) as u8
+        }
+    };
+    check(12) == d[12] && check(13) == d[13]
+}
+
+fn cnpj_ok(text: &str, v: &str, s: usize, e: usize) -> bool {
+    !glued(text, s, e) && cnpj_valid(&digits(v))
+}
+
+fn ipv4_ok(text: &str, v: &str, s: usize, e: usize) -> bool {
+    // "1.2.3.4.5" is a version number, not an address.
+    let after = &text[e..];
+    if after.starts_with('.') && after[1..].starts_with(|c: char| c.is_ascii_digit()) {
+        return false;
+    }
+    if text[..s].ends_with('.') {
+        return false;
+    }
+    v.split('.').all(|o| {
+        o.parse::<u32>()
+            .is_ok_and(|n| n <= 255 && (o.len() == 1 || !o.starts_with('0')))
+    })
+}
+
+fn ipv6_ok(text: &str, v: &str, s: usize, e: usize) -> bool {
+    // Clock times (10:30:00) and ratios parse as nothing; require hex groups or "::".
+    if glued(text, s, e) || v.matches(':').count() < 2 {
+        return false;
+    }
+    if !v.contains("::") && v.matches(':').count() < 7 {
+        return false;
+    }
+    v.parse::<Ipv6Addr>().is_ok() && v.chars().any(|c| c.is_ascii_hexdigit())
+}
+
+/// The number without its extension ("x459", "ext. 12").
+fn main_number(v: &str) -> &str {
+    v.find(['x', 'e']).map_or(v, |i| v[..i].trim_end())
+}
+
+fn trunk_ok(text: &str, v: &str, s: usize, e: usize) -> bool {
+    let n = digits(v).len();
+    (9..=12).contains(&n) && !glued(text, s, e)
+}
+
+fn e164_ok(text: &str, v: &str, s: usize, e: usize) -> bool {
+    let n = digits(main_number(v)).len();
+    (8..=15).contains(&n) && !glued(text, s, e)
+}
+
+fn nanp_ok(text: &str, v: &str, s: usize, e: usize) -> bool {
+    let d = digits(main_number(v));
+    // Area code and exchange start with 2-9.
+    d.len() == 10 && d[0] >= 2 && d[3] >= 2 && !glued(text, s, e) && !text[..s].ends_with('+')
+}
+
+fn br_phone_ok(text: &str, v: &str, s: usize, e: usize) -> bool {
+    let d = digits(v);
+    if glued(text, s, e) || d[0] == 0 || d[1] == 0 {
+        return false;
+    }
+    match d.len() {
+        11 => d[2] == 9,
+        10 => (2..=5).contains(&d[2]),
+        _ => false,
+    }
+}
+
+fn phone_digits_ok(text: &str, v: &str, s: usize, e: usize) -> bool {
+    let n = digits(main_number(v)).len();
+    (7..=15).contains(&n) && !glued(text, s, e)
+}
+
+/// Shannon entropy of the value's characters, in bits per character.
+fn entropy(v: &str) -> f64 {
+    let mut counts = [0u32; 256];
+    for b in v.bytes() {
+        counts[b as usize] += 1;
+    }
+    let n = v.len() as f64;
+    counts
+        .iter()
+        .filter(|&&c| c > 0)
+        .map(|&c| {
+            let p = c as f64 / n;
+            -p * p.log2()
+        })
+        .sum()
+}
+
+fn high_entropy(_: &str, v: &str, _: usize, _: usize) -> bool {
+    let classes = [
+        v.bytes().any(|b| b.is_ascii_lowercase()),
+        v.bytes().any(|b| b.is_ascii_uppercase()),
+        v.bytes().any(|b| b.is_ascii_digit()),
+        v.bytes().any(|b| !b.is_ascii_alphanumeric()),
+    ]
+    .iter()
+    .filter(|&&x| x)
+    .count();
+    v.len() >= 8 && classes >= 2 && entropy(v) >= 2.8
+}
+
+/// Words that follow "I am", "hello", "from" capitalised without being names.
+const NOT_NAMES: [&str; 47] = [
+    "The",
+    "This",
+    "That",
+    "There",
+    "Here",
+    "Monday",
+    "Tuesday",
+    "Wednesday",
+    "Thursday",
+    "Friday",
+    "Saturday",
+    "Sunday",
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+    "God",
+    "Team",
+    "All",
+    "Everyone",
+    "World",
+    "Support",
+    "Sir",
+    "Madam",
+    "Customer",
+    "Please",
+    "Thanks",
+    "Thank",
+    "Sorry",
+    "Not",
+    "Just",
+    "Still",
+    "Dr",
+    "Mr",
+    "Mrs",
+    "Ms",
+    "Sr",
+    "Sra",
+    "Prof",
+];
+
+fn not_common_word(_: &str, v: &str, _: usize, _: usize) -> bool {
+    let first = v.split_whitespace().next().unwrap_or("");
+    !NOT_NAMES.contains(&first) && first.chars().count() >= 2
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn found(text: &str) -> Vec<(Category, String)> {
+        Detector::new()
+            .scan(text)
+            .into_iter()
+            .map(|f| (f.category, f.value(text).to_string()))
+            .collect()
+    }
+
+    fn has(text: &str, c: Category, v: &str) {
+        let f = found(text);
+        assert!(
+            f.iter().any(|(k, x)| *k == c && x == v),
+            "{c:?} {v:?} not found in {text:?}: {f:?}"
+        );
+    }
+
+    fn none_of(text: &str, c: Category) {
+        let f = found(text);
+        assert!(
+            f.iter().all(|(k, _)| *k != c),
+            "{c:?} wrongly found in {text:?}: {f:?}"
+        );
+    }
+
+    #[test]
+    fn check_digit_validators() {
+        assert!(luhn(&digits("4111111111111111")));
+        assert!(!luhn(&digits("4111111111111112")));
+        assert!(iban_mod97("GB82 WEST 1234 5698 7654 32"));
+        assert!(iban_mod97("DE89370400440532013000"));
+        assert!(!iban_mod97("DE89370400440532013001"));
+        assert!(cpf_valid(&digits("529.982.247-25")));
+        assert!(!cpf_valid(&digits("529.982.247-26")));
+        assert!(!cpf_valid(&digits("111.111.111-11")));
+        assert!(cnpj_valid(&digits("11.222.333/0001-81")));
+        assert!(!cnpj_valid(&digits("11.222.333/0001-82")));
+    }
+
+    #[test]
+    fn validated_numbers_and_their_look_alikes() {
+        has(
+            "card 4111 1111 1111 1111 ok",
+            Category::CreditCard,
+            "4111 1111 1111 1111",
+        );
+        none_of("order 4111 1111 1111 1112", Category::CreditCard);
+        has(
+            "IBAN: GB82 WEST 1234 5698 7654 32.",
+            Category::Iban,
+            "GB82 WEST 1234 5698 7654 32",
+        );
+        has("ssn 078-05-1120", Category::UsSsn, "078-05-1120");
+        none_of("ssn 000-05-1120 and 666-12-3456", Category::UsSsn);
+        has("CPF 529.982.247-25", Category::Cpf, "529.982.247-25");
+        has("cpf 52998224725 ok", Category::Cpf, "52998224725");
+        none_of("cpf 529.982.247-26", Category::Cpf);
+        has(
+            "CNPJ 11.222.333/0001-81",
+            Category::Cnpj,
+            "11.222.333/0001-81",
+        );
+        has("CNPJ 11222333000181", Category::Cnpj, "11222333000181");
+        has(
+            "from 192.168.10.255 to",
+            Category::IpAddress,
+            "192.168.10.255",
+        );
+        none_of("version 1.2.3.4.5 and 300.1.1.1", Category::IpAddress);
+        has(
+            "host 2001:db8::8a2e:370:7334 up",
+            Category::IpAddress,
+            "2001:db8::8a2e:370:7334",
+        );
+        none_of("at 10:30:00 sharp", Category::IpAddress);
+    }
+
+    #[test]
+    fn emails_phones_and_context() {
+        has(
+            "mail ana.silva@example.com.br now",
+            Category::Email,
+            "ana.silva@example.com.br",
+        );
+        has(
+            "call +55 11 98765-4321",
+            Category::Phone,
+            "+55 11 98765-4321",
+        );
+        has("ligue (11) 98765-4321", Category::Phone, "(11) 98765-4321");
+        has("fixo 21 3456-7890", Category::Phone, "21 3456-7890");
+        has("at (212) 555-0199.", Category::Phone, "(212) 555-0199");
+        has("E.164 +14155552671", Category::Phone, "+14155552671");
+        has("mobile: 07700 900 123", Category::Phone, "07700 900 123");
+        has(
+            "date of birth: 12/03/1980",
+            Category::DateOfBirth,
+            "12/03/1980",
+        );
+        has(
+            "nascido em 3 de março de 1975",
+            Category::DateOfBirth,
+            "3 de março de 1975",
+        );
+        has("MRN: 00123456", Category::MedicalRecord, "00123456");
+        has(
+            "prontuário nº 778812-3",
+            Category::MedicalRecord,
+            "778812-3",
+        );
+        has(
+            "lives at 221 Baker Street, Apt 2",
+            Category::Address,
+            "221 Baker Street, Apt 2",
+        );
+        has(
+            "mora na Rua das Flores, 123",
+            Category::Address,
+            "Rua das Flores, 123",
+        );
+        has("Dear Maria Oliveira,", Category::Person, "Maria Oliveira");
+        has(
+            "meu nome é João da Silva.",
+            Category::Person,
+            "João da Silva",
+        );
+        none_of("Hello World", Category::Person);
+    }
+
+    #[test]
+    fn secrets() {
+        has(
+            "key sk-proj-abcdefghijklmnopqrstuvwx123",
+            Category::Secret,
+            "sk-proj-abcdefghijklmnopqrstuvwx123",
+        );
+        has(
+            "AKIAIOSFODNN7EXAMPLE",
+            Category::Secret,
+            "AKIAIOSFODNN7EXAMPLE",
+        );
+        has(
+            "t=ghp_0123456789abcdefghijABCDEFGHIJ012345",
+            Category::Secret,
+            "ghp_0123456789abcdefghijABCDEFGHIJ012345",
+        );
+        has(
+            "xoxb-1234-5678-abcdefgh",
+            Category::Secret,
+            "xoxb-1234-5678-abcdefgh",
+        );
+        let jwt =
+            "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NSJ9.dBjftJeZ4CVPmB92K27uhbUJU1p1r_wW1gFWFOEjXk";
+        has(&format!("Bearer {jwt}"), Category::Secret, jwt);
+        let pem = "-----BEGIN RSA PRIVATE KEY-----\nMIIEow\nabc\n-----END RSA PRIVATE KEY-----";
+        has(&format!("x\n{pem}\ny"), Category::Secret, pem);
+        has("password=Tr0ub4dor&3x!", Category::Secret, "Tr0ub4dor&3x!");
+        has(
+            "api_key: \"a8F3kd93JdkQ0xZ\"",
+            Category::Secret,
+            "a8F3kd93JdkQ0xZ",
+        );
+        none_of("the password is secret", Category::Secret);
+    }
+}

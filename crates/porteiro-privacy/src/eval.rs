@@ -1,0 +1,205 @@
+//! Precision and recall of the detectors on a labelled corpus in presidio-evaluator's format
+//! (`[{"full_text", "spans": [{"entity_type", "start_position", "end_position"}]}]`, offsets in
+//! characters). A detection counts when it overlaps a gold span of the matching type.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::detect::{Category, Detector, Finding};
+
+#[derive(Debug, Deserialize)]
+pub struct Sample {
+    pub full_text: String,
+    pub spans: Vec<GoldSpan>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct GoldSpan {
+    pub entity_type: String,
+    pub start_position: usize,
+    pub end_position: usize,
+}
+
+pub fn read_corpus(path: &Path) -> Result<Vec<Sample>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    serde_json::from_str(&text)
+        .map_err(|e| format!("{}: not a presidio corpus: {e}", path.display()))
+}
+
+/// The corpus's entity type each category answers for.
+pub fn gold_type(c: Category) -> Option<&'static str> {
+    Some(match c {
+        Category::Email => "EMAIL_ADDRESS",
+        Category::Phone => "PHONE_NUMBER",
+        Category::CreditCard => "CREDIT_CARD",
+        Category::Iban => "IBAN_CODE",
+        Category::UsSsn => "US_SSN",
+        Category::IpAddress => "IP_ADDRESS",
+        Category::Person => "PERSON",
+        Category::Address => "STREET_ADDRESS",
+        // Only dates of birth are personal data here; the corpus labels every date.
+        Category::DateOfBirth => "DATE_TIME",
+        _ => return None,
+    })
+}
+
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Row {
+    /// Our category (or `-` for a corpus type no detector covers).
+    pub category: String,
+    pub gold_type: String,
+    pub gold: usize,
+    pub predicted: usize,
+    /// Predictions overlapping a gold span of the matching type.
+    pub correct: usize,
+    /// Gold spans overlapped by a prediction of the matching category.
+    pub found: usize,
+    /// Gold spans overlapped by any prediction (what masking hides).
+    pub covered: usize,
+}
+
+impl Row {
+    pub fn precision(&self) -> Option<f64> {
+        (self.predicted > 0).then(|| self.correct as f64 / self.predicted as f64)
+    }
+    pub fn recall(&self) -> Option<f64> {
+        (self.gold > 0).then(|| self.found as f64 / self.gold as f64)
+    }
+    pub fn covered_share(&self) -> Option<f64> {
+        (self.gold > 0).then(|| self.covered as f64 / self.gold as f64)
+    }
+}
+
+fn char_to_byte(text: &str) -> Vec<usize> {
+    let mut v: Vec<usize> = text.char_indices().map(|(i, _)| i).collect();
+    v.push(text.len());
+    v
+}
+
+fn overlaps(a: (usize, usize), b: (usize, usize)) -> bool {
+    a.0 < b.1 && b.0 < a.1
+}
+
+/// One row per category with a corpus type, then one per corpus type with no detector.
+pub fn evaluate(det: &Detector, corpus: &[Sample]) -> Vec<Row> {
+    let mut rows: BTreeMap<String, Row> = BTreeMap::new();
+    let mut uncovered: BTreeMap<String, Row> = BTreeMap::new();
+    for c in Category::ALL {
+        if let Some(t) = gold_type(c) {
+            rows.insert(
+                c.name().to_string(),
+                Row {
+                    category: c.name().into(),
+                    gold_type: t.into(),
+                    ..Row::default()
+                },
+            );
+        }
+    }
+    for s in corpus {
+        let pos = char_to_byte(&s.full_text);
+        let gold: Vec<(&str, (usize, usize))> = s
+            .spans
+            .iter()
+            .filter(|g| {
+                g.end_position <= s.full_text.chars().count() && g.start_position < g.end_position
+            })
+            .map(|g| {
+                (
+                    g.entity_type.as_str(),
+                    (pos[g.start_position], pos[g.end_position]),
+                )
+            })
+            .collect();
+        let found: Vec<Finding> = det.scan(&s.full_text);
+        for f in &found {
+            let Some(row) = rows.get_mut(f.category.name()) else {
+                continue;
+            };
+            row.predicted += 1;
+            if gold
+                .iter()
+                .any(|(t, span)| *t == row.gold_type && overlaps(*span, (f.start, f.end)))
+            {
+                row.correct += 1;
+            }
+        }
+        for (t, span) in &gold {
+            let covered = found.iter().any(|f| overlaps(*span, (f.start, f.end)));
+            let hit_row = rows.values_mut().find(|r| r.gold_type == *t);
+            let row = match hit_row {
+                Some(r) => r,
+                None => uncovered.entry(t.to_string()).or_insert_with(|| Row {
+                    category: "-".into(),
+                    gold_type: t.to_string(),
+                    ..Row::default()
+                }),
+            };
+            row.gold += 1;
+            row.covered += covered as usize;
+            if row.category != "-"
+                && found
+                    .iter()
+                    .any(|f| f.category.name() == row.category && overlaps(*span, (f.start, f.end)))
+            {
+                row.found += 1;
+            }
+        }
+    }
+    // Categories the corpus has no type for still report how often they fire.
+    let mut out: Vec<Row> = rows.into_values().collect();
+    out.sort_by_key(|r| std::cmp::Reverse(r.gold));
+    out.extend(uncovered.into_values());
+    out
+}
+
+/// A markdown table of `rows`.
+pub fn table(rows: &[Row]) -> String {
+    let pct = |x: Option<f64>| x.map_or("–".to_string(), |v| format!("{:.1}%", v * 100.0));
+    let mut s = String::from(
+        "| category | corpus type | gold | predicted | precision | recall | masked by any detector |\n|---|---|---|---|---|---|---|\n",
+    );
+    for r in rows {
+        s.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} |\n",
+            r.category,
+            r.gold_type,
+            r.gold,
+            r.predicted,
+            pct(r.precision()),
+            pct(r.recall()),
+            pct(r.covered_share()),
+        ));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_overlaps_by_type_in_characters() {
+        // "é" makes character and byte offsets differ.
+        let corpus: Vec<Sample> = serde_json::from_str(
+            r#"[{"full_text": "Zoé: mail zoe@example.com, card 4111 1111 1111 1111, ref 12345",
+                 "spans": [{"entity_type": "EMAIL_ADDRESS", "start_position": 10, "end_position": 25},
+                           {"entity_type": "PERSON", "start_position": 0, "end_position": 3},
+                           {"entity_type": "CREDIT_CARD", "start_position": 32, "end_position": 51}]}]"#,
+        )
+        .unwrap();
+        let rows = evaluate(&Detector::new(), &corpus);
+        let get = |c: &str| rows.iter().find(|r| r.category == c).unwrap();
+        assert_eq!(
+            (get("email").gold, get("email").found, get("email").correct),
+            (1, 1, 1)
+        );
+        assert_eq!(get("credit_card").recall(), Some(1.0));
+        assert_eq!((get("person").gold, get("person").found), (1, 0));
+        assert!(
+            table(&rows).contains("| email | EMAIL_ADDRESS | 1 | 1 | 100.0% | 100.0% | 100.0% |")
+        );
+    }
+}
