@@ -57,6 +57,20 @@
 //! audit_db = "porteiro-audit.db"   # hash-chained audit trail; "" turns it off
 //! audit_key_env = "PORTEIRO_AUDIT_KEY"  # if set, the chain is an HMAC under this key
 //! names = "names"            # first-name list for person detection (catalog alias, path, or "")
+//!
+//! [telemetry]
+//! machine_price_per_hour = 0.10   # USD; local requests cost their share of the engine's busy time
+//! baseline = "big"           # upstream whose token prices price the all-upstream counterfactual
+//!                            # (default: the most expensive upstream; with none, the prices below)
+//! baseline_price_in_per_m = 2.50
+//! baseline_price_out_per_m = 10.00
+//!
+//! [log]                      # the request log (SQLite, WAL, written off the request path)
+//! path = "requests.db"       # default $PORTEIRO_HOME/requests.db; "" turns it off
+//! queue = 10000              # records waiting for the writer; beyond this they are dropped (counted)
+//! retention_days = 30        # older rows are purged
+//! store_text = false         # also keep prompts/answers, AES-256-GCM sealed with the key in key_env
+//! key_env = "PORTEIRO_LOG_KEY"
 //! ```
 
 use std::path::Path;
@@ -90,6 +104,27 @@ struct RawConfig {
     #[serde(default)]
     routes: Vec<RawRoute>,
     privacy: Option<RawPrivacy>,
+    telemetry: Option<RawTelemetry>,
+    log: Option<RawLog>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTelemetry {
+    machine_price_per_hour: Option<f64>,
+    baseline: Option<String>,
+    baseline_price_in_per_m: Option<f64>,
+    baseline_price_out_per_m: Option<f64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    path: Option<String>,
+    queue: Option<usize>,
+    retention_days: Option<f64>,
+    store_text: Option<bool>,
+    key_env: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -181,6 +216,29 @@ pub struct Route {
     pub examples: Vec<String>,
     /// Privacy policy for requests on this route; wins over the tier's.
     pub privacy: Option<String>,
+}
+
+/// `[telemetry]`: how requests are priced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TelemetryConfig {
+    /// USD per hour of the machine running the local tier.
+    pub machine_price_per_hour: f64,
+    /// Upstream whose prices price the all-upstream baseline; None: the most expensive one.
+    pub baseline: Option<String>,
+    /// Baseline prices (USD per 1M tokens) when no upstream is configured.
+    pub baseline_price_in_per_m: f64,
+    pub baseline_price_out_per_m: f64,
+}
+
+/// `[log]`: the request log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogConfig {
+    /// SQLite file; None: default location ($PORTEIRO_HOME/requests.db); Some("") is off.
+    pub path: Option<String>,
+    pub queue: usize,
+    pub retention_days: f64,
+    pub store_text: bool,
+    pub key_env: String,
 }
 
 /// The privacy policies `[privacy]`, `[[upstreams]]` and `[[routes]]` accept.
@@ -290,6 +348,8 @@ pub struct Config {
     pub upstreams: Vec<Upstream>,
     pub routes: Vec<Route>,
     pub privacy: PrivacyConfig,
+    pub telemetry: TelemetryConfig,
+    pub log: LogConfig,
 }
 
 /// Values from the command line; they win over the file.
@@ -460,7 +520,61 @@ impl Config {
                 None => d.names,
             },
         };
+        let t = raw.telemetry.unwrap_or_default();
+        let nonneg = |key: &'static str, v: f64| {
+            if v.is_finite() && v >= 0.0 {
+                Ok(v)
+            } else {
+                Err(ConfigError::Invalid {
+                    key,
+                    why: format!("must be a number >= 0 (got {v})"),
+                })
+            }
+        };
+        if let Some(b) = &t.baseline {
+            if !upstreams.iter().any(|u| &u.name == b) {
+                return Err(ConfigError::Invalid {
+                    key: "telemetry.baseline",
+                    why: format!("`{b}` is not a configured upstream"),
+                });
+            }
+        }
+        let telemetry = TelemetryConfig {
+            machine_price_per_hour: nonneg(
+                "telemetry.machine_price_per_hour",
+                t.machine_price_per_hour.unwrap_or(0.10),
+            )?,
+            baseline: t.baseline,
+            baseline_price_in_per_m: nonneg(
+                "telemetry.baseline_price_in_per_m",
+                t.baseline_price_in_per_m.unwrap_or(2.50),
+            )?,
+            baseline_price_out_per_m: nonneg(
+                "telemetry.baseline_price_out_per_m",
+                t.baseline_price_out_per_m.unwrap_or(10.00),
+            )?,
+        };
+        let lg = raw.log.unwrap_or_default();
+        let queue = lg.queue.unwrap_or(10_000);
+        if !(1..=10_000_000).contains(&queue) {
+            return Err(ConfigError::Invalid {
+                key: "log.queue",
+                why: "must be between 1 and 10000000".into(),
+            });
+        }
+        let log = LogConfig {
+            path: lg.path,
+            queue,
+            retention_days: nonneg("log.retention_days", lg.retention_days.unwrap_or(30.0))?,
+            store_text: lg.store_text.unwrap_or(false),
+            key_env: lg
+                .key_env
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| "PORTEIRO_LOG_KEY".into()),
+        };
         Ok(Config {
+            telemetry,
+            log,
             privacy,
             router,
             upstreams,

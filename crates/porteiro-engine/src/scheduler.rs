@@ -157,6 +157,8 @@ pub struct EngineStats {
     pub cancelled: AtomicU64,
     /// Moving average of a request's time in the engine, milliseconds (for Retry-After).
     pub avg_request_ms: AtomicU64,
+    /// Time spent in forward passes, nanoseconds (what local requests cost is apportioned from it).
+    pub busy_ns: AtomicU64,
 }
 
 enum Msg {
@@ -501,7 +503,12 @@ impl<'a> Scheduler<'a> {
             return;
         }
         let mut caches: Vec<&mut KvCache> = self.active.iter_mut().map(|s| &mut s.cache).collect();
-        if let Err(e) = self.model.forward(&batch, &mut caches, &mut self.scratch) {
+        let t_forward = Instant::now();
+        let fwd = self.model.forward(&batch, &mut caches, &mut self.scratch);
+        self.stats
+            .busy_ns
+            .fetch_add(t_forward.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        if let Err(e) = fwd {
             // Inputs are validated before they get here; if it happens anyway, fail the batch's
             // sequences rather than the engine.
             let msg = format!("engine error: {e}");

@@ -15,6 +15,7 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use futures_util::stream::{self, StreamExt};
+use porteiro_config::LOCAL_TIER;
 use porteiro_engine::scheduler::{Event, EventSink, GenRequest, SubmitError, TokenLogprob};
 use porteiro_engine::{FinishReason as EngineFinish, SamplingParams};
 use porteiro_models::template::ChatMessage as TemplateMessage;
@@ -22,6 +23,7 @@ use porteiro_protocol::*;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use crate::privacy::RequestCtx;
+use crate::telemetry::Trace;
 use crate::{ApiError, AppState, Generator, OpenAiJson, OpenAiJsonRaw};
 
 /// Most alternatives per token OpenAI allows for chat (`top_logprobs`).
@@ -370,14 +372,28 @@ pub async fn chat(
     OpenAiJsonRaw(req, raw): OpenAiJsonRaw<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
     let t0 = Instant::now();
-    match crate::routing::resolve(&st, &req).await? {
-        None => {
-            generator(&st, &req.model)?;
-            crate::routing::audit_local(&st, &ctx, &raw, "-");
-            chat_local(&st, &req, t0, None).await
-        }
-        Some(routed) => crate::routing::serve_routed(st, req, raw, routed, t0, ctx).await,
+    let trace = Trace::new(&st, &ctx, "chat", &req.model, req.stream.unwrap_or(false));
+    if trace.stores_text() {
+        trace.texts(serde_json::to_string(&raw["messages"]).ok(), None);
     }
+    let result = async {
+        match crate::routing::resolve(&st, &req).await? {
+            None => {
+                generator(&st, &req.model)?;
+                crate::routing::audit_local(&st, &ctx, &raw, "-");
+                chat_local(&st, &req, t0, None, trace.clone()).await
+            }
+            Some(routed) => {
+                crate::routing::serve_routed(st.clone(), req, raw, routed, t0, ctx, trace.clone())
+                    .await
+            }
+        }
+    }
+    .await;
+    if let Err(e) = &result {
+        trace.fail(e.status.as_u16(), &e.message);
+    }
+    result
 }
 
 /// The local tier's answer to a chat request (whatever model name it asked for).
@@ -386,7 +402,9 @@ pub(crate) async fn chat_local(
     req: &ChatCompletionRequest,
     t0: Instant,
     model_name: Option<String>,
+    trace: Trace,
 ) -> Result<Response, ApiError> {
+    trace.served(LOCAL_TIER, &st.settings.model_id);
     let rx = local_chat_events(st, req, None).await?;
     let out = Output {
         st: st.clone(),
@@ -395,6 +413,7 @@ pub(crate) async fn chat_local(
         created: crate::unix_now(),
         model: model_name.unwrap_or_else(|| req.model.clone()),
         t0,
+        trace,
     };
     out.respond(rx, req.stream, req.stream_options.as_ref(), None)
         .await
@@ -509,8 +528,30 @@ pub(crate) async fn local_chat_events(
 
 pub async fn completions(
     State(st): State<AppState>,
+    Extension(ctx): Extension<RequestCtx>,
     OpenAiJson(req): OpenAiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
+    let trace = Trace::new(
+        &st,
+        &ctx,
+        "completions",
+        &req.model,
+        req.stream.unwrap_or(false),
+    );
+    trace.served(LOCAL_TIER, &st.settings.model_id);
+    let result = completions_inner(&st, req, trace.clone()).await;
+    if let Err(e) = &result {
+        trace.fail(e.status.as_u16(), &e.message);
+    }
+    result
+}
+
+async fn completions_inner(
+    st: &AppState,
+    req: CompletionRequest,
+    trace: Trace,
+) -> Result<Response, ApiError> {
+    let st = st.clone();
     let t0 = Instant::now();
     let g = generator(&st, &req.model)?;
     refuse_if_present(&req.suffix, "suffix", "insertion is not implemented")?;
@@ -611,6 +652,7 @@ pub async fn completions(
         created: crate::unix_now(),
         model: req.model.clone(),
         t0,
+        trace,
     };
     out.respond(rx, req.stream, req.stream_options.as_ref(), echo_text)
         .await
@@ -627,6 +669,7 @@ struct Output {
     created: u64,
     model: String,
     t0: Instant,
+    trace: Trace,
 }
 
 fn chat_logprob(l: &TokenLogprob) -> ChatTokenLogprob {
@@ -707,6 +750,7 @@ impl Output {
             };
             match ev {
                 Event::Text { text: t, logprobs } => {
+                    self.trace.token();
                     if first {
                         self.st
                             .metrics
@@ -720,6 +764,11 @@ impl Output {
                 }
                 Event::Error(msg) => return Err(ApiError::unavailable(msg)),
                 Event::Done { finish, usage } => {
+                    self.trace
+                        .usage(usage.prompt_tokens as u64, usage.completion_tokens as u64);
+                    if self.trace.stores_text() {
+                        self.trace.texts(None, Some(text.clone()));
+                    }
                     self.st.metrics.generation_done(
                         self.api.endpoint(),
                         self.t0.elapsed().as_secs_f64(),
@@ -776,6 +825,7 @@ impl Output {
         include_usage: bool,
         echo: Option<String>,
     ) -> Response {
+        let keep_text = self.trace.stores_text();
         let state = StreamState {
             out: self,
             rx,
@@ -784,6 +834,7 @@ impl Output {
             offset: 0,
             echo,
             finished: false,
+            text: keep_text.then(String::new),
         };
         let events = stream::unfold(state, |mut s| async move {
             if s.finished {
@@ -807,6 +858,8 @@ struct StreamState {
     offset: usize,
     echo: Option<String>,
     finished: bool,
+    /// The answer so far, when the request log keeps texts.
+    text: Option<String>,
 }
 
 impl StreamState {
@@ -890,6 +943,9 @@ impl StreamState {
     async fn next_events(&mut self) -> Vec<SseEvent> {
         let Some(ev) = self.rx.recv().await else {
             self.finished = true;
+            self.out
+                .trace
+                .fail(500, "The engine stopped before the answer was complete.");
             return vec![
                 Self::json(&stream_error(
                     "The engine stopped before the answer was complete.",
@@ -900,6 +956,10 @@ impl StreamState {
         let mut out = Vec::new();
         match ev {
             Event::Text { text, logprobs } => {
+                self.out.trace.token();
+                if let Some(acc) = &mut self.text {
+                    acc.push_str(&text);
+                }
                 let ep = self.out.api.endpoint();
                 if self.first {
                     self.out
@@ -938,6 +998,9 @@ impl StreamState {
             }
             Event::Done { finish, usage } => {
                 let o = &self.out;
+                o.trace
+                    .usage(usage.prompt_tokens as u64, usage.completion_tokens as u64);
+                o.trace.texts(None, self.text.take());
                 o.st.metrics.generation_done(
                     o.api.endpoint(),
                     o.t0.elapsed().as_secs_f64(),
@@ -966,6 +1029,7 @@ impl StreamState {
                 self.finished = true;
             }
             Event::Error(msg) => {
+                self.out.trace.fail(500, &msg);
                 out.push(Self::json(&stream_error(&msg)));
                 out.push(SseEvent::default().data("[DONE]"));
                 self.finished = true;

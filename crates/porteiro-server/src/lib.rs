@@ -6,12 +6,14 @@
 //! Routes: `POST /v1/chat/completions`, `POST /v1/completions`, `POST /v1/embeddings`,
 //! `GET /v1/models[/{id}]`, `GET /health`, `GET /metrics`.
 
+pub mod dashboard;
 pub mod embeddings;
 pub mod error;
 pub mod generation;
 pub mod metrics;
 pub mod privacy;
 pub mod routing;
+pub mod telemetry;
 
 use std::future::{Future, IntoFuture};
 use std::path::Path;
@@ -181,6 +183,7 @@ pub struct Inner {
     embedder: OnceLock<Embedder>,
     routing: OnceLock<routing::Routing>,
     privacy: OnceLock<privacy::Guard>,
+    telemetry: OnceLock<telemetry::Telemetry>,
     pub metrics: Metrics,
     draining: AtomicBool,
     created: u64,
@@ -212,6 +215,7 @@ impl AppState {
             embedder: OnceLock::new(),
             routing: OnceLock::new(),
             privacy: OnceLock::new(),
+            telemetry: OnceLock::new(),
             metrics: Metrics::default(),
             draining: AtomicBool::new(false),
             created: unix_now(),
@@ -244,6 +248,15 @@ impl AppState {
 
     pub fn privacy(&self) -> Option<&privacy::Guard> {
         self.0.privacy.get()
+    }
+
+    /// Installs request telemetry (pricing, live KPIs, the request log), once.
+    pub fn set_telemetry(&self, t: telemetry::Telemetry) -> bool {
+        self.0.telemetry.set(t).is_ok()
+    }
+
+    pub fn telemetry(&self) -> Option<&telemetry::Telemetry> {
+        self.0.telemetry.get()
     }
 
     pub fn generator(&self) -> Option<&Generator> {
@@ -293,6 +306,8 @@ pub fn app(state: AppState) -> Router {
         .nest("/v1", v1)
         .route("/health", get(health))
         .route("/metrics", get(metrics_text))
+        .route("/", get(dashboard::page))
+        .route("/api/dashboard", get(dashboard::data))
         .fallback(|| async { ApiError::not_found("Unknown path; see /v1/models.") })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .layer(middleware::from_fn_with_state(state.clone(), track))
@@ -409,9 +424,12 @@ async fn health(State(st): State<AppState>) -> Response {
 }
 
 async fn metrics_text(State(st): State<AppState>) -> Response {
-    let body = st
+    let mut body = st
         .metrics
         .render(st.generator().map(|g| g.engine.stats()), st.ready());
+    if let Some(t) = st.telemetry() {
+        st.metrics.render_telemetry(&mut body, &t.snapshot());
+    }
     (
         [(
             header::CONTENT_TYPE,

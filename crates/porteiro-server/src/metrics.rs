@@ -31,6 +31,24 @@ pub mod names {
     pub const FALLBACKS: &str = "porteiro_fallbacks_total";
     pub const PRIVACY_ACTIONS: &str = "porteiro_privacy_actions_total";
     pub const PII_FOUND: &str = "porteiro_pii_found_total";
+    pub const TIER_REQUESTS: &str = "porteiro_tier_requests_total";
+    pub const TIER_ERRORS: &str = "porteiro_tier_errors_total";
+    pub const TIER_TOKENS: &str = "porteiro_tier_tokens_total";
+    pub const TIER_COST: &str = "porteiro_tier_cost_usd_total";
+    pub const TIER_LATENCY: &str = "porteiro_tier_latency_seconds";
+    pub const TIER_TTFT: &str = "porteiro_tier_ttft_seconds";
+    pub const TIER_INTER_TOKEN: &str = "porteiro_tier_inter_token_seconds";
+    pub const TIER_LATENCY_RECENT: &str = "porteiro_tier_latency_recent_seconds";
+    pub const TIER_TTFT_RECENT: &str = "porteiro_tier_ttft_recent_seconds";
+    pub const HIT_RATIO: &str = "porteiro_hit_ratio";
+    pub const COST: &str = "porteiro_cost_usd_total";
+    pub const BASELINE_COST: &str = "porteiro_baseline_cost_usd_total";
+    pub const SAVINGS: &str = "porteiro_savings_usd";
+    pub const CPM: &str = "porteiro_cost_per_1k_requests_usd";
+    pub const GATEWAY_OVERHEAD: &str = "porteiro_gateway_overhead_seconds";
+    pub const LOG_WRITTEN: &str = "porteiro_request_log_written_total";
+    pub const LOG_DROPPED: &str = "porteiro_request_log_dropped_total";
+    pub const LOG_FAILED: &str = "porteiro_request_log_failed_total";
 }
 
 const LATENCY_BUCKETS: [f64; 14] = [
@@ -174,6 +192,178 @@ impl Metrics {
         for (c, n) in categories {
             *found.entry(c.to_string()).or_default() += *n as u64;
         }
+    }
+
+    /// The request telemetry (per tier / model / route, FinOps KPIs, request log health).
+    pub fn render_telemetry(&self, o: &mut String, snap: &crate::telemetry::Snapshot) {
+        use names::*;
+        let head = |o: &mut String, name: &str, kind: &str, help: &str| {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        };
+        let esc = |s: &str| {
+            s.replace('\\', "\\\\")
+                .replace('"', "\\\"")
+                .replace('\n', "\\n")
+        };
+        let lbl = |t: &str, m: &str, r: &str| {
+            format!(
+                "tier=\"{}\",model=\"{}\",route=\"{}\"",
+                esc(t),
+                esc(m),
+                esc(r)
+            )
+        };
+        head(
+            o,
+            TIER_REQUESTS,
+            "counter",
+            "Requests answered, by tier, model and route.",
+        );
+        for (t, m, r, c) in &snap.counters {
+            let _ = writeln!(o, "{TIER_REQUESTS}{{{}}} {}", lbl(t, m, r), c.requests);
+        }
+        head(
+            o,
+            TIER_ERRORS,
+            "counter",
+            "Requests that failed, by tier, model and route.",
+        );
+        for (t, m, r, c) in &snap.counters {
+            let _ = writeln!(o, "{TIER_ERRORS}{{{}}} {}", lbl(t, m, r), c.errors);
+        }
+        head(
+            o,
+            TIER_TOKENS,
+            "counter",
+            "Tokens by tier, model, route and direction (in: prompt, out: completion).",
+        );
+        for (t, m, r, c) in &snap.counters {
+            let l = lbl(t, m, r);
+            let _ = writeln!(
+                o,
+                "{TIER_TOKENS}{{{l},direction=\"in\"}} {}",
+                c.prompt_tokens
+            );
+            let _ = writeln!(
+                o,
+                "{TIER_TOKENS}{{{l},direction=\"out\"}} {}",
+                c.completion_tokens
+            );
+        }
+        head(o, TIER_COST, "counter", "Cost in USD by tier, model and route (upstream token prices; local: machine price x busy time).");
+        for (t, m, r, c) in &snap.counters {
+            let _ = writeln!(o, "{TIER_COST}{{{}}} {}", lbl(t, m, r), c.cost_usd);
+        }
+        let hists = |o: &mut String,
+                     name: &str,
+                     help: &str,
+                     hs: &BTreeMap<String, crate::telemetry::Hist>| {
+            head(o, name, "histogram", help);
+            for (tier, h) in hs {
+                for (c, b) in h.counts.iter().zip(h.bounds) {
+                    let _ = writeln!(o, "{name}_bucket{{tier=\"{}\",le=\"{b}\"}} {c}", esc(tier));
+                }
+                let _ = writeln!(
+                    o,
+                    "{name}_bucket{{tier=\"{}\",le=\"+Inf\"}} {}",
+                    esc(tier),
+                    h.count
+                );
+                let _ = writeln!(o, "{name}_sum{{tier=\"{}\"}} {}", esc(tier), h.sum);
+                let _ = writeln!(o, "{name}_count{{tier=\"{}\"}} {}", esc(tier), h.count);
+            }
+        };
+        hists(
+            o,
+            TIER_LATENCY,
+            "Request latency by tier (successful requests).",
+            &snap.latency,
+        );
+        hists(o, TIER_TTFT, "Time to first token by tier.", &snap.ttft);
+        hists(
+            o,
+            TIER_INTER_TOKEN,
+            "Time between streamed pieces of an answer, by tier.",
+            &snap.itl,
+        );
+        // Quantiles as the dashboard shows them (nearest rank over the last requests in memory).
+        let summary =
+            |o: &mut String,
+             name: &str,
+             help: &str,
+             pick: &dyn Fn(&porteiro_telemetry::kpi::TierKpis) -> [Option<f64>; 3]| {
+                head(o, name, "summary", help);
+                for t in &snap.kpis.tiers {
+                    for (q, v) in ["0.5", "0.95", "0.99"].iter().zip(pick(t)) {
+                        if let Some(v) = v {
+                            let _ = writeln!(
+                                o,
+                                "{name}{{tier=\"{}\",quantile=\"{q}\"}} {}",
+                                esc(&t.tier),
+                                v / 1e3
+                            );
+                        }
+                    }
+                }
+            };
+        summary(
+            o,
+            TIER_LATENCY_RECENT,
+            "Latency quantiles by tier over the last 2000 requests.",
+            &|t| [t.latency_p50_ms, t.latency_p95_ms, t.latency_p99_ms],
+        );
+        summary(
+            o,
+            TIER_TTFT_RECENT,
+            "TTFT quantiles by tier over the last 2000 requests.",
+            &|t| [t.ttft_p50_ms, t.ttft_p95_ms, t.ttft_p99_ms],
+        );
+        let k = &snap.kpis;
+        head(
+            o,
+            HIT_RATIO,
+            "gauge",
+            "Share of requests answered by the local tier.",
+        );
+        let _ = writeln!(o, "{HIT_RATIO} {}", k.hit_ratio);
+        head(o, COST, "counter", "Total cost in USD.");
+        let _ = writeln!(o, "{COST} {}", k.cost_usd);
+        head(
+            o,
+            BASELINE_COST,
+            "counter",
+            "What every request would have cost at the baseline upstream's token prices.",
+        );
+        let _ = writeln!(o, "{BASELINE_COST} {}", k.baseline_usd);
+        head(o, SAVINGS, "gauge", "Baseline cost minus actual cost, USD.");
+        let _ = writeln!(o, "{SAVINGS} {}", k.savings_usd);
+        head(o, CPM, "gauge", "Cost per 1000 requests, USD.");
+        let _ = writeln!(o, "{CPM} {}", k.cpm_usd);
+        if let Some(h) = &snap.overhead {
+            head(
+                o,
+                GATEWAY_OVERHEAD,
+                "histogram",
+                "Time in the gateway on upstream requests, excluding waiting for the upstream.",
+            );
+            for (c, b) in h.counts.iter().zip(h.bounds) {
+                let _ = writeln!(o, "{GATEWAY_OVERHEAD}_bucket{{le=\"{b}\"}} {c}");
+            }
+            let _ = writeln!(o, "{GATEWAY_OVERHEAD}_bucket{{le=\"+Inf\"}} {}", h.count);
+            let _ = writeln!(o, "{GATEWAY_OVERHEAD}_sum {}", h.sum);
+            let _ = writeln!(o, "{GATEWAY_OVERHEAD}_count {}", h.count);
+        }
+        head(o, LOG_WRITTEN, "counter", "Request-log records written.");
+        let _ = writeln!(o, "{LOG_WRITTEN} {}", snap.log_written);
+        head(o, LOG_DROPPED, "counter", "Request-log records dropped because the writer's queue was full (the requests succeeded).");
+        let _ = writeln!(o, "{LOG_DROPPED} {}", snap.log_dropped);
+        head(
+            o,
+            LOG_FAILED,
+            "counter",
+            "Request-log records the database refused.",
+        );
+        let _ = writeln!(o, "{LOG_FAILED} {}", snap.log_failed);
     }
 
     /// The text exposition (format 0.0.4).

@@ -140,6 +140,11 @@ impl Guard {
         }
     }
 
+    /// `text` with every finding replaced by a placeholder (for stored texts).
+    pub fn redact(&self, text: &str) -> String {
+        Masker::new(&self.detector, text).mask(text)
+    }
+
     /// Queues the audit record of one request (no-op without an audit trail).
     pub fn audit(&self, ctx: &RequestCtx, tier: &str, route: &str, action: &str, c: &Counts) {
         if let Some(a) = &self.audit {

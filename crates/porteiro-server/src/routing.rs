@@ -30,6 +30,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::generation::{chat_local, finish_reason, local_chat_events};
 use crate::privacy::{counts_list, describe, unmask_json, Counts, RequestCtx, Verdict};
+use crate::telemetry::Trace;
 use crate::{ApiError, AppState};
 
 /// Request fields only local servers understand; removed before a body goes upstream.
@@ -144,6 +145,7 @@ pub async fn serve_routed(
     routed: Routed,
     t0: Instant,
     ctx: RequestCtx,
+    trace: Trace,
 ) -> Result<Response, ApiError> {
     let routing = st
         .routing()
@@ -158,14 +160,20 @@ pub async fn serve_routed(
         }),
     };
     let route = d.map_or("explicit", |d| d.route.as_str()).to_string();
+    trace.route(&route);
     let secs = d.map_or(0.0, |d| d.elapsed.as_secs_f64());
     let Some(i) = routed.upstream else {
         audit_local(&st, &ctx, &raw, &route);
         st.metrics.routed(&wanted, LOCAL_TIER, &route, secs);
-        let resp = chat_local(&st, &req, t0, Some(local_id)).await?;
+        let resp = chat_local(&st, &req, t0, Some(local_id), trace).await?;
         return Ok(decorate(resp, LOCAL_TIER, d, None));
     };
     let client = routing.upstreams[i].clone();
+    trace.served(client.name(), &client.config().model);
+    let streaming = raw["stream"].as_bool().unwrap_or(false);
+    let client_wants_usage = raw["stream_options"]["include_usage"]
+        .as_bool()
+        .unwrap_or(false);
     let mut body = raw;
     if let Some(o) = body.as_object_mut() {
         for f in LOCAL_ONLY_FIELDS {
@@ -191,11 +199,12 @@ pub async fn serve_routed(
         };
         g.audit(&ctx, served, &route, act, &counts);
         st.metrics.privacy(served, act, &counts_list(&counts));
+        trace.privacy(act);
         action = act;
         match verdict {
             Verdict::KeepLocal(_) => {
                 st.metrics.routed(&wanted, LOCAL_TIER, &route, secs);
-                let resp = chat_local(&st, &req, t0, Some(local_id)).await?;
+                let resp = chat_local(&st, &req, t0, Some(local_id), trace).await?;
                 let mut resp = decorate(resp, LOCAL_TIER, d, None);
                 header(&mut resp, "x-porteiro-privacy", "keep_local");
                 return Ok(resp);
@@ -222,19 +231,27 @@ pub async fn serve_routed(
         }
         resp
     };
+    if streaming {
+        // Usage comes back in the stream's last chunk; it is removed again unless the client asked.
+        body["stream_options"]["include_usage"] = true.into();
+    }
+    let waited = Instant::now();
     let reply = client.chat(body).await;
+    trace.upstream_wait(waited.elapsed());
     let fallback = |e: UpstreamError| {
         let st = st.clone();
         let req = req.clone();
         let (local_id, wanted, route) = (local_id.clone(), wanted.clone(), route.clone());
         let d = routed.decision.clone();
+        let trace = trace.clone();
         async move {
             st.metrics
                 .upstream_failure(client_name(&st, i), failure_kind(&e));
             st.metrics
                 .fallback(client_name(&st, i), "before_first_token");
             st.metrics.routed(&wanted, LOCAL_TIER, &route, secs);
-            let resp = chat_local(&st, &req, t0, Some(local_id)).await?;
+            trace.fallback(failure_kind(&e));
+            let resp = chat_local(&st, &req, t0, Some(local_id), trace).await?;
             Ok(decorate(
                 resp,
                 LOCAL_TIER,
@@ -247,6 +264,11 @@ pub async fn serve_routed(
         Err(e) => fallback(e).await,
         Ok((Reply::Json(mut v), _)) => {
             st.metrics.routed(&wanted, client.name(), &route, secs);
+            trace.token();
+            trace.usage(
+                v["usage"]["prompt_tokens"].as_u64().unwrap_or(0),
+                v["usage"]["completion_tokens"].as_u64().unwrap_or(0),
+            );
             if let Some(un) = &unmasker {
                 unmask_json(&mut v, un);
             }
@@ -282,6 +304,8 @@ pub async fn serve_routed(
                     unmask: unmasker,
                     held: BTreeMap::new(),
                     prefix: Vec::new(),
+                    trace: trace.clone(),
+                    client_wants_usage,
                 };
                 let events = stream::unfold(relay, |mut r| async move {
                     let batch = r.next_events().await?;
@@ -336,6 +360,9 @@ struct Relay {
     held: BTreeMap<(u64, u64), StreamUnmasker>,
     /// Events to send before the next ones (held text flushed when the upstream stream ends).
     prefix: Vec<SseEvent>,
+    trace: Trace,
+    /// Whether the client asked for the usage chunk (Porteiro always asks the upstream for it).
+    client_wants_usage: bool,
 }
 
 const CONTENT: u64 = u64::MAX;
@@ -452,7 +479,18 @@ impl Relay {
         Some(data(&self.chunk(Some(&text), None)))
     }
 
-    fn forward(&mut self, mut v: Value) -> SseEvent {
+    /// The event for an upstream chunk; None for a usage chunk the client did not ask for.
+    fn forward(&mut self, mut v: Value) -> Option<SseEvent> {
+        if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
+            self.trace.usage(
+                u["prompt_tokens"].as_u64().unwrap_or(0),
+                u["completion_tokens"].as_u64().unwrap_or(0),
+            );
+            let no_choices = v["choices"].as_array().is_none_or(|c| c.is_empty());
+            if no_choices && !self.client_wants_usage {
+                return None;
+            }
+        }
         self.unmask_chunk(&mut v);
         if self.id.is_empty() {
             self.id = v["id"].as_str().unwrap_or("chatcmpl-upstream").to_string();
@@ -462,9 +500,12 @@ impl Relay {
             }
         }
         if let Some(t) = v["choices"][0]["delta"]["content"].as_str() {
+            if !t.is_empty() {
+                self.trace.token();
+            }
             self.text.push_str(t);
         }
-        data(&v)
+        Some(data(&v))
     }
 
     /// The next SSE events; None once the stream is over.
@@ -483,14 +524,28 @@ impl Relay {
 
     async fn next_inner(&mut self) -> Option<Vec<SseEvent>> {
         if let Some(v) = self.pending.take() {
-            return Some(vec![self.forward(v)]);
+            if let Some(ev) = self.forward(v) {
+                return Some(vec![ev]);
+            }
         }
         loop {
             match &mut self.phase {
                 Phase::Done => return None,
-                Phase::Upstream(s) => match s.next().await {
-                    Some(Ok(v)) => return Some(vec![self.forward(v)]),
+                Phase::Upstream(s) => match {
+                    let waited = Instant::now();
+                    let next = s.next().await;
+                    self.trace.upstream_wait(waited.elapsed());
+                    next
+                } {
+                    Some(Ok(v)) => {
+                        if let Some(ev) = self.forward(v) {
+                            return Some(vec![ev]);
+                        }
+                    }
                     None => {
+                        if self.trace.stores_text() {
+                            self.trace.texts(None, Some(self.text.clone()));
+                        }
                         self.phase = Phase::Done;
                         let mut ev: Vec<SseEvent> = self.flush_held().into_iter().collect();
                         ev.push(SseEvent::default().data("[DONE]"));
@@ -500,10 +555,12 @@ impl Relay {
                         if let Some(ev) = self.flush_held() {
                             self.prefix.push(ev);
                         }
+                        self.trace.fallback("mid_stream");
                         self.st
                             .metrics
                             .upstream_failure(&self.upstream, failure_kind(&e));
                         if self.mode == MidStream::Error {
+                            self.trace.fail(502, &e.to_string());
                             self.phase = Phase::Done;
                             return Some(error_events(&format!(
                                 "The upstream answer broke off: {e}"
@@ -528,10 +585,15 @@ impl Relay {
                     let ev = rx.recv().await;
                     return Some(match ev {
                         Some(Event::Text { text, .. }) => {
+                            self.trace.token();
                             self.text.push_str(&text);
                             vec![data(&self.chunk(Some(&text), None))]
                         }
-                        Some(Event::Done { finish, .. }) => {
+                        Some(Event::Done { finish, usage }) => {
+                            self.trace.add_usage(0, usage.completion_tokens as u64);
+                            if self.trace.stores_text() {
+                                self.trace.texts(None, Some(self.text.clone()));
+                            }
                             self.phase = Phase::Done;
                             vec![
                                 data(&self.chunk(None, Some(finish_reason(finish)))),
@@ -539,10 +601,12 @@ impl Relay {
                             ]
                         }
                         Some(Event::Error(msg)) => {
+                            self.trace.fail(500, &msg);
                             self.phase = Phase::Done;
                             error_events(&msg)
                         }
                         None => {
+                            self.trace.fail(500, "the engine stopped");
                             self.phase = Phase::Done;
                             error_events("The engine stopped before the answer was complete.")
                         }

@@ -3,6 +3,7 @@
 mod bench;
 mod perplexity;
 mod privacy_cmd;
+mod report_cmd;
 mod router_cmd;
 mod serve;
 
@@ -91,6 +92,10 @@ enum Cmd {
     /// The privacy guard's detectors: scan a text, measure precision/recall on a labelled corpus, bench.
     #[command(subcommand)]
     Privacy(privacy_cmd::PrivacyCmd),
+    /// FinOps report of a period from the request log: HTML (charts inline) and Markdown.
+    Report(report_cmd::ReportArgs),
+    /// Measure the gateway's own overhead at a request rate against an instant upstream (loopback).
+    GatewayBench(report_cmd::GatewayBenchArgs),
     /// The tamper-evident audit trail: verify its hash chain, export it.
     #[command(subcommand)]
     Audit(privacy_cmd::AuditCmd),
@@ -277,6 +282,8 @@ fn dispatch(cmd: Cmd) -> Result<()> {
         Cmd::Router(c) => router_cmd::run(&c),
         Cmd::Privacy(c) => privacy_cmd::run_privacy(&c),
         Cmd::Audit(c) => privacy_cmd::run_audit(&c),
+        Cmd::Report(a) => report_cmd::report(&a),
+        Cmd::GatewayBench(a) => report_cmd::gateway_bench(&a),
         Cmd::Tokenize {
             m,
             no_special,

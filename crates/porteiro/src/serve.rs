@@ -84,6 +84,7 @@ async fn serve(cfg: Config, model_path: PathBuf, embed_path: Option<PathBuf>) ->
     let settings = Settings::from_config(&cfg);
     let state = AppState::new(settings.clone());
     state.set_privacy(privacy_guard(&cfg)?);
+    state.set_telemetry(telemetry(&cfg)?);
     let grace = Duration::from_secs(cfg.shutdown_grace_s);
     let server = tokio::spawn(porteiro_server::serve(
         listener,
@@ -167,13 +168,16 @@ async fn serve(cfg: Config, model_path: PathBuf, embed_path: Option<PathBuf>) ->
     if let Some(g) = state.privacy() {
         g.flush_audit();
     }
+    if let Some(t) = state.telemetry() {
+        t.flush();
+    }
     println!("porteiro: stopped");
     Ok(())
 }
 
 /// The privacy guard: detectors (with the first-name list unless `[privacy] names = ""`), the
 /// policies, and the audit trail when `[privacy] audit_db` is set.
-fn privacy_guard(cfg: &Config) -> Result<porteiro_server::privacy::Guard> {
+pub(crate) fn privacy_guard(cfg: &Config) -> Result<porteiro_server::privacy::Guard> {
     let det = crate::privacy_cmd::detector(cfg.privacy.names.as_deref())?;
     let audit = match &cfg.privacy.audit_db {
         None => None,
@@ -187,6 +191,48 @@ fn privacy_guard(cfg: &Config) -> Result<porteiro_server::privacy::Guard> {
         }
     };
     Ok(porteiro_server::privacy::Guard::new(cfg, det, audit))
+}
+
+/// Where the request log lives: `[log] path`, else $PORTEIRO_HOME/requests.db; None when off.
+pub fn request_log_path(cfg: &Config) -> Option<PathBuf> {
+    match cfg.log.path.as_deref() {
+        Some("") => None,
+        Some(p) => Some(PathBuf::from(p)),
+        None => Some(fetch::home_dir().join("requests.db")),
+    }
+}
+
+/// Pricing, live KPIs and the request log (opened and migrated here, so a bad path stops the start).
+pub(crate) fn telemetry(cfg: &Config) -> Result<porteiro_server::telemetry::Telemetry> {
+    use porteiro_telemetry::log::{LogWriter, RequestLog, Sealer};
+    let writer = match request_log_path(cfg) {
+        None => None,
+        Some(p) => {
+            if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+            }
+            let sealer = if cfg.log.store_text {
+                let key = std::env::var(&cfg.log.key_env).map_err(|_| {
+                    anyhow::anyhow!(
+                        "[log] store_text = true needs the encryption key in ${} (texts are never stored in clear)",
+                        cfg.log.key_env
+                    )
+                })?;
+                Some(Sealer::new(key.as_bytes()))
+            } else {
+                None
+            };
+            let ttl = (cfg.log.retention_days > 0.0)
+                .then(|| Duration::from_secs_f64(cfg.log.retention_days * 86400.0));
+            let log = RequestLog::open(&p)?;
+            Some(
+                LogWriter::spawn(log, cfg.log.queue, sealer, ttl)
+                    .context("starting the request-log writer")?,
+            )
+        }
+    };
+    Ok(porteiro_server::telemetry::Telemetry::new(cfg, writer))
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -1,0 +1,67 @@
+//! The live dashboard: `GET /` is one HTML page compiled into the binary (inline CSS and JS, charts
+//! drawn on canvas, no external assets) that polls `GET /api/dashboard` for the same snapshot
+//! `/metrics` renders, so the page and the metrics always agree. With API keys configured the
+//! data needs one (`Authorization: Bearer`, or `?key=` on the page's URL, which it passes on).
+
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::{ApiError, AppState};
+
+const PAGE: &str = include_str!("../assets/dashboard.html");
+
+pub async fn page() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        PAGE,
+    )
+        .into_response()
+}
+
+#[derive(Deserialize)]
+pub struct KeyParam {
+    key: Option<String>,
+}
+
+pub async fn data(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    Query(q): Query<KeyParam>,
+) -> Result<Response, ApiError> {
+    let keys = &st.settings.api_keys;
+    if !keys.is_empty() {
+        let bearer = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        let given = bearer.or(q.key.as_deref());
+        if !given.is_some_and(|g| keys.iter().any(|k| k == g)) {
+            return Err(ApiError::unauthorized(
+                "The dashboard data needs an API key (Authorization: Bearer, or ?key= on the page URL).",
+            ));
+        }
+    }
+    let snap = st.telemetry().map(|t| t.snapshot());
+    let tiers: Vec<String> = std::iter::once("local".to_string())
+        .chain(
+            st.routing()
+                .into_iter()
+                .flat_map(|r| r.upstreams.iter().map(|u| u.name().to_string())),
+        )
+        .collect();
+    Ok(Json(json!({
+        "model": st.settings.model_id,
+        "ready": st.ready(),
+        "tiers": tiers,
+        "telemetry": snap,
+    }))
+    .into_response())
+}

@@ -1,0 +1,473 @@
+//! Per-request telemetry. Each chat / completion request carries a [`Trace`]; the response paths
+//! (local JSON, local stream, upstream JSON, upstream relay, fallbacks) mark its first token, tokens
+//! and outcome, and when the last clone is dropped (the answer is complete, failed, or the client
+//! went away) the record is priced, added to the live aggregates behind `/metrics` and the
+//! dashboard, and queued for the request log.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use porteiro_config::Config;
+use porteiro_telemetry::kpi::{self, Kpis};
+use porteiro_telemetry::log::LogWriter;
+use porteiro_telemetry::{now_ms, Prices, RequestRecord, LOCAL_TIER};
+use serde::Serialize;
+
+use crate::privacy::RequestCtx;
+use crate::AppState;
+
+/// Records kept in memory for quantiles and the dashboard's table.
+const WINDOW: usize = 2000;
+const RECENT: usize = 50;
+/// Time series: buckets of this many seconds, this many kept.
+const BUCKET_S: i64 = 5;
+const BUCKETS: usize = 120;
+
+/// Histogram bucket bounds for sub-millisecond gateway overhead, in seconds.
+pub const OVERHEAD_BUCKETS: [f64; 12] = [
+    0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 1.0,
+];
+
+#[derive(Debug, Clone, Default)]
+pub struct Hist {
+    pub bounds: &'static [f64],
+    pub counts: Vec<u64>,
+    pub count: u64,
+    pub sum: f64,
+}
+
+impl Hist {
+    fn new(bounds: &'static [f64]) -> Self {
+        Self {
+            bounds,
+            counts: vec![0; bounds.len()],
+            count: 0,
+            sum: 0.0,
+        }
+    }
+    fn observe(&mut self, v: f64) {
+        for (c, &b) in self.counts.iter_mut().zip(self.bounds) {
+            if v <= b {
+                *c += 1;
+            }
+        }
+        self.count += 1;
+        self.sum += v;
+    }
+}
+
+pub const LATENCY_BUCKETS: [f64; 16] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0,
+];
+
+/// Counters per (tier, model, route).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Counters {
+    pub requests: u64,
+    pub errors: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub cost_usd: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Bucket {
+    pub ts_ms: i64,
+    pub requests: BTreeMap<String, u64>,
+    pub cost_usd: f64,
+    pub baseline_usd: f64,
+    pub latency_ms_max: f64,
+}
+
+#[derive(Default)]
+struct Agg {
+    counters: BTreeMap<(String, String, String), Counters>,
+    latency: BTreeMap<String, Hist>,
+    ttft: BTreeMap<String, Hist>,
+    itl: BTreeMap<String, Hist>,
+    overhead: Option<Hist>,
+    /// The last overhead samples, seconds (exact quantiles for `porteiro gateway-bench`).
+    overhead_samples: VecDeque<f64>,
+    requests: u64,
+    errors: u64,
+    local: u64,
+    cost: f64,
+    baseline: f64,
+    window: VecDeque<RequestRecord>,
+    series: VecDeque<Bucket>,
+}
+
+/// What the dashboard and `/metrics` show, from one lock.
+#[derive(Debug, Clone, Serialize)]
+pub struct Snapshot {
+    /// Totals since start; quantiles over the last requests in memory.
+    pub kpis: Kpis,
+    pub counters: Vec<(String, String, String, Counters)>,
+    pub series: Vec<Bucket>,
+    pub recent: Vec<RequestRecord>,
+    #[serde(skip)]
+    pub latency: BTreeMap<String, Hist>,
+    #[serde(skip)]
+    pub ttft: BTreeMap<String, Hist>,
+    #[serde(skip)]
+    pub itl: BTreeMap<String, Hist>,
+    #[serde(skip)]
+    pub overhead: Option<Hist>,
+    pub log_written: u64,
+    pub log_dropped: u64,
+    pub log_failed: u64,
+}
+
+pub struct Telemetry {
+    agg: Mutex<Agg>,
+    prices: BTreeMap<String, Prices>,
+    baseline: Prices,
+    machine_per_s: f64,
+    pub log: Option<LogWriter>,
+    /// Whether the request log keeps prompts and answers (sealed).
+    pub store_text: bool,
+}
+
+impl Telemetry {
+    pub fn new(cfg: &Config, log: Option<LogWriter>) -> Self {
+        let prices: BTreeMap<String, Prices> = cfg
+            .upstreams
+            .iter()
+            .map(|u| {
+                (
+                    u.name.clone(),
+                    Prices {
+                        input_per_m: u.price_in_per_m,
+                        output_per_m: u.price_out_per_m,
+                    },
+                )
+            })
+            .collect();
+        let t = &cfg.telemetry;
+        let baseline = match &t.baseline {
+            Some(b) => prices[b],
+            None => cfg
+                .upstreams
+                .iter()
+                .max_by(|a, b| {
+                    (a.price_in_per_m + a.price_out_per_m)
+                        .total_cmp(&(b.price_in_per_m + b.price_out_per_m))
+                })
+                .map_or(
+                    Prices {
+                        input_per_m: t.baseline_price_in_per_m,
+                        output_per_m: t.baseline_price_out_per_m,
+                    },
+                    |u| prices[&u.name],
+                ),
+        };
+        Self {
+            agg: Mutex::new(Agg {
+                overhead: Some(Hist::new(&OVERHEAD_BUCKETS)),
+                ..Default::default()
+            }),
+            prices,
+            baseline,
+            machine_per_s: t.machine_price_per_hour / 3600.0,
+            store_text: cfg.log.store_text && log.is_some(),
+            log,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Agg> {
+        self.agg.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Prices a finished record and adds it everywhere.
+    fn finish(&self, st: &AppState, mut rec: RequestRecord, itl: &[f64], overhead: Option<f64>) {
+        rec.baseline_usd = self.baseline.cost(rec.prompt_tokens, rec.completion_tokens);
+        rec.cost_usd = if rec.tier == LOCAL_TIER {
+            // The request's share of the engine's measured busy time, by tokens processed.
+            let per_token_s = st.generator().map_or(0.0, |g| {
+                let s = g.engine.stats();
+                let tokens = s.batch_tokens.load(Ordering::Relaxed).max(1) as f64;
+                s.busy_ns.load(Ordering::Relaxed) as f64 / 1e9 / tokens
+            });
+            (rec.prompt_tokens + rec.completion_tokens) as f64 * per_token_s * self.machine_per_s
+        } else {
+            self.prices
+                .get(&rec.tier)
+                .map_or(0.0, |p| p.cost(rec.prompt_tokens, rec.completion_tokens))
+        };
+        {
+            let mut a = self.lock();
+            let err = rec.is_error();
+            let c = a
+                .counters
+                .entry((rec.tier.clone(), rec.model.clone(), rec.route.clone()))
+                .or_default();
+            c.requests += 1;
+            c.errors += err as u64;
+            c.prompt_tokens += rec.prompt_tokens;
+            c.completion_tokens += rec.completion_tokens;
+            c.cost_usd += rec.cost_usd;
+            a.requests += 1;
+            a.errors += err as u64;
+            a.local += (rec.tier == LOCAL_TIER) as u64;
+            a.cost += rec.cost_usd;
+            a.baseline += rec.baseline_usd;
+            if !err {
+                a.latency
+                    .entry(rec.tier.clone())
+                    .or_insert_with(|| Hist::new(&LATENCY_BUCKETS))
+                    .observe(rec.latency_ms / 1e3);
+                if let Some(t) = rec.ttft_ms {
+                    a.ttft
+                        .entry(rec.tier.clone())
+                        .or_insert_with(|| Hist::new(&LATENCY_BUCKETS))
+                        .observe(t / 1e3);
+                }
+                let h = a
+                    .itl
+                    .entry(rec.tier.clone())
+                    .or_insert_with(|| Hist::new(&LATENCY_BUCKETS));
+                for &g in itl {
+                    h.observe(g);
+                }
+            }
+            if let (Some(o), Some(h)) = (overhead, a.overhead.as_mut()) {
+                h.observe(o);
+                a.overhead_samples.push_back(o);
+                if a.overhead_samples.len() > 100_000 {
+                    a.overhead_samples.pop_front();
+                }
+            }
+            let bucket_ts = rec.ts_ms / (BUCKET_S * 1000) * BUCKET_S * 1000;
+            if a.series.back().is_none_or(|b| b.ts_ms != bucket_ts) {
+                a.series.push_back(Bucket {
+                    ts_ms: bucket_ts,
+                    requests: BTreeMap::new(),
+                    cost_usd: 0.0,
+                    baseline_usd: 0.0,
+                    latency_ms_max: 0.0,
+                });
+                if a.series.len() > BUCKETS {
+                    a.series.pop_front();
+                }
+            }
+            if let Some(b) = a.series.back_mut() {
+                *b.requests.entry(rec.tier.clone()).or_default() += 1;
+                b.cost_usd += rec.cost_usd;
+                b.baseline_usd += rec.baseline_usd;
+                b.latency_ms_max = b.latency_ms_max.max(rec.latency_ms);
+            }
+            let mut light = rec.clone();
+            light.prompt = None;
+            light.response = None;
+            a.window.push_back(light);
+            if a.window.len() > WINDOW {
+                a.window.pop_front();
+            }
+        }
+        if let Some(l) = &self.log {
+            if !self.store_text {
+                rec.prompt = None;
+                rec.response = None;
+            }
+            l.record(rec);
+        }
+    }
+
+    /// Totals since start, quantiles over the in-memory window.
+    pub fn snapshot(&self) -> Snapshot {
+        let a = self.lock();
+        let mut kpis = kpi::compute(a.window.iter());
+        kpis.requests = a.requests;
+        kpis.errors = a.errors;
+        kpis.local_requests = a.local;
+        kpis.cost_usd = a.cost;
+        kpis.baseline_usd = a.baseline;
+        kpis.savings_usd = a.baseline - a.cost;
+        if a.requests > 0 {
+            kpis.hit_ratio = a.local as f64 / a.requests as f64;
+            kpis.cpm_usd = a.cost / a.requests as f64 * 1000.0;
+            kpis.baseline_cpm_usd = a.baseline / a.requests as f64 * 1000.0;
+        }
+        let stats = self.log.as_ref().map(|l| l.stats.clone());
+        let load = |f: fn(&porteiro_telemetry::log::LogStats) -> u64| stats.as_deref().map_or(0, f);
+        Snapshot {
+            kpis,
+            counters: a
+                .counters
+                .iter()
+                .map(|((t, m, r), c)| (t.clone(), m.clone(), r.clone(), c.clone()))
+                .collect(),
+            series: a.series.iter().cloned().collect(),
+            recent: a.window.iter().rev().take(RECENT).cloned().collect(),
+            latency: a.latency.clone(),
+            ttft: a.ttft.clone(),
+            itl: a.itl.clone(),
+            overhead: a.overhead.clone(),
+            log_written: load(|s| s.written.load(Ordering::Relaxed)),
+            log_dropped: load(|s| s.dropped.load(Ordering::Relaxed)),
+            log_failed: load(|s| s.failed.load(Ordering::Relaxed)),
+        }
+    }
+
+    /// The recorded gateway overheads in seconds, oldest first.
+    pub fn overhead_samples(&self) -> Vec<f64> {
+        self.lock().overhead_samples.iter().copied().collect()
+    }
+
+    /// Waits for queued request-log records to be written.
+    pub fn flush(&self) {
+        if let Some(l) = &self.log {
+            l.flush();
+        }
+    }
+}
+
+struct TraceState {
+    st: AppState,
+    rec: RequestRecord,
+    t0: Instant,
+    first: Option<Instant>,
+    last: Option<Instant>,
+    itl: Vec<f64>,
+    /// Time spent waiting on an upstream (subtracted for the gateway overhead).
+    upstream_wait: Option<Duration>,
+}
+
+/// The request being served; clones share one state, recorded when the last clone drops.
+#[derive(Clone)]
+pub struct Trace(Arc<Mutex<TraceState>>);
+
+impl Trace {
+    pub fn new(st: &AppState, ctx: &RequestCtx, endpoint: &str, model: &str, stream: bool) -> Self {
+        Trace(Arc::new(Mutex::new(TraceState {
+            st: st.clone(),
+            rec: RequestRecord {
+                id: ctx.id.clone(),
+                ts_ms: now_ms(),
+                key_id: ctx.key_id.clone(),
+                endpoint: endpoint.into(),
+                tier: LOCAL_TIER.into(),
+                model: model.into(),
+                route: "-".into(),
+                status: 200,
+                stream,
+                privacy: "none".into(),
+                ..Default::default()
+            },
+            t0: Instant::now(),
+            first: None,
+            last: None,
+            itl: Vec::new(),
+            upstream_wait: None,
+        })))
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&mut TraceState) -> R) -> R {
+        f(&mut self.0.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Where the answer comes from.
+    pub fn served(&self, tier: &str, model: &str) {
+        self.with(|s| {
+            s.rec.tier = tier.into();
+            s.rec.model = model.into();
+        });
+    }
+
+    pub fn route(&self, route: &str) {
+        self.with(|s| s.rec.route = route.into());
+    }
+
+    pub fn privacy(&self, action: &str) {
+        self.with(|s| s.rec.privacy = action.into());
+    }
+
+    pub fn fallback(&self, why: &str) {
+        self.with(|s| s.rec.fallback = Some(why.into()));
+    }
+
+    /// A piece of the answer reached the client.
+    pub fn token(&self) {
+        self.with(|s| {
+            let now = Instant::now();
+            match s.last {
+                None => s.first = Some(now),
+                Some(l) => s.itl.push((now - l).as_secs_f64()),
+            }
+            s.last = Some(now);
+        });
+    }
+
+    pub fn usage(&self, prompt: u64, completion: u64) {
+        self.with(|s| {
+            s.rec.prompt_tokens = prompt;
+            s.rec.completion_tokens = completion;
+        });
+    }
+
+    /// Adds tokens (a local continuation of an upstream answer).
+    pub fn add_usage(&self, prompt: u64, completion: u64) {
+        self.with(|s| {
+            s.rec.prompt_tokens += prompt;
+            s.rec.completion_tokens += completion;
+        });
+    }
+
+    pub fn fail(&self, status: u16, msg: &str) {
+        self.with(|s| {
+            s.rec.status = status;
+            s.rec.error = Some(msg.chars().take(300).collect());
+        });
+    }
+
+    pub fn upstream_wait(&self, d: Duration) {
+        self.with(|s| *s.upstream_wait.get_or_insert(Duration::ZERO) += d);
+    }
+
+    /// Texts for the request log (kept only when `[log] store_text` is on).
+    pub fn texts(&self, prompt: Option<String>, response: Option<String>) {
+        self.with(|s| {
+            if s.st.telemetry().is_some_and(|t| t.store_text) {
+                if prompt.is_some() {
+                    s.rec.prompt = prompt;
+                }
+                if response.is_some() {
+                    s.rec.response = response;
+                }
+            }
+        });
+    }
+
+    pub fn stores_text(&self) -> bool {
+        self.with(|s| s.st.telemetry().is_some_and(|t| t.store_text))
+    }
+}
+
+impl Drop for TraceState {
+    fn drop(&mut self) {
+        let Some(t) = self.st.telemetry() else {
+            return;
+        };
+        let total = self.t0.elapsed();
+        let mut rec = std::mem::take(&mut self.rec);
+        rec.latency_ms = total.as_secs_f64() * 1e3;
+        rec.ttft_ms = self.first.map(|f| (f - self.t0).as_secs_f64() * 1e3);
+        if rec.status == 200 && self.last.is_none() && rec.completion_tokens == 0 && rec.stream {
+            // A stream that never produced anything: the client went away.
+            rec.status = 499;
+            rec.error
+                .get_or_insert_with(|| "client disconnected".into());
+        }
+        // Stored texts keep personal data only where the privacy policy let it leave anyway.
+        if let (Some(g), true) = (self.st.privacy(), rec.privacy != "allow") {
+            rec.prompt = rec.prompt.map(|p| g.redact(&p));
+            rec.response = rec.response.map(|p| g.redact(&p));
+        }
+        let overhead = self
+            .upstream_wait
+            .map(|w| total.saturating_sub(w).as_secs_f64());
+        t.finish(&self.st, rec, &self.itl, overhead);
+    }
+}

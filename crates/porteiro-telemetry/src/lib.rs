@@ -1,0 +1,70 @@
+//! FinOps telemetry shared by the server (live metrics, dashboard) and the CLI (`porteiro report`):
+//! the record of one request ([`RequestRecord`]), the KPIs computed from records ([`kpi`]), the SQLite
+//! request log ([`log`]) and the self-contained report ([`report`]).
+
+pub mod kpi;
+pub mod log;
+pub mod report;
+
+use serde::{Deserialize, Serialize};
+
+/// The tier name of the local model (as in routing headers).
+pub const LOCAL_TIER: &str = "local";
+
+/// One request as the request log and the report see it. Texts are present only when the log is
+/// configured to store them (sealed at rest) and the privacy policy allows it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct RequestRecord {
+    pub id: String,
+    pub ts_ms: i64,
+    pub key_id: String,
+    /// `chat` or `completions`.
+    pub endpoint: String,
+    /// `local` or an upstream's name: where the answer came from.
+    pub tier: String,
+    pub model: String,
+    pub route: String,
+    pub status: u16,
+    pub error: Option<String>,
+    pub stream: bool,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub latency_ms: f64,
+    pub ttft_ms: Option<f64>,
+    /// What this request cost (upstream token prices, or the local machine's time).
+    pub cost_usd: f64,
+    /// What it would have cost at the baseline upstream's token prices.
+    pub baseline_usd: f64,
+    /// What the privacy guard did (`none`, `mask`, `keep_local`, `block`, `allow`).
+    pub privacy: String,
+    /// Why the local tier took over, if it did.
+    pub fallback: Option<String>,
+    pub prompt: Option<String>,
+    pub response: Option<String>,
+}
+
+impl RequestRecord {
+    pub fn is_error(&self) -> bool {
+        self.status >= 400 || self.error.is_some()
+    }
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Token prices in USD per million tokens.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Prices {
+    pub input_per_m: f64,
+    pub output_per_m: f64,
+}
+
+impl Prices {
+    pub fn cost(&self, prompt_tokens: u64, completion_tokens: u64) -> f64 {
+        (prompt_tokens as f64 * self.input_per_m + completion_tokens as f64 * self.output_per_m)
+            / 1e6
+    }
+}
