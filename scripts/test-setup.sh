@@ -14,4 +14,10 @@ scripts/fetch-text.sh >/dev/null
 # The privacy guard: its first-name list, and the labelled PII corpus its tests measure against.
 ./target/release/porteiro pull --quiet names >/dev/null
 scripts/fetch-pii.sh >/dev/null
-python3 -m pip install --quiet --disable-pip-version-check openai
+python3 -m pip install --quiet --disable-pip-version-check openai prometheus-client
+# The dashboard test: Debian's Chromium driven by playwright-core.
+if ! command -v chromium >/dev/null; then
+  if [[ $(id -u) == 0 ]]; then SUDO=; else SUDO=sudo; fi
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq --no-install-recommends chromium >/dev/null
+fi
+(cd scripts/dashboard && npm install --no-audit --no-fund --silent)

@@ -531,56 +531,56 @@ impl Relay {
         loop {
             match &mut self.phase {
                 Phase::Done => return None,
-                Phase::Upstream(s) => match {
+                Phase::Upstream(s) => {
                     let waited = Instant::now();
                     let next = s.next().await;
                     self.trace.upstream_wait(waited.elapsed());
-                    next
-                } {
-                    Some(Ok(v)) => {
-                        if let Some(ev) = self.forward(v) {
-                            return Some(vec![ev]);
+                    match next {
+                        Some(Ok(v)) => {
+                            if let Some(ev) = self.forward(v) {
+                                return Some(vec![ev]);
+                            }
                         }
-                    }
-                    None => {
-                        if self.trace.stores_text() {
-                            self.trace.texts(None, Some(self.text.clone()));
-                        }
-                        self.phase = Phase::Done;
-                        let mut ev: Vec<SseEvent> = self.flush_held().into_iter().collect();
-                        ev.push(SseEvent::default().data("[DONE]"));
-                        return Some(ev);
-                    }
-                    Some(Err(e)) => {
-                        if let Some(ev) = self.flush_held() {
-                            self.prefix.push(ev);
-                        }
-                        self.trace.fallback("mid_stream");
-                        self.st
-                            .metrics
-                            .upstream_failure(&self.upstream, failure_kind(&e));
-                        if self.mode == MidStream::Error {
-                            self.trace.fail(502, &e.to_string());
+                        None => {
+                            if self.trace.stores_text() {
+                                self.trace.texts(None, Some(self.text.clone()));
+                            }
                             self.phase = Phase::Done;
-                            return Some(error_events(&format!(
-                                "The upstream answer broke off: {e}"
-                            )));
+                            let mut ev: Vec<SseEvent> = self.flush_held().into_iter().collect();
+                            ev.push(SseEvent::default().data("[DONE]"));
+                            return Some(ev);
                         }
-                        self.st.metrics.fallback(&self.upstream, "mid_stream");
-                        let mut req = self.req.clone();
-                        req.stream = Some(true);
-                        match local_chat_events(&self.st, &req, Some(self.text.clone())).await {
-                            Ok(rx) => self.phase = Phase::Local(rx),
-                            Err(err) => {
+                        Some(Err(e)) => {
+                            if let Some(ev) = self.flush_held() {
+                                self.prefix.push(ev);
+                            }
+                            self.trace.fallback("mid_stream");
+                            self.st
+                                .metrics
+                                .upstream_failure(&self.upstream, failure_kind(&e));
+                            if self.mode == MidStream::Error {
+                                self.trace.fail(502, &e.to_string());
                                 self.phase = Phase::Done;
                                 return Some(error_events(&format!(
+                                    "The upstream answer broke off: {e}"
+                                )));
+                            }
+                            self.st.metrics.fallback(&self.upstream, "mid_stream");
+                            let mut req = self.req.clone();
+                            req.stream = Some(true);
+                            match local_chat_events(&self.st, &req, Some(self.text.clone())).await {
+                                Ok(rx) => self.phase = Phase::Local(rx),
+                                Err(err) => {
+                                    self.phase = Phase::Done;
+                                    return Some(error_events(&format!(
                                     "The upstream answer broke off ({e}) and the local tier could not continue it: {}",
                                     err.message
                                 )));
+                                }
                             }
                         }
                     }
-                },
+                }
                 Phase::Local(rx) => {
                     let ev = rx.recv().await;
                     return Some(match ev {
