@@ -21,3 +21,8 @@ if ! command -v chromium >/dev/null; then
   $SUDO apt-get update -qq && $SUDO apt-get install -y -qq --no-install-recommends chromium >/dev/null
 fi
 (cd scripts/dashboard && npm install --no-audit --no-fund --silent)
+# The request log's PostgreSQL sink is tested against a throwaway cluster of Debian's PostgreSQL.
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  if [[ $(id -u) == 0 ]]; then SUDO=; else SUDO=sudo; fi
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq --no-install-recommends postgresql >/dev/null
+fi

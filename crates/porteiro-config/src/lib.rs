@@ -71,6 +71,8 @@
 //! retention_days = 30        # older rows are purged
 //! store_text = false         # also keep prompts/answers, AES-256-GCM sealed with the key in key_env
 //! key_env = "PORTEIRO_LOG_KEY"
+//! postgres_env = "PORTEIRO_POSTGRES"  # if set: write to PostgreSQL instead (the variable holds the
+//!                            # connection string, e.g. "host=db user=porteiro dbname=porteiro password=…")
 //! ```
 
 use std::path::Path;
@@ -125,6 +127,7 @@ struct RawLog {
     retention_days: Option<f64>,
     store_text: Option<bool>,
     key_env: Option<String>,
+    postgres_env: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -239,6 +242,8 @@ pub struct LogConfig {
     pub retention_days: f64,
     pub store_text: bool,
     pub key_env: String,
+    /// Env var holding a PostgreSQL connection string; the log goes there instead of SQLite.
+    pub postgres_env: Option<String>,
 }
 
 /// The privacy policies `[privacy]`, `[[upstreams]]` and `[[routes]]` accept.
@@ -571,6 +576,7 @@ impl Config {
                 .key_env
                 .filter(|s| !s.is_empty())
                 .unwrap_or_else(|| "PORTEIRO_LOG_KEY".into()),
+            postgres_env: lg.postgres_env.filter(|s| !s.is_empty()),
         };
         Ok(Config {
             telemetry,

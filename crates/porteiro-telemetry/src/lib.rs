@@ -4,6 +4,7 @@
 
 pub mod kpi;
 pub mod log;
+pub mod pg;
 pub mod report;
 
 use serde::{Deserialize, Serialize};

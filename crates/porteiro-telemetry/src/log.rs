@@ -31,6 +31,24 @@ pub enum LogError {
     },
     #[error("request log: cannot decrypt a stored text (wrong key?)")]
     Decrypt,
+    #[error("request log (PostgreSQL): {0}")]
+    Postgres(String),
+}
+
+/// Where the writer thread puts records: the local SQLite file, or PostgreSQL shared by replicas.
+pub trait Sink: Send + 'static {
+    fn insert(&mut self, recs: &[RequestRecord], sealer: Option<&Sealer>) -> Result<(), LogError>;
+    /// Deletes rows older than `ttl`; returns how many.
+    fn purge(&mut self, ttl: Duration, now_ms: i64) -> Result<usize, LogError>;
+}
+
+impl Sink for RequestLog {
+    fn insert(&mut self, recs: &[RequestRecord], sealer: Option<&Sealer>) -> Result<(), LogError> {
+        RequestLog::insert(self, recs, sealer)
+    }
+    fn purge(&mut self, ttl: Duration, now_ms: i64) -> Result<usize, LogError> {
+        RequestLog::purge(self, ttl, now_ms)
+    }
 }
 
 /// Schema migrations, applied in order; `PRAGMA user_version` says how many ran.
@@ -288,7 +306,7 @@ pub struct LogWriter {
 impl LogWriter {
     /// `capacity` records may wait; `ttl` (if any) is enforced at start and every `purge_every`.
     pub fn spawn(
-        mut log: RequestLog,
+        mut log: impl Sink,
         capacity: usize,
         sealer: Option<Sealer>,
         ttl: Option<Duration>,
@@ -324,7 +342,7 @@ impl LogWriter {
 const PURGE_EVERY: Duration = Duration::from_secs(600);
 
 fn writer(
-    log: &mut RequestLog,
+    log: &mut impl Sink,
     rx: Receiver<Msg>,
     st: &LogStats,
     sealer: Option<&Sealer>,

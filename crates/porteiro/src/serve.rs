@@ -205,31 +205,36 @@ pub fn request_log_path(cfg: &Config) -> Option<PathBuf> {
 /// Pricing, live KPIs and the request log (opened and migrated here, so a bad path stops the start).
 pub(crate) fn telemetry(cfg: &Config) -> Result<porteiro_server::telemetry::Telemetry> {
     use porteiro_telemetry::log::{LogWriter, RequestLog, Sealer};
-    let writer = match request_log_path(cfg) {
-        None => None,
-        Some(p) => {
-            if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir)
-                    .with_context(|| format!("creating {}", dir.display()))?;
-            }
-            let sealer = if cfg.log.store_text {
-                let key = std::env::var(&cfg.log.key_env).map_err(|_| {
-                    anyhow::anyhow!(
-                        "[log] store_text = true needs the encryption key in ${} (texts are never stored in clear)",
-                        cfg.log.key_env
-                    )
-                })?;
-                Some(Sealer::new(key.as_bytes()))
-            } else {
-                None
-            };
-            let ttl = (cfg.log.retention_days > 0.0)
-                .then(|| Duration::from_secs_f64(cfg.log.retention_days * 86400.0));
-            let log = RequestLog::open(&p)?;
-            Some(
-                LogWriter::spawn(log, cfg.log.queue, sealer, ttl)
-                    .context("starting the request-log writer")?,
+    let sealer = if cfg.log.store_text {
+        let key = std::env::var(&cfg.log.key_env).map_err(|_| {
+            anyhow::anyhow!(
+                "[log] store_text = true needs the encryption key in ${} (texts are never stored in clear)",
+                cfg.log.key_env
             )
+        })?;
+        Some(Sealer::new(key.as_bytes()))
+    } else {
+        None
+    };
+    let ttl = (cfg.log.retention_days > 0.0)
+        .then(|| Duration::from_secs_f64(cfg.log.retention_days * 86400.0));
+    const WRITER: &str = "starting the request-log writer";
+    let writer = if let Some(var) = &cfg.log.postgres_env {
+        let conninfo = std::env::var(var)
+            .map_err(|_| anyhow::anyhow!("[log] postgres_env names ${var}, which is not set"))?;
+        let pg = porteiro_telemetry::pg::PgLog::connect(&conninfo)?;
+        Some(LogWriter::spawn(pg, cfg.log.queue, sealer, ttl).context(WRITER)?)
+    } else {
+        match request_log_path(cfg) {
+            None => None,
+            Some(p) => {
+                if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(dir)
+                        .with_context(|| format!("creating {}", dir.display()))?;
+                }
+                let log = RequestLog::open(&p)?;
+                Some(LogWriter::spawn(log, cfg.log.queue, sealer, ttl).context(WRITER)?)
+            }
         }
     };
     Ok(porteiro_server::telemetry::Telemetry::new(cfg, writer))
