@@ -74,7 +74,19 @@ pub struct GenRequest {
     pub logprobs: Option<usize>,
     /// Keep generating through end-of-generation tokens (benchmarks and load tests).
     pub ignore_eos: bool,
+    /// Structured output: which tokens may come next (None: unconstrained).
+    pub constraint: Option<Box<dyn TokenConstraint>>,
     pub sink: Box<dyn EventSink>,
+}
+
+/// Limits the next token to what a grammar allows (structured output). Implemented over
+/// llguidance by `porteiro-grammar`; the engine only masks logits and reports the chosen tokens.
+pub trait TokenConstraint: Send {
+    /// Allowed next tokens as a bitset over the vocabulary (bit `id % 32` of word `id / 32`).
+    /// End-of-generation tokens are allowed only where the grammar may end.
+    fn allowed(&mut self) -> Result<Vec<u32>, String>;
+    /// The token chosen; returns true once the grammar is complete (generation stops there).
+    fn commit(&mut self, token: u32) -> Result<bool, String>;
 }
 
 /// Where a request's events go. `send` returning false (or `is_closed`) means the receiver is gone:
@@ -547,8 +559,29 @@ impl<'a> Scheduler<'a> {
                 .prompt_tokens
                 .fetch_add(s.req.prompt.len() as u64, Ordering::Relaxed);
         }
+        if let Some(c) = s.req.constraint.as_mut() {
+            match c.allowed() {
+                Ok(bits) => {
+                    for (id, l) in logits.iter_mut().enumerate() {
+                        if bits.get(id / 32).is_none_or(|w| w >> (id % 32) & 1 == 0) {
+                            *l = f32::NEG_INFINITY;
+                        }
+                    }
+                }
+                Err(e) => return Self::fail(stats, s, format!("structured output: {e}")),
+            }
+        }
         let lp = s.req.logprobs.map(|k| token_logprobs(tok, logits, k));
         let t = s.sampler.sample(logits);
+        let grammar_done = if tok.is_eog(t) {
+            false
+        } else {
+            match s.req.constraint.as_mut().map(|c| c.commit(t)) {
+                Some(Err(e)) => return Self::fail(stats, s, format!("structured output: {e}")),
+                Some(Ok(done)) => done,
+                None => false,
+            }
+        };
         if tok.is_eog(t) && !s.req.ignore_eos {
             let rest = s.out.finish(false);
             Self::finish(stats, s, rest, FinishReason::Stop);
@@ -559,7 +592,7 @@ impl<'a> Scheduler<'a> {
         stats.completion_tokens.fetch_add(1, Ordering::Relaxed);
         let step = s.out.push(t);
         let logprobs = lp.map(|f| vec![f(t)]).unwrap_or_default();
-        if step.stopped {
+        if step.stopped || grammar_done {
             let mut text = step.text;
             text.push_str(&s.out.finish(false));
             Self::send_text(stats, s, text, logprobs);
@@ -575,6 +608,15 @@ impl<'a> Scheduler<'a> {
         }
         Self::send_text(stats, s, step.text, logprobs);
         s.next = Some(t);
+    }
+
+    /// Ends a sequence with an error event.
+    fn fail(stats: &EngineStats, s: &mut Seq<'_>, msg: String) {
+        if !s.finished {
+            s.req.sink.send(Event::Error(msg));
+            stats.cancelled.fetch_add(1, Ordering::Relaxed);
+        }
+        s.finished = true;
     }
 
     fn send_text(stats: &EngineStats, s: &mut Seq<'_>, text: String, logprobs: Vec<TokenLogprob>) {

@@ -48,6 +48,7 @@ fn request(prompt: Vec<u32>, max_tokens: usize) -> (GenRequest, mpsc::Receiver<E
             stop: vec![],
             sampling: SamplingParams::greedy(),
             logprobs: None,
+            constraint: None,
             ignore_eos: true,
             sink: Box::new(Sink(tx)),
         },
@@ -270,6 +271,7 @@ fn a_short_prompt_behind_a_long_one_gets_its_first_token_first() {
             stop: vec![],
             sampling: SamplingParams::greedy(),
             logprobs: None,
+            constraint: None,
             ignore_eos: true,
             sink: Box::new(Tagged(tag, tx.clone())),
         })

@@ -59,6 +59,42 @@ impl Usage {
 pub enum FinishReason {
     Stop,
     Length,
+    ToolCalls,
+}
+
+/// A function call the model made (`message.tool_calls[i]`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ToolCall {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub function: FunctionCall,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FunctionCall {
+    pub name: String,
+    /// The arguments as a JSON text, as OpenAI sends them.
+    pub arguments: String,
+}
+
+/// A piece of a streamed tool call (`delta.tool_calls[i]`): the first carries id, type and name,
+/// the rest argument fragments.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ToolCallDelta {
+    pub index: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<&'static str>,
+    pub function: FunctionDelta,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct FunctionDelta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub arguments: String,
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -104,6 +140,10 @@ pub struct ChatMessage {
     #[serde(default)]
     pub content: Option<Content>,
     pub name: Option<String>,
+    /// Calls an assistant turn made (echoed back by clients in the history).
+    pub tool_calls: Option<Value>,
+    /// The call a `tool` message answers.
+    pub tool_call_id: Option<String>,
 }
 
 /// Message content: a string, or a list of parts of which only text parts are supported.
@@ -143,8 +183,11 @@ pub struct ChatChoice {
 #[derive(Debug, Clone, Serialize)]
 pub struct AssistantMessage {
     pub role: &'static str,
-    pub content: String,
+    /// Null when the answer is tool calls.
+    pub content: Option<String>,
     pub refusal: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCall>>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
@@ -194,6 +237,8 @@ pub struct Delta {
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallDelta>>,
 }
 
 // ------------------------------------------------------------------------------------------------

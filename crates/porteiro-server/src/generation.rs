@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::State;
@@ -20,9 +21,11 @@ use porteiro_engine::scheduler::{Event, EventSink, GenRequest, SubmitError, Toke
 use porteiro_engine::{FinishReason as EngineFinish, SamplingParams};
 use porteiro_models::template::ChatMessage as TemplateMessage;
 use porteiro_protocol::*;
+use serde_json::Value;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use crate::privacy::RequestCtx;
+use crate::structured::{spec_of, tool_calls, Mode, ToolStream};
 use crate::telemetry::Trace;
 use crate::{ApiError, AppState, Generator, OpenAiJson, OpenAiJsonRaw};
 
@@ -249,6 +252,7 @@ fn submit(
     max_tokens: usize,
     limits: Limits,
     logprobs: Option<usize>,
+    constraint: Option<Box<dyn porteiro_engine::scheduler::TokenConstraint>>,
 ) -> Result<UnboundedReceiver<Event>, ApiError> {
     let (tx, rx) = unbounded_channel();
     let req = GenRequest {
@@ -258,6 +262,7 @@ fn submit(
         sampling: limits.sampling,
         logprobs,
         ignore_eos: limits.ignore_eos,
+        constraint,
         sink: Box::new(ChannelSink(tx)),
     };
     match g.engine.submit(req) {
@@ -328,13 +333,14 @@ fn chat_messages(msgs: &[ChatMessage]) -> Result<Vec<TemplateMessage>, ApiError>
         .map(|(i, m)| {
             let role = match m.role.as_str() {
                 "system" | "developer" => "system",
-                "user" => "user",
+                // Tool results reach the model as a user turn every chat template understands.
+                "user" | "tool" => "user",
                 "assistant" => "assistant",
                 other => {
                     return Err(ApiError::invalid(
                         format!("messages[{i}].role"),
                         format!(
-                            "Unsupported role `{other}`; use system, developer, user or assistant."
+                            "Unsupported role `{other}`; use system, developer, user, assistant or tool."
                         ),
                     ))
                 }
@@ -360,6 +366,22 @@ fn chat_messages(msgs: &[ChatMessage]) -> Result<Vec<TemplateMessage>, ApiError>
                     }
                     s
                 }
+            };
+            let content = match (m.role.as_str(), &m.tool_calls) {
+                ("tool", _) => format!("Tool result: {content}"),
+                // The model sees the calls it made in the shape it was asked to produce them.
+                ("assistant", Some(Value::Array(calls))) if content.is_empty() => calls
+                    .iter()
+                    .map(|c| {
+                        let args = c["function"]["arguments"].as_str().unwrap_or("{}");
+                        format!(
+                            "{{\"name\":{},\"arguments\":{args}}}",
+                            c["function"]["name"]
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+                _ => content,
             };
             Ok(TemplateMessage::new(role, content))
         })
@@ -405,8 +427,9 @@ pub(crate) async fn chat_local(
     trace: Trace,
 ) -> Result<Response, ApiError> {
     trace.served(LOCAL_TIER, &st.settings.model_id);
-    let rx = local_chat_events(st, req, None).await?;
+    let (rx, mode) = local_chat_events(st, req, None).await?;
     let out = Output {
+        mode,
         st: st.clone(),
         api: Api::Chat,
         id: st.new_id("chatcmpl"),
@@ -425,34 +448,15 @@ pub(crate) async fn local_chat_events(
     st: &AppState,
     req: &ChatCompletionRequest,
     prefix: Option<String>,
-) -> Result<UnboundedReceiver<Event>, ApiError> {
+) -> Result<(UnboundedReceiver<Event>, Option<Mode>), ApiError> {
     let g = st
         .generator()
         .ok_or_else(|| ApiError::unavailable("The model is still loading; retry shortly."))?;
-    refuse_if_present(&req.tools, "tools", "tool calling is not implemented")?;
-    refuse_if_present(
-        &req.tool_choice,
-        "tool_choice",
-        "tool calling is not implemented",
-    )?;
-    refuse_if_present(
-        &req.functions,
-        "functions",
-        "function calling is not implemented",
-    )?;
-    refuse_if_present(
-        &req.function_call,
-        "function_call",
-        "function calling is not implemented",
-    )?;
-    if let Some(rf) = &req.response_format {
-        if rf.get("type").and_then(|t| t.as_str()) != Some("text") {
-            return Err(ApiError::invalid(
-                "response_format",
-                "Only `{\"type\": \"text\"}` is supported; structured output is not implemented.",
-            ));
-        }
-    }
+    // A continuation of an upstream's answer is plain text.
+    let structured = match prefix {
+        Some(_) => None,
+        None => spec_of(req)?,
+    };
     if req.logit_bias.as_ref().is_some_and(|b| !b.is_empty()) {
         return Err(ApiError::invalid(
             "logit_bias",
@@ -495,7 +499,41 @@ pub(crate) async fn local_chat_events(
         ignore_eos: req.ignore_eos,
     }
     .validate(st)?;
-    let msgs = chat_messages(&req.messages)?;
+    let mut msgs = chat_messages(&req.messages)?;
+    let mut constraint = None;
+    if let Some((spec, mode)) = &structured {
+        let note = spec.instructions();
+        match msgs.first_mut() {
+            Some(m) if m.role == "system" => m.content = format!("{}\n\n{note}", m.content),
+            _ => msgs.insert(0, TemplateMessage::new("system", note)),
+        }
+        let (spec, param) = (
+            spec.clone(),
+            if *mode == Mode::Tools {
+                "tools"
+            } else {
+                "response_format"
+            },
+        );
+        constraint = Some(
+            blocking(st, move |g| {
+                let grammars = g
+                    .grammars
+                    .get_or_init(|| {
+                        porteiro_grammar::Grammars::new(g.tokenizer.clone())
+                            .map(Arc::new)
+                            .map_err(|e| e.to_string())
+                    })
+                    .clone()
+                    .map_err(ApiError::internal)?;
+                let c = grammars.constraint(&spec).map_err(|e| {
+                    ApiError::invalid(param, format!("The schema cannot be enforced: {e}"))
+                })?;
+                Ok(Box::new(c) as Box<dyn porteiro_engine::scheduler::TokenConstraint>)
+            })
+            .await?,
+        );
+    }
     let prompt = blocking(st, move |g| {
         let mut text = match &g.template {
             Some(t) => t.render(&msgs, true).map_err(|e| {
@@ -519,7 +557,8 @@ pub(crate) async fn local_chat_events(
         limits.max_tokens,
         st.settings.default_max_tokens,
     )?;
-    submit(st, g, prompt, max_tokens, limits, logprobs)
+    submit(st, g, prompt, max_tokens, limits, logprobs, constraint)
+        .map(|rx| (rx, structured.map(|(_, m)| m)))
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -644,7 +683,7 @@ async fn completions_inner(
             e.param = Some("prompt".into());
             e
         })?;
-    let rx = submit(&st, g, prompt, max_tokens, limits, logprobs)?;
+    let rx = submit(&st, g, prompt, max_tokens, limits, logprobs, None)?;
     let out = Output {
         st: st.clone(),
         api: Api::Completion,
@@ -653,6 +692,7 @@ async fn completions_inner(
         model: req.model.clone(),
         t0,
         trace,
+        mode: None,
     };
     out.respond(rx, req.stream, req.stream_options.as_ref(), echo_text)
         .await
@@ -670,6 +710,8 @@ struct Output {
     model: String,
     t0: Instant,
     trace: Trace,
+    /// Structured output: how the constrained answer is returned.
+    mode: Option<Mode>,
 }
 
 fn chat_logprob(l: &TokenLogprob) -> ChatTokenLogprob {
@@ -776,7 +818,12 @@ impl Output {
                         usage.completion_tokens,
                     );
                     let usage = Usage::new(usage.prompt_tokens, usage.completion_tokens);
-                    let finish = finish_reason(finish);
+                    let mut finish = finish_reason(finish);
+                    let mut calls = None;
+                    if self.mode == Some(Mode::Tools) && finish == FinishReason::Stop {
+                        calls = Some(tool_calls(&text, &self.st.new_id("call"))?);
+                        finish = FinishReason::ToolCalls;
+                    }
                     let body = match self.api {
                         Api::Chat => serde_json::to_value(ChatCompletion {
                             id: self.id,
@@ -787,8 +834,9 @@ impl Output {
                                 index: 0,
                                 message: AssistantMessage {
                                     role: "assistant",
-                                    content: text,
+                                    content: calls.is_none().then_some(text),
                                     refusal: None,
+                                    tool_calls: calls,
                                 },
                                 logprobs: any_lp.then_some(chat_lp),
                                 finish_reason: finish,
@@ -826,6 +874,8 @@ impl Output {
         echo: Option<String>,
     ) -> Response {
         let keep_text = self.trace.stores_text();
+        let tools = (self.mode == Some(Mode::Tools) && self.api == Api::Chat)
+            .then(|| ToolStream::new(self.st.new_id("call")));
         let state = StreamState {
             out: self,
             rx,
@@ -835,6 +885,7 @@ impl Output {
             echo,
             finished: false,
             text: keep_text.then(String::new),
+            tools,
         };
         let events = stream::unfold(state, |mut s| async move {
             if s.finished {
@@ -860,6 +911,8 @@ struct StreamState {
     finished: bool,
     /// The answer so far, when the request log keeps texts.
     text: Option<String>,
+    /// A tool-call answer being streamed as `delta.tool_calls`.
+    tools: Option<ToolStream>,
 }
 
 impl StreamState {
@@ -973,9 +1026,23 @@ impl StreamState {
                         let lp = (!logprobs.is_empty()).then(|| ChatLogprobs {
                             content: logprobs.iter().map(chat_logprob).collect(),
                         });
-                        let delta = Delta {
-                            role: first.then_some("assistant"),
-                            content: Some(text),
+                        let delta = match self.tools.as_mut() {
+                            Some(ts) => {
+                                let calls = ts.push(&text);
+                                if calls.is_empty() && !first {
+                                    return out;
+                                }
+                                Delta {
+                                    role: first.then_some("assistant"),
+                                    content: None,
+                                    tool_calls: (!calls.is_empty()).then_some(calls),
+                                }
+                            }
+                            None => Delta {
+                                role: first.then_some("assistant"),
+                                content: Some(text),
+                                tool_calls: None,
+                            },
                         };
                         out.push(self.chat_chunk(delta, lp, None));
                     }
@@ -1008,12 +1075,27 @@ impl StreamState {
                     usage.completion_tokens,
                 );
                 let usage = Usage::new(usage.prompt_tokens, usage.completion_tokens);
-                let finish = Some(finish_reason(finish));
+                let mut finish = Some(finish_reason(finish));
                 match o.api {
                     Api::Chat => {
+                        if let Some(ts) = self.tools.as_mut() {
+                            let rest = ts.finish();
+                            if finish == Some(FinishReason::Stop) {
+                                finish = Some(FinishReason::ToolCalls);
+                            }
+                            if !rest.is_empty() {
+                                let delta = Delta {
+                                    role: None,
+                                    content: None,
+                                    tool_calls: Some(rest),
+                                };
+                                out.push(self.chat_chunk(delta, None, None));
+                            }
+                        }
                         let delta = Delta {
                             role: self.first.then_some("assistant"),
-                            content: self.first.then(String::new),
+                            content: (self.first && self.tools.is_none()).then(String::new),
+                            tool_calls: None,
                         };
                         out.push(self.chat_chunk(delta, None, finish));
                     }

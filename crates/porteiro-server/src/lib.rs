@@ -13,6 +13,7 @@ pub mod generation;
 pub mod metrics;
 pub mod privacy;
 pub mod routing;
+pub mod structured;
 pub mod telemetry;
 
 use std::future::{Future, IntoFuture};
@@ -83,6 +84,8 @@ pub struct Generator {
     pub engine: EngineHandle,
     pub tokenizer: Arc<Tokenizer>,
     pub template: Option<ChatTemplate>,
+    /// Structured output's token trie, built on the first request that needs it.
+    pub grammars: OnceLock<Result<Arc<porteiro_grammar::Grammars>, String>>,
 }
 
 impl Generator {
@@ -98,6 +101,7 @@ impl Generator {
                 engine,
                 tokenizer,
                 template: lm.template,
+                grammars: OnceLock::new(),
             },
             join,
         ))

@@ -569,7 +569,7 @@ impl Relay {
                             let mut req = self.req.clone();
                             req.stream = Some(true);
                             match local_chat_events(&self.st, &req, Some(self.text.clone())).await {
-                                Ok(rx) => self.phase = Phase::Local(rx),
+                                Ok((rx, _)) => self.phase = Phase::Local(rx),
                                 Err(err) => {
                                     self.phase = Phase::Done;
                                     return Some(error_events(&format!(

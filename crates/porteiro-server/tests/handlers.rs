@@ -476,8 +476,15 @@ async fn invalid_requests_get_openai_errors_naming_the_parameter() {
         (chat("x", json!({"top_logprobs": 2})), "top_logprobs"),
         (chat("x", json!({"tools": []})), "tools"),
         (
-            chat("x", json!({"response_format": {"type": "json_object"}})),
-            "response_format",
+            chat("x", json!({"response_format": {"type": "xml"}})),
+            "response_format.type",
+        ),
+        (
+            chat(
+                "x",
+                json!({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": {"type": "function", "function": {"name": "g"}}}),
+            ),
+            "tool_choice",
         ),
         (
             json!({"messages": [{"role": "user", "content": "x"}]}),
