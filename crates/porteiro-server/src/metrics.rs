@@ -254,36 +254,38 @@ impl Metrics {
         for (t, m, r, c) in &snap.counters {
             let _ = writeln!(o, "{TIER_COST}{{{}}} {}", lbl(t, m, r), c.cost_usd);
         }
-        let hists = |o: &mut String,
-                     name: &str,
-                     help: &str,
-                     hs: &BTreeMap<String, crate::telemetry::Hist>| {
-            head(o, name, "histogram", help);
-            for (tier, h) in hs {
-                for (c, b) in h.counts.iter().zip(h.bounds) {
-                    let _ = writeln!(o, "{name}_bucket{{tier=\"{}\",le=\"{b}\"}} {c}", esc(tier));
+        let hists =
+            |o: &mut String,
+             name: &str,
+             help: &str,
+             hs: &BTreeMap<crate::telemetry::Key, crate::telemetry::Hist>| {
+                head(o, name, "histogram", help);
+                for ((t, m, r), h) in hs {
+                    let l = lbl(t, m, r);
+                    for (c, b) in h.counts.iter().zip(h.bounds) {
+                        let _ = writeln!(o, "{name}_bucket{{{l},le=\"{b}\"}} {c}");
+                    }
+                    let _ = writeln!(o, "{name}_bucket{{{l},le=\"+Inf\"}} {}", h.count);
+                    let _ = writeln!(o, "{name}_sum{{{l}}} {}", h.sum);
+                    let _ = writeln!(o, "{name}_count{{{l}}} {}", h.count);
                 }
-                let _ = writeln!(
-                    o,
-                    "{name}_bucket{{tier=\"{}\",le=\"+Inf\"}} {}",
-                    esc(tier),
-                    h.count
-                );
-                let _ = writeln!(o, "{name}_sum{{tier=\"{}\"}} {}", esc(tier), h.sum);
-                let _ = writeln!(o, "{name}_count{{tier=\"{}\"}} {}", esc(tier), h.count);
-            }
-        };
+            };
         hists(
             o,
             TIER_LATENCY,
-            "Request latency by tier (successful requests).",
+            "Request latency by tier, model and route (successful requests).",
             &snap.latency,
         );
-        hists(o, TIER_TTFT, "Time to first token by tier.", &snap.ttft);
+        hists(
+            o,
+            TIER_TTFT,
+            "Time to first token by tier, model and route.",
+            &snap.ttft,
+        );
         hists(
             o,
             TIER_INTER_TOKEN,
-            "Time between streamed pieces of an answer, by tier.",
+            "Time between streamed pieces of an answer, by tier, model and route.",
             &snap.itl,
         );
         // Quantiles as the dashboard shows them (nearest rank over the last requests in memory).

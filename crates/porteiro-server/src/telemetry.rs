@@ -62,6 +62,9 @@ pub const LATENCY_BUCKETS: [f64; 16] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0,
 ];
 
+/// (tier, model, route).
+pub type Key = (String, String, String);
+
 /// Counters per (tier, model, route).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Counters {
@@ -84,9 +87,9 @@ pub struct Bucket {
 #[derive(Default)]
 struct Agg {
     counters: BTreeMap<(String, String, String), Counters>,
-    latency: BTreeMap<String, Hist>,
-    ttft: BTreeMap<String, Hist>,
-    itl: BTreeMap<String, Hist>,
+    latency: BTreeMap<Key, Hist>,
+    ttft: BTreeMap<Key, Hist>,
+    itl: BTreeMap<Key, Hist>,
     overhead: Option<Hist>,
     /// The last overhead samples, seconds (exact quantiles for `porteiro gateway-bench`).
     overhead_samples: VecDeque<f64>,
@@ -108,11 +111,11 @@ pub struct Snapshot {
     pub series: Vec<Bucket>,
     pub recent: Vec<RequestRecord>,
     #[serde(skip)]
-    pub latency: BTreeMap<String, Hist>,
+    pub latency: BTreeMap<Key, Hist>,
     #[serde(skip)]
-    pub ttft: BTreeMap<String, Hist>,
+    pub ttft: BTreeMap<Key, Hist>,
     #[serde(skip)]
-    pub itl: BTreeMap<String, Hist>,
+    pub itl: BTreeMap<Key, Hist>,
     #[serde(skip)]
     pub overhead: Option<Hist>,
     pub log_written: u64,
@@ -213,20 +216,21 @@ impl Telemetry {
             a.local += (rec.tier == LOCAL_TIER) as u64;
             a.cost += rec.cost_usd;
             a.baseline += rec.baseline_usd;
+            let key: Key = (rec.tier.clone(), rec.model.clone(), rec.route.clone());
             if !err {
                 a.latency
-                    .entry(rec.tier.clone())
+                    .entry(key.clone())
                     .or_insert_with(|| Hist::new(&LATENCY_BUCKETS))
                     .observe(rec.latency_ms / 1e3);
                 if let Some(t) = rec.ttft_ms {
                     a.ttft
-                        .entry(rec.tier.clone())
+                        .entry(key.clone())
                         .or_insert_with(|| Hist::new(&LATENCY_BUCKETS))
                         .observe(t / 1e3);
                 }
                 let h = a
                     .itl
-                    .entry(rec.tier.clone())
+                    .entry(key)
                     .or_insert_with(|| Hist::new(&LATENCY_BUCKETS));
                 for &g in itl {
                     h.observe(g);
