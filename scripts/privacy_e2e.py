@@ -23,18 +23,17 @@ import json
 import os
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
-import sys
 import tempfile
 import threading
 import time
-import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 import openai
 from openai import OpenAI
+
+from e2e_common import FakeUpstream, check, finish, start_porteiro
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--porteiro", required=True)
@@ -57,47 +56,23 @@ def last_user(body):
     return ""
 
 
-class Recorder(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *a):
-        pass
-
-    def setup(self):
-        super().setup()
-        # Headers and body go out in two writes: without this, Nagle + delayed ACK add 40 ms.
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
+class Recorder(FakeUpstream):
     def do_POST(self):
-        raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        raw = self.body()
         body = json.loads(raw)
         with LOCK:
             RECORDED.append((body.get("model"), raw))
         text = last_user(body)
         base = {"id": "rec-1", "created": 1, "model": body.get("model")}
         if body.get("stream"):
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.send_header("Connection", "close")
-            self.end_headers()
-            for i in range(0, len(text), 3):
-                ch = dict(base, object="chat.completion.chunk",
-                          choices=[{"index": 0, "delta": {"content": text[i:i + 3]}, "finish_reason": None}])
-                self.wfile.write(f"data: {json.dumps(ch)}\n\n".encode())
-            ch = dict(base, object="chat.completion.chunk",
-                      choices=[{"index": 0, "delta": {}, "finish_reason": "stop"}])
-            self.wfile.write(f"data: {json.dumps(ch)}\n\ndata: [DONE]\n\n".encode())
-            self.wfile.flush()
-            self.close_connection = True
+            chunk = lambda delta, fin: dict(base, object="chat.completion.chunk",
+                                            choices=[{"index": 0, "delta": delta, "finish_reason": fin}])
+            self.reply_sse([chunk({"content": text[i:i + 3]}, None) for i in range(0, len(text), 3)]
+                           + [chunk({}, "stop")])
             return
-        out = json.dumps(dict(base, object="chat.completion", choices=[
+        self.reply_json(dict(base, object="chat.completion", choices=[
             {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-            usage={"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2})).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(out)))
-        self.end_headers()
-        self.wfile.write(out)
+            usage={"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}))
 
 
 rec = ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
@@ -122,33 +97,11 @@ audit_db = "{audit_db}"
         f.write(f'[[upstreams]]\nname = "{name}"\nbase_url = "{REC}"\nmodel = "rec-{name}"\nprivacy = "{policy}"\nretries = 0\n')
 
 env = dict(os.environ, PORTEIRO_AUDIT_KEY="e2e-audit-key")
-srv = subprocess.Popen([args.porteiro, "serve", "--port", "0", "--model", args.model, "--config", cfg],
-                       stdout=subprocess.PIPE, stderr=sys.stderr, text=True, env=env)
-line = srv.stdout.readline()
-port = int(line.strip().rsplit(":", 1)[1])
-threading.Thread(target=lambda: srv.stdout.read(), daemon=True).start()
-BASE = f"http://127.0.0.1:{port}"
-t0 = time.time()
-while True:
-    try:
-        if urllib.request.urlopen(BASE + "/health", timeout=2).status == 200:
-            break
-    except Exception:
-        pass
-    if time.time() - t0 > 120:
-        sys.exit("porteiro did not become ready in 120 s")
-    time.sleep(0.1)
+srv, BASE = start_porteiro(args.porteiro, args.model, cfg, env)
 
 client = OpenAI(base_url=BASE + "/v1", api_key="unused", timeout=60, max_retries=0)
 corpus = json.load(open(args.corpus))
-FAILED = []
 FIG = {}
-
-
-def check(name, cond, detail=""):
-    print(("ok   " if cond else "FAIL ") + name + (f": {detail}" if detail else ""), flush=True)
-    if not cond:
-        FAILED.append(name)
 
 
 def recorded_text(raw):
@@ -312,7 +265,4 @@ for name, sql, want in [
 print("PRIVACY " + json.dumps(FIG))
 shutil.rmtree(work, ignore_errors=True)
 rec.shutdown()
-if FAILED:
-    print(f"{len(FAILED)} checks failed: {FAILED}")
-    sys.exit(1)
-print("all privacy checks passed")
+finish("privacy")

@@ -15,14 +15,13 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
-import time
-import urllib.request
 from typing import Literal, Optional
 
 import openai
 from openai import OpenAI
 from pydantic import BaseModel
+
+from e2e_common import check, finish, start_porteiro
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--porteiro", required=True)
@@ -33,30 +32,8 @@ M = args.model
 work = tempfile.mkdtemp(prefix="porteiro-structured-")
 cfg = os.path.join(work, "porteiro.toml")
 open(cfg, "w").write('[model]\nctx = 2048\nthreads = 2\n[embeddings]\nmodel = ""\n[log]\npath = ""\n')
-srv = subprocess.Popen([args.porteiro, "serve", "--port", "0", "--model", M, "--config", cfg],
-                       stdout=subprocess.PIPE, stderr=sys.stderr, text=True)
-sys.excepthook = (lambda old: lambda *a: (srv.kill(), old(*a)))(sys.excepthook)
-port = int(srv.stdout.readline().strip().rsplit(":", 1)[1])
-threading.Thread(target=lambda: srv.stdout.read(), daemon=True).start()
-BASE = f"http://127.0.0.1:{port}"
-t0 = time.time()
-while True:
-    try:
-        if urllib.request.urlopen(BASE + "/health", timeout=2).status == 200:
-            break
-    except Exception:
-        pass
-    if time.time() - t0 > 120:
-        sys.exit("porteiro did not become ready")
-    time.sleep(0.1)
+srv, BASE = start_porteiro(args.porteiro, M, cfg)
 client = OpenAI(base_url=BASE + "/v1", api_key="unused", timeout=120, max_retries=0)
-FAILED = []
-
-
-def check(name, cond, detail=""):
-    print(("ok   " if cond else "FAIL ") + name + (f": {detail}" if detail else ""), flush=True)
-    if not cond:
-        FAILED.append(name)
 
 
 def user(t):
@@ -159,7 +136,4 @@ print(p.stdout.strip())
 check("50 tasks: every constrained answer validates", p.returncode == 0, p.stderr.strip()[-300:])
 srv.terminate()
 srv.wait(timeout=30)
-if FAILED:
-    print(f"{len(FAILED)} checks failed: {FAILED}")
-    sys.exit(1)
-print("all structured-output checks passed")
+finish("structured-output")

@@ -17,18 +17,17 @@ import argparse
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
-import sys
 import tempfile
 import threading
-import time
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
+
+from e2e_common import FakeUpstream, check, finish, start_porteiro
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--porteiro", required=True)
@@ -37,60 +36,22 @@ ap.add_argument("--artifacts", required=True, help="folder for the dashboard scr
 ap.add_argument("--node-dir", required=True, help="scripts/dashboard (with node_modules)")
 args = ap.parse_args()
 
-FAILED = []
-
-
-def check(name, cond, detail=""):
-    print(("ok   " if cond else "FAIL ") + name + (f": {detail}" if detail else ""), flush=True)
-    if not cond:
-        FAILED.append(name)
-
-
-class Upstream(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *a):
-        pass
-
-    def setup(self):
-        super().setup()
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
+class Upstream(FakeUpstream):
     def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+        body = json.loads(self.body())
         if body.get("model") == "fail-model":
-            out = b'{"error": {"message": "down", "type": "server_error"}}'
-            self.send_response(500)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(out)))
-            self.end_headers()
-            self.wfile.write(out)
-            return
+            return self.reply_json({"error": {"message": "down", "type": "server_error"}}, status=500)
         usage = {"prompt_tokens": 20, "completion_tokens": 5, "total_tokens": 25}
         base = {"id": "up-1", "created": 1, "model": body.get("model")}
         if body.get("stream"):
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.send_header("Connection", "close")
-            self.end_headers()
-            for piece in ["Hi", " there", "!"]:
-                ch = dict(base, object="chat.completion.chunk", choices=[{"index": 0, "delta": {"content": piece}, "finish_reason": None}])
-                self.wfile.write(f"data: {json.dumps(ch)}\n\n".encode())
-            ch = dict(base, object="chat.completion.chunk", choices=[{"index": 0, "delta": {}, "finish_reason": "stop"}])
-            self.wfile.write(f"data: {json.dumps(ch)}\n\n".encode())
+            chunk = lambda choices, **kw: dict(base, object="chat.completion.chunk", choices=choices, **kw)
+            events = [chunk([{"index": 0, "delta": {"content": p}, "finish_reason": None}]) for p in ["Hi", " there", "!"]]
+            events.append(chunk([{"index": 0, "delta": {}, "finish_reason": "stop"}]))
             if (body.get("stream_options") or {}).get("include_usage"):
-                ch = dict(base, object="chat.completion.chunk", choices=[], usage=usage)
-                self.wfile.write(f"data: {json.dumps(ch)}\n\n".encode())
-            self.wfile.write(b"data: [DONE]\n\n")
-            self.close_connection = True
-            return
-        out = json.dumps(dict(base, object="chat.completion", usage=usage, choices=[
-            {"index": 0, "message": {"role": "assistant", "content": "Hi there!"}, "finish_reason": "stop"}])).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(out)))
-        self.end_headers()
-        self.wfile.write(out)
+                events.append(chunk([], usage=usage))
+            return self.reply_sse(events)
+        self.reply_json(dict(base, object="chat.completion", usage=usage, choices=[
+            {"index": 0, "message": {"role": "assistant", "content": "Hi there!"}, "finish_reason": "stop"}]))
 
 
 up = ThreadingHTTPServer(("127.0.0.1", 0), Upstream)
@@ -128,24 +89,7 @@ model = "fail-model"
 retries = 0
 """)
 env = dict(os.environ, PORTEIRO_LOG_KEY="e2e-log-key")
-srv = subprocess.Popen([args.porteiro, "serve", "--port", "0", "--model", args.model, "--config", cfg],
-                       stdout=subprocess.PIPE, stderr=sys.stderr, text=True, env=env)
-# Whatever happens below, the server does not outlive the script.
-sys.excepthook = (lambda old: lambda *a: (srv.kill(), old(*a)))(sys.excepthook)
-port = int(srv.stdout.readline().strip().rsplit(":", 1)[1])
-threading.Thread(target=lambda: srv.stdout.read(), daemon=True).start()
-BASE = f"http://127.0.0.1:{port}"
-t0 = time.time()
-while True:
-    try:
-        if urllib.request.urlopen(BASE + "/health", timeout=2).status == 200:
-            break
-    except Exception:
-        pass
-    if time.time() - t0 > 120:
-        sys.exit("porteiro did not become ready in 120 s")
-    time.sleep(0.1)
-
+srv, BASE = start_porteiro(args.porteiro, args.model, cfg, env)
 client = OpenAI(base_url=BASE + "/v1", api_key="unused", timeout=60, max_retries=0)
 SECRET_PHRASE = "zebra-telemetry-marker-4411"
 # The known sequence.
@@ -257,7 +201,4 @@ check("report: Markdown with the same KPIs", f"| requests | {N} |" in md and f"{
 check("report: HTML with inline charts", p.returncode == 0 and "<svg" in open(out_html).read())
 
 up.shutdown()
-if FAILED:
-    print(f"{len(FAILED)} checks failed: {FAILED}")
-    sys.exit(1)
-print("all telemetry checks passed")
+finish("telemetry")

@@ -213,46 +213,21 @@ impl Metrics {
                 esc(r)
             )
         };
-        head(
-            o,
-            TIER_REQUESTS,
-            "counter",
-            "Requests answered, by tier, model and route.",
-        );
-        for (t, m, r, c) in &snap.counters {
-            let _ = writeln!(o, "{TIER_REQUESTS}{{{}}} {}", lbl(t, m, r), c.requests);
-        }
-        head(
-            o,
-            TIER_ERRORS,
-            "counter",
-            "Requests that failed, by tier, model and route.",
-        );
-        for (t, m, r, c) in &snap.counters {
-            let _ = writeln!(o, "{TIER_ERRORS}{{{}}} {}", lbl(t, m, r), c.errors);
-        }
-        head(
-            o,
-            TIER_TOKENS,
-            "counter",
-            "Tokens by tier, model, route and direction (in: prompt, out: completion).",
-        );
-        for (t, m, r, c) in &snap.counters {
-            let l = lbl(t, m, r);
-            let _ = writeln!(
-                o,
-                "{TIER_TOKENS}{{{l},direction=\"in\"}} {}",
-                c.prompt_tokens
-            );
-            let _ = writeln!(
-                o,
-                "{TIER_TOKENS}{{{l},direction=\"out\"}} {}",
-                c.completion_tokens
-            );
-        }
-        head(o, TIER_COST, "counter", "Cost in USD by tier, model and route (upstream token prices; local: machine price x busy time).");
-        for (t, m, r, c) in &snap.counters {
-            let _ = writeln!(o, "{TIER_COST}{{{}}} {}", lbl(t, m, r), c.cost_usd);
+        type Pick = fn(&crate::telemetry::Counters) -> f64;
+        let series: [(&str, &str, &str, Pick); 5] = [
+            (TIER_REQUESTS, "", "Requests answered, by tier, model and route.", |c| c.requests as f64),
+            (TIER_ERRORS, "", "Requests that failed, by tier, model and route.", |c| c.errors as f64),
+            (TIER_TOKENS, ",direction=\"in\"", "Tokens by tier, model, route and direction (in: prompt, out: completion).", |c| c.prompt_tokens as f64),
+            (TIER_TOKENS, ",direction=\"out\"", "", |c| c.completion_tokens as f64),
+            (TIER_COST, "", "Cost in USD by tier, model and route (upstream token prices; local: machine price x busy time).", |c| c.cost_usd),
+        ];
+        for (name, extra, help, pick) in series {
+            if !help.is_empty() {
+                head(o, name, "counter", help);
+            }
+            for (t, m, r, c) in &snap.counters {
+                let _ = writeln!(o, "{name}{{{}{extra}}} {}", lbl(t, m, r), pick(c));
+            }
         }
         let hists =
             |o: &mut String,

@@ -7,44 +7,26 @@
 //! Skipped with a message when the model, the first-name list, the corpus or the `openai` package
 //! are missing, unless PORTEIRO_REQUIRE_MODELS=1 (scripts/test-setup.sh provides all four).
 
-use std::path::Path;
-use std::process::Command;
+mod common;
 
-fn skip(why: &str) {
-    assert!(
-        std::env::var("PORTEIRO_REQUIRE_MODELS").is_err(),
-        "required but missing: {why}"
-    );
-    eprintln!("skipping: {why}");
-}
+use common::skip;
 
 #[test]
 fn no_personal_data_reaches_the_upstream_and_the_audit_trail_holds() {
-    for m in ["smollm2-135m", "names"] {
-        if let Err(e) = porteiro_models::fetch::resolve_model(m, false) {
-            return skip(&format!("{m} not cached: {e}"));
-        }
+    if !common::cached("smollm2-135m") || !common::cached("names") {
+        return;
     }
     let corpus = porteiro_models::fetch::home_dir().join("data/pii_synth_v2.json");
     if !corpus.exists() {
         return skip(&format!("{} (scripts/fetch-pii.sh)", corpus.display()));
     }
-    let has_openai = Command::new("python3")
-        .args(["-c", "import openai"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !has_openai {
+    if !common::python_has("openai") {
         return skip("python3 with the `openai` package");
     }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/privacy_e2e.py");
-    let status = Command::new("python3")
-        .arg(script)
-        .args(["--porteiro", env!("CARGO_BIN_EXE_porteiro")])
-        .arg("--corpus")
-        .arg(&corpus)
-        .status()
-        .unwrap();
-    assert!(status.success(), "scripts/privacy_e2e.py failed");
+    assert!(
+        common::run_script("privacy_e2e.py", &["--corpus".as_ref(), corpus.as_os_str()]),
+        "scripts/privacy_e2e.py failed"
+    );
 }
 
 /// Precision and recall on the labelled corpus stay at least where they were measured

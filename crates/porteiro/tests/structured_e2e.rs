@@ -6,34 +6,21 @@
 //! Skipped with a message when smollm2-135m or python's `openai` are missing, unless
 //! PORTEIRO_REQUIRE_MODELS=1.
 
-use std::path::Path;
-use std::process::Command;
+mod common;
 
 #[test]
 fn structured_output_through_the_openai_sdk() {
-    let required = std::env::var("PORTEIRO_REQUIRE_MODELS").is_ok();
-    if let Err(e) = porteiro_models::fetch::resolve_model("smollm2-135m", false) {
-        assert!(!required, "smollm2-135m required: {e}");
-        return eprintln!("skipping: smollm2-135m not cached: {e}");
+    if !common::cached("smollm2-135m") {
+        return;
     }
-    let has = Command::new("python3")
-        .args(["-c", "import openai, pydantic"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !has {
-        assert!(!required, "python3 with `openai` required");
-        return eprintln!("skipping: python3 with `openai`");
+    if !common::python_has("openai, pydantic") {
+        return common::skip("python3 with `openai`");
     }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/structured_e2e.py");
-    let status = Command::new("python3")
-        .arg(script)
-        .args([
-            "--porteiro",
-            env!("CARGO_BIN_EXE_porteiro"),
-            "--model",
-            "smollm2-135m",
-        ])
-        .status()
-        .unwrap();
-    assert!(status.success(), "scripts/structured_e2e.py failed");
+    assert!(
+        common::run_script(
+            "structured_e2e.py",
+            &["--model".as_ref(), "smollm2-135m".as_ref()]
+        ),
+        "scripts/structured_e2e.py failed"
+    );
 }
