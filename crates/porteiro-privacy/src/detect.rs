@@ -551,15 +551,13 @@ fn card_in_context_ok(text: &str, v: &str, s: usize, e: usize) -> bool {
     (12..=19).contains(&d.len()) && !glued(text, s, e) && luhn(&d)
 }
 
+/// Without the word "card" before it, a number also needs one separator style and an issuer range.
 fn card_ok(text: &str, v: &str, s: usize, e: usize) -> bool {
-    let d = digits(v);
-    if !(12..=19).contains(&d.len()) || glued(text, s, e) || !luhn(&d) {
-        return false;
-    }
     // "+44 7700 …" is a phone number.
-    if text[..s].ends_with('+') {
+    if !card_in_context_ok(text, v, s, e) || text[..s].ends_with('+') {
         return false;
     }
+    let d = digits(v);
     // One separator style only (groups like "4111 1111 1111 1111" or "4111-1111-...").
     let seps: Vec<char> = v.chars().filter(|c| !c.is_ascii_digit()).collect();
     if seps.windows(2).any(|w| w[0] != w[1]) {

@@ -37,13 +37,8 @@ pub async fn data(
 ) -> Result<Response, ApiError> {
     let keys = &st.settings.api_keys;
     if !keys.is_empty() {
-        let bearer = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim);
-        let given = bearer.or(q.key.as_deref());
-        if !given.is_some_and(|g| keys.iter().any(|k| k == g)) {
+        let given = crate::bearer(&headers).or(q.key.as_deref());
+        if !given.is_some_and(|g| crate::key_allowed(keys, g)) {
             return Err(ApiError::unauthorized(
                 "The dashboard data needs an API key (Authorization: Bearer, or ?key= on the page URL).",
             ));

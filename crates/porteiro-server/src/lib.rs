@@ -380,18 +380,8 @@ async fn auth(State(st): State<AppState>, mut req: Request, next: Next) -> Respo
     if keys.is_empty() {
         return next.run(req).await;
     }
-    let given = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    match given {
-        Some(k)
-            if keys
-                .iter()
-                .any(|key| constant_time_eq(key.as_bytes(), k.as_bytes())) =>
-        {
+    match bearer(req.headers()) {
+        Some(k) if key_allowed(keys, k) => {
             let key_id = porteiro_privacy::key_id(Some(k));
             if let Some(ctx) = req.extensions_mut().get_mut::<privacy::RequestCtx>() {
                 ctx.key_id = key_id;
@@ -404,6 +394,21 @@ async fn auth(State(st): State<AppState>, mut req: Request, next: Next) -> Respo
         )
         .into_response(),
     }
+}
+
+/// The key in `Authorization: Bearer <key>`, if any.
+pub(crate) fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+}
+
+/// Whether `given` is one of the configured keys (compared in constant time).
+pub(crate) fn key_allowed(keys: &[String], given: &str) -> bool {
+    keys.iter()
+        .any(|key| constant_time_eq(key.as_bytes(), given.as_bytes()))
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

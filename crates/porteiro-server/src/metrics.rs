@@ -55,16 +55,33 @@ const LATENCY_BUCKETS: [f64; 14] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
 ];
 
-#[derive(Debug, Default, Clone)]
-struct Histogram {
-    counts: [u64; LATENCY_BUCKETS.len()],
+/// A cumulative Prometheus histogram over fixed bucket bounds (seconds).
+#[derive(Debug, Clone)]
+pub struct Histogram {
+    bounds: &'static [f64],
+    counts: Vec<u64>,
     count: u64,
     sum: f64,
 }
 
+impl Default for Histogram {
+    fn default() -> Self {
+        Self::new(&LATENCY_BUCKETS)
+    }
+}
+
 impl Histogram {
-    fn observe(&mut self, v: f64) {
-        for (c, &b) in self.counts.iter_mut().zip(&LATENCY_BUCKETS) {
+    pub fn new(bounds: &'static [f64]) -> Self {
+        Self {
+            bounds,
+            counts: vec![0; bounds.len()],
+            count: 0,
+            sum: 0.0,
+        }
+    }
+
+    pub fn observe(&mut self, v: f64) {
+        for (c, &b) in self.counts.iter_mut().zip(self.bounds) {
             if v <= b {
                 *c += 1;
             }
@@ -73,9 +90,10 @@ impl Histogram {
         self.sum += v;
     }
 
-    fn render(&self, out: &mut String, name: &str, labels: &str) {
+    /// The `_bucket`, `_sum` and `_count` lines, with `labels` (may be empty) on each.
+    pub fn render(&self, out: &mut String, name: &str, labels: &str) {
         let sep = if labels.is_empty() { "" } else { "," };
-        for (c, b) in self.counts.iter().zip(&LATENCY_BUCKETS) {
+        for (c, b) in self.counts.iter().zip(self.bounds) {
             let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{b}\"}} {c}");
         }
         let _ = writeln!(
@@ -229,22 +247,15 @@ impl Metrics {
                 let _ = writeln!(o, "{name}{{{}{extra}}} {}", lbl(t, m, r), pick(c));
             }
         }
-        let hists =
-            |o: &mut String,
-             name: &str,
-             help: &str,
-             hs: &BTreeMap<crate::telemetry::Key, crate::telemetry::Hist>| {
-                head(o, name, "histogram", help);
-                for ((t, m, r), h) in hs {
-                    let l = lbl(t, m, r);
-                    for (c, b) in h.counts.iter().zip(h.bounds) {
-                        let _ = writeln!(o, "{name}_bucket{{{l},le=\"{b}\"}} {c}");
-                    }
-                    let _ = writeln!(o, "{name}_bucket{{{l},le=\"+Inf\"}} {}", h.count);
-                    let _ = writeln!(o, "{name}_sum{{{l}}} {}", h.sum);
-                    let _ = writeln!(o, "{name}_count{{{l}}} {}", h.count);
-                }
-            };
+        let hists = |o: &mut String,
+                     name: &str,
+                     help: &str,
+                     hs: &BTreeMap<crate::telemetry::Key, Histogram>| {
+            head(o, name, "histogram", help);
+            for ((t, m, r), h) in hs {
+                h.render(o, name, &lbl(t, m, r));
+            }
+        };
         hists(
             o,
             TIER_LATENCY,
@@ -316,20 +327,13 @@ impl Metrics {
         let _ = writeln!(o, "{SAVINGS} {}", k.savings_usd);
         head(o, CPM, "gauge", "Cost per 1000 requests, USD.");
         let _ = writeln!(o, "{CPM} {}", k.cpm_usd);
-        if let Some(h) = &snap.overhead {
-            head(
-                o,
-                GATEWAY_OVERHEAD,
-                "histogram",
-                "Time in the gateway on upstream requests, excluding waiting for the upstream.",
-            );
-            for (c, b) in h.counts.iter().zip(h.bounds) {
-                let _ = writeln!(o, "{GATEWAY_OVERHEAD}_bucket{{le=\"{b}\"}} {c}");
-            }
-            let _ = writeln!(o, "{GATEWAY_OVERHEAD}_bucket{{le=\"+Inf\"}} {}", h.count);
-            let _ = writeln!(o, "{GATEWAY_OVERHEAD}_sum {}", h.sum);
-            let _ = writeln!(o, "{GATEWAY_OVERHEAD}_count {}", h.count);
-        }
+        head(
+            o,
+            GATEWAY_OVERHEAD,
+            "histogram",
+            "Time in the gateway on upstream requests, excluding waiting for the upstream.",
+        );
+        snap.overhead.render(o, GATEWAY_OVERHEAD, "");
         head(o, LOG_WRITTEN, "counter", "Request-log records written.");
         let _ = writeln!(o, "{LOG_WRITTEN} {}", snap.log_written);
         head(o, LOG_DROPPED, "counter", "Request-log records dropped because the writer's queue was full (the requests succeeded).");

@@ -106,24 +106,13 @@ pub fn spec_of(req: &ChatCompletionRequest) -> Result<Option<(Spec, Mode)>, ApiE
         }
         return Ok(None);
     }
-    let last_is_user = req.messages.last().is_some_and(|m| m.role == "user");
     let chosen = match &req.tool_choice {
         Some(Value::String(s)) if s == "none" => return Ok(None),
         Some(Value::String(s)) if s == "required" => tools,
-        // `auto`: a small model decides badly whether to call; Porteiro calls a tool when the user
-        // spoke last and answers in text after tool results (documented in the README).
-        None => {
-            if !last_is_user {
-                return Ok(None);
-            }
-            tools
-        }
-        Some(Value::String(s)) if s == "auto" => {
-            if !last_is_user {
-                return Ok(None);
-            }
-            tools
-        }
+        // `auto` (the default): a small model decides badly whether to call; Porteiro calls a tool
+        // when the user spoke last and answers in text after tool results (documented in the README).
+        None => return Ok(auto_call(req, tools)),
+        Some(Value::String(s)) if s == "auto" => return Ok(auto_call(req, tools)),
         Some(v @ Value::Object(_)) => {
             let name = v["function"]["name"].as_str().unwrap_or_default();
             let one: Vec<Tool> = tools.into_iter().filter(|t| t.name == name).collect();
@@ -143,6 +132,12 @@ pub fn spec_of(req: &ChatCompletionRequest) -> Result<Option<(Spec, Mode)>, ApiE
         }
     };
     Ok(Some((Spec::ToolCall(chosen), Mode::Tools)))
+}
+
+/// `tool_choice: auto`: a call when the user spoke last, text otherwise.
+fn auto_call(req: &ChatCompletionRequest, tools: Vec<Tool>) -> Option<(Spec, Mode)> {
+    let last_is_user = req.messages.last().is_some_and(|m| m.role == "user");
+    last_is_user.then_some((Spec::ToolCall(tools), Mode::Tools))
 }
 
 /// A complete tool-call answer `{"name": …, "arguments": {…}}` as OpenAI's `tool_calls`.

@@ -15,6 +15,7 @@ use porteiro_telemetry::log::LogWriter;
 use porteiro_telemetry::{now_ms, Prices, RequestRecord, LOCAL_TIER};
 use serde::Serialize;
 
+use crate::metrics::Histogram;
 use crate::privacy::RequestCtx;
 use crate::AppState;
 
@@ -30,34 +31,7 @@ pub const OVERHEAD_BUCKETS: [f64; 12] = [
     0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 1.0,
 ];
 
-#[derive(Debug, Clone, Default)]
-pub struct Hist {
-    pub bounds: &'static [f64],
-    pub counts: Vec<u64>,
-    pub count: u64,
-    pub sum: f64,
-}
-
-impl Hist {
-    fn new(bounds: &'static [f64]) -> Self {
-        Self {
-            bounds,
-            counts: vec![0; bounds.len()],
-            count: 0,
-            sum: 0.0,
-        }
-    }
-    fn observe(&mut self, v: f64) {
-        for (c, &b) in self.counts.iter_mut().zip(self.bounds) {
-            if v <= b {
-                *c += 1;
-            }
-        }
-        self.count += 1;
-        self.sum += v;
-    }
-}
-
+/// Bucket bounds of the per-tier latency histograms, in seconds (answers can take minutes).
 pub const LATENCY_BUCKETS: [f64; 16] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0,
 ];
@@ -87,10 +61,10 @@ pub struct Bucket {
 #[derive(Default)]
 struct Agg {
     counters: BTreeMap<(String, String, String), Counters>,
-    latency: BTreeMap<Key, Hist>,
-    ttft: BTreeMap<Key, Hist>,
-    itl: BTreeMap<Key, Hist>,
-    overhead: Option<Hist>,
+    latency: BTreeMap<Key, Histogram>,
+    ttft: BTreeMap<Key, Histogram>,
+    itl: BTreeMap<Key, Histogram>,
+    overhead: Histogram,
     /// The last overhead samples, seconds (exact quantiles for `porteiro gateway-bench`).
     overhead_samples: VecDeque<f64>,
     requests: u64,
@@ -111,13 +85,13 @@ pub struct Snapshot {
     pub series: Vec<Bucket>,
     pub recent: Vec<RequestRecord>,
     #[serde(skip)]
-    pub latency: BTreeMap<Key, Hist>,
+    pub latency: BTreeMap<Key, Histogram>,
     #[serde(skip)]
-    pub ttft: BTreeMap<Key, Hist>,
+    pub ttft: BTreeMap<Key, Histogram>,
     #[serde(skip)]
-    pub itl: BTreeMap<Key, Hist>,
+    pub itl: BTreeMap<Key, Histogram>,
     #[serde(skip)]
-    pub overhead: Option<Hist>,
+    pub overhead: Histogram,
     pub log_written: u64,
     pub log_dropped: u64,
     pub log_failed: u64,
@@ -168,7 +142,7 @@ impl Telemetry {
         };
         Self {
             agg: Mutex::new(Agg {
-                overhead: Some(Hist::new(&OVERHEAD_BUCKETS)),
+                overhead: Histogram::new(&OVERHEAD_BUCKETS),
                 ..Default::default()
             }),
             prices,
@@ -185,6 +159,8 @@ impl Telemetry {
 
     /// Prices a finished record and adds it everywhere.
     fn finish(&self, st: &AppState, mut rec: RequestRecord, itl: &[f64], overhead: Option<f64>) {
+        // The in-memory window keeps records without their texts.
+        let texts = (rec.prompt.take(), rec.response.take());
         rec.baseline_usd = self.baseline.cost(rec.prompt_tokens, rec.completion_tokens);
         rec.cost_usd = if rec.tier == LOCAL_TIER {
             // The request's share of the engine's measured busy time, by tokens processed.
@@ -220,24 +196,24 @@ impl Telemetry {
             if !err {
                 a.latency
                     .entry(key.clone())
-                    .or_insert_with(|| Hist::new(&LATENCY_BUCKETS))
+                    .or_insert_with(|| Histogram::new(&LATENCY_BUCKETS))
                     .observe(rec.latency_ms / 1e3);
                 if let Some(t) = rec.ttft_ms {
                     a.ttft
                         .entry(key.clone())
-                        .or_insert_with(|| Hist::new(&LATENCY_BUCKETS))
+                        .or_insert_with(|| Histogram::new(&LATENCY_BUCKETS))
                         .observe(t / 1e3);
                 }
                 let h = a
                     .itl
                     .entry(key)
-                    .or_insert_with(|| Hist::new(&LATENCY_BUCKETS));
+                    .or_insert_with(|| Histogram::new(&LATENCY_BUCKETS));
                 for &g in itl {
                     h.observe(g);
                 }
             }
-            if let (Some(o), Some(h)) = (overhead, a.overhead.as_mut()) {
-                h.observe(o);
+            if let Some(o) = overhead {
+                a.overhead.observe(o);
                 a.overhead_samples.push_back(o);
                 if a.overhead_samples.len() > 100_000 {
                     a.overhead_samples.pop_front();
@@ -262,19 +238,14 @@ impl Telemetry {
                 b.baseline_usd += rec.baseline_usd;
                 b.latency_ms_max = b.latency_ms_max.max(rec.latency_ms);
             }
-            let mut light = rec.clone();
-            light.prompt = None;
-            light.response = None;
-            a.window.push_back(light);
+            a.window.push_back(rec.clone());
             if a.window.len() > WINDOW {
                 a.window.pop_front();
             }
         }
         if let Some(l) = &self.log {
-            if !self.store_text {
-                rec.prompt = None;
-                rec.response = None;
-            }
+            // Texts are present only when the log stores them (`Trace::texts`).
+            (rec.prompt, rec.response) = texts;
             l.record(rec);
         }
     }

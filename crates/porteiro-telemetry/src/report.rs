@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
-use crate::kpi::{self, Kpis};
+use crate::kpi::{self, Kpis, TierKpis};
 use crate::RequestRecord;
 
 fn ms(v: Option<f64>) -> String {
@@ -17,6 +17,37 @@ fn usd(v: f64) -> String {
     } else {
         format!("${v:.4}")
     }
+}
+
+const TIER_HEADERS: [&str; 11] = [
+    "tier",
+    "requests",
+    "errors",
+    "tokens in",
+    "tokens out",
+    "cost",
+    "P50 ms",
+    "P95 ms",
+    "P99 ms",
+    "TTFT P50 ms",
+    "TTFT P95 ms",
+];
+
+/// One tier's row of the tier table, as text cells in `TIER_HEADERS` order.
+fn tier_cells(t: &TierKpis) -> [String; 11] {
+    [
+        t.tier.clone(),
+        t.requests.to_string(),
+        t.errors.to_string(),
+        t.prompt_tokens.to_string(),
+        t.completion_tokens.to_string(),
+        usd(t.cost_usd),
+        ms(t.latency_p50_ms),
+        ms(t.latency_p95_ms),
+        ms(t.latency_p99_ms),
+        ms(t.ttft_p50_ms),
+        ms(t.ttft_p95_ms),
+    ]
 }
 
 /// A title line for the period covered.
@@ -59,24 +90,12 @@ pub fn markdown(records: &[RequestRecord], label: &str) -> String {
     );
     let _ = writeln!(
         s,
-        "\n| tier | requests | errors | tokens in | tokens out | cost | P50 ms | P95 ms | P99 ms | TTFT P50 ms | TTFT P95 ms |\n|---|---|---|---|---|---|---|---|---|---|---|"
+        "\n| {} |\n|{}",
+        TIER_HEADERS.join(" | "),
+        "---|".repeat(TIER_HEADERS.len())
     );
     for t in &k.tiers {
-        let _ = writeln!(
-            s,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-            t.tier,
-            t.requests,
-            t.errors,
-            t.prompt_tokens,
-            t.completion_tokens,
-            usd(t.cost_usd),
-            ms(t.latency_p50_ms),
-            ms(t.latency_p95_ms),
-            ms(t.latency_p99_ms),
-            ms(t.ttft_p50_ms),
-            ms(t.ttft_p95_ms)
-        );
+        let _ = writeln!(s, "| {} |", tier_cells(t).join(" | "));
     }
     s
 }
@@ -183,39 +202,22 @@ pub fn html(records: &[RequestRecord], label: &str) -> String {
     let tiers: Vec<String> = k.tiers.iter().map(|t| t.tier.clone()).collect();
     let md = markdown(records, label);
     let mut table = String::from("<table><tr>");
-    for h in [
-        "tier",
-        "requests",
-        "errors",
-        "tokens in",
-        "tokens out",
-        "cost",
-        "P50 ms",
-        "P95 ms",
-        "P99 ms",
-        "TTFT P50 ms",
-        "TTFT P95 ms",
-    ] {
+    for h in TIER_HEADERS {
         let _ = write!(table, "<th>{h}</th>");
     }
     table.push_str("</tr>");
     for (i, t) in k.tiers.iter().enumerate() {
+        let cells = tier_cells(t);
         let _ = write!(
             table,
-            "<tr><td><span class=\"dot\" style=\"background:{}\"></span>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr><td><span class=\"dot\" style=\"background:{}\"></span>{}</td>",
             COLORS[i % COLORS.len()],
-            esc(&t.tier),
-            t.requests,
-            t.errors,
-            t.prompt_tokens,
-            t.completion_tokens,
-            usd(t.cost_usd),
-            ms(t.latency_p50_ms),
-            ms(t.latency_p95_ms),
-            ms(t.latency_p99_ms),
-            ms(t.ttft_p50_ms),
-            ms(t.ttft_p95_ms)
+            esc(&cells[0])
         );
+        for c in &cells[1..] {
+            let _ = write!(table, "<td>{c}</td>");
+        }
+        table.push_str("</tr>");
     }
     table.push_str("</table>");
     let kpi = |name: &str, v: String| {

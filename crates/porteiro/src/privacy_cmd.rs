@@ -168,7 +168,7 @@ fn bench(det: &Detector, corpus: &[eval::Sample], bytes: usize, n: usize) {
         times.push(t.elapsed().as_secs_f64() * 1e3);
     }
     times.sort_by(f64::total_cmp);
-    let q = |p: f64| times[((times.len() - 1) as f64 * p).round() as usize];
+    let q = |p: f64| porteiro_telemetry::kpi::quantile(&times, p).unwrap_or(0.0);
     println!(
         "detection on {n} messages of {bytes} bytes ({} distinct, {:.1} findings each): p50 {:.3} ms, p95 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
         msgs.len(),
