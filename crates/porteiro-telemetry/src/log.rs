@@ -465,28 +465,53 @@ mod tests {
         assert_eq!(log.since(0, None).unwrap().len(), 2);
     }
 
+    /// A sink that stalls inside `insert` until released, so the queue's state is exact.
+    struct GateSink {
+        entered: mpsc::Sender<()>,
+        release: Receiver<()>,
+        rows: Arc<std::sync::Mutex<Vec<String>>>,
+    }
+
+    impl Sink for GateSink {
+        fn insert(&mut self, recs: &[RequestRecord], _: Option<&Sealer>) -> Result<(), LogError> {
+            self.entered.send(()).unwrap();
+            self.release.recv().unwrap();
+            let mut rows = self.rows.lock().unwrap();
+            rows.extend(recs.iter().map(|r| r.id.clone()));
+            Ok(())
+        }
+        fn purge(&mut self, _: Duration, _: i64) -> Result<usize, LogError> {
+            Ok(0)
+        }
+    }
+
     #[test]
     fn a_full_queue_drops_and_counts_instead_of_blocking() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("log.db");
-        // Hold the database's write lock so the writer stalls on its first batch.
-        let blocker = Connection::open(&p).unwrap();
-        let w = LogWriter::spawn(RequestLog::open(&p).unwrap(), 4, None, None).unwrap();
-        blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let (entered_tx, entered) = mpsc::channel();
+        let (release, release_rx) = mpsc::channel();
+        let rows = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = GateSink {
+            entered: entered_tx,
+            release: release_rx,
+            rows: rows.clone(),
+        };
+        let w = LogWriter::spawn(sink, 4, None, None).unwrap();
+        // The writer takes the first record and stalls in insert: the queue is then empty.
+        w.record(rec(0, "local"));
+        entered.recv_timeout(Duration::from_secs(10)).unwrap();
         let t = Instant::now();
-        for i in 0..100 {
+        for i in 1..=100 {
             w.record(rec(i, "local"));
         }
         assert!(t.elapsed() < Duration::from_secs(1), "record() blocked");
-        let dropped = w.stats.dropped.load(Ordering::Relaxed);
-        assert!(dropped >= 90, "dropped {dropped}");
-        blocker.execute_batch("COMMIT").unwrap();
+        // Exactly the queue's capacity fits; everything else is dropped and counted.
+        assert_eq!(w.stats.dropped.load(Ordering::Relaxed), 96);
+        for _ in 0..2 {
+            release.send(()).unwrap();
+        }
         w.flush();
-        let written = w.stats.written.load(Ordering::Relaxed);
-        assert_eq!(written + dropped, 100);
-        assert_eq!(
-            RequestLog::open(&p).unwrap().since(0, None).unwrap().len() as u64,
-            written
-        );
+        assert_eq!(w.stats.written.load(Ordering::Relaxed), 5);
+        let ids = rows.lock().unwrap().clone();
+        assert_eq!(ids, ["req-0", "req-1", "req-2", "req-3", "req-4"]);
     }
 }
