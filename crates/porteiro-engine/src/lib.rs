@@ -11,6 +11,7 @@ pub mod generate;
 pub mod model;
 pub mod pool;
 pub mod quant;
+pub mod repack;
 pub mod sampler;
 pub mod scheduler;
 pub mod simd;

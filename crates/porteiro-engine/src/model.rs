@@ -11,6 +11,7 @@ use porteiro_models::gguf::{GgmlType, GgufError, GgufFile, TensorInfo};
 
 use crate::pool::{split, ThreadPool};
 use crate::quant::{self, act_type, ActType};
+use crate::repack::{self, Acts, Repacked};
 use crate::simd::{self, Dot4Fn, DotFn, Tile4Fn, Tile8Fn};
 
 #[derive(Debug, thiserror::Error)]
@@ -177,6 +178,8 @@ pub struct QMatrix {
     tile4: Option<Tile4Fn>,
     tile8: Option<Tile8Fn>,
     pub act: ActType,
+    /// The prefill layout (see `repack`), where this CPU and the matrix's type and shape allow it.
+    fast: Option<Repacked>,
     _file: Arc<GgufFile>,
 }
 
@@ -218,6 +221,7 @@ impl QMatrix {
             tile4: simd::tile4(t.dtype),
             tile8: simd::tile8(t.dtype),
             act,
+            fast: None,
             _file: file.clone(),
         })
     }
@@ -269,6 +273,38 @@ pub struct Layer {
     up: QMatrix,
     down: QMatrix,
     post_ffn_norm: Option<Vec<f32>>,
+}
+
+impl Layer {
+    fn matrices(&self) -> [&QMatrix; 7] {
+        [
+            &self.wq, &self.wk, &self.wv, &self.wo, &self.gate, &self.up, &self.down,
+        ]
+    }
+}
+
+/// Builds the prefill copies of every layer matrix, `threads` matrices at a time.
+fn repack_all(layers: &mut [Layer], threads: usize) {
+    let mut all: Vec<&mut QMatrix> = layers
+        .iter_mut()
+        .flat_map(|l| {
+            [
+                &mut l.wq, &mut l.wk, &mut l.wv, &mut l.wo, &mut l.gate, &mut l.up, &mut l.down,
+            ]
+        })
+        .collect();
+    let per = all.len().div_ceil(threads.max(1)).max(1);
+    std::thread::scope(|sc| {
+        for chunk in all.chunks_mut(per) {
+            sc.spawn(move || {
+                for m in chunk.iter_mut() {
+                    // SAFETY: the tensor's extent was checked against the file size at parse time.
+                    let data = unsafe { std::slice::from_raw_parts(m.data, m.bytes()) };
+                    m.fast = Repacked::new(m.dtype, data, m.rows, m.cols);
+                }
+            });
+        }
+    });
 }
 
 pub struct Model {
@@ -365,6 +401,9 @@ impl Model {
                 post_ffn_norm: opt_vec(&file, &n("post_ffw_norm.weight"), e)?,
             });
         }
+        if Repacked::available() {
+            repack_all(&mut layers, threads);
+        }
         Ok(Self {
             cfg,
             file,
@@ -378,6 +417,15 @@ impl Model {
 
     pub fn threads(&self) -> usize {
         self.pool.threads()
+    }
+
+    /// Resident bytes of the repacked prefill copies (0 when the CPU does not use them).
+    pub fn repacked_bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .flat_map(|l| l.matrices())
+            .filter_map(|m| m.fast.as_ref().map(Repacked::bytes))
+            .sum()
     }
 
     /// Bytes of weights read to decode one token (every layer matrix, the output projection, one
@@ -476,6 +524,18 @@ pub enum ForwardError {
     },
 }
 
+/// Fewer prompt tokens than this in a step use the per-block kernels (a tile would be mostly empty).
+const MIN_FAST: usize = 8;
+
+/// Quantized activations, reused across steps.
+#[derive(Default)]
+struct MatmulBufs {
+    /// One buffer per activation format of the per-block kernels (indexed by `act_index`).
+    acts: [Vec<u8>; 4],
+    /// Prompt tokens for the repacked kernels.
+    fast: Acts,
+}
+
 /// Reusable buffers; grows to the largest batch seen.
 #[derive(Default)]
 pub struct Scratch {
@@ -487,8 +547,7 @@ pub struct Scratch {
     att: Vec<f32>,
     hb: Vec<f32>,
     hb2: Vec<f32>,
-    /// Quantized activations, one buffer per activation format (indexed by `act_index`).
-    acts: [Vec<u8>; 4],
+    mm: MatmulBufs,
     pub logits: Vec<f32>,
 }
 
@@ -636,10 +695,81 @@ impl Model {
         }
     }
 
-    /// y[n][rows] = x[n][cols] · W^T for one or more matrices sharing the input `x`, in one parallel
-    /// step: the rows of all matrices are split across the pool together (fewer synchronisations, and
-    /// small matrices do not leave threads idle). `x` is quantized once per activation format.
+    /// y[n][rows] = x[n][cols] · W^T for one or more matrices sharing the input `x`. Tokens from
+    /// `fast_from` on (prompt chunks) go through the repacked kernels when every matrix has them
+    /// and there are enough of them to fill tiles; the others through the per-block kernels.
     fn matmul(
+        &self,
+        jobs: &mut [(&QMatrix, &mut [f32])],
+        x: &[f32],
+        n: usize,
+        s: &mut MatmulBufs,
+        fast_from: usize,
+    ) {
+        let k = jobs[0].0.cols;
+        if fast_from + MIN_FAST > n || jobs.iter().any(|(w, _)| w.fast.is_none()) {
+            return self.matmul_blocks(jobs, x, n, &mut s.acts);
+        }
+        let mut head = Vec::with_capacity(jobs.len());
+        let mut tail = Vec::with_capacity(jobs.len());
+        for (w, y) in jobs.iter_mut() {
+            let (a, b) = y.split_at_mut(fast_from * w.rows);
+            head.push((&**w, a));
+            tail.push((w.fast.as_ref().expect("checked above"), b));
+        }
+        if fast_from > 0 {
+            self.matmul_blocks(&mut head, &x[..fast_from * k], fast_from, &mut s.acts);
+        }
+        self.matmul_repacked(&mut tail, &x[fast_from * k..], n - fast_from, &mut s.fast);
+    }
+
+    /// The repacked path: activations quantized once, then 16-row groups of all matrices split
+    /// across the pool, tokens walked in cache-sized tiles.
+    fn matmul_repacked(&self, jobs: &mut [(&Repacked, &mut [f32])], x: &[f32], n: usize, acts: &mut Acts) {
+        let k = x.len() / n;
+        acts.reset(k, n);
+        {
+            let acts = &*acts;
+            let quant = |range: std::ops::Range<usize>| {
+                for t in range {
+                    // SAFETY: each token is quantized by exactly one thread.
+                    let (q, d, s) = unsafe { acts.token_mut(t) };
+                    repack::quantize(&x[t * k..(t + 1) * k], q, d, s);
+                }
+            };
+            self.pool.run(&|ti, nt| quant(split(n, ti, nt, 1)));
+        }
+        let acts = &*acts;
+        let outs: Vec<(&Repacked, Shared<f32>)> = jobs
+            .iter_mut()
+            .map(|(w, y)| (&**w, Shared(y.as_mut_ptr())))
+            .collect();
+        let total: usize = outs.iter().map(|o| o.0.groups()).sum();
+        // Activations of a token tile (up to 128 x 4864 bytes) stay in L2 while weight groups stream.
+        const TILE: usize = 128;
+        self.pool.run(&|ti, nt| {
+            let mine = split(total, ti, nt, 1);
+            let mut t0 = 0;
+            while t0 < n {
+                let t1 = (t0 + TILE).min(n);
+                let mut base = 0;
+                for (w, out) in &outs {
+                    let (lo, hi) = (mine.start.max(base), mine.end.min(base + w.groups()));
+                    for grp in lo..hi {
+                        // SAFETY: outputs hold n x rows; groups are disjoint across threads.
+                        unsafe { w.run(grp - base, acts, t0, t1, out.ptr(), w.rows()) };
+                    }
+                    base += w.groups();
+                }
+                t0 = t1;
+            }
+        });
+    }
+
+    /// The per-block path: the rows of all matrices are split across the pool together (fewer
+    /// synchronisations, and small matrices do not leave threads idle). `x` is quantized once per
+    /// activation format.
+    fn matmul_blocks(
         &self,
         jobs: &mut [(&QMatrix, &mut [f32])],
         x: &[f32],
@@ -809,6 +939,17 @@ impl Model {
         for (kv, &upto) in caches.iter_mut().zip(&next) {
             kv.reserve(upto);
         }
+        // The trailing tokens whose sequence has several tokens in this step are prompt chunks:
+        // they may take the repacked kernels. A sequence's only token (a decoded one) never does,
+        // so its logits are the same whatever shares the step.
+        let mut per_seq = vec![0usize; caches.len()];
+        for b in batch {
+            per_seq[b.seq] += 1;
+        }
+        let fast_from = batch
+            .iter()
+            .rposition(|b| per_seq[b.seq] < 2)
+            .map_or(0, |i| i + 1);
 
         let (e, qd, kvd, ff, hd) = (c.n_embd, c.q_dim(), c.kv_dim(), c.n_ff, c.head_dim);
         grow(&mut s.x, n * e);
@@ -846,7 +987,8 @@ impl Model {
                 ],
                 &s.xb[..n * e],
                 n,
-                &mut s.acts,
+                &mut s.mm,
+                fast_from,
             );
             let base = if c.is_swa(li).is_some() {
                 c.rope_base_swa
@@ -899,7 +1041,8 @@ impl Model {
                 &mut [(&l.wo, &mut s.xb[..n * e])],
                 &s.att[..n * qd],
                 n,
-                &mut s.acts,
+                &mut s.mm,
+                fast_from,
             );
             for i in 0..n {
                 let o = &mut s.xb[i * e..(i + 1) * e];
@@ -928,14 +1071,16 @@ impl Model {
                 ],
                 &s.xb[..n * e],
                 n,
-                &mut s.acts,
+                &mut s.mm,
+                fast_from,
             );
             self.glu(c.gelu, &mut s.hb[..n * ff], &s.hb2[..n * ff], n);
             self.matmul(
                 &mut [(&l.down, &mut s.xb[..n * e])],
                 &s.hb[..n * ff],
                 n,
-                &mut s.acts,
+                &mut s.mm,
+                fast_from,
             );
             for i in 0..n {
                 let o = &mut s.xb[i * e..(i + 1) * e];
@@ -971,7 +1116,8 @@ impl Model {
                 &mut [(&self.output, &mut logits[..])],
                 &s.xb[..m * e],
                 m,
-                &mut s.acts,
+                &mut s.mm,
+                m,
             );
         }
         s.logits = logits;

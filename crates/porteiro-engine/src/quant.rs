@@ -126,7 +126,7 @@ fn rd_f32(b: &[u8], i: usize) -> f32 {
 // Dequantization (embedding rows, tests, tools)
 
 #[inline]
-fn k4_scale_min(j: usize, q: &[u8]) -> (u8, u8) {
+pub(crate) fn k4_scale_min(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {
