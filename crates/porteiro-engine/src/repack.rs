@@ -416,7 +416,7 @@ mod zmm {
     use crate::quant::QK;
     use std::arch::x86_64::*;
 
-    /// Tokens t0..t1 in tiles of 16, then 8, 4 and 1.
+    /// Tokens t0..t1 in tiles of 8, then 4 and 1.
     pub(super) unsafe fn run(
         p: &Repacked,
         grp: usize,
@@ -441,11 +441,7 @@ mod zmm {
             };
         }
         let mut t = t0;
-        while t + 16 <= t1 {
-            pick!(16, t);
-            t += 16;
-        }
-        if t + 8 <= t1 {
+        while t + 8 <= t1 {
             pick!(8, t);
             t += 8;
         }
@@ -487,21 +483,30 @@ mod zmm {
             } else {
                 _mm512_setzero_ps()
             };
+            // Token-inner order: T independent accumulation chains per weight line.
+            let mut acc = [_mm512_setzero_si512(); T];
+            let mut y = [std::ptr::null::<i32>(); T];
             for t in 0..T {
                 let tok = t0 + t;
-                let y = a.q.as_ptr().add(tok * k + s * g) as *const i32;
-                let sum = a.sum(tok, s, g);
-                let mut acc = _mm512_set1_epi32(-p.off * sum);
-                for j in 0..L {
-                    acc = _mm512_dpbusd_epi32(acc, w[j], _mm512_set1_epi32(y.add(j).read_unaligned()));
+                y[t] = a.q.as_ptr().add(tok * k + s * g) as *const i32;
+                acc[t] = _mm512_set1_epi32(-p.off * a.sum(tok, s, g));
+            }
+            for j in 0..L {
+                for t in 0..T {
+                    let b = _mm512_set1_epi32(y[t].add(j).read_unaligned());
+                    acc[t] = _mm512_dpbusd_epi32(acc[t], w[j], b);
                 }
+            }
+            for t in 0..T {
+                let tok = t0 + t;
                 let da = *a.d.get_unchecked(tok * k / QK + s * g / QK);
                 f[t] = _mm512_fmadd_ps(
-                    _mm512_cvtepi32_ps(acc),
+                    _mm512_cvtepi32_ps(acc[t]),
                     _mm512_mul_ps(sc, _mm512_set1_ps(da)),
                     f[t],
                 );
                 if MIN {
+                    let sum = a.sum(tok, s, g);
                     f[t] = _mm512_fmadd_ps(mn, _mm512_set1_ps(da * sum as f32), f[t]);
                 }
             }
