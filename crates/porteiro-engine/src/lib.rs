@@ -48,10 +48,13 @@ pub struct LocalModel {
 }
 
 impl LocalModel {
-    /// Loads a model for serving. Weights are read into huge-page-backed memory
-    /// (`GgufFile::open_resident`) unless `PORTEIRO_MMAP=1` asks to run from the file mapping.
+    /// Loads a model for serving. Where the CPU runs the repacked kernels, the matrices are
+    /// repacked from the file mapping into huge-page-backed memory and their file pages released;
+    /// otherwise the weights are read into huge-page-backed memory (`GgufFile::open_resident`)
+    /// unless `PORTEIRO_MMAP=1` asks to run from the file mapping.
     pub fn open(path: &Path, threads: usize) -> Result<Self, LoadError> {
-        let mapped = std::env::var("PORTEIRO_MMAP").is_ok_and(|v| v == "1");
+        let mapped =
+            std::env::var("PORTEIRO_MMAP").is_ok_and(|v| v == "1") || repack::Repacked::available();
         let file = Arc::new(if mapped {
             GgufFile::open(path)?
         } else {

@@ -233,8 +233,11 @@ impl QMatrix {
         unsafe { std::slice::from_raw_parts(self.data.add(r * self.row_bytes), self.row_bytes) }
     }
 
+    /// Bytes of the weights as they are read: the repacked copy where there is one.
     pub fn bytes(&self) -> usize {
-        self.rows * self.row_bytes
+        self.fast
+            .as_ref()
+            .map_or(self.rows * self.row_bytes, Repacked::bytes)
     }
 
     /// Rows `r..` as one slice (tile kernels read several consecutive rows).
@@ -281,25 +284,34 @@ impl Layer {
             &self.wq, &self.wk, &self.wv, &self.wo, &self.gate, &self.up, &self.down,
         ]
     }
+    fn matrices_mut(&mut self) -> [&mut QMatrix; 7] {
+        [
+            &mut self.wq,
+            &mut self.wk,
+            &mut self.wv,
+            &mut self.wo,
+            &mut self.gate,
+            &mut self.up,
+            &mut self.down,
+        ]
+    }
 }
 
-/// Builds the prefill copies of every layer matrix, `threads` matrices at a time.
-fn repack_all(layers: &mut [Layer], threads: usize) {
-    let mut all: Vec<&mut QMatrix> = layers
-        .iter_mut()
-        .flat_map(|l| {
-            [
-                &mut l.wq, &mut l.wk, &mut l.wv, &mut l.wo, &mut l.gate, &mut l.up, &mut l.down,
-            ]
-        })
-        .collect();
-    let per = all.len().div_ceil(threads.max(1)).max(1);
+/// Builds the repacked copies of `all` on `threads` threads, largest matrices first.
+fn repack_all(all: &mut [&mut QMatrix], threads: usize) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+    all.sort_by_key(|m| std::cmp::Reverse(m.rows * m.row_bytes));
+    let work: Vec<Mutex<&mut QMatrix>> = all.iter_mut().map(|m| Mutex::new(&mut **m)).collect();
+    let next = AtomicUsize::new(0);
     std::thread::scope(|sc| {
-        for chunk in all.chunks_mut(per) {
-            sc.spawn(move || {
-                for m in chunk.iter_mut() {
+        for _ in 0..threads.max(1) {
+            sc.spawn(|| {
+                while let Some(cell) = work.get(next.fetch_add(1, Ordering::Relaxed)) {
+                    let mut guard = cell.lock().unwrap_or_else(|e| e.into_inner());
+                    let m = &mut **guard;
                     // SAFETY: the tensor's extent was checked against the file size at parse time.
-                    let data = unsafe { std::slice::from_raw_parts(m.data, m.bytes()) };
+                    let data = unsafe { std::slice::from_raw_parts(m.data, m.rows * m.row_bytes) };
                     m.fast = Repacked::new(m.dtype, data, m.rows, m.cols);
                 }
             });
@@ -401,8 +413,20 @@ impl Model {
                 post_ffn_norm: opt_vec(&file, &n("post_ffw_norm.weight"), e)?,
             });
         }
+        let mut output = output;
         if Repacked::available() {
-            repack_all(&mut layers, threads);
+            let mut all: Vec<&mut QMatrix> =
+                layers.iter_mut().flat_map(Layer::matrices_mut).collect();
+            all.push(&mut output);
+            repack_all(&mut all, threads);
+            // The originals of repacked matrices are not read again (the token embedding is, for
+            // lookups, even when the output projection shares it).
+            let done: Vec<&TensorInfo> = all
+                .iter()
+                .filter(|m| m.fast.is_some() && m.name != "token_embd.weight")
+                .filter_map(|m| file.tensor(&m.name))
+                .collect();
+            file.release(&done);
         }
         Ok(Self {
             cfg,
@@ -419,11 +443,12 @@ impl Model {
         self.pool.threads()
     }
 
-    /// Resident bytes of the repacked prefill copies (0 when the CPU does not use them).
+    /// Resident bytes of the repacked matrices (0 when the CPU does not use them).
     pub fn repacked_bytes(&self) -> usize {
         self.layers
             .iter()
             .flat_map(|l| l.matrices())
+            .chain([&self.output])
             .filter_map(|m| m.fast.as_ref().map(Repacked::bytes))
             .sum()
     }
@@ -523,9 +548,6 @@ pub enum ForwardError {
         expected: usize,
     },
 }
-
-/// Fewer prompt tokens than this in a step use the per-block kernels (a tile would be mostly empty).
-const MIN_FAST: usize = 8;
 
 /// Quantized activations, reused across steps.
 #[derive(Default)]
@@ -695,37 +717,35 @@ impl Model {
         }
     }
 
-    /// y[n][rows] = x[n][cols] · W^T for one or more matrices sharing the input `x`. Tokens from
-    /// `fast_from` on (prompt chunks) go through the repacked kernels when every matrix has them
-    /// and there are enough of them to fill tiles; the others through the per-block kernels.
-    fn matmul(
-        &self,
-        jobs: &mut [(&QMatrix, &mut [f32])],
-        x: &[f32],
-        n: usize,
-        s: &mut MatmulBufs,
-        fast_from: usize,
-    ) {
-        let k = jobs[0].0.cols;
-        if fast_from + MIN_FAST > n || jobs.iter().any(|(w, _)| w.fast.is_none()) {
-            return self.matmul_blocks(jobs, x, n, &mut s.acts);
-        }
-        let mut head = Vec::with_capacity(jobs.len());
-        let mut tail = Vec::with_capacity(jobs.len());
+    /// y[n][rows] = x[n][cols] · W^T for one or more matrices sharing the input `x`: through the
+    /// repacked kernels when every matrix has them, else the per-block kernels. Either way a token's
+    /// result does not depend on the other tokens of the step.
+    fn matmul(&self, jobs: &mut [(&QMatrix, &mut [f32])], x: &[f32], n: usize, s: &mut MatmulBufs) {
+        let mut fast: Vec<(&Repacked, &mut [f32])> = Vec::new();
+        let mut slow: Vec<(&QMatrix, &mut [f32])> = Vec::new();
         for (w, y) in jobs.iter_mut() {
-            let (a, b) = y.split_at_mut(fast_from * w.rows);
-            head.push((&**w, a));
-            tail.push((w.fast.as_ref().expect("checked above"), b));
+            match &w.fast {
+                Some(r) => fast.push((r, &mut **y)),
+                None => slow.push((&**w, &mut **y)),
+            }
         }
-        if fast_from > 0 {
-            self.matmul_blocks(&mut head, &x[..fast_from * k], fast_from, &mut s.acts);
+        if !slow.is_empty() {
+            self.matmul_blocks(&mut slow, x, n, &mut s.acts);
         }
-        self.matmul_repacked(&mut tail, &x[fast_from * k..], n - fast_from, &mut s.fast);
+        if !fast.is_empty() {
+            self.matmul_repacked(&mut fast, x, n, &mut s.fast);
+        }
     }
 
     /// The repacked path: activations quantized once, then 16-row groups of all matrices split
     /// across the pool, tokens walked in cache-sized tiles.
-    fn matmul_repacked(&self, jobs: &mut [(&Repacked, &mut [f32])], x: &[f32], n: usize, acts: &mut Acts) {
+    fn matmul_repacked(
+        &self,
+        jobs: &mut [(&Repacked, &mut [f32])],
+        x: &[f32],
+        n: usize,
+        acts: &mut Acts,
+    ) {
         let k = x.len() / n;
         acts.reset(k, n);
         {
@@ -737,7 +757,11 @@ impl Model {
                     repack::quantize(&x[t * k..(t + 1) * k], q, d, s);
                 }
             };
-            self.pool.run(&|ti, nt| quant(split(n, ti, nt, 1)));
+            if n < 4 {
+                quant(0..n);
+            } else {
+                self.pool.run(&|ti, nt| quant(split(n, ti, nt, 1)));
+            }
         }
         let acts = &*acts;
         let outs: Vec<(&Repacked, Shared<f32>)> = jobs
@@ -939,17 +963,6 @@ impl Model {
         for (kv, &upto) in caches.iter_mut().zip(&next) {
             kv.reserve(upto);
         }
-        // The trailing tokens whose sequence has several tokens in this step are prompt chunks:
-        // they may take the repacked kernels. A sequence's only token (a decoded one) never does,
-        // so its logits are the same whatever shares the step.
-        let mut per_seq = vec![0usize; caches.len()];
-        for b in batch {
-            per_seq[b.seq] += 1;
-        }
-        let fast_from = batch
-            .iter()
-            .rposition(|b| per_seq[b.seq] < 2)
-            .map_or(0, |i| i + 1);
 
         let (e, qd, kvd, ff, hd) = (c.n_embd, c.q_dim(), c.kv_dim(), c.n_ff, c.head_dim);
         grow(&mut s.x, n * e);
@@ -988,7 +1001,6 @@ impl Model {
                 &s.xb[..n * e],
                 n,
                 &mut s.mm,
-                fast_from,
             );
             let base = if c.is_swa(li).is_some() {
                 c.rope_base_swa
@@ -1042,7 +1054,6 @@ impl Model {
                 &s.att[..n * qd],
                 n,
                 &mut s.mm,
-                fast_from,
             );
             for i in 0..n {
                 let o = &mut s.xb[i * e..(i + 1) * e];
@@ -1072,7 +1083,6 @@ impl Model {
                 &s.xb[..n * e],
                 n,
                 &mut s.mm,
-                fast_from,
             );
             self.glu(c.gelu, &mut s.hb[..n * ff], &s.hb2[..n * ff], n);
             self.matmul(
@@ -1080,7 +1090,6 @@ impl Model {
                 &s.hb[..n * ff],
                 n,
                 &mut s.mm,
-                fast_from,
             );
             for i in 0..n {
                 let o = &mut s.xb[i * e..(i + 1) * e];
@@ -1117,7 +1126,6 @@ impl Model {
                 &s.xb[..m * e],
                 m,
                 &mut s.mm,
-                m,
             );
         }
         s.logits = logits;
