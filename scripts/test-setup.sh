@@ -11,6 +11,12 @@ scripts/fetch-text.sh >/dev/null
 # The server tests: the sentence encoder behind /v1/embeddings, and the official OpenAI Python SDK that
 # scripts/openai_e2e.py drives `porteiro serve` with.
 ./target/release/porteiro pull --quiet minilm-l6 >/dev/null
+# Reference vectors for the encoder from the sentence-transformers package (pinned, in its own venv
+# under $PORTEIRO_HOME/st-venv: torch's wheels with their CUDA libraries are ~3 GB, fetched once).
+HOME_DIR=${PORTEIRO_HOME:-$HOME/.cache/porteiro}
+if [[ ! -s $HOME_DIR/data/minilm-reference.json ]]; then
+  python3 scripts/minilm_reference.py "$HOME_DIR/models/minilm-l6" "$HOME_DIR/data/minilm-reference.json" >/dev/null
+fi
 # The privacy guard: its first-name list, and the labelled PII corpus its tests measure against.
 ./target/release/porteiro pull --quiet names >/dev/null
 scripts/fetch-pii.sh >/dev/null

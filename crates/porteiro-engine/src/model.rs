@@ -297,8 +297,11 @@ impl Layer {
     }
 }
 
-/// Builds the repacked copies of `all` on `threads` threads, largest matrices first.
-fn repack_all(all: &mut [&mut QMatrix], threads: usize) {
+/// Builds the repacked copies of `all` on `threads` threads, largest matrices first. The file pages
+/// of each repacked original are released as soon as it is done (so peak memory stays near one copy):
+/// they are not read again, except the token embedding's (lookups), even when the output projection
+/// shares it.
+fn repack_all(all: &mut [&mut QMatrix], threads: usize, file: &GgufFile) {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Mutex;
     all.sort_by_key(|m| std::cmp::Reverse(m.rows * m.row_bytes));
@@ -313,6 +316,11 @@ fn repack_all(all: &mut [&mut QMatrix], threads: usize) {
                     // SAFETY: the tensor's extent was checked against the file size at parse time.
                     let data = unsafe { std::slice::from_raw_parts(m.data, m.rows * m.row_bytes) };
                     m.fast = Repacked::new(m.dtype, data, m.rows, m.cols);
+                    if m.fast.is_some() && m.name != "token_embd.weight" {
+                        if let Some(t) = file.tensor(&m.name) {
+                            file.release(&[t]);
+                        }
+                    }
                 }
             });
         }
@@ -418,15 +426,7 @@ impl Model {
             let mut all: Vec<&mut QMatrix> =
                 layers.iter_mut().flat_map(Layer::matrices_mut).collect();
             all.push(&mut output);
-            repack_all(&mut all, threads);
-            // The originals of repacked matrices are not read again (the token embedding is, for
-            // lookups, even when the output projection shares it).
-            let done: Vec<&TensorInfo> = all
-                .iter()
-                .filter(|m| m.fast.is_some() && m.name != "token_embd.weight")
-                .filter_map(|m| file.tensor(&m.name))
-                .collect();
-            file.release(&done);
+            repack_all(&mut all, threads, &file);
         }
         Ok(Self {
             cfg,

@@ -326,26 +326,32 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             "{:<18} {:>12} {:>12} {:>8}",
             "test", "porteiro", "llama.cpp", "ratio"
         );
-        println!(
-            "{:<18} {:>12.1} {:>12.1} {:>7.2}x",
-            format!("pp{} tok/s", a.prompt),
-            ours.prefill_tok_s,
-            p,
-            ours.prefill_tok_s / p
-        );
-        println!(
-            "{:<18} {:>12.1} {:>12.1} {:>7.2}x",
-            format!("tg{} tok/s", a.gen),
-            ours.decode_tok_s,
-            g,
-            ours.decode_tok_s / g
-        );
+        // A skipped test (-p 0 or -n 0) gets no row.
+        let rows = [
+            (a.prompt, "pp", ours.prefill_tok_s, p),
+            (a.gen, "tg", ours.decode_tok_s, g),
+        ];
+        for (count, tag, o, peer) in rows {
+            if count > 0 {
+                println!(
+                    "{:<18} {:>12.1} {:>12.1} {:>7.2}x",
+                    format!("{tag}{count} tok/s"),
+                    o,
+                    peer,
+                    o / peer
+                );
+            }
+        }
     } else {
-        println!(
-            "prefill (pp{})   {:>10.1} tok/s",
-            a.prompt, ours.prefill_tok_s
-        );
-        println!("decode  (tg{})   {:>10.1} tok/s", a.gen, ours.decode_tok_s);
+        if a.prompt > 0 {
+            println!(
+                "prefill (pp{})   {:>10.1} tok/s",
+                a.prompt, ours.prefill_tok_s
+            );
+        }
+        if a.gen > 0 {
+            println!("decode  (tg{})   {:>10.1} tok/s", a.gen, ours.decode_tok_s);
+        }
     }
     println!("time to first token {:>8.1} ms", ours.ttft_ms);
     println!("load                {:>8.1} ms", ours.load_ms);
