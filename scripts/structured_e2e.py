@@ -110,7 +110,9 @@ msgs += [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()
 r = client.chat.completions.create(model=M, temperature=0, tools=tools, messages=msgs, max_tokens=24)
 check("tools (auto): text after the tool result", r.choices[0].message.content is not None, str(r.choices[0])[:160])
 
+# The same knob as above: greedy decoding of a 135M model can loop inside a string argument.
 with client.beta.chat.completions.stream(model=M, temperature=0, tools=tools, tool_choice="required",
+                                         frequency_penalty=0.5,
                                          messages=user("Weather in Lisbon in fahrenheit?")) as s:
     n_events = sum(1 for _ in s)
     final = s.get_final_completion()
