@@ -400,6 +400,18 @@ pub fn dot_scalar(t: GgmlType, w: &[u8], a: &[u8], k: usize) -> f32 {
 pub(crate) mod testutil {
     use super::*;
 
+    /// The block-quantized types the engine computes with.
+    pub const QUANTIZED: [GgmlType; 8] = [
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q8_0,
+        GgmlType::Q4_K,
+        GgmlType::Q5_K,
+        GgmlType::Q6_K,
+    ];
+
     /// A small deterministic generator so that tests need no crate and stay reproducible.
     pub struct Rng(pub u64);
     impl Rng {
@@ -447,26 +459,18 @@ mod tests {
     use super::testutil::*;
     use super::*;
 
-    const TYPES: [GgmlType; 11] = [
-        GgmlType::F32,
-        GgmlType::F16,
-        GgmlType::BF16,
-        GgmlType::Q4_0,
-        GgmlType::Q4_1,
-        GgmlType::Q5_0,
-        GgmlType::Q5_1,
-        GgmlType::Q8_0,
-        GgmlType::Q4_K,
-        GgmlType::Q5_K,
-        GgmlType::Q6_K,
-    ];
+    fn types() -> impl Iterator<Item = GgmlType> {
+        [GgmlType::F32, GgmlType::F16, GgmlType::BF16]
+            .into_iter()
+            .chain(QUANTIZED)
+    }
 
     /// The quantized dot must approximate the float dot of the dequantized weights with the activations:
     /// this checks the block layouts of dequantize_row and dot_scalar against each other.
     #[test]
     fn scalar_dot_matches_dequantized_float_dot() {
         let mut rng = Rng(0x9e3779b97f4a7c15);
-        for t in TYPES {
+        for t in types() {
             let k = 512;
             let w = random_row(t, k, &mut rng);
             let x: Vec<f32> = (0..k).map(|_| rng.f32()).collect();

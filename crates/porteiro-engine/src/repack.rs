@@ -819,21 +819,10 @@ mod tests {
     use super::*;
     use crate::quant::{self, testutil::*};
 
-    const TYPES: [GgmlType; 8] = [
-        GgmlType::Q4_0,
-        GgmlType::Q4_1,
-        GgmlType::Q5_0,
-        GgmlType::Q5_1,
-        GgmlType::Q8_0,
-        GgmlType::Q4_K,
-        GgmlType::Q5_K,
-        GgmlType::Q6_K,
-    ];
-
     #[test]
     fn repacked_weights_reproduce_dequantization() {
         let mut rng = Rng(7);
-        for t in TYPES {
+        for t in QUANTIZED {
             let (k, rows) = (512, 32);
             let f = format(t).unwrap();
             let data: Vec<u8> = (0..rows).flat_map(|_| random_row(t, k, &mut rng)).collect();
@@ -877,7 +866,7 @@ mod tests {
     #[test]
     fn kernels_match_the_reference_and_the_float_dot() {
         let mut rng = Rng(11);
-        let cases = TYPES.iter().flat_map(|&t| {
+        let cases = QUANTIZED.iter().flat_map(|&t| {
             let ks: &[usize] = if format(t).unwrap().half {
                 &[32, 288, 512]
             } else {
