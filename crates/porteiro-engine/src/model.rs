@@ -178,7 +178,8 @@ pub struct QMatrix {
     tile4: Option<Tile4Fn>,
     tile8: Option<Tile8Fn>,
     pub act: ActType,
-    /// The prefill layout (see `repack`), where this CPU and the matrix's type and shape allow it.
+    /// The 16-row layout (see `repack`), used for every token where this CPU and the matrix's type
+    /// and shape allow it; the blocks at `data` are then not read again.
     fast: Option<Repacked>,
     _file: Arc<GgufFile>,
 }
@@ -318,7 +319,7 @@ fn repack_all(all: &mut [&mut QMatrix], threads: usize, file: &GgufFile) {
                     m.fast = Repacked::new(m.dtype, data, m.rows, m.cols);
                     if m.fast.is_some() && m.name != "token_embd.weight" {
                         if let Some(t) = file.tensor(&m.name) {
-                            file.release(&[t]);
+                            file.release(t);
                         }
                     }
                 }
@@ -443,25 +444,12 @@ impl Model {
         self.pool.threads()
     }
 
-    /// Resident bytes of the repacked matrices (0 when the CPU does not use them).
-    pub fn repacked_bytes(&self) -> usize {
-        self.layers
-            .iter()
-            .flat_map(|l| l.matrices())
-            .chain([&self.output])
-            .filter_map(|m| m.fast.as_ref().map(Repacked::bytes))
-            .sum()
-    }
-
     /// Bytes of weights read to decode one token (every layer matrix, the output projection, one
     /// embedding row and the norms): the numerator of the memory-bandwidth ceiling.
     pub fn bytes_per_token(&self) -> usize {
         let mut b = self.output.bytes() + self.tok_embd.row_bytes + self.output_norm.len() * 4;
         for l in &self.layers {
-            b += [&l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down]
-                .iter()
-                .map(|m| m.bytes())
-                .sum::<usize>();
+            b += l.matrices().iter().map(|m| m.bytes()).sum::<usize>();
             b += (l.attn_norm.len() + l.ffn_norm.len()) * 4;
         }
         b
@@ -554,7 +542,7 @@ pub enum ForwardError {
 struct MatmulBufs {
     /// One buffer per activation format of the per-block kernels (indexed by `act_index`).
     acts: [Vec<u8>; 4],
-    /// Prompt tokens for the repacked kernels.
+    /// Activations for the repacked kernels.
     fast: Acts,
 }
 
@@ -717,9 +705,9 @@ impl Model {
         }
     }
 
-    /// y[n][rows] = x[n][cols] · W^T for one or more matrices sharing the input `x`: through the
-    /// repacked kernels when every matrix has them, else the per-block kernels. Either way a token's
-    /// result does not depend on the other tokens of the step.
+    /// y[n][rows] = x[n][cols] · W^T for one or more matrices sharing the input `x`: the repacked
+    /// ones through the repacked kernels, the others through the per-block kernels. Either way a
+    /// token's result does not depend on the other tokens of the step.
     fn matmul(&self, jobs: &mut [(&QMatrix, &mut [f32])], x: &[f32], n: usize, s: &mut MatmulBufs) {
         let mut fast: Vec<(&Repacked, &mut [f32])> = Vec::new();
         let mut slow: Vec<(&QMatrix, &mut [f32])> = Vec::new();

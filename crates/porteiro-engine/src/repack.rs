@@ -24,7 +24,7 @@ pub struct Line(pub [u8; 64]);
 
 /// How a weight type is stored: sub-block length `g` (one scale each), the offset of the unsigned
 /// values, their bits (4: nibbles; 5, 6: nibbles plus one or two bit planes; 8: bytes), whether the
-/// scales are f16 per sub-block (`half`) or a K-quant's f32 per super-block times an integer per
+/// scales are f16 per sub-block (`half`) or a K-quant's f16 per super-block times an integer per
 /// sub-block, and whether there are mins.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Format {
@@ -161,35 +161,23 @@ fn row_parts(t: GgmlType, row: &[u8], cols: usize, p: &mut RowParts) {
     p.m.clear();
     let q = &mut p.q;
     match t {
-        GgmlType::Q4_0 | GgmlType::Q4_1 => {
-            let bs = if t == GgmlType::Q4_0 { 18 } else { 20 };
-            for (b, blk) in row.chunks_exact(bs).enumerate() {
+        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 => {
+            // d, [m], [qh: the fifth bits], 16 bytes of nibble pairs; Q4 is Q5 with qh = 0.
+            let min = matches!(t, GgmlType::Q4_1 | GgmlType::Q5_1);
+            let five = matches!(t, GgmlType::Q5_0 | GgmlType::Q5_1);
+            let qs_at = 2 + 2 * usize::from(min) + 4 * usize::from(five);
+            for (b, blk) in row.chunks_exact(qs_at + 16).enumerate() {
                 p.dh.push(f16_bits(blk, 0));
-                let qs = if t == GgmlType::Q4_0 {
-                    &blk[2..18]
-                } else {
+                if min {
                     p.mh.push(f16_bits(blk, 2));
-                    &blk[4..20]
-                };
-                let o = &mut q[b * QK..(b + 1) * QK];
-                for j in 0..16 {
-                    o[j] = qs[j] & 0xF;
-                    o[j + 16] = qs[j] >> 4;
                 }
-            }
-        }
-        GgmlType::Q5_0 | GgmlType::Q5_1 => {
-            let bs = if t == GgmlType::Q5_0 { 22 } else { 24 };
-            for (b, blk) in row.chunks_exact(bs).enumerate() {
-                p.dh.push(f16_bits(blk, 0));
-                let rest = if t == GgmlType::Q5_0 {
-                    &blk[2..]
+                let qh = if five {
+                    let h = &blk[qs_at - 4..qs_at];
+                    u32::from_le_bytes([h[0], h[1], h[2], h[3]])
                 } else {
-                    p.mh.push(f16_bits(blk, 2));
-                    &blk[4..]
+                    0
                 };
-                let qh = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]);
-                let qs = &rest[4..20];
+                let qs = &blk[qs_at..qs_at + 16];
                 let o = &mut q[b * QK..(b + 1) * QK];
                 for j in 0..16 {
                     o[j] = (qs[j] & 0xF) | (((qh >> j) & 1) << 4) as u8;

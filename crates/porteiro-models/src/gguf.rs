@@ -478,37 +478,22 @@ impl GgufFile {
         &self.mmap[t.offset..t.offset + t.size_bytes]
     }
 
-    /// Drops the pages wholly inside these tensors from this process's memory, for tensors that
-    /// were copied elsewhere and will not be read again. Only file mappings are released (a later
-    /// read would fault the file back in); resident copies are left as they are. Adjacent tensors
-    /// are released in one call (each call costs a TLB shootdown on every core).
-    pub fn release(&self, tensors: &[&TensorInfo]) {
+    /// Drops the pages wholly inside a tensor from this process's memory, for a tensor that was
+    /// copied elsewhere and will not be read again. Only file mappings are released (a later read
+    /// would fault the file back in); resident copies are left as they are.
+    pub fn release(&self, t: &TensorInfo) {
         let Bytes::Mapped(m) = &self.mmap else {
             return;
         };
-        let mut spans: Vec<(usize, usize)> = tensors
-            .iter()
-            .map(|t| (t.offset, t.offset + t.size_bytes))
-            .collect();
-        spans.sort_unstable();
-        let mut merged: Vec<(usize, usize)> = Vec::new();
-        for (a, b) in spans {
-            match merged.last_mut() {
-                // Tensors are laid out with at most alignment padding between them.
-                Some(last) if a <= last.1 + 64 => last.1 = last.1.max(b),
-                _ => merged.push((a, b)),
-            }
-        }
         const PAGE: usize = 4096;
-        for (a, b) in merged {
-            let (start, end) = (a.next_multiple_of(PAGE), b / PAGE * PAGE);
-            if end > start {
-                // SAFETY: the mapping is private and read-only: after MADV_DONTNEED a read re-faults
-                // the same bytes from the file, so no reference observes a change.
-                let _ = unsafe {
-                    m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
-                };
-            }
+        let start = t.offset.next_multiple_of(PAGE);
+        let end = (t.offset + t.size_bytes) / PAGE * PAGE;
+        if end > start {
+            // SAFETY: the mapping is private and read-only: after MADV_DONTNEED a read re-faults the
+            // same bytes from the file, so no reference observes a change.
+            let _ = unsafe {
+                m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
+            };
         }
     }
 
