@@ -4,14 +4,35 @@
 //! sentence vector is the mean of the last hidden states over the tokens, L2-normalised.
 //!
 //! Weights are copied out of the file once, except the word embeddings (30522×384), whose rows are read
-//! from the memory map as needed.
+//! from the memory map as needed. On CPUs with AMX the matrix products (the six linear layers and both
+//! halves of attention) run in bf16 on the tiles (see `amx`), with the residual stream, LayerNorm,
+//! softmax and GELU kept in f32; elsewhere an f32 GEMM does them.
 
 use std::path::Path;
 
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 
+use std::ops::Range;
+use std::sync::Mutex;
+
+use crate::amx::{self, PackedA, PackedB};
+use crate::pool::{self, ThreadPool};
 use crate::wordpiece::{WordPiece, WordPieceError};
+
+/// `$wide`: the method `$body` compiled for AVX-512, so the elementwise loops inlined into it
+/// (LayerNorm, softmax, GELU, residuals, operand packing) run 16 wide; the binary itself targets
+/// baseline x86-64. Callers check `self.avx512` first.
+macro_rules! avx512_variant {
+    ($wide:ident => $body:ident ( $($arg:ident : $ty:ty),* $(,)? )) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn $wide(&self, $($arg: $ty),*) {
+            self.$body($($arg),*)
+        }
+    };
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum BertError {
@@ -40,24 +61,52 @@ pub struct BertConfig {
 }
 
 struct Linear {
-    /// [out][in]
+    /// [out][in]; empty when the weights live in `packed`.
     w: Vec<f32>,
     b: Vec<f32>,
     n_in: usize,
+    /// The weights as AMX tiles (bf16), when the encoder runs on AMX.
+    packed: Option<PackedB>,
 }
 
 impl Linear {
-    /// y[t][out] = x[t][in] · Wᵀ + b for `n` tokens.
-    fn forward(&self, x: &[f32], n: usize, y: &mut Vec<f32>) {
+    /// y[t][out] = x[t][in] · Wᵀ + b for `n` tokens; `xa` is `x` packed for AMX (used when the weights
+    /// are packed). `y` holds at least `n` rows of `out`; `tmp` is scratch.
+    #[inline(always)]
+    fn forward(&self, x: &[f32], xa: &PackedA, n: usize, y: &mut [f32], tmp: &mut Vec<f32>) {
         let out = self.b.len();
-        y.clear();
-        for _ in 0..n {
-            y.extend_from_slice(&self.b);
+        let y = &mut y[..n * out];
+        if let Some(pb) = &self.packed {
+            let ld = pb.cols_padded();
+            if ld == out && y.len() == xa.rows_padded() * out {
+                amx::gemm(xa, pb, y, ld);
+            } else {
+                grow(tmp, xa.rows_padded() * ld);
+                amx::gemm(xa, pb, tmp, ld);
+                for (dst, src) in y.chunks_exact_mut(out).zip(tmp.chunks_exact(ld)) {
+                    dst.copy_from_slice(&src[..out]);
+                }
+            }
+            for row in y.chunks_exact_mut(out) {
+                row.iter_mut().zip(&self.b).for_each(|(v, b)| *v += b);
+            }
+            return;
+        }
+        for row in y.chunks_exact_mut(out) {
+            row.copy_from_slice(&self.b);
         }
         // A cache-blocked GEMM: the weights are read once per block of tokens, not once per token.
         sgemm(
             n, self.n_in, out, x, self.n_in, 1, &self.w, 1, self.n_in, y, out, 1.0,
         );
+    }
+
+    /// Moves the weights into AMX tiles.
+    fn pack(&mut self) {
+        let mut pb = PackedB::default();
+        pb.pack(&self.w, self.n_in, self.b.len(), self.n_in, 1);
+        self.packed = Some(pb);
+        self.w = Vec::new();
     }
 }
 
@@ -67,11 +116,17 @@ struct LayerNorm {
 }
 
 impl LayerNorm {
+    #[inline(always)]
     fn apply(&self, x: &mut [f32], eps: f32) {
         for row in x.chunks_exact_mut(self.w.len()) {
             let n = row.len() as f32;
-            let mean = row.iter().sum::<f32>() / n;
-            let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+            let mean = lanes_sum(row) / n;
+            let var = lanes_fold(
+                row,
+                0.0,
+                |acc, v| acc + (v - mean) * (v - mean),
+                |a, b| a + b,
+            ) / n;
             let inv = 1.0 / (var + eps).sqrt();
             for ((v, w), b) in row.iter_mut().zip(&self.w).zip(&self.b) {
                 *v = (*v - mean) * inv * w + b;
@@ -102,6 +157,14 @@ pub struct BertEncoder {
     type_emb: Vec<f32>,
     emb_ln: LayerNorm,
     layers: Vec<Layer>,
+    /// Whether the matrix products run on AMX tiles.
+    amx: bool,
+    /// Whether the CPU has AVX-512 (the elementwise work then runs 16 wide).
+    avx512: bool,
+    /// Threads a pass is split over (by tokens), when more than one.
+    pool: Option<ThreadPool>,
+    /// Per-thread buffers, kept between calls (a pass holds the lock).
+    scratch: Mutex<Vec<Scratch>>,
 }
 
 /// One sentence vector and the number of tokens it was computed from.
@@ -124,8 +187,16 @@ fn read_json(path: &Path) -> Result<serde_json::Value, BertError> {
 
 impl BertEncoder {
     /// Opens a sentence-transformers folder. Anything unexpected (another pooling, a missing tensor, a
-    /// dtype other than F32) is an error naming what is wrong.
+    /// dtype other than F32) is an error naming what is wrong. Uses AMX where `amx::available()`.
     pub fn open(dir: &Path) -> Result<Self, BertError> {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Self::open_with(dir, amx::available(), threads)
+    }
+
+    /// `open`, choosing the AMX path (`use_amx`, honoured only where AMX is available) or the f32 one,
+    /// and how many threads share a pass (split by tokens; the vectors do not depend on it).
+    pub fn open_with(dir: &Path, use_amx: bool, threads: usize) -> Result<Self, BertError> {
+        let use_amx = use_amx && amx::available();
         let c = read_json(&dir.join("config.json"))?;
         let get = |k: &str| {
             c[k].as_u64()
@@ -198,6 +269,7 @@ impl BertEncoder {
                     w: tensor(&format!("{name}.weight"), &[n_out, n_in])?,
                     b: tensor(&format!("{name}.bias"), &[n_out])?,
                     n_in,
+                    packed: None,
                 })
             };
             let norm = |name: &str| -> Result<LayerNorm, BertError> {
@@ -232,7 +304,21 @@ impl BertEncoder {
             let emb_ln = norm("embeddings.LayerNorm")?;
             (at, vocab, (pos, typ, emb_ln, layers))
         };
-        let (pos_emb, type_emb, emb_ln, layers) = weights;
+        let (pos_emb, type_emb, emb_ln, mut layers) = weights;
+        if use_amx {
+            for l in &mut layers {
+                for lin in [
+                    &mut l.q,
+                    &mut l.k,
+                    &mut l.v,
+                    &mut l.o,
+                    &mut l.up,
+                    &mut l.down,
+                ] {
+                    lin.pack();
+                }
+            }
+        }
         if [tokenizer.cls, tokenizer.sep]
             .iter()
             .any(|&t| t as usize >= vocab)
@@ -251,7 +337,27 @@ impl BertEncoder {
             type_emb,
             emb_ln,
             layers,
+            amx: use_amx,
+            #[cfg(target_arch = "x86_64")]
+            avx512: is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("fma"),
+            #[cfg(not(target_arch = "x86_64"))]
+            avx512: false,
+            pool: (threads > 1).then(|| ThreadPool::new(threads)),
+            scratch: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Threads a pass is split over.
+    pub fn threads(&self) -> usize {
+        self.pool.as_ref().map_or(1, |p| p.threads())
+    }
+
+    /// Whether this encoder runs its matrix products on AMX tiles.
+    pub fn uses_amx(&self) -> bool {
+        self.amx
     }
 
     pub fn dim(&self) -> usize {
@@ -291,7 +397,6 @@ impl BertEncoder {
     pub fn embed_ids(&self, ids: &[u32]) -> Vec<f32> {
         let c = &self.cfg;
         let (h, n) = (c.hidden, ids.len().min(c.max_positions));
-        let hd = h / c.heads;
         // x: [n][h] hidden states.
         let mut x = vec![0f32; n * h];
         for (t, &id) in ids[..n].iter().enumerate() {
@@ -306,74 +411,71 @@ impl BertEncoder {
             }
         }
         self.emb_ln.apply(&mut x, c.eps);
-        let (mut q, mut k, mut v, mut ctx, mut tmp, mut ff) = (
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            vec![0f32; n * h],
-            Vec::new(),
-            Vec::new(),
-        );
-        let mut scores = vec![0f32; n * n];
-        let scale = 1.0 / (hd as f32).sqrt();
+        let threads = self.threads();
+        let mut scratch = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        scratch.resize_with(threads, Scratch::default);
+        let scratch: Vec<Mutex<&mut Scratch>> = scratch.iter_mut().map(Mutex::new).collect();
+        let heads: Vec<Mutex<HeadKv>> = (0..c.heads).map(|_| Mutex::default()).collect();
+        let (mut q, mut k, mut v) = (vec![0f32; n * h], vec![0f32; n * h], vec![0f32; n * h]);
+        let (xs, qs) = (Rows::new(&mut x, h), Rows::new(&mut q, h));
+        let (ks, vs) = (Rows::new(&mut k, h), Rows::new(&mut v, h));
+        // Every step of a layer is local to a token except attention's reads of K and V, so a layer is
+        // two passes over each thread's tokens with the heads' K/V packing between them.
         for l in &self.layers {
-            l.q.forward(&x, n, &mut q);
-            l.k.forward(&x, n, &mut k);
-            l.v.forward(&x, n, &mut v);
-            // Bidirectional attention per head: ctx[t][head] = softmax(q·kᵀ/√d) · v, as two GEMMs.
-            for head in 0..c.heads {
-                let off = head * hd;
-                scores.fill(0.0);
-                // scores[t][j] = q_t · k_j (k read transposed through its strides).
-                sgemm(
-                    n,
-                    hd,
-                    n,
-                    &q[off..],
-                    h,
-                    1,
-                    &k[off..],
-                    1,
-                    h,
-                    &mut scores,
-                    n,
-                    scale,
-                );
-                for row in scores.chunks_exact_mut(n) {
-                    let mx = row.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-                    let mut sum = 0.0;
-                    for s in row.iter_mut() {
-                        *s = (*s - mx).exp();
-                        sum += *s;
+            self.parallel(&|t, nt| {
+                let rows = pool::split(n, t, nt, 2 * amx::TILE);
+                let mut s = scratch[t].lock().unwrap_or_else(|e| e.into_inner());
+                // SAFETY: each thread takes its own rows of x, q, k and v.
+                let (x, q, k, v) = unsafe {
+                    (
+                        xs.rows(rows.clone()),
+                        qs.rows(rows.clone()),
+                        ks.rows(rows.clone()),
+                        vs.rows(rows.clone()),
+                    )
+                };
+                let m = rows.len();
+                #[cfg(target_arch = "x86_64")]
+                if self.avx512 {
+                    // SAFETY: the CPU has AVX-512 (checked at open).
+                    unsafe { self.project_qkv_avx512(l, &mut s, x, q, k, v, m) };
+                    return;
+                }
+                self.project_qkv(l, &mut s, x, q, k, v, m);
+            });
+            if self.amx {
+                self.parallel(&|t, nt| {
+                    // SAFETY: k and v are only read in this pass.
+                    let (k, v) = unsafe { (ks.rows(0..n), vs.rows(0..n)) };
+                    for head in (t..c.heads).step_by(nt) {
+                        let mut kv = heads[head].lock().unwrap_or_else(|e| e.into_inner());
+                        kv.pack(k, v, n, h, head * (h / c.heads), h / c.heads);
                     }
-                    row.iter_mut().for_each(|s| *s /= sum);
-                }
-                for t in 0..n {
-                    ctx[t * h + off..t * h + off + hd].fill(0.0);
-                }
-                sgemm(
-                    n,
-                    n,
-                    hd,
-                    &scores,
-                    n,
-                    1,
-                    &v[off..],
-                    h,
-                    1,
-                    &mut ctx[off..],
-                    h,
-                    1.0,
-                );
+                });
             }
-            l.o.forward(&ctx, n, &mut tmp);
-            x.iter_mut().zip(&tmp).for_each(|(a, b)| *a += b);
-            l.ln1.apply(&mut x, c.eps);
-            l.up.forward(&x, n, &mut ff);
-            ff.iter_mut().for_each(|g| *g = gelu_erf(*g));
-            l.down.forward(&ff, n, &mut tmp);
-            x.iter_mut().zip(&tmp).for_each(|(a, b)| *a += b);
-            l.ln2.apply(&mut x, c.eps);
+            self.parallel(&|t, nt| {
+                let rows = pool::split(n, t, nt, 2 * amx::TILE);
+                let mut s = scratch[t].lock().unwrap_or_else(|e| e.into_inner());
+                // SAFETY: each thread writes its own rows of x and reads its rows of q; k and v are
+                // only read in this pass.
+                let (x, q, k, v) = unsafe {
+                    (
+                        xs.rows(rows.clone()),
+                        qs.rows(rows),
+                        ks.rows(0..n),
+                        vs.rows(0..n),
+                    )
+                };
+                #[cfg(target_arch = "x86_64")]
+                if self.avx512 {
+                    // SAFETY: the CPU has AVX-512 (checked at open).
+                    unsafe {
+                        self.attend_and_feed_forward_avx512(l, &mut s, &heads, x, q, k, v, n)
+                    };
+                    return;
+                }
+                self.attend_and_feed_forward(l, &mut s, &heads, x, q, k, v, n);
+            });
         }
         let mut pooled = vec![0f32; h];
         for row in x.chunks_exact(h) {
@@ -383,6 +485,321 @@ impl BertEncoder {
         pooled.iter_mut().for_each(|v| *v /= norm);
         pooled
     }
+
+    fn parallel(&self, f: &(dyn Fn(usize, usize) + Sync)) {
+        match &self.pool {
+            Some(p) => p.run(f),
+            None => f(0, 1),
+        }
+    }
+
+    avx512_variant!(project_qkv_avx512 => project_qkv(
+        l: &Layer, s: &mut Scratch, x: &[f32], q: &mut [f32], k: &mut [f32], v: &mut [f32], m: usize
+    ));
+    avx512_variant!(attend_and_feed_forward_avx512 => attend_and_feed_forward(
+        l: &Layer, s: &mut Scratch, heads: &[Mutex<HeadKv>], x: &mut [f32], q: &[f32], k: &[f32],
+        v: &[f32], n: usize
+    ));
+
+    /// q, k, v for `m` tokens (one thread's rows).
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn project_qkv(
+        &self,
+        l: &Layer,
+        s: &mut Scratch,
+        x: &[f32],
+        q: &mut [f32],
+        k: &mut [f32],
+        v: &mut [f32],
+        m: usize,
+    ) {
+        if m == 0 {
+            return;
+        }
+        let h = self.cfg.hidden;
+        if self.amx {
+            s.xa.pack(x, m, h, h);
+        }
+        l.q.forward(x, &s.xa, m, q, &mut s.tmp);
+        l.k.forward(x, &s.xa, m, k, &mut s.tmp);
+        l.v.forward(x, &s.xa, m, v, &mut s.tmp);
+    }
+
+    /// The rest of a layer for one thread's tokens: attention of its queries over all `n` keys, the
+    /// output projection, residual and LayerNorm, the feed-forward block, residual and LayerNorm.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn attend_and_feed_forward(
+        &self,
+        l: &Layer,
+        s: &mut Scratch,
+        heads: &[Mutex<HeadKv>],
+        x: &mut [f32],
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        n: usize,
+    ) {
+        let c = &self.cfg;
+        let (h, hd, inter) = (c.hidden, c.hidden / c.heads, c.intermediate);
+        let m = x.len() / h;
+        if m == 0 {
+            return;
+        }
+        let scale = 1.0 / (hd as f32).sqrt();
+        grow(&mut s.ctx, m * h);
+        for head in 0..c.heads {
+            let off = head * hd;
+            if self.amx {
+                let kv = heads[head].lock().unwrap_or_else(|e| e.into_inner());
+                // scores = Q_h·K_hᵀ, then P·V_h.
+                s.qa.pack(&q[off..], m, hd, h);
+                let ld = kv.kb.cols_padded();
+                grow(&mut s.scores, s.qa.rows_padded() * ld);
+                amx::gemm(&s.qa, &kv.kb, &mut s.scores, ld);
+                for row in s.scores.chunks_exact_mut(ld).take(m) {
+                    softmax(&mut row[..n], scale);
+                }
+                s.pa.pack(&s.scores, m, n, ld);
+                let ldo = kv.vb.cols_padded();
+                grow(&mut s.head_out, s.pa.rows_padded() * ldo);
+                amx::gemm(&s.pa, &kv.vb, &mut s.head_out, ldo);
+                for t in 0..m {
+                    s.ctx[t * h + off..t * h + off + hd]
+                        .copy_from_slice(&s.head_out[t * ldo..t * ldo + hd]);
+                }
+                continue;
+            }
+            grow(&mut s.scores, m * n);
+            s.scores[..m * n].fill(0.0);
+            // scores[t][j] = q_t · k_j (k read transposed through its strides).
+            sgemm(
+                m,
+                hd,
+                n,
+                &q[off..],
+                h,
+                1,
+                &k[off..],
+                1,
+                h,
+                &mut s.scores,
+                n,
+                1.0,
+            );
+            for row in s.scores.chunks_exact_mut(n).take(m) {
+                softmax(row, scale);
+            }
+            for t in 0..m {
+                s.ctx[t * h + off..t * h + off + hd].fill(0.0);
+            }
+            sgemm(
+                m,
+                n,
+                hd,
+                &s.scores,
+                n,
+                1,
+                &v[off..],
+                h,
+                1,
+                &mut s.ctx[off..],
+                h,
+                1.0,
+            );
+        }
+        let Scratch {
+            xa,
+            tmp,
+            ctx,
+            ff,
+            out,
+            ..
+        } = s;
+        if self.amx {
+            xa.pack(ctx, m, h, h);
+        }
+        grow(out, m * h);
+        l.o.forward(ctx, xa, m, out, tmp);
+        x.iter_mut().zip(out.iter()).for_each(|(a, b)| *a += b);
+        l.ln1.apply(x, c.eps);
+        if self.amx {
+            xa.pack(x, m, h, h);
+        }
+        grow(ff, m * inter);
+        l.up.forward(x, xa, m, ff, tmp);
+        ff[..m * inter].iter_mut().for_each(|g| *g = gelu_erf(*g));
+        if self.amx {
+            xa.pack(ff, m, inter, inter);
+        }
+        l.down.forward(ff, xa, m, out, tmp);
+        x.iter_mut().zip(out.iter()).for_each(|(a, b)| *a += b);
+        l.ln2.apply(x, c.eps);
+    }
+}
+
+/// One thread's buffers for a pass.
+#[derive(Default)]
+struct Scratch {
+    xa: PackedA,
+    qa: PackedA,
+    pa: PackedA,
+    scores: Vec<f32>,
+    head_out: Vec<f32>,
+    ctx: Vec<f32>,
+    ff: Vec<f32>,
+    out: Vec<f32>,
+    tmp: Vec<f32>,
+}
+
+/// One head's K and V as AMX right-hand operands: B(d, j) = k[j][off + d] for the scores, and
+/// B(j, d) = v[j][off + d] for the weighted sum.
+#[derive(Default)]
+struct HeadKv {
+    kb: PackedB,
+    vb: PackedB,
+}
+
+impl HeadKv {
+    #[inline(always)]
+    fn pack(&mut self, k: &[f32], v: &[f32], n: usize, h: usize, off: usize, hd: usize) {
+        self.kb.pack(&k[off..], hd, n, h, 1);
+        self.vb.pack(&v[off..], n, hd, 1, h);
+    }
+}
+
+/// Grows `v` to at least `n` elements (new ones zero); existing contents are left for the caller to
+/// overwrite, so steady-state passes do not clear megabytes of buffers.
+fn grow(v: &mut Vec<f32>, n: usize) {
+    if v.len() < n {
+        v.resize(n, 0.0);
+    }
+}
+
+/// A row-major buffer whose disjoint row ranges are handed to different threads.
+struct Rows {
+    ptr: *mut f32,
+    len: usize,
+    width: usize,
+}
+
+// SAFETY: `rows` is unsafe; callers guarantee that ranges written by one thread are not touched by
+// another in the same pass.
+unsafe impl Sync for Rows {}
+
+impl Rows {
+    fn new(v: &mut [f32], width: usize) -> Self {
+        Rows {
+            ptr: v.as_mut_ptr(),
+            len: v.len(),
+            width,
+        }
+    }
+
+    /// Rows `r` of the buffer.
+    ///
+    /// # Safety
+    /// No other live reference may write to (or, if this one writes, read) the same rows, and the
+    /// buffer must outlive the returned slice.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn rows(&self, r: Range<usize>) -> &mut [f32] {
+        let (a, b) = (r.start * self.width, r.end * self.width);
+        assert!(a <= b && b <= self.len);
+        std::slice::from_raw_parts_mut(self.ptr.add(a), b - a)
+    }
+}
+
+/// row ← softmax(row · scale).
+#[inline(always)]
+fn softmax(row: &mut [f32], scale: f32) {
+    let mx = lanes_max(row);
+    for s in row.iter_mut() {
+        *s = exp_fast((*s - mx) * scale);
+    }
+    let inv = 1.0 / lanes_sum(row);
+    row.iter_mut().for_each(|s| *s *= inv);
+}
+
+/// Folds `v` in 16 independent lanes with `f`, then merges the lanes with `merge`: a plain
+/// `iter().sum()` is one serial chain of adds (4 cycles each) that the compiler may not reorder.
+#[inline(always)]
+fn lanes_fold(
+    v: &[f32],
+    init: f32,
+    f: impl Fn(f32, f32) -> f32,
+    merge: impl Fn(f32, f32) -> f32,
+) -> f32 {
+    let mut acc = [init; 16];
+    let mut chunks = v.chunks_exact(16);
+    for c in &mut chunks {
+        for i in 0..16 {
+            acc[i] = f(acc[i], c[i]);
+        }
+    }
+    let mut r = init;
+    for &x in chunks.remainder() {
+        r = f(r, x);
+    }
+    acc.iter().fold(r, |a, &b| merge(a, b))
+}
+
+#[inline(always)]
+fn lanes_sum(v: &[f32]) -> f32 {
+    lanes_fold(v, 0.0, |a, b| a + b, |a, b| a + b)
+}
+
+#[inline(always)]
+fn lanes_max(v: &[f32]) -> f32 {
+    let max = |m: f32, s: f32| if s > m { s } else { m };
+    lanes_fold(v, f32::MIN, max, max)
+}
+
+/// eˣ in plain arithmetic, so loops over it vectorise: 2ⁿ from the exponent bits times a degree-7
+/// Taylor polynomial of e^f, |f| ≤ ln2/2 (relative error ≤ 4e-6, from rounding x·log2(e)). Inputs
+/// below -80 give e⁻⁸⁰: softmax and erf need nothing smaller, and results stay clear of subnormals,
+/// which cost a microcode assist per operation.
+#[inline(always)]
+fn exp_fast(x: f32) -> f32 {
+    let y = (x.max(-80.0) * std::f32::consts::LOG2_E).min(126.0);
+    // Round to nearest by the 1.5·2²³ trick (|y| < 2²²): the sum's low mantissa bits are n itself, so
+    // 2ⁿ comes from integer arithmetic on them (a float-to-int `as` would not vectorise).
+    const MAGIC: f32 = 12_582_912.0;
+    let shifted = y + MAGIC;
+    let n = shifted - MAGIC;
+    let f = (y - n) * std::f32::consts::LN_2;
+    let p = 1.0
+        + f * (1.0
+            + f * (0.5
+                + f * (1.0 / 6.0
+                    + f * (1.0 / 24.0
+                        + f * (1.0 / 120.0 + f * (1.0 / 720.0 + f * (1.0 / 5040.0)))))));
+    let two_n = (shifted
+        .to_bits()
+        .wrapping_sub(MAGIC.to_bits())
+        .wrapping_add(127))
+        << 23;
+    p * f32::from_bits(two_n)
+}
+
+/// GELU with the exact erf (BERT's `gelu`).
+#[inline(always)]
+fn gelu_erf(x: f32) -> f32 {
+    0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+/// erf to about 2e-7 (Abramowitz & Stegun 7.1.26, 1.5e-7, evaluated in f32). |x| is capped at 4,
+/// where erf is 1 to f32 precision, so e^(-x²) never gets near subnormal.
+#[inline(always)]
+fn erf(x: f32) -> f32 {
+    let a = x.abs().min(4.0);
+    let t = 1.0 / (1.0 + 0.327_591_1 * a);
+    let y = 1.0
+        - (((((1.061_405_4 * t - 1.453_152) * t) + 1.421_413_7) * t - 0.284_496_74) * t
+            + 0.254_829_6)
+            * t
+            * exp_fast(-a * a);
+    y.copysign(x)
 }
 
 /// C[m][n] += alpha · A[m][k] · B[k][n], each matrix given by its row and column strides.
@@ -459,25 +876,6 @@ fn check(
     Ok(())
 }
 
-/// GELU with the exact erf (BERT's `gelu`).
-fn gelu_erf(x: f32) -> f32 {
-    0.5 * x * (1.0 + erf(x / std::f32::consts::SQRT_2))
-}
-
-/// erf to about 1e-7 (Abramowitz & Stegun 7.1.26 is 1.5e-7; computed in f64).
-fn erf(x: f32) -> f32 {
-    let x = x as f64;
-    let s = x.signum();
-    let a = x.abs();
-    let t = 1.0 / (1.0 + 0.3275911 * a);
-    let y = 1.0
-        - (((((1.061405429 * t - 1.453152027) * t) + 1.421413741) * t - 0.284496736) * t
-            + 0.254829592)
-            * t
-            * (-a * a).exp();
-    (s * y) as f32
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -492,6 +890,35 @@ mod tests {
         ] {
             assert!((erf(x) - want).abs() < 2e-6, "erf({x}) = {}", erf(x));
         }
+    }
+
+    #[test]
+    fn exp_softmax_and_layer_norm_track_f64() {
+        for i in 0..20_001 {
+            let x = -80.0 + i as f32 * 0.008;
+            let (got, want) = (exp_fast(x) as f64, (x as f64).exp());
+            assert!(
+                (got - want).abs() <= 4e-6 * want,
+                "exp({x}) = {got}, want {want}"
+            );
+        }
+        assert_eq!(exp_fast(-1e4), exp_fast(-80.0));
+        assert!(exp_fast(-80.0).is_normal());
+        // Softmax and lane sums against plain f64 arithmetic, on a row with a 17-element tail.
+        let mut row: Vec<f32> = (0..81)
+            .map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.7)
+            .collect();
+        let orig = row.clone();
+        softmax(&mut row, 0.5);
+        let mx = orig.iter().cloned().fold(f32::MIN, f32::max) as f64;
+        let z: f64 = orig.iter().map(|&s| ((s as f64 - mx) * 0.5).exp()).sum();
+        for (p, &s) in row.iter().zip(&orig) {
+            let want = ((s as f64 - mx) * 0.5).exp() / z;
+            assert!((*p as f64 - want).abs() <= 1e-6 * want + 1e-9);
+        }
+        assert!(
+            (lanes_sum(&orig) as f64 - orig.iter().map(|&v| v as f64).sum::<f64>()).abs() < 1e-4
+        );
     }
 
     /// The GEMM wrapper against a naive triple loop, with transposed and strided operands as the

@@ -5,6 +5,7 @@
 // Kernels walk several parallel arrays (blocks, scales, sums) with one index; iterator chains hide that.
 #![allow(clippy::needless_range_loop)]
 
+pub mod amx;
 pub mod bert;
 pub mod eval;
 pub mod generate;

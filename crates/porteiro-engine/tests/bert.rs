@@ -9,8 +9,13 @@
 use porteiro_engine::bert::BertEncoder;
 
 fn encoder() -> Option<BertEncoder> {
+    encoder_with(porteiro_engine::amx::available(), 2)
+}
+
+/// The encoder on the AMX path (bf16 tiles) or the f32 one, over `threads` threads.
+fn encoder_with(amx: bool, threads: usize) -> Option<BertEncoder> {
     match porteiro_models::fetch::resolve_model("minilm-l6", false) {
-        Ok(dir) => Some(BertEncoder::open(&dir).unwrap()),
+        Ok(dir) => Some(BertEncoder::open_with(&dir, amx, threads).unwrap()),
         Err(e) => {
             assert!(
                 std::env::var("PORTEIRO_REQUIRE_MODELS").is_err(),
@@ -68,9 +73,44 @@ fn minilm_truncates_long_inputs_to_max_seq_length() {
     assert!(e.vector.iter().all(|v| v.is_finite()));
 }
 
+/// A pass split over threads (by tokens) gives the same bits as one thread, on both paths, for lengths
+/// that leave one thread idle (8 tokens), split unevenly (70) and evenly (256).
+#[test]
+fn minilm_vectors_do_not_depend_on_thread_count() {
+    let mut texts = vec!["short one".to_string()];
+    texts.push("word ".repeat(60));
+    texts.push("The parcel was supposed to arrive on Tuesday. ".repeat(40));
+    for amx in [false, true] {
+        let (Some(one), Some(two)) = (encoder_with(amx, 1), encoder_with(amx, 2)) else {
+            return;
+        };
+        assert_eq!((one.threads(), two.threads()), (1, 2));
+        for t in &texts {
+            let (a, b) = (one.embed(t), two.embed(t));
+            assert_eq!(a.vector, b.vector, "amx {amx}, {} tokens", a.tokens);
+        }
+    }
+}
+
+/// Both paths where the CPU has AMX (bf16 tiles, and f32); the f32 one elsewhere.
 #[test]
 fn minilm_matches_sentence_transformers() {
-    let Some(enc) = encoder() else { return };
+    let mut paths = vec![false];
+    if porteiro_engine::amx::available() {
+        paths.push(true);
+    } else {
+        eprintln!("AMX is not available here: only the f32 path is checked");
+    }
+    for amx in paths {
+        let Some(enc) = encoder_with(amx, 2) else {
+            return;
+        };
+        assert_eq!(enc.uses_amx(), amx);
+        check_against_reference(&enc, if amx { "AMX bf16" } else { "f32" });
+    }
+}
+
+fn check_against_reference(enc: &BertEncoder, path_name: &str) {
     let path = porteiro_models::fetch::home_dir().join("data/minilm-reference.json");
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
@@ -106,12 +146,12 @@ fn minilm_matches_sentence_transformers() {
         }
     }
     eprintln!(
-        "MiniLM vs {}: {} sentences, lowest cosine {worst:.6} (sentence {worst_at})",
+        "MiniLM ({path_name}) vs {}: {} sentences, lowest cosine {worst:.6} (sentence {worst_at})",
         r["producer"].as_str().unwrap_or("?"),
         sentences.len()
     );
     assert!(
         worst >= 1.0 - 1e-3,
-        "sentence {worst_at}: cosine {worst} to the sentence-transformers vector"
+        "{path_name}, sentence {worst_at}: cosine {worst} to the sentence-transformers vector"
     );
 }

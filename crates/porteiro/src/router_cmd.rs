@@ -82,12 +82,20 @@ pub struct EncoderArgs {
     /// Sentence encoder (catalog alias or folder).
     #[arg(long, default_value = "minilm-l6")]
     encoder: String,
+    /// Threads one encoder pass is split over (default: all cores). The vectors do not depend on it.
+    #[arg(long)]
+    encoder_threads: Option<usize>,
 }
 
 impl EncoderArgs {
     fn load(&self) -> Result<BertEncoder> {
         let dir = fetch::resolve_model(&self.encoder, true)?;
-        BertEncoder::open(&dir).with_context(|| format!("loading {}", dir.display()))
+        let threads = self
+            .encoder_threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+            .max(1);
+        BertEncoder::open_with(&dir, porteiro_engine::amx::available(), threads)
+            .with_context(|| format!("loading {}", dir.display()))
     }
 }
 
@@ -337,9 +345,11 @@ pub fn run(cmd: &RouterCmd) -> Result<()> {
             ms.sort_by(f64::total_cmp);
             let q = |p: f64| ms[((p * (ms.len() - 1) as f64).round() as usize).min(ms.len() - 1)];
             println!(
-                "decision latency, {measured} encoder tokens, {} routes, {} decisions, 1 thread:",
+                "decision latency, {measured} encoder tokens, {} routes, {} decisions, {} thread(s), {}:",
                 cfg.routes.len(),
-                n
+                n,
+                enc.threads(),
+                if enc.uses_amx() { "AMX bf16" } else { "f32" }
             );
             println!(
                 "p50 {:.2} ms   p95 {:.2} ms   p99 {:.2} ms   max {:.2} ms",
