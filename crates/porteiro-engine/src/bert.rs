@@ -558,10 +558,13 @@ impl BertEncoder {
                 let ld = kv.kb.cols_padded();
                 grow(&mut s.scores, s.qa.rows_padded() * ld);
                 amx::gemm(&s.qa, &kv.kb, &mut s.scores, ld);
+                // Unnormalised exponentials; the 1/sum scaling happens while packing P to bf16.
+                s.inv_sums.clear();
                 for row in s.scores.chunks_exact_mut(ld).take(m) {
-                    softmax(&mut row[..n], scale);
+                    s.inv_sums
+                        .push(1.0 / softmax_unnormalised(&mut row[..n], scale));
                 }
-                s.pa.pack(&s.scores, m, n, ld);
+                s.pa.pack_scaled(&s.scores, m, n, ld, Some(&s.inv_sums));
                 let ldo = kv.vb.cols_padded();
                 grow(&mut s.head_out, s.pa.rows_padded() * ldo);
                 amx::gemm(&s.pa, &kv.vb, &mut s.head_out, ldo);
@@ -646,6 +649,7 @@ struct Scratch {
     qa: PackedA,
     pa: PackedA,
     scores: Vec<f32>,
+    inv_sums: Vec<f32>,
     head_out: Vec<f32>,
     ctx: Vec<f32>,
     ff: Vec<f32>,
@@ -713,12 +717,18 @@ impl Rows {
 /// row ← softmax(row · scale).
 #[inline(always)]
 fn softmax(row: &mut [f32], scale: f32) {
+    let inv = 1.0 / softmax_unnormalised(row, scale);
+    row.iter_mut().for_each(|s| *s *= inv);
+}
+
+/// row ← e^((row − max)·scale); returns the sum to divide by.
+#[inline(always)]
+fn softmax_unnormalised(row: &mut [f32], scale: f32) -> f32 {
     let mx = lanes_max(row);
     for s in row.iter_mut() {
         *s = exp_fast((*s - mx) * scale);
     }
-    let inv = 1.0 / lanes_sum(row);
-    row.iter_mut().for_each(|s| *s *= inv);
+    lanes_sum(row)
 }
 
 /// Folds `v` in 16 independent lanes with `f`, then merges the lanes with `merge`: a plain
