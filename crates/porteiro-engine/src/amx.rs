@@ -110,7 +110,7 @@ impl PackedA {
     /// Packs A(r, c) = src[r * row_stride + c] for r < m, c < k. Reuses the buffer.
     #[inline(always)]
     pub fn pack(&mut self, src: &[f32], m: usize, k: usize, row_stride: usize) {
-        self.pack_scaled(src, m, k, row_stride, None)
+        self.pack_map(src, m, k, row_stride, |_, _, _| {})
     }
 
     /// `pack`, with row r multiplied by `row_scale[r]` on the way (softmax's normalisation, so
@@ -122,37 +122,52 @@ impl PackedA {
         m: usize,
         k: usize,
         row_stride: usize,
-        row_scale: Option<&[f32]>,
+        row_scale: &[f32],
+    ) {
+        assert!(row_scale.len() >= m);
+        self.pack_map(src, m, k, row_stride, |r, _, vals| {
+            let s = row_scale[r];
+            vals.iter_mut().for_each(|v| *v *= s);
+        })
+    }
+
+    /// `pack` with an elementwise step fused in (a bias and an activation, a row scale), so the f32
+    /// values are read once and never written back: `map(r, c0, chunk)` rewrites the 32 values of
+    /// row r from column c0 (past k they are zeros, and are zeroed again after `map`).
+    #[inline(always)]
+    pub fn pack_map(
+        &mut self,
+        src: &[f32],
+        m: usize,
+        k: usize,
+        row_stride: usize,
+        map: impl Fn(usize, usize, &mut [f32; TILE_K]),
     ) {
         assert!(m == 0 || (m - 1) * row_stride + k <= src.len());
-        assert!(row_scale.is_none_or(|s| s.len() >= m));
         self.m = m;
         self.k = k;
         self.m_pad = round_up(m.max(1), 2 * TILE);
         self.k_pad = round_up(k.max(1), TILE_K);
         let (m_pad, kc) = (self.m_pad, self.k_pad / TILE_K);
         let data = self.data.reset(self.m_pad * self.k_pad);
-        #[cfg(target_arch = "x86_64")]
-        if hw_bf16() {
-            // SAFETY: the CPU has AVX512-BF16 (hw_bf16).
-            unsafe { pack_rows_hw(data, src, m, m_pad, k, kc, row_stride, row_scale) };
-            return;
-        }
-        pack_rows(
-            data,
-            src,
+        let shape = Shape {
             m,
             m_pad,
             k,
             kc,
             row_stride,
-            row_scale,
-            |part, dst, scale| {
-                for (o, &v) in dst.iter_mut().zip(part) {
-                    *o = bf16(v * scale);
-                }
-            },
-        );
+        };
+        #[cfg(target_arch = "x86_64")]
+        if hw_bf16() {
+            // SAFETY: the CPU has AVX512-BF16 (hw_bf16).
+            unsafe { pack_rows_hw(data, src, &shape, map) };
+            return;
+        }
+        pack_rows(data, src, &shape, &map, |vals, dst| {
+            for (o, &v) in dst.iter_mut().zip(vals) {
+                *o = bf16(v);
+            }
+        });
     }
 
     /// A(r, c) as packed, for tests.
@@ -178,80 +193,73 @@ fn hw_bf16() -> bool {
     })
 }
 
-/// Writes rows 0..m_pad of A in tile order; `full` converts one complete 32-value chunk (times a
-/// scale), tails and padding go element by element.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn pack_rows(
-    data: &mut [u16],
-    src: &[f32],
+/// The extent of one packing of A.
+struct Shape {
     m: usize,
     m_pad: usize,
     k: usize,
     kc: usize,
     row_stride: usize,
-    row_scale: Option<&[f32]>,
-    full: impl Fn(&[f32], &mut [u16], f32),
+}
+
+/// Writes rows 0..m_pad of A in tile order: each 32-value chunk of a row is mapped into a stack
+/// buffer and handed to `convert`; padding is zeros.
+#[inline(always)]
+fn pack_rows(
+    data: &mut [u16],
+    src: &[f32],
+    sh: &Shape,
+    map: &impl Fn(usize, usize, &mut [f32; TILE_K]),
+    convert: impl Fn(&[f32; TILE_K], &mut [u16]),
 ) {
-    for r in 0..m_pad {
-        let base = (r / TILE) * kc * TILE * TILE_K + (r % TILE) * TILE_K;
-        let (row, scale): (&[f32], f32) = if r < m {
-            (
-                &src[r * row_stride..r * row_stride + k],
-                row_scale.map_or(1.0, |s| s[r]),
-            )
+    let mut vals = [0f32; TILE_K];
+    for r in 0..sh.m_pad {
+        let base = (r / TILE) * sh.kc * TILE * TILE_K + (r % TILE) * TILE_K;
+        let row: &[f32] = if r < sh.m {
+            &src[r * sh.row_stride..r * sh.row_stride + sh.k]
         } else {
-            (&[], 1.0)
+            &[]
         };
-        for c in 0..kc {
+        for c in 0..sh.kc {
             let dst = &mut data[base + c * TILE * TILE_K..][..TILE_K];
-            let part = row.get(c * TILE_K..).unwrap_or(&[]);
+            let c0 = c * TILE_K;
+            let part = row.get(c0..).unwrap_or(&[]);
             if part.len() >= TILE_K {
-                full(&part[..TILE_K], dst, scale);
+                vals.copy_from_slice(&part[..TILE_K]);
+                map(r, c0, &mut vals);
             } else {
-                for (i, o) in dst.iter_mut().enumerate() {
-                    *o = part.get(i).map_or(0, |&v| bf16(v * scale));
+                let n = part.len();
+                vals[..n].copy_from_slice(part);
+                vals[n..].fill(0.0);
+                if n > 0 {
+                    map(r, c0, &mut vals);
+                    vals[n..].fill(0.0);
                 }
             }
+            convert(&vals, dst);
         }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
-#[allow(clippy::too_many_arguments)]
 unsafe fn pack_rows_hw(
     data: &mut [u16],
     src: &[f32],
-    m: usize,
-    m_pad: usize,
-    k: usize,
-    kc: usize,
-    row_stride: usize,
-    row_scale: Option<&[f32]>,
+    sh: &Shape,
+    map: impl Fn(usize, usize, &mut [f32; TILE_K]),
 ) {
     use std::arch::x86_64::*;
-    pack_rows(
-        data,
-        src,
-        m,
-        m_pad,
-        k,
-        kc,
-        row_stride,
-        row_scale,
-        |part, dst, scale| {
-            // SAFETY: part and dst hold 32 values each (checked by the slicing in pack_rows); the
-            // enclosing function runs only where AVX512-BF16 exists.
-            unsafe {
-                let s = _mm512_set1_ps(scale);
-                let lo = _mm512_mul_ps(_mm512_loadu_ps(part.as_ptr()), s);
-                let hi = _mm512_mul_ps(_mm512_loadu_ps(part.as_ptr().add(16)), s);
-                let packed: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
-                _mm512_storeu_si512(dst.as_mut_ptr().cast(), packed);
-            }
-        },
-    );
+    pack_rows(data, src, sh, &map, |vals, dst| {
+        // SAFETY: vals holds 32 values and dst 32 slots; the enclosing function runs only where
+        // AVX512-BF16 exists.
+        unsafe {
+            let lo = _mm512_loadu_ps(vals.as_ptr());
+            let hi = _mm512_loadu_ps(vals.as_ptr().add(16));
+            let packed: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+            _mm512_storeu_si512(dst.as_mut_ptr().cast(), packed);
+        }
+    });
 }
 
 /// The right operand, `k`×`n`, as tiles: for each block of 16 columns and each 32-deep slice of K, 16
@@ -494,7 +502,7 @@ mod tests {
         let mut a = PackedA::default();
         // A stale buffer first: a pack of all ones over more rows and columns.
         a.pack(&vec![1.0; 64 * 96], 64, 96, 96);
-        a.pack_scaled(&x, m, k, k, Some(&scales));
+        a.pack_scaled(&x, m, k, k, &scales);
         assert_eq!(a.rows_padded(), 64);
         for r in 0..64 {
             for c in 0..96 {

@@ -164,7 +164,7 @@ pub struct BertEncoder {
     /// Threads a pass is split over (by tokens), when more than one.
     pool: Option<ThreadPool>,
     /// Per-thread buffers, kept between calls (a pass holds the lock).
-    scratch: Mutex<Vec<Scratch>>,
+    scratch: Mutex<Buffers>,
 }
 
 /// One sentence vector and the number of tokens it was computed from.
@@ -346,7 +346,7 @@ impl BertEncoder {
             #[cfg(not(target_arch = "x86_64"))]
             avx512: false,
             pool: (threads > 1).then(|| ThreadPool::new(threads)),
-            scratch: Mutex::new(Vec::new()),
+            scratch: Mutex::default(),
         })
     }
 
@@ -412,13 +412,20 @@ impl BertEncoder {
         }
         self.emb_ln.apply(&mut x, c.eps);
         let threads = self.threads();
-        let mut scratch = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
-        scratch.resize_with(threads, Scratch::default);
-        let scratch: Vec<Mutex<&mut Scratch>> = scratch.iter_mut().map(Mutex::new).collect();
-        let heads: Vec<Mutex<HeadKv>> = (0..c.heads).map(|_| Mutex::default()).collect();
-        let (mut q, mut k, mut v) = (vec![0f32; n * h], vec![0f32; n * h], vec![0f32; n * h]);
-        let (xs, qs) = (Rows::new(&mut x, h), Rows::new(&mut q, h));
-        let (ks, vs) = (Rows::new(&mut k, h), Rows::new(&mut v, h));
+        let mut guard = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        let bufs = &mut *guard;
+        bufs.threads.resize_with(threads, Scratch::default);
+        bufs.heads.resize_with(c.heads, Mutex::default);
+        let scratch: Vec<Mutex<&mut Scratch>> = bufs.threads.iter_mut().map(Mutex::new).collect();
+        let heads = &bufs.heads;
+        for buf in [&mut bufs.q, &mut bufs.k, &mut bufs.v] {
+            grow(buf, n * h);
+        }
+        let (xs, qs) = (Rows::new(&mut x, h), Rows::new(&mut bufs.q[..n * h], h));
+        let (ks, vs) = (
+            Rows::new(&mut bufs.k[..n * h], h),
+            Rows::new(&mut bufs.v[..n * h], h),
+        );
         // Every step of a layer is local to a token except attention's reads of K and V, so a layer is
         // two passes over each thread's tokens with the heads' K/V packing between them.
         for l in &self.layers {
@@ -469,12 +476,10 @@ impl BertEncoder {
                 #[cfg(target_arch = "x86_64")]
                 if self.avx512 {
                     // SAFETY: the CPU has AVX-512 (checked at open).
-                    unsafe {
-                        self.attend_and_feed_forward_avx512(l, &mut s, &heads, x, q, k, v, n)
-                    };
+                    unsafe { self.attend_and_feed_forward_avx512(l, &mut s, heads, x, q, k, v, n) };
                     return;
                 }
-                self.attend_and_feed_forward(l, &mut s, &heads, x, q, k, v, n);
+                self.attend_and_feed_forward(l, &mut s, heads, x, q, k, v, n);
             });
         }
         let mut pooled = vec![0f32; h];
@@ -564,7 +569,7 @@ impl BertEncoder {
                     s.inv_sums
                         .push(1.0 / softmax_unnormalised(&mut row[..n], scale));
                 }
-                s.pa.pack_scaled(&s.scores, m, n, ld, Some(&s.inv_sums));
+                s.pa.pack_scaled(&s.scores, m, n, ld, &s.inv_sums);
                 let ldo = kv.vb.cols_padded();
                 grow(&mut s.head_out, s.pa.rows_padded() * ldo);
                 amx::gemm(&s.pa, &kv.vb, &mut s.head_out, ldo);
@@ -630,16 +635,37 @@ impl BertEncoder {
         if self.amx {
             xa.pack(x, m, h, h);
         }
-        grow(ff, m * inter);
-        l.up.forward(x, xa, m, ff, tmp);
-        ff[..m * inter].iter_mut().for_each(|g| *g = gelu_erf(*g));
-        if self.amx {
-            xa.pack(ff, m, inter, inter);
+        if let Some(up) = &l.up.packed {
+            // The products go straight from the tiles into the next packing with bias and GELU
+            // applied on the way: the f32 activations are read once, never written back.
+            let ld = up.cols_padded();
+            grow(tmp, xa.rows_padded() * ld);
+            amx::gemm(xa, up, tmp, ld);
+            let bias = &l.up.b;
+            xa.pack_map(tmp, m, inter, ld, |_, c0, vals| {
+                for (v, b) in vals.iter_mut().zip(&bias[c0..]) {
+                    *v = gelu_erf(*v + b);
+                }
+            });
+        } else {
+            grow(ff, m * inter);
+            l.up.forward(x, xa, m, ff, tmp);
+            ff[..m * inter].iter_mut().for_each(|g| *g = gelu_erf(*g));
         }
         l.down.forward(ff, xa, m, out, tmp);
         x.iter_mut().zip(out.iter()).for_each(|(a, b)| *a += b);
         l.ln2.apply(x, c.eps);
     }
+}
+
+/// Buffers kept between passes, so a pass allocates (and page-faults) nothing in steady state.
+#[derive(Default)]
+struct Buffers {
+    threads: Vec<Scratch>,
+    heads: Vec<Mutex<HeadKv>>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
 }
 
 /// One thread's buffers for a pass.
