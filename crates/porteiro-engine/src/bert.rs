@@ -454,10 +454,13 @@ impl BertEncoder {
                 self.parallel(&|t, nt| {
                     // SAFETY: k and v are only read in this pass.
                     let (k, v) = unsafe { (ks.rows(0..n), vs.rows(0..n)) };
-                    for head in (t..c.heads).step_by(nt) {
-                        let mut kv = heads[head].lock().unwrap_or_else(|e| e.into_inner());
-                        kv.pack(k, v, n, h, head * (h / c.heads), h / c.heads);
+                    #[cfg(target_arch = "x86_64")]
+                    if self.avx512 {
+                        // SAFETY: the CPU has AVX-512 (checked at open).
+                        unsafe { self.pack_heads_avx512(heads, k, v, n, t, nt) };
+                        return;
                     }
+                    self.pack_heads(heads, k, v, n, t, nt);
                 });
             }
             self.parallel(&|t, nt| {
@@ -505,6 +508,29 @@ impl BertEncoder {
         l: &Layer, s: &mut Scratch, heads: &[Mutex<HeadKv>], x: &mut [f32], q: &[f32], k: &[f32],
         v: &[f32], n: usize
     ));
+
+    avx512_variant!(pack_heads_avx512 => pack_heads(
+        heads: &[Mutex<HeadKv>], k: &[f32], v: &[f32], n: usize, t: usize, nt: usize
+    ));
+
+    /// Thread `t` of `nt` packs every `nt`-th head's K and V for the tiles.
+    #[inline(always)]
+    fn pack_heads(
+        &self,
+        heads: &[Mutex<HeadKv>],
+        k: &[f32],
+        v: &[f32],
+        n: usize,
+        t: usize,
+        nt: usize,
+    ) {
+        let c = &self.cfg;
+        let hd = c.hidden / c.heads;
+        for head in (t..c.heads).step_by(nt) {
+            let mut kv = heads[head].lock().unwrap_or_else(|e| e.into_inner());
+            kv.pack(k, v, n, c.hidden, head * hd, hd);
+        }
+    }
 
     /// q, k, v for `m` tokens (one thread's rows).
     #[inline(always)]
