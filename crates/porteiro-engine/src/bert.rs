@@ -981,6 +981,19 @@ mod tests {
         assert!(
             (lanes_sum(&orig) as f64 - orig.iter().map(|&v| v as f64).sum::<f64>()).abs() < 1e-4
         );
+        // LayerNorm (its variance is a lane fold with a different merge) against f64.
+        let ln = LayerNorm {
+            w: (0..81).map(|i| 1.0 + i as f32 * 0.01).collect(),
+            b: (0..81).map(|i| i as f32 * -0.02).collect(),
+        };
+        let mut x = orig.clone();
+        ln.apply(&mut x, 1e-12);
+        let mean = orig.iter().map(|&v| v as f64).sum::<f64>() / 81.0;
+        let var = orig.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / 81.0;
+        for i in 0..81 {
+            let want = (orig[i] as f64 - mean) / var.sqrt() * ln.w[i] as f64 + ln.b[i] as f64;
+            assert!((x[i] as f64 - want).abs() < 1e-5, "{i}: {} vs {want}", x[i]);
+        }
     }
 
     /// The GEMM wrapper against a naive triple loop, with transposed and strided operands as the
