@@ -189,8 +189,12 @@ impl BertEncoder {
     /// Opens a sentence-transformers folder. Anything unexpected (another pooling, a missing tensor, a
     /// dtype other than F32) is an error naming what is wrong. Uses AMX where `amx::available()`.
     pub fn open(dir: &Path) -> Result<Self, BertError> {
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        Self::open_with(dir, amx::available(), threads)
+        Self::open_with(dir, amx::available(), Self::default_threads())
+    }
+
+    /// Threads a pass uses by default: all cores.
+    pub fn default_threads() -> usize {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
     }
 
     /// `open`, choosing the AMX path (`use_amx`, honoured only where AMX is available) or the f32 one,

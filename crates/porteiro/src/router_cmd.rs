@@ -92,7 +92,7 @@ impl EncoderArgs {
         let dir = fetch::resolve_model(&self.encoder, true)?;
         let threads = self
             .encoder_threads
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+            .unwrap_or_else(BertEncoder::default_threads)
             .max(1);
         BertEncoder::open_with(&dir, porteiro_engine::amx::available(), threads)
             .with_context(|| format!("loading {}", dir.display()))
