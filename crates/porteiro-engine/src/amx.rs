@@ -112,24 +112,6 @@ impl PackedA {
         self.pack_map(src, m, k, row_stride, |_, _, _| {})
     }
 
-    /// `pack`, with row r multiplied by `row_scale[r]` on the way (softmax's normalisation, so
-    /// that it costs no pass of its own).
-    #[inline(always)]
-    pub fn pack_scaled(
-        &mut self,
-        src: &[f32],
-        m: usize,
-        k: usize,
-        row_stride: usize,
-        row_scale: &[f32],
-    ) {
-        assert!(row_scale.len() >= m);
-        self.pack_map(src, m, k, row_stride, |r, _, vals| {
-            let s = row_scale[r];
-            vals.iter_mut().for_each(|v| *v *= s);
-        })
-    }
-
     /// `pack` with an elementwise step fused in (a bias and an activation, a row scale), so the f32
     /// values are read once and never written back: `map(r, c0, chunk)` rewrites the 32 values of
     /// row r from column c0 (past k they are zeros, and are zeroed again after `map`).
@@ -140,7 +122,7 @@ impl PackedA {
         m: usize,
         k: usize,
         row_stride: usize,
-        map: impl Fn(usize, usize, &mut [f32; TILE_K]),
+        mut map: impl FnMut(usize, usize, &mut [f32; TILE_K]),
     ) {
         assert!(m == 0 || (m - 1) * row_stride + k <= src.len());
         self.m_pad = round_up(m.max(1), 2 * TILE);
@@ -160,7 +142,7 @@ impl PackedA {
             unsafe { pack_rows_hw(data, src, &shape, map) };
             return;
         }
-        pack_rows(data, src, &shape, &map, |vals, dst| {
+        pack_rows(data, src, &shape, &mut map, |vals, dst| {
             for (o, &v) in dst.iter_mut().zip(vals) {
                 *o = bf16(v);
             }
@@ -206,7 +188,7 @@ fn pack_rows(
     data: &mut [u16],
     src: &[f32],
     sh: &Shape,
-    map: &impl Fn(usize, usize, &mut [f32; TILE_K]),
+    map: &mut impl FnMut(usize, usize, &mut [f32; TILE_K]),
     convert: impl Fn(&[f32; TILE_K], &mut [u16]),
 ) {
     let mut vals = [0f32; TILE_K];
@@ -244,10 +226,10 @@ unsafe fn pack_rows_hw(
     data: &mut [u16],
     src: &[f32],
     sh: &Shape,
-    map: impl Fn(usize, usize, &mut [f32; TILE_K]),
+    mut map: impl FnMut(usize, usize, &mut [f32; TILE_K]),
 ) {
     use std::arch::x86_64::*;
-    pack_rows(data, src, sh, &map, |vals, dst| {
+    pack_rows(data, src, sh, &mut map, |vals, dst| {
         // SAFETY: vals holds 32 values and dst 32 slots; the enclosing function runs only where
         // AVX512-BF16 exists.
         unsafe {
@@ -257,6 +239,127 @@ unsafe fn pack_rows_hw(
             _mm512_storeu_si512(dst.as_mut_ptr().cast(), packed);
         }
     });
+}
+
+/// The extent of one packing of B.
+struct ShapeB {
+    k: usize,
+    n: usize,
+    k_pad: usize,
+    n_pad: usize,
+    col_stride: usize,
+    k_stride: usize,
+}
+
+/// Writes B in tile order. `column(values, dst)` converts one column's 32-deep K slice into its 16
+/// pairs, `dst[p * TILE_K]` and the value after (columns contiguous in K: a weight matrix's rows, K in
+/// attention); `pair_rows(r0, r1, dst)` interleaves 16 columns of two consecutive K rows (rows
+/// contiguous in columns: V in attention). Anything else, and every tail, goes element by element.
+#[inline(always)]
+fn pack_b(
+    data: &mut [u16],
+    src: &[f32],
+    sh: &ShapeB,
+    column: impl Fn(&[f32; TILE_K], &mut [u16]),
+    pair_rows: impl Fn(&[f32; TILE], &[f32; TILE], &mut [u16; 2 * TILE]),
+) {
+    let (k, n) = (sh.k, sh.n);
+    if sh.k_stride == 1 && k == sh.k_pad {
+        let kc = sh.k_pad / TILE_K;
+        let zeros = [0f32; TILE_K];
+        for col in 0..sh.n_pad {
+            let base = (col / TILE) * kc * TILE * TILE_K + (col % TILE) * 2;
+            for c in 0..kc {
+                let slice: &[f32; TILE_K] = if col < n {
+                    let at = col * sh.col_stride + c * TILE_K;
+                    src[at..at + TILE_K].try_into().expect("a 32-value slice")
+                } else {
+                    &zeros
+                };
+                column(slice, &mut data[base + c * TILE * TILE_K..]);
+            }
+        }
+        return;
+    }
+    // Destination in tile order (block of 16 columns, K slice, pair row, column, pair member), so it
+    // is written sequentially.
+    let mut at = 0;
+    for nb in 0..sh.n_pad / TILE {
+        let c0 = nb * TILE;
+        for k0 in (0..sh.k_pad).step_by(2) {
+            let dst: &mut [u16; 2 * TILE] = (&mut data[at..at + 2 * TILE])
+                .try_into()
+                .expect("a 32-value row");
+            at += 2 * TILE;
+            if sh.col_stride == 1 && c0 + TILE <= n && k0 + 2 <= k {
+                let r0 = &src[k0 * sh.k_stride + c0..][..TILE];
+                let r1 = &src[(k0 + 1) * sh.k_stride + c0..][..TILE];
+                pair_rows(
+                    r0.try_into().expect("16 values"),
+                    r1.try_into().expect("16 values"),
+                    dst,
+                );
+                continue;
+            }
+            for (j, d) in dst.chunks_exact_mut(2).enumerate() {
+                let col = c0 + j;
+                for (p, o) in d.iter_mut().enumerate() {
+                    let kk = k0 + p;
+                    *o = if col < n && kk < k {
+                        bf16(src[col * sh.col_stride + kk * sh.k_stride])
+                    } else {
+                        0
+                    };
+                }
+            }
+        }
+    }
+}
+
+/// `pack_b` with the CPU's conversion: a column's 32 K values convert in one instruction and are
+/// scattered to their 16 pair rows; two K rows convert together and interleave in one permute.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn pack_b_hw(data: &mut [u16], src: &[f32], sh: &ShapeB) {
+    use std::arch::x86_64::*;
+    // Pair p of a K slice is one tile row (TILE_K u16 = TILE_K / 2 u32) below pair p - 1.
+    let rows = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    let scatter_at = _mm512_mullo_epi32(rows, _mm512_set1_epi32(TILE_K as i32 / 2));
+    // From (r0[0..16], r1[0..16]) to (r0[0], r1[0], r0[1], r1[1], ...).
+    let mut order = [0i16; 2 * TILE];
+    for (j, o) in order.chunks_exact_mut(2).enumerate() {
+        o[0] = j as i16;
+        o[1] = (TILE + j) as i16;
+    }
+    let interleave = _mm512_loadu_si512(order.as_ptr().cast());
+    pack_b(
+        data,
+        src,
+        sh,
+        |column, dst| {
+            assert!(dst.len() > (TILE - 1) * TILE_K + 1);
+            // SAFETY: 32 values are read from `column`; the 16 pairs written are inside `dst` (the
+            // last one starts at 15 * TILE_K, checked above); the CPU has AVX512-BF16.
+            unsafe {
+                let lo = _mm512_loadu_ps(column.as_ptr());
+                let hi = _mm512_loadu_ps(column.as_ptr().add(16));
+                let pairs: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+                _mm512_i32scatter_epi32::<4>(dst.as_mut_ptr().cast(), scatter_at, pairs);
+            }
+        },
+        |r0, r1, dst| {
+            // SAFETY: 16 values are read from each row and 32 written to `dst`; the CPU has
+            // AVX512-BF16 and AVX512-BW.
+            unsafe {
+                let both: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(
+                    _mm512_loadu_ps(r1.as_ptr()),
+                    _mm512_loadu_ps(r0.as_ptr()),
+                ));
+                let pairs = _mm512_permutexvar_epi16(interleave, both);
+                _mm512_storeu_si512(dst.as_mut_ptr().cast(), pairs);
+            }
+        },
+    );
 }
 
 /// The right operand, `k`×`n`, as tiles: for each block of 16 columns and each 32-deep slice of K, 16
@@ -276,60 +379,38 @@ impl PackedB {
         assert!(k == 0 || n == 0 || (n - 1) * col_stride + (k - 1) * k_stride < src.len());
         self.n_pad = round_up(n.max(1), 2 * TILE);
         self.k_pad = round_up(k.max(1), TILE_K);
+        let sh = ShapeB {
+            k,
+            n,
+            k_pad: self.k_pad,
+            n_pad: self.n_pad,
+            col_stride,
+            k_stride,
+        };
         let data = self.data.reset(self.n_pad * self.k_pad);
-        if k_stride == 1 && k == self.k_pad {
-            // Columns contiguous in K (a weight matrix's rows, K in attention): each column's K values
-            // land as consecutive pairs, 64 bytes apart.
-            let kc = self.k_pad / TILE_K;
-            for col in 0..self.n_pad {
-                let (nb, j) = (col / TILE, col % TILE);
-                let base = nb * kc * TILE * TILE_K + j * 2;
-                if col < n {
-                    let column = &src[col * col_stride..col * col_stride + k];
-                    for (pair, v) in column.chunks_exact(2).enumerate() {
-                        data[base + pair * TILE_K] = bf16(v[0]);
-                        data[base + pair * TILE_K + 1] = bf16(v[1]);
-                    }
-                } else {
-                    for pair in 0..k / 2 {
-                        data[base + pair * TILE_K] = 0;
-                        data[base + pair * TILE_K + 1] = 0;
-                    }
-                }
-            }
+        #[cfg(target_arch = "x86_64")]
+        if hw_bf16() {
+            // SAFETY: the CPU has AVX512-BF16 (hw_bf16).
+            unsafe { pack_b_hw(data, src, &sh) };
             return;
         }
-        // Written in tile order (block of 16 columns, K slice, pair row, column, pair member), so the
-        // destination is sequential. Full blocks of a row-contiguous B (V in attention) interleave two
-        // source rows, which vectorises; the rest goes element by element.
-        let mut at = 0;
-        for nb in 0..self.n_pad / TILE {
-            let c0 = nb * TILE;
-            for k0 in (0..self.k_pad).step_by(2) {
-                let dst = &mut data[at..at + 2 * TILE];
-                at += 2 * TILE;
-                if col_stride == 1 && c0 + TILE <= n && k0 + 2 <= k {
-                    let r0 = &src[k0 * k_stride + c0..][..TILE];
-                    let r1 = &src[(k0 + 1) * k_stride + c0..][..TILE];
-                    for (j, d) in dst.chunks_exact_mut(2).enumerate() {
-                        d[0] = bf16(r0[j]);
-                        d[1] = bf16(r1[j]);
-                    }
-                    continue;
+        pack_b(
+            data,
+            src,
+            &sh,
+            |column, dst| {
+                for (p, v) in column.chunks_exact(2).enumerate() {
+                    dst[p * TILE_K] = bf16(v[0]);
+                    dst[p * TILE_K + 1] = bf16(v[1]);
                 }
+            },
+            |r0, r1, dst| {
                 for (j, d) in dst.chunks_exact_mut(2).enumerate() {
-                    let col = c0 + j;
-                    for (p, o) in d.iter_mut().enumerate() {
-                        let kk = k0 + p;
-                        *o = if col < n && kk < k {
-                            bf16(src[col * col_stride + kk * k_stride])
-                        } else {
-                            0
-                        };
-                    }
+                    d[0] = bf16(r0[j]);
+                    d[1] = bf16(r1[j]);
                 }
-            }
-        }
+            },
+        );
     }
 
     pub fn cols_padded(&self) -> usize {
@@ -495,7 +576,9 @@ mod tests {
         let mut a = PackedA::default();
         // A stale buffer first: a pack of all ones over more rows and columns.
         a.pack(&vec![1.0; 64 * 96], 64, 96, 96);
-        a.pack_scaled(&x, m, k, k, &scales);
+        a.pack_map(&x, m, k, k, |r, _, vals| {
+            vals.iter_mut().for_each(|v| *v *= scales[r])
+        });
         assert_eq!(a.rows_padded(), 64);
         for r in 0..64 {
             for c in 0..96 {
@@ -511,16 +594,36 @@ mod tests {
         assert_eq!(a.get(0, 1), 1.0 + 4.0 / 256.0);
     }
 
+    /// Every layout of B (columns contiguous in K with K a multiple of 32, rows contiguous in columns
+    /// with full 16-column blocks and a tail, and a K tail) reads back as `bf16` of its source, with
+    /// zero padding over a stale buffer.
     #[test]
     fn packed_b_reads_back_every_element() {
-        let (k, n) = (70, 19);
         let mut seed = 7;
-        let w: Vec<f32> = (0..k * n).map(|_| rand(&mut seed)).collect();
-        let mut b = PackedB::default();
-        b.pack(&w, k, n, k, 1);
-        for col in 0..n {
-            for kk in 0..k {
-                assert_eq!(b.get(kk, col), f32_of(bf16(w[col * k + kk])));
+        for &(k, n, column_major) in &[
+            (70, 19, true),
+            (64, 40, true),
+            (37, 40, false),
+            (64, 16, false),
+        ] {
+            let w: Vec<f32> = (0..k * n).map(|_| rand(&mut seed) * 10.0).collect();
+            let (col_stride, k_stride) = if column_major { (k, 1) } else { (1, n) };
+            let mut b = PackedB::default();
+            b.pack(&vec![1.0; 96 * 96], 96, 96, 96, 1);
+            b.pack(&w, k, n, col_stride, k_stride);
+            for col in 0..b.cols_padded() {
+                for kk in 0..round_up(k, TILE_K) {
+                    let want = if col < n && kk < k {
+                        f32_of(bf16(w[col * col_stride + kk * k_stride]))
+                    } else {
+                        0.0
+                    };
+                    assert_eq!(
+                        b.get(kk, col).to_bits(),
+                        want.to_bits(),
+                        "{k}x{n} ({kk}, {col})"
+                    );
+                }
             }
         }
     }
