@@ -385,7 +385,29 @@ impl Config {
             None => (String::new(), "(defaults)".to_string()),
         };
         let env_keys = std::env::var("PORTEIRO_API_KEYS").ok();
-        Self::from_toml(&text, &name, overrides, default_model, env_keys.as_deref())
+        let mut cfg = Self::from_toml(&text, &name, overrides, default_model, env_keys.as_deref())?;
+        if let Some(dir) = path.and_then(Path::parent) {
+            cfg.resolve_paths(dir);
+        }
+        Ok(cfg)
+    }
+
+    /// Makes the file paths a config names (scorer, request log, audit trail) relative to the
+    /// config's own folder, so a config works from any working directory.
+    pub fn resolve_paths(&mut self, dir: &Path) {
+        let resolve = |p: &mut String| {
+            if !p.is_empty() && Path::new(p.as_str()).is_relative() {
+                *p = dir.join(&*p).display().to_string();
+            }
+        };
+        [
+            self.router.scorer.as_mut(),
+            self.log.path.as_mut(),
+            self.privacy.audit_db.as_mut(),
+        ]
+        .into_iter()
+        .flatten()
+        .for_each(resolve);
     }
 
     /// Parses and validates TOML text (`name` is used in messages).
@@ -739,6 +761,25 @@ mod tests {
             "qwen2.5-0.5b",
             None,
         )
+    }
+
+    /// File paths in a config are taken relative to the config's folder; absolute paths, an empty
+    /// log path (log off) and names that are not paths stay as written.
+    #[test]
+    fn relative_paths_resolve_against_the_config_folder() {
+        let dir = std::env::temp_dir().join(format!("porteiro-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("porteiro.toml");
+        let text = "[router]\nscorer = \"scorer.json\"\n[log]\npath = \"\"\n\
+                    [privacy]\naudit_db = \"/var/audit.db\"\n";
+        std::fs::write(&file, text).unwrap();
+        let cfg = Config::load(Some(&file), &Overrides::default(), "qwen2.5-0.5b").unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let scorer = dir.join("scorer.json").display().to_string();
+        assert_eq!(cfg.router.scorer.as_deref(), Some(scorer.as_str()));
+        assert_eq!(cfg.log.path.as_deref(), Some(""));
+        assert_eq!(cfg.privacy.audit_db.as_deref(), Some("/var/audit.db"));
+        assert_eq!(cfg.privacy.names.as_deref(), Some("names"));
     }
 
     #[test]
