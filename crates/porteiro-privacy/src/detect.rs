@@ -131,10 +131,12 @@ pub struct Detector {
     words: Regex,
 }
 
-/// A list of first names (gender-guesser's `nam_dict.txt`: ~45,000 names from many countries).
+/// A list of first names (gender-guesser's `nam_dict.txt`: ~45,000 names from many countries), and
+/// optionally the name words of [`crate::namewords`] (first and last names rare as ordinary words).
 /// A listed name followed by a capitalised word, or a listed name inside a sentence, is a person.
 pub struct Names {
     set: std::collections::HashSet<String>,
+    words: std::collections::HashSet<String>,
 }
 
 impl Names {
@@ -151,7 +153,21 @@ impl Names {
             .filter(|n| !COMMON_WORDS.contains(n))
             .map(str::to_string)
             .collect();
-        Self { set }
+        Self {
+            set,
+            words: Default::default(),
+        }
+    }
+
+    /// Adds name words (see [`crate::namewords`]).
+    pub fn with_name_words(mut self, words: std::collections::HashSet<String>) -> Self {
+        self.words = words;
+        self
+    }
+
+    /// How many name words are loaded besides the first names.
+    pub fn name_words(&self) -> usize {
+        self.words.len()
     }
 
     pub fn load(path: &std::path::Path) -> std::io::Result<Self> {
@@ -167,7 +183,12 @@ impl Names {
     }
 
     pub fn contains(&self, w: &str) -> bool {
-        self.set.contains(w)
+        self.set.contains(w) || self.words.contains(w)
+    }
+
+    /// Whether `w` is a name word: rare enough as an ordinary word to count at a sentence's start.
+    pub fn is_name_word(&self, w: &str) -> bool {
+        self.words.contains(w)
     }
 }
 
@@ -347,6 +368,23 @@ impl Detector {
                 always,
             ),
             (Category::Address, format!(r"\b{UNIT}\b"), 0, always),
+            // House number, street name, number (the continental order behind a building number:
+            // "5049 Harjukuja 54", "3482 Via Franscini 71"), ending the line, a clause or before a unit.
+            (
+                Category::Address,
+                format!(
+                    r"(?m)\b(\d{{1,6}}\s+\p{{Lu}}[\p{{L}}'.\-]*(?:[ \t]+[\p{{L}}'.\-]+){{0,3}}[ \t]+\d{{1,5}}[A-Za-z]?)(?:,|;|$|\s+{UNIT})"
+                ),
+                1,
+                always,
+            ),
+            // US military addresses: "PSC 0413, Box 8144 APO AA 42323", "USNS Lopez FPO AE 12345".
+            (
+                Category::Address,
+                r"\b(?:(?:PSC|Unit)\s+\d{4},?\s+Box\s+\d{4}|(?:USNS|USNV|USS|USCGC)\s+\p{Lu}\p{Ll}+)\s+(?:APO|FPO|DPO)\s+A[AEP]\s+\d{5}\b".into(),
+                0,
+                always,
+            ),
             (
                 Category::Person,
                 format!(
@@ -391,10 +429,15 @@ impl Detector {
         let Some(names) = &self.names else {
             return;
         };
+        // A possessive's "'s" is not part of the name ("Matej's address").
         let words: Vec<(usize, usize)> = self
             .words
             .find_iter(text)
-            .map(|m| (m.start(), m.end()))
+            .map(|m| {
+                let w = m.as_str();
+                let stem = w.strip_suffix("'s").or_else(|| w.strip_suffix("’s"));
+                (m.start(), m.start() + stem.map_or(w.len(), str::len))
+            })
             .collect();
         let mut i = 0;
         while i < words.len() {
@@ -417,7 +460,13 @@ impl Detector {
                 .chars()
                 .next_back()
                 .is_none_or(|c| matches!(c, '.' | '!' | '?' | '\n' | ':'));
-            if j > i || !sentence_start {
+            // A listed first name alone at a sentence's start may be an ordinary word ("Mark the
+            // date"); a name word may not, nor a name addressed or owning something ("Leif, ...",
+            // "Nicole: ...", "Matej's address").
+            let after = &text[end..];
+            let marked =
+                after.starts_with([',', ':']) || after.starts_with("'s") || after.starts_with("’s");
+            if j > i || !sentence_start || marked || names.is_name_word(&text[s..e]) {
                 out.push(Finding {
                     category: Category::Person,
                     start: s,
@@ -843,6 +892,75 @@ mod tests {
             f.iter().all(|(k, _)| *k != c),
             "{c:?} wrongly found in {text:?}: {f:?}"
         );
+    }
+
+    /// Continental street order behind a building number, and US military addresses; a count of
+    /// things at a sentence's end is not an address.
+    #[test]
+    fn continental_and_military_addresses() {
+        has(
+            "Kevin had given Alma his address: 5049 Harjukuja 54, SEINÄJOKI",
+            Category::Address,
+            "5049 Harjukuja 54",
+        );
+        has(
+            "Billing: 3482 Via Franscini 71 Suite 838\nTujetsch",
+            Category::Address,
+            "3482 Via Franscini 71",
+        );
+        has(
+            "Billing: 3482 Via Franscini 71 Suite 838",
+            Category::Address,
+            "Suite 838",
+        );
+        has(
+            "Tilly lives at 10252 Μεγάλη Άμμος 184\n",
+            Category::Address,
+            "10252 Μεγάλη Άμμος 184",
+        );
+        has(
+            "Meet me at PSC 1437, Box 3833\nAPO AA 66791",
+            Category::Address,
+            "PSC 1437, Box 3833\nAPO AA 66791",
+        );
+        has(
+            "Ship to USNS Lopez FPO AE 12345.",
+            Category::Address,
+            "USNS Lopez FPO AE 12345",
+        );
+        none_of("I bought 3 Apples for 4.", Category::Address);
+        none_of(
+            "We sold 12 units in 2023 and 14 in 2024.",
+            Category::Address,
+        );
+    }
+
+    /// A first name alone at a sentence's start counts only when addressed, speaking or owning
+    /// something; a name word (rare as an ordinary word) counts there anyway.
+    #[test]
+    fn names_at_a_sentence_start() {
+        let names = Names::from_nam_dict(
+            "M  Mark                        1\nF  Nicole                      1\n",
+        )
+        .with_name_words(["Christiansen".to_string()].into());
+        let det = Detector::new().with_names(names);
+        let persons = |text: &str| -> Vec<String> {
+            det.scan(text)
+                .into_iter()
+                .filter(|f| f.category == Category::Person)
+                .map(|f| f.value(text).to_string())
+                .collect()
+        };
+        assert!(persons("Mark the date in the calendar.").is_empty());
+        assert_eq!(persons("Mark, call me."), ["Mark"]);
+        assert_eq!(persons("Nicole: remember me?"), ["Nicole"]);
+        assert_eq!(persons("Nicole's address changed."), ["Nicole"]);
+        assert_eq!(persons("Christiansen wrote it."), ["Christiansen"]);
+        assert_eq!(
+            persons("We met Christiansen and Mark today."),
+            ["Christiansen", "Mark"]
+        );
+        assert!(persons("christiansen wrote it.").is_empty());
     }
 
     #[test]

@@ -58,6 +58,9 @@ pub struct Row {
     pub found: usize,
     /// Gold spans overlapped by any prediction (what masking hides).
     pub covered: usize,
+    /// Predictions that overlap no labelled value of any type (false alarms on ordinary text, as
+    /// opposed to masking another kind of personal data under the wrong type).
+    pub outside: usize,
 }
 
 impl Row {
@@ -125,6 +128,12 @@ pub fn evaluate(det: &Detector, corpus: &[Sample]) -> Vec<Row> {
             {
                 row.correct += 1;
             }
+            if !gold
+                .iter()
+                .any(|(_, span)| overlaps(*span, (f.start, f.end)))
+            {
+                row.outside += 1;
+            }
         }
         for (t, span) in &gold {
             let covered = found.iter().any(|f| overlaps(*span, (f.start, f.end)));
@@ -159,11 +168,11 @@ pub fn evaluate(det: &Detector, corpus: &[Sample]) -> Vec<Row> {
 pub fn table(rows: &[Row]) -> String {
     let pct = |x: Option<f64>| x.map_or("–".to_string(), |v| format!("{:.1}%", v * 100.0));
     let mut s = String::from(
-        "| category | corpus type | gold | predicted | precision | recall | masked by any detector |\n|---|---|---|---|---|---|---|\n",
+        "| category | corpus type | gold | predicted | precision | recall | masked by any detector | on no labelled value |\n|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
             r.category,
             r.gold_type,
             r.gold,
@@ -171,6 +180,7 @@ pub fn table(rows: &[Row]) -> String {
             pct(r.precision()),
             pct(r.recall()),
             pct(r.covered_share()),
+            r.outside,
         ));
     }
     s
@@ -198,8 +208,7 @@ mod tests {
         );
         assert_eq!(get("credit_card").recall(), Some(1.0));
         assert_eq!((get("person").gold, get("person").found), (1, 0));
-        assert!(
-            table(&rows).contains("| email | EMAIL_ADDRESS | 1 | 1 | 100.0% | 100.0% | 100.0% |")
-        );
+        assert!(table(&rows)
+            .contains("| email | EMAIL_ADDRESS | 1 | 1 | 100.0% | 100.0% | 100.0% | 0 |"));
     }
 }

@@ -7,6 +7,7 @@ pub mod audit;
 pub mod detect;
 pub mod eval;
 pub mod mask;
+pub mod namewords;
 
 pub use audit::{AuditLog, AuditRecord, AuditWriter, Tamper, Verification};
 pub use detect::{Category, Detector, Finding};

@@ -80,7 +80,8 @@ fn default_corpus(data: Option<PathBuf>) -> Result<PathBuf> {
     Ok(p)
 }
 
-/// The detectors, with the first-name list when it is cached (`porteiro pull names`).
+/// The detectors, with the first-name list `names` (fetched when missing) and the name words derived
+/// from names-dataset and wordfreq (fetched, derived and cached on first use).
 pub fn detector(names: Option<&str>) -> Result<Detector> {
     let det = Detector::new();
     let Some(n) = names else {
@@ -90,7 +91,35 @@ pub fn detector(names: Option<&str>) -> Result<Detector> {
         .with_context(|| format!("first-name list `{n}`"))?;
     let list = porteiro_privacy::detect::Names::load(&path)
         .with_context(|| format!("reading {}", path.display()))?;
-    Ok(det.with_names(list))
+    Ok(det.with_names(list.with_name_words(name_words()?)))
+}
+
+/// The person detector's name words (see `porteiro_privacy::namewords`).
+fn name_words() -> Result<std::collections::HashSet<String>> {
+    use porteiro_privacy::namewords;
+    let get = |alias: &str| {
+        porteiro_models::fetch::resolve_model(alias, true)
+            .with_context(|| format!("name-word source `{alias}`"))
+    };
+    let (first, last) = (get("forenames")?, get("surnames")?);
+    let (en, pt) = (get("wordfreq-en")?, get("wordfreq-pt")?);
+    let lists = [en.as_path(), pt.as_path()];
+    let sources = namewords::Sources {
+        first_names: &first,
+        last_names: &last,
+        word_lists: &lists,
+    };
+    let spinner = (!namewords::cache_path(&sources).exists()).then(|| {
+        let s = indicatif::ProgressBar::new_spinner();
+        s.set_message("deriving the person detector's name words (once, ~15 s)");
+        s.enable_steady_tick(std::time::Duration::from_millis(200));
+        s
+    });
+    let words = namewords::load_or_derive(&sources)?;
+    if let Some(s) = spinner {
+        s.finish_with_message(format!("{} name words cached", words.len()));
+    }
+    Ok(words)
 }
 
 pub fn run_privacy(cmd: &PrivacyCmd) -> Result<()> {

@@ -1,0 +1,236 @@
+//! Name words: first and last names that are popular somewhere in the world and rare as ordinary
+//! words in English and Portuguese, so a capitalised one in a request is very likely a person.
+//!
+//! Built from names-dataset's first/last name tables (popularity rank per country, from a large
+//! public-profile sample) and wordfreq's English and Portuguese frequency lists. Deriving takes
+//! seconds (the tables are ~1.7 M pickled entries), so the result is cached as a text file, one word
+//! per line, next to the tables.
+
+use std::collections::{HashMap, HashSet};
+use std::io::{BufRead, Read, Write};
+use std::path::{Path, PathBuf};
+
+/// A name counts when its rank in some country is at most this (names-dataset ranks the top
+/// ~20,000 names per country).
+pub const MAX_RANK: i64 = 5000;
+/// ... and its lowercase form's Zipf frequency (log10 of occurrences per billion words) is below this
+/// in both languages: "Street" (5.3) and "Will" (6.3) are dropped, "Christiansen" (2.5) kept.
+pub const MAX_ZIPF: f32 = 4.0;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NameWordsError {
+    #[error("{path}: {why}")]
+    Read { path: String, why: String },
+}
+
+fn read_err(path: &Path, why: impl std::fmt::Display) -> NameWordsError {
+    NameWordsError::Read {
+        path: path.display().to_string(),
+        why: why.to_string(),
+    }
+}
+
+/// The source files: names-dataset's `first_names.pkl.gz` and `last_names.pkl.gz`, and wordfreq's
+/// `large_<lang>.msgpack.gz` lists.
+pub struct Sources<'a> {
+    pub first_names: &'a Path,
+    pub last_names: &'a Path,
+    pub word_lists: &'a [&'a Path],
+}
+
+/// The cache file for `sources` (next to the last-name table; the thresholds are in its name).
+pub fn cache_path(sources: &Sources) -> PathBuf {
+    let dir = sources.last_names.parent().unwrap_or(Path::new("."));
+    dir.join(format!("name-words-r{MAX_RANK}-z{MAX_ZIPF}.txt"))
+}
+
+/// The name words, from the cache when it exists, else derived and cached (written atomically).
+pub fn load_or_derive(sources: &Sources) -> Result<HashSet<String>, NameWordsError> {
+    let cache = cache_path(sources);
+    if let Ok(f) = std::fs::File::open(&cache) {
+        let mut set = HashSet::new();
+        for line in std::io::BufReader::new(f).lines() {
+            let line = line.map_err(|e| read_err(&cache, e))?;
+            if !line.is_empty() {
+                set.insert(line);
+            }
+        }
+        return Ok(set);
+    }
+    let words = derive(sources)?;
+    let tmp = cache.with_extension("tmp");
+    let write = || -> std::io::Result<()> {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+        let mut sorted: Vec<&String> = words.iter().collect();
+        sorted.sort();
+        for w in sorted {
+            writeln!(f, "{w}")?;
+        }
+        f.into_inner()?.sync_all()?;
+        std::fs::rename(&tmp, &cache)
+    };
+    // A cache that cannot be written (read-only folder) costs the next start the derivation again,
+    // nothing else.
+    if let Err(e) = write() {
+        let _ = std::fs::remove_file(&tmp);
+        eprintln!(
+            "note: could not cache the name words at {}: {e}",
+            cache.display()
+        );
+    }
+    Ok(words)
+}
+
+#[derive(serde::Deserialize)]
+struct NameEntry {
+    rank: HashMap<String, i64>,
+}
+
+/// Reads a names-dataset table: a pickled dict name → {country, gender, rank}. The pickle is decoded
+/// as data only (serde-pickle builds values and never imports or calls anything).
+fn read_table(path: &Path) -> Result<HashMap<String, NameEntry>, NameWordsError> {
+    let f = std::fs::File::open(path).map_err(|e| read_err(path, e))?;
+    let gz = std::io::BufReader::new(flate2::read::GzDecoder::new(f));
+    serde_pickle::from_reader(gz, serde_pickle::DeOptions::new()).map_err(|e| read_err(path, e))
+}
+
+/// Zipf frequency of each word of a wordfreq `cB` list: a header, then buckets of words, bucket i
+/// holding words of frequency 10^(-i/100), i.e. Zipf 9 - i/100.
+fn read_zipf(path: &Path, into: &mut HashMap<String, f32>) -> Result<(), NameWordsError> {
+    let f = std::fs::File::open(path).map_err(|e| read_err(path, e))?;
+    let mut raw = Vec::new();
+    flate2::read::GzDecoder::new(f)
+        .read_to_end(&mut raw)
+        .map_err(|e| read_err(path, e))?;
+    let lists: Vec<serde_json::Value> =
+        rmp_serde::from_slice(&raw).map_err(|e| read_err(path, e))?;
+    match lists.first().and_then(|h| h.get("format")) {
+        Some(serde_json::Value::String(f)) if f == "cB" => {}
+        _ => return Err(read_err(path, "not a wordfreq cB list")),
+    }
+    for (i, bucket) in lists[1..].iter().enumerate() {
+        let zipf = 9.0 - i as f32 / 100.0;
+        for w in bucket
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|w| w.as_str())
+        {
+            let z = into.entry(w.to_string()).or_insert(zipf);
+            *z = z.max(zipf);
+        }
+    }
+    Ok(())
+}
+
+/// Whether `w` has the shape of a name: a capital and then lowercase letters (apostrophes and
+/// hyphens inside), three letters at least.
+pub fn name_shaped(w: &str) -> bool {
+    let mut chars = w.chars();
+    let Some(first) = chars.next() else {
+        return false;
+    };
+    let rest: Vec<char> = chars.collect();
+    first.is_uppercase()
+        && rest.len() >= 2
+        && rest
+            .iter()
+            .all(|c| c.is_lowercase() || matches!(c, '\'' | '’' | '-'))
+        && rest.last().is_some_and(|c| c.is_lowercase())
+}
+
+/// The name words of `sources` under `MAX_RANK` and `MAX_ZIPF`.
+pub fn derive(sources: &Sources) -> Result<HashSet<String>, NameWordsError> {
+    let mut zipf = HashMap::new();
+    for p in sources.word_lists {
+        read_zipf(p, &mut zipf)?;
+    }
+    let mut out = HashSet::new();
+    for table in [sources.first_names, sources.last_names] {
+        for (name, e) in read_table(table)? {
+            if !name_shaped(&name) || e.rank.values().all(|&r| r > MAX_RANK) {
+                continue;
+            }
+            if zipf.get(&name.to_lowercase()).copied().unwrap_or(0.0) < MAX_ZIPF {
+                out.insert(name);
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Derivation over tiny tables in the real formats (gzipped pickle, gzipped wordfreq cB list):
+    /// popular names stay, names only ranked past MAX_RANK go, names that are common words go, badly
+    /// shaped names go; the cache is written and read back the same.
+    #[test]
+    fn derives_and_caches_name_words() {
+        use std::collections::BTreeMap;
+        let dir = tempfile::tempdir().unwrap();
+        let gz = |path: &Path, bytes: &[u8]| {
+            let mut e = flate2::write::GzEncoder::new(
+                std::fs::File::create(path).unwrap(),
+                flate2::Compression::fast(),
+            );
+            e.write_all(bytes).unwrap();
+            e.finish().unwrap();
+        };
+        let table = |names: &[(&str, i64)]| {
+            let mut m = BTreeMap::new();
+            for (n, r) in names {
+                let mut e = BTreeMap::new();
+                e.insert("rank", BTreeMap::from([("US", *r)]));
+                e.insert("country", BTreeMap::from([("US", 1)]));
+                m.insert(n.to_string(), e);
+            }
+            serde_pickle::to_vec(&m, serde_pickle::SerOptions::new()).unwrap()
+        };
+        let (first, last, en) = (
+            dir.path().join("first.pkl.gz"),
+            dir.path().join("last.pkl.gz"),
+            dir.path().join("en.msgpack.gz"),
+        );
+        gz(
+            &first,
+            &table(&[("Kónya", 10), ("Rareone", 90_000), ("Will", 3)]),
+        );
+        gz(
+            &last,
+            &table(&[("Christiansen", 400), ("Street", 700), ("MCDONALD", 5)]),
+        );
+        // Bucket 0 is Zipf 9, bucket 300 Zipf 6; "christiansen" sits at Zipf 2.5 (bucket 650).
+        let mut lists: Vec<serde_json::Value> =
+            vec![serde_json::json!({"format": "cB", "version": 1})];
+        lists.extend((0..=650).map(|i| match i {
+            300 => serde_json::json!(["street", "will"]),
+            650 => serde_json::json!(["christiansen"]),
+            _ => serde_json::json!([]),
+        }));
+        gz(&en, &rmp_serde::to_vec(&lists).unwrap());
+        let words = [en.as_path()];
+        let sources = Sources {
+            first_names: &first,
+            last_names: &last,
+            word_lists: &words,
+        };
+        let want: HashSet<String> = ["Kónya", "Christiansen"].map(String::from).into();
+        assert_eq!(load_or_derive(&sources).unwrap(), want);
+        assert!(cache_path(&sources).exists());
+        // The second load reads the cache (the sources could be gone).
+        std::fs::remove_file(&last).unwrap();
+        assert_eq!(load_or_derive(&sources).unwrap(), want);
+    }
+
+    #[test]
+    fn name_shape() {
+        for w in ["Kónya", "D'arcy", "Halldór", "Ngo"] {
+            assert!(name_shaped(w), "{w}");
+        }
+        for w in ["Li", "SMITH", "smith", "Mc Donald", "O'Neil", "Ann-", "A."] {
+            assert!(!name_shaped(w), "{w}");
+        }
+    }
+}
