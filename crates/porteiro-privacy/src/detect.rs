@@ -129,6 +129,8 @@ pub struct Detector {
     names: Option<Names>,
     /// Capitalised words and initials, for the first-name list.
     words: Regex,
+    /// Lowercase words, for names written in lowercase.
+    lower: Regex,
 }
 
 /// A list of first names (gender-guesser's `nam_dict.txt`: ~45,000 names from many countries), and
@@ -186,6 +188,11 @@ impl Names {
         self.set.contains(w) || self.words.contains(w)
     }
 
+    /// Whether `w` is on the first-name list.
+    pub fn is_first_name(&self, w: &str) -> bool {
+        self.set.contains(w)
+    }
+
     /// Whether `w` is a name word: rare enough as an ordinary word to count at a sentence's start.
     pub fn is_name_word(&self, w: &str) -> bool {
         self.words.contains(w)
@@ -199,6 +206,14 @@ const COMMON_WORDS: [&str; 44] = [
     "Office", "Fax", "Phone", "Mobile", "Desk", "Email", "Mail", "Card", "Bank", "Account",
     "Personal", "Info", "Home", "Work", "North", "South", "East", "West", "New", "Rua", "Avenida",
     "Is",
+];
+
+/// Words that make a capitalised first word a person when they follow it ("Kevin had given ...").
+const NAME_VERBS: [&str; 34] = [
+    "is", "was", "has", "had", "said", "says", "asked", "told", "shouted", "spent", "lives",
+    "lived", "works", "worked", "went", "wrote", "wants", "wanted", "needs", "gave", "got", "came",
+    "left", "who", "would", "could", "did", "does", "thinks", "thought", "knows", "knew", "mora",
+    "disse",
 ];
 
 const MONTHS: &str = "(?:jan(?:uary|eiro)?|feb(?:ruary)?|fev(?:ereiro)?|mar(?:ch|ço|co)?|apr(?:il)?|abr(?:il)?|may|mai(?:o)?|june?|jun(?:ho)?|july?|jul(?:ho)?|aug(?:ust)?|ago(?:sto)?|sep(?:t(?:ember)?)?|set(?:embro)?|oct(?:ober)?|out(?:ubro)?|nov(?:ember|embro)?|dec(?:ember)?|dez(?:embro)?)\\.?";
@@ -411,11 +426,13 @@ impl Detector {
                 check,
             })
             .collect();
-        let words = Regex::new(r"\p{Lu}[\p{Ll}'’\-]+|\p{Lu}\.").expect("words");
+        // Capitalised words, initials with a period, and bare initials ("Stephan M Urner").
+        let words = Regex::new(r"\p{Lu}[\p{Ll}'’\-]+|\p{Lu}\.|\p{Lu}\b").expect("words");
         Self {
             rules,
             names: None,
             words,
+            lower: Regex::new(r"\b\p{Ll}[\p{Ll}'’\-]*\p{Ll}\b").expect("lowercase words"),
         }
     }
 
@@ -425,10 +442,36 @@ impl Detector {
         self
     }
 
+    /// Names written in lowercase ("follow up with patricia desrosiers"): a listed first name
+    /// followed by a name word.
+    fn scan_lowercase_names(&self, names: &Names, text: &str, out: &mut Vec<Finding>) {
+        // One buffer for the capitalised forms: no allocation per word.
+        let mut cap = String::new();
+        let mut prev: Option<(usize, usize, bool)> = None;
+        for m in self.lower.find_iter(text) {
+            let mut c = m.as_str().chars();
+            cap.clear();
+            cap.extend(c.next().into_iter().flat_map(char::to_uppercase));
+            cap.push_str(c.as_str());
+            let first = names.is_first_name(&cap);
+            if let Some((s, e, true)) = prev {
+                if &text[e..m.start()] == " " && names.is_name_word(&cap) {
+                    out.push(Finding {
+                        category: Category::Person,
+                        start: s,
+                        end: m.end(),
+                    });
+                }
+            }
+            prev = Some((m.start(), m.end(), first));
+        }
+    }
+
     fn scan_names(&self, text: &str, out: &mut Vec<Finding>) {
         let Some(names) = &self.names else {
             return;
         };
+        self.scan_lowercase_names(names, text, out);
         // A possessive's "'s" is not part of the name ("Matej's address").
         let words: Vec<(usize, usize)> = self
             .words
@@ -446,13 +489,20 @@ impl Detector {
                 i += 1;
                 continue;
             }
-            // Extend over following capitalised words or initials separated by one space.
+            // Extend over following capitalised words or initials separated by one space; a bare
+            // capital ("I", "A") only between two of them.
+            let bare = |k: usize| {
+                words[k].1 - words[k].0
+                    == text[words[k].0..].chars().next().map_or(0, char::len_utf8)
+            };
+            let joined = |k: usize| k + 1 < words.len() && &text[words[k].1..words[k + 1].0] == " ";
             let mut j = i;
-            while j + 1 < words.len()
-                && j - i < 3
-                && matches!(&text[words[j].1..words[j + 1].0], " ")
-            {
+            while joined(j) && j - i < 3 && (!bare(j + 1) || (joined(j + 1) && !bare(j + 2))) {
                 j += 1;
+            }
+            if bare(i) {
+                i += 1;
+                continue;
             }
             let end = words[j].1;
             let sentence_start = text[..s]
@@ -464,8 +514,13 @@ impl Detector {
             // date"); a name word may not, nor a name addressed or owning something ("Leif, ...",
             // "Nicole: ...", "Matej's address").
             let after = &text[end..];
-            let marked =
-                after.starts_with([',', ':']) || after.starts_with("'s") || after.starts_with("’s");
+            let marked = after.starts_with([',', ':'])
+                || after.starts_with("'s")
+                || after.starts_with("’s")
+                || after
+                    .strip_prefix(' ')
+                    .and_then(|a| a.split(|c: char| !c.is_alphabetic()).next())
+                    .is_some_and(|w| NAME_VERBS.contains(&w));
             if j > i || !sentence_start || marked || names.is_name_word(&text[s..e]) {
                 out.push(Finding {
                     category: Category::Person,
@@ -961,6 +1016,19 @@ mod tests {
             ["Christiansen", "Mark"]
         );
         assert!(persons("christiansen wrote it.").is_empty());
+        // A verb after a first name at a sentence's start; bare initials only between names.
+        assert_eq!(persons("Mark had given it back."), ["Mark"]);
+        assert_eq!(
+            persons("Write to Mark M Christiansen today."),
+            ["Mark M Christiansen"]
+        );
+        assert_eq!(persons("Then Mark I think left."), ["Mark"]);
+        // Lowercase: a first name followed by a name word.
+        assert_eq!(
+            persons("follow up with nicole christiansen soon"),
+            ["nicole christiansen"]
+        );
+        assert!(persons("mark the christiansen file").is_empty());
     }
 
     #[test]
