@@ -131,6 +131,8 @@ pub struct Detector {
     words: Regex,
     /// Lowercase words, for names written in lowercase.
     lower: Regex,
+    /// A place name and a postal code ending a line.
+    postal_line: Regex,
 }
 
 /// A list of first names (gender-guesser's `nam_dict.txt`: ~45,000 names from many countries), and
@@ -365,7 +367,7 @@ impl Detector {
             (
                 Category::Address,
                 format!(
-                    r"\b\d{{1,6}}[A-Za-z]?(?:-\d+)?\s+(?:\p{{Lu}}[\p{{L}}'.\-]*\s+){{0,4}}{STREET_EN}(?:,?\s+{UNIT})?"
+                    r"\b\d{{1,6}}[A-Za-z]?(?:-\d+)?\s+(?:\d{{1,5}}\s+)?(?:\p{{Lu}}[\p{{L}}'.\-]*\s+){{0,4}}{STREET_EN}(?:,?\s+{UNIT})?"
                 ),
                 0,
                 always,
@@ -433,6 +435,10 @@ impl Detector {
             names: None,
             words,
             lower: Regex::new(r"\b\p{Ll}[\p{Ll}'’\-]*\p{Ll}\b").expect("lowercase words"),
+            postal_line: Regex::new(
+                r"(?m)\p{Lu}[\p{L}.\-]+,?[ \t]+(?:[A-Z]{2}[ \t]+)?(\d{4,5}|\d{2}-\d{3})[ \t]*$",
+            )
+            .expect("postal line"),
         }
     }
 
@@ -562,6 +568,19 @@ impl Detector {
             }
         }
         self.scan_names(text, &mut cands);
+        // A postal code ending a line that names a place ("Estonia 62488", "Wrocław 53-320"), in a
+        // text that holds a street address: the last line of an address block.
+        if cands.iter().any(|f| f.category == Category::Address) {
+            for c in self.postal_line.captures_iter(text) {
+                if let Some(g) = c.get(1) {
+                    cands.push(Finding {
+                        category: Category::Address,
+                        start: g.start(),
+                        end: g.end(),
+                    });
+                }
+            }
+        }
         resolve(cands)
     }
 }
@@ -983,6 +1002,18 @@ mod tests {
             Category::Address,
             "USNS Lopez FPO AE 12345",
         );
+        // Two building numbers, and the postal code closing an address block (only with an address).
+        has(
+            "The restaurant is at 17151 2450 Crown St",
+            Category::Address,
+            "17151 2450 Crown St",
+        );
+        has(
+            "William Hughes\n\n20789 Allika 46\nSuite 501\nRiisa\n\nEstonia 62488",
+            Category::Address,
+            "62488",
+        );
+        none_of("Upgrade to Windows 2000\nor Office 2019", Category::Address);
         none_of("I bought 3 Apples for 4.", Category::Address);
         none_of(
             "We sold 12 units in 2023 and 14 in 2024.",
