@@ -72,7 +72,7 @@ fn detector_quality_on_the_labelled_corpus() {
         ("ip_address", 0.99, 0.99, 0),
         ("phone", 0.93, 0.99, 0),
         ("address", 0.97, 0.80, 5),
-        ("person", 0.58, 0.86, 140),
+        ("person", 0.57, 0.89, 140),
     ];
     for (cat, p, r, outside) in floors {
         let row = rows.iter().find(|x| x["category"] == cat).unwrap();
