@@ -394,7 +394,7 @@ impl Config {
 
     /// Makes the file paths a config names (scorer, request log, audit trail) relative to the
     /// config's own folder, so a config works from any working directory.
-    pub fn resolve_paths(&mut self, dir: &Path) {
+    fn resolve_paths(&mut self, dir: &Path) {
         let resolve = |p: &mut String| {
             if !p.is_empty() && Path::new(p.as_str()).is_relative() {
                 *p = dir.join(&*p).display().to_string();

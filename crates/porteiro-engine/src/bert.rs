@@ -920,18 +920,12 @@ mod wide {
 /// row ← softmax(row · scale).
 #[inline(always)]
 fn softmax(row: &mut [f32], scale: f32) {
-    let inv = 1.0 / softmax_unnormalised(row, scale);
-    row.iter_mut().for_each(|s| *s *= inv);
-}
-
-/// row ← e^((row − max)·scale); returns the sum to divide by.
-#[inline(always)]
-fn softmax_unnormalised(row: &mut [f32], scale: f32) -> f32 {
     let mx = lanes_max(row);
     for s in row.iter_mut() {
         *s = exp_fast((*s - mx) * scale);
     }
-    lanes_sum(row)
+    let inv = 1.0 / lanes_sum(row);
+    row.iter_mut().for_each(|s| *s *= inv);
 }
 
 /// Folds `v` in 16 independent lanes with `f`, then merges the lanes with `merge`: a plain
@@ -1106,8 +1100,8 @@ mod tests {
     }
 
     /// The chunk helpers of the AMX path (wide where the CPU has AVX-512, scalar otherwise) against
-    /// f64: exp within 4e-6 relative (as `exp_fast`) over softmax's whole input range, the row sum over the valid
-    /// values only, and GELU within 1e-6 absolute or relative, far inside bf16's 4e-3.
+    /// f64: exp within 4e-6 relative (as `exp_fast`) over softmax's whole input range, the row sum
+    /// over the valid values only, and GELU within 1e-6 absolute or relative, far inside bf16's 4e-3.
     #[test]
     fn chunk_exp_and_gelu_track_f64() {
         let avx512 = cfg!(target_arch = "x86_64") && std::arch::is_x86_feature_detected!("avx512f");
@@ -1141,7 +1135,7 @@ mod tests {
                 gelu_chunk(&mut g, &bias, wide);
                 for i in 0..32 {
                     let v = (x[i] + bias[i]) as f64;
-                    let want = 0.5 * v * (1.0 + libm_erf(v / std::f64::consts::SQRT_2));
+                    let want = 0.5 * v * (1.0 + erf_f64(v / std::f64::consts::SQRT_2));
                     assert!(
                         (g[i] as f64 - want).abs() <= 1e-6 * want.abs().max(1.0),
                         "wide {wide}: gelu({v}) = {}, want {want}",
@@ -1154,7 +1148,7 @@ mod tests {
 
     /// erf in f64 by its Maclaurin series (|x| < 3) or the continued fraction of erfc (beyond), to
     /// ~1e-13: a reference independent of the f32 approximations under test.
-    fn libm_erf(x: f64) -> f64 {
+    fn erf_f64(x: f64) -> f64 {
         let a = x.abs();
         let r = if a < 3.0 {
             let (mut term, mut sum, mut n) = (a, a, 0.0);

@@ -169,11 +169,6 @@ impl Names {
         self
     }
 
-    /// How many name words are loaded besides the first names.
-    pub fn name_words(&self) -> usize {
-        self.words.len()
-    }
-
     pub fn load(path: &std::path::Path) -> std::io::Result<Self> {
         Ok(Self::from_nam_dict(&std::fs::read_to_string(path)?))
     }
@@ -495,6 +490,9 @@ impl Detector {
                 (m.start(), m.start() + stem.map_or(w.len(), str::len))
             })
             .collect();
+        // A bare capital ("I", "A", the "M" of "Stephan M Urner"): one character, no period.
+        let bare =
+            |(s, e): (usize, usize)| e - s == text[s..].chars().next().map_or(0, char::len_utf8);
         let mut i = 0;
         while i < words.len() {
             let (s, e) = words[i];
@@ -504,18 +502,13 @@ impl Detector {
             }
             // Extend over following capitalised words or initials separated by one space; a bare
             // capital ("I", "A") only between two of them.
-            let bare = |k: usize| {
-                words[k].1 - words[k].0
-                    == text[words[k].0..].chars().next().map_or(0, char::len_utf8)
-            };
             let joined = |k: usize| k + 1 < words.len() && &text[words[k].1..words[k + 1].0] == " ";
             let mut j = i;
-            while joined(j) && j - i < 3 && (!bare(j + 1) || (joined(j + 1) && !bare(j + 2))) {
+            while joined(j)
+                && j - i < 3
+                && (!bare(words[j + 1]) || (joined(j + 1) && !bare(words[j + 2])))
+            {
                 j += 1;
-            }
-            if bare(i) {
-                i += 1;
-                continue;
             }
             let end = words[j].1;
             let sentence_start = text[..s]
@@ -559,7 +552,7 @@ impl Detector {
                     .any(|f| f.category == Category::Person && f.start < e0 && s0 < f.end)
             {
                 for &(s, e) in &words[k..=last] {
-                    if e - s > 1 {
+                    if !bare((s, e)) {
                         out.push(Finding {
                             category: Category::Person,
                             start: s,
