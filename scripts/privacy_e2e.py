@@ -156,6 +156,12 @@ check("mask: zero values of the validated categories in the recorded bytes", not
 for t in ("PERSON", "STREET_ADDRESS"):
     n, k = per.get(t, (0, 0))
     print(f"     {t}: {k}/{n} values reached the upstream ({100 * k / max(n, 1):.1f}%)")
+# Floors at what was measured (README): every street address, and all but a few names (a surname
+# that is a common Portuguese word, "Castro"; a lowercase pair of a common first name and a
+# surname on no list, "frank freud").
+check("mask: no street address reached the upstream", per.get("STREET_ADDRESS", (0, 0))[1] == 0)
+check("mask: at most 3 person names reached the upstream", per.get("PERSON", (0, 0))[1] <= 3,
+      str(per.get("PERSON")))
 
 # --- mask, streaming: every 10th sentence, placeholders split across 3-character chunks ---------
 sub = corpus[::10]
@@ -189,6 +195,10 @@ FIG["keep_local_leaks"] = {t: {"values": n, "leaked": k} for t, (n, k) in sorted
 bad = {t: per[t] for t in VALIDATED if per.get(t, (0, 0))[1]}
 check("keep_local: zero values of the validated categories reached the upstream", not bad, str(bad))
 print(f"     keep_local kept {kept}/{len(sub)} requests on the local tier")
+check("keep_local: no street address reached the upstream", per.get("STREET_ADDRESS", (0, 0))[1] == 0)
+check("keep_local: at most 1 person name reached the upstream", per.get("PERSON", (0, 0))[1] <= 1,
+      str(per.get("PERSON")))
+
 
 # --- block, secrets, allow -------------------------------------------------------------------------
 before = len(RECORDED)

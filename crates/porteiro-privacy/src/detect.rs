@@ -24,10 +24,13 @@ pub enum Category {
     MedicalRecord,
     Address,
     Person,
+    /// A capitalised word that is no English or Portuguese word ("Dzhambek", "Yefremova"): most
+    /// likely the name of a person, a place or an organisation.
+    Name,
 }
 
 impl Category {
-    pub const ALL: [Category; 13] = [
+    pub const ALL: [Category; 14] = [
         Category::Secret,
         Category::Email,
         Category::CreditCard,
@@ -41,6 +44,7 @@ impl Category {
         Category::MedicalRecord,
         Category::Address,
         Category::Person,
+        Category::Name,
     ];
 
     /// Upper-case label used in placeholders (`[EMAIL_1]`).
@@ -59,6 +63,7 @@ impl Category {
             Category::MedicalRecord => "MRN",
             Category::Address => "ADDRESS",
             Category::Person => "PERSON",
+            Category::Name => "NAME",
         }
     }
 
@@ -78,6 +83,7 @@ impl Category {
             Category::MedicalRecord => "medical_record",
             Category::Address => "address",
             Category::Person => "person",
+            Category::Name => "name",
         }
     }
 
@@ -95,6 +101,7 @@ impl Category {
             Category::DateOfBirth | Category::MedicalRecord => 3,
             Category::Phone => 2,
             Category::Address | Category::Person => 1,
+            Category::Name => 0,
         }
     }
 }
@@ -133,14 +140,19 @@ pub struct Detector {
     lower: Regex,
     /// A place name and a postal code ending a line.
     postal_line: Regex,
+    /// Number, lowercase words, number: a street in a text without capitals.
+    lower_address: Regex,
 }
 
 /// A list of first names (gender-guesser's `nam_dict.txt`: ~45,000 names from many countries), and
-/// optionally the name words of [`crate::namewords`] (first and last names rare as ordinary words).
-/// A listed name followed by a capitalised word, or a listed name inside a sentence, is a person.
+/// optionally the lexicon of [`crate::namewords`]: name words (first and last names rare as
+/// ordinary words) and the words known to English or Portuguese.
+/// A listed name followed by a capitalised word, or a listed name inside a sentence, is a person;
+/// a capitalised unknown word is a name.
 pub struct Names {
     set: std::collections::HashSet<String>,
     words: std::collections::HashSet<String>,
+    known: std::collections::HashMap<String, f32>,
 }
 
 impl Names {
@@ -160,12 +172,14 @@ impl Names {
         Self {
             set,
             words: Default::default(),
+            known: Default::default(),
         }
     }
 
-    /// Adds name words (see [`crate::namewords`]).
-    pub fn with_name_words(mut self, words: std::collections::HashSet<String>) -> Self {
-        self.words = words;
+    /// Adds the name words and known words (see [`crate::namewords`]).
+    pub fn with_lexicon(mut self, lex: crate::namewords::Lexicon) -> Self {
+        self.words = lex.name_words;
+        self.known = lex.known;
         self
     }
 
@@ -194,6 +208,37 @@ impl Names {
     pub fn is_name_word(&self, w: &str) -> bool {
         self.words.contains(w)
     }
+
+    /// Whether `w` (letters, with hyphens or apostrophes inside) is no English or Portuguese word:
+    /// a part of it between hyphens and apostrophes, two letters or longer, is not a known word.
+    /// Always false without a known-word list.
+    pub fn is_unknown(&self, w: &str) -> bool {
+        if self.known.is_empty() {
+            return false;
+        }
+        let mut low = String::with_capacity(w.len());
+        w.split(['-', '\'', '’'])
+            .filter(|p| p.chars().nth(1).is_some())
+            .any(|p| {
+                low.clear();
+                low.extend(p.chars().flat_map(char::to_lowercase));
+                !self.known.contains_key(&low)
+            })
+    }
+
+    /// The Zipf frequency of `w` as an English or Portuguese word (0 when unknown or without a
+    /// known-word list).
+    pub fn zipf(&self, w: &str) -> f32 {
+        let low = w.to_lowercase();
+        self.known.get(&low).copied().unwrap_or(0.0)
+    }
+
+    /// Whether `w` is a common word (Zipf 5.5 or more: "me", "are", "just", "he", "here"; "john"
+    /// is 5.4): where nothing but a list says it is a name (without a capital, or capitalised at a
+    /// sentence's start), it is taken for the word.
+    pub fn is_common(&self, w: &str) -> bool {
+        self.zipf(w) >= 5.5
+    }
 }
 
 /// Listed as first names somewhere, but far more often ordinary capitalised words in a request.
@@ -206,11 +251,25 @@ const COMMON_WORDS: [&str; 44] = [
 ];
 
 /// Words that make a capitalised first word a person when they follow it ("Kevin had given ...").
-const NAME_VERBS: [&str; 34] = [
+const NAME_VERBS: [&str; 64] = [
     "is", "was", "has", "had", "said", "says", "asked", "told", "shouted", "spent", "lives",
     "lived", "works", "worked", "went", "wrote", "wants", "wanted", "needs", "gave", "got", "came",
     "left", "who", "would", "could", "did", "does", "thinks", "thought", "knows", "knew", "mora",
-    "disse",
+    "disse", "began", "became", "made", "took", "saw", "met", "found", "felt", "kept", "sent",
+    "brought", "bought", "ran", "won", "lost", "paid", "held", "led", "spoke", "loves", "likes",
+    "died", "joined", "called", "started", "moved", "married", "tem", "foi", "era",
+];
+
+/// Words after which a lowercase first name is introduced as one ("my name is vitoria", "mr.
+/// elliott").
+const LOWER_INTRODUCERS: [&str; 13] = [
+    "mr.",
+    "mrs.",
+    "ms.",
+    "dr.",
+    "sr.",
+    "sra.",
+    "name is", "name:", "call me", "calls me", "me chamo", "nome é", "named",
 ];
 
 const MONTHS: &str = "(?:jan(?:uary|eiro)?|feb(?:ruary)?|fev(?:ereiro)?|mar(?:ch|ço|co)?|apr(?:il)?|abr(?:il)?|may|mai(?:o)?|june?|jun(?:ho)?|july?|jul(?:ho)?|aug(?:ust)?|ago(?:sto)?|sep(?:t(?:ember)?)?|set(?:embro)?|oct(?:ober)?|out(?:ubro)?|nov(?:ember|embro)?|dec(?:ember)?|dez(?:embro)?)\\.?";
@@ -222,10 +281,13 @@ fn date_re() -> String {
     )
 }
 
-const STREET_EN: &str = r"(?:Street|St|Avenue|Ave|Road|Rd|Lane|Ln|Boulevard|Blvd|Drive|Dr|Court|Ct|Place|Pl|Way|Terrace|Ter|Parkway|Pkwy|Circle|Cir|Square|Sq|Highway|Hwy|Alley|Crescent|Close|Row|Trail|Plaza|Route)\b\.?";
+const STREET_EN: &str = r"(?:Street|Str|St|Avenue|Ave|Road|Rd|Lane|Ln|Boulevard|Blvd|Drive|Dr|Court|Ct|Place|Pl|Way|Terrace|Ter|Parkway|Pkwy|Circle|Cir|Square|Sq|Highway|Hwy|Alley|Crescent|Close|Row|Trail|Plaza|Route)\b\.?";
 const STREET_EU: &str = r"(?:straße|strasse|str\.|katu|tie|gatan|vägen|vej|weg|gade|laan|straat|allee|platz|gasse|veien|gata|utca|ulica|cesta|iela|tee)";
-const UNIT: &str =
-    r"(?:Apt|Apartment|Suite|Ste|Unit|Flat|Apto|Sala|Bloco|Casa)\.?\s*#?\s*\d+[A-Za-z]?";
+// Lowercase only where the word is unambiguous ("apt. 169", "suite 112", not "unit 4").
+const UNIT: &str = r"(?:Apt|apt|Apartment|apartment|Suite|suite|Ste|Unit|Flat|Apto|apto|Sala|Bloco|Casa)\.?\s*#?\s*\d+[A-Za-z]?";
+/// Street words that come before the street's name in French, Spanish, Italian and Polish
+/// (lowercase only where the word is no ordinary English word: not "via", "place").
+const STREET_BEFORE: &str = r"(?:[Rr]ue|[Aa]venue|[Bb]oulevard|[Cc]hemin|[Aa]llée|Place|Quai|Via|Viale|Calle|Carrer|Paseo|C/|[Uu]l\.|[Uu]lica|Al\.)";
 const NAME: &str = r"\p{Lu}[\p{Ll}'’\-]+(?:\s+(?:\p{Lu}\.|(?:da|de|do|dos|das|van|von|del|la)\s+\p{Lu}[\p{Ll}'’\-]+|\p{Lu}[\p{Ll}'’\-]+)){0,3}";
 
 impl Detector {
@@ -375,7 +437,7 @@ impl Detector {
             ),
             (
                 Category::Address,
-                r"(?i)\b(?:rua|r\.|avenida|av\.|travessa|tv\.|alameda|al\.|praça|pça\.|estrada|rodovia|largo)\s+(?:[\p{L}'.]+\s+){0,5}?[\p{L}'.]+,?\s*(?:n[º°o.]?\s*)?\d{1,5}\b".into(),
+                r"(?i)(?:\b(?:rua|r\.|avenida|av\.|travessa|tv\.|alameda|al\.|praça|pça\.|estrada|rodovia|largo|calle|carrer|ul\.|ulica)|\bc/)\s*(?:[\p{L}'.]+\s+){0,5}?[\p{L}'.]+,?\s*(?:n[º°o.]?\s*)?\d{1,5}\b".into(),
                 0,
                 always,
             ),
@@ -385,9 +447,32 @@ impl Detector {
             (
                 Category::Address,
                 format!(
-                    r"(?m)(?-u:\b)(\d{{1,6}}\s+\p{{Lu}}[\p{{L}}'.\-]*(?:[ \t]+[\p{{L}}'.\-]+){{0,3}}[ \t]+\d{{1,5}}[A-Za-z]?)(?:,|;|$|\s+{UNIT})"
+                    r"(?m)(?-u:\b)(\d{{1,6}}\s+(?:{STREET_BEFORE}\s*)?\p{{Lu}}[\p{{L}}'.\-]*(?:[ \t]+[\p{{L}}'.\-]+){{0,5}}[ \t]+\d{{1,5}}[A-Za-z]?)(?:,|;|$|\.?\s+{UNIT}|\.?\s+{STREET_EN})"
                 ),
                 1,
+                always,
+            ),
+            // A building number, a street word and the street's name: "56 rue La Boétie",
+            // "33 avenue de Provence" (up to a comma or the line's end, five words at most).
+            (
+                Category::Address,
+                format!(
+                    r"(?-u:\b)\d{{1,6}}[ \t]+{STREET_BEFORE}[ \t]*[\p{{L}}'.\-]+(?:[ \t]+[\p{{L}}'.\-]+){{0,4}}"
+                ),
+                0,
+                always,
+            ),
+            // Two numbers before a capitalised street name: "9816 214 Pavlou Drandaki".
+            (
+                Category::Address,
+                r"(?-u:\b)\d{1,6}[ \t]+\d{1,5}[ \t]+\p{Lu}\p{Ll}+(?:[ \t]+\p{Lu}\p{Ll}+){1,3}".into(),
+                0,
+                always,
+            ),
+            (
+                Category::Address,
+                r"(?i)(?-u:\b)(?:P\.?\s?O\.?\s*Box|Caixa\s+Postal|Apartado(?:\s+de\s+Correos)?)\s+\d{1,6}(?-u:\b)".into(),
+                0,
                 always,
             ),
             // US military addresses: "PSC 0413, Box 8144 APO AA 42323", "USNS Lopez FPO AE 12345".
@@ -423,17 +508,23 @@ impl Detector {
                 check,
             })
             .collect();
-        // Capitalised words, initials with a period, and bare initials ("Stephan M Urner").
+        // Capitalised words ("McDowell" whole), initials with a period, and bare initials
+        // ("Stephan M Urner").
         // No \b: Unicode word boundaries push the regex engine off its DFA (measured: the
         // backtracker then took 40% of detection); the callers check the neighbours instead.
-        let words = Regex::new(r"\p{Lu}[\p{Ll}'’\-]+|\p{Lu}\.|\p{Lu}").expect("words");
+        let words = Regex::new(r"Ma?c\p{Lu}[\p{Ll}'’\-]+|\p{Lu}[\p{Ll}'’\-]+|\p{Lu}\.|\p{Lu}")
+            .expect("words");
         Self {
             rules,
             names: None,
             words,
             lower: Regex::new(r"\p{Ll}[\p{Ll}'’\-]*\p{Ll}").expect("lowercase words"),
+            lower_address: Regex::new(
+                r"(?-u:\b)\d{1,6}[ \t]+((?:[\p{Ll}'.\-]+[ \t]+){1,4})\d{1,5}[a-z]?(?-u:\b)",
+            )
+            .expect("lowercase address"),
             postal_line: Regex::new(
-                r"(?m)\p{Lu}[\p{L}.\-]+,?[ \t]+(?:[A-Z]{2}[ \t]+)?(\d{4,5}|\d{2}-\d{3})[ \t]*$",
+                r"(?m)\p{L}[\p{L}.\-]+(?:[ \t]+\([\p{L} ]+\))?,?[ \t]+(?:[A-Z]{2}[ \t]+)?(\d{4,5}|\d{2}-\d{3})[ \t]*$",
             )
             .expect("postal line"),
         }
@@ -445,33 +536,93 @@ impl Detector {
         self
     }
 
-    /// Names written in lowercase ("follow up with patricia desrosiers"): a listed first name
-    /// followed by a name word.
+    /// Names written in lowercase. Anywhere: a listed first name or name word followed by a name
+    /// word, optionally with an initial between ("follow up with patricia desrosiers", "benjamin a
+    /// seiler"); a first name introduced ("my name is vitoria"); a list of three or more words
+    /// mostly first names ("silvana, adam, chad and caleb"). In a text with no capital at all,
+    /// where capitals give no hint, also a name word or an unknown word alone, and a first name
+    /// addressed, speaking or owning something, as at a sentence's start.
     fn scan_lowercase_names(&self, names: &Names, text: &str, out: &mut Vec<Finding>) {
+        let all_lower = no_capitals(text);
         // One buffer for the capitalised forms: no allocation per word.
         let mut cap = String::new();
-        let mut prev: Option<(usize, usize, bool)> = None;
-        for m in self.lower.find_iter(text) {
-            if glued(text, m.start(), m.end()) {
-                prev = None;
-                continue;
-            }
-            let mut c = m.as_str().chars();
-            cap.clear();
-            cap.extend(c.next().into_iter().flat_map(char::to_uppercase));
-            cap.push_str(c.as_str());
-            let first = names.is_first_name(&cap);
-            if let Some((s, e, true)) = prev {
-                if &text[e..m.start()] == " " && names.is_name_word(&cap) {
+        // The previous word: (start, end, may start a name, is a name word or unknown).
+        let mut prev: Option<(usize, usize, bool, bool)> = None;
+        // The current list ("a, b and c"): (start, end, first name, name-like).
+        let mut run: Vec<(usize, usize, bool, bool)> = Vec::new();
+        let flush = |run: &mut Vec<(usize, usize, bool, bool)>, out: &mut Vec<Finding>| {
+            let firsts = run.iter().filter(|w| w.2).count();
+            if run.len() >= 3 && 3 * firsts >= 2 * run.len() {
+                for &(s, e, _, _) in run.iter().filter(|w| w.3) {
                     out.push(Finding {
                         category: Category::Person,
                         start: s,
-                        end: m.end(),
+                        end: e,
                     });
                 }
             }
-            prev = Some((m.start(), m.end(), first));
+            run.clear();
+        };
+        for m in self.lower.find_iter(text) {
+            if glued(text, m.start(), m.end()) {
+                prev = None;
+                flush(&mut run, out);
+                continue;
+            }
+            let w = m.as_str();
+            if matches!(w, "and" | "e") {
+                // Joins a list; the gap check below sees it.
+                continue;
+            }
+            let stem = w
+                .strip_suffix("'s")
+                .or_else(|| w.strip_suffix("’s"))
+                .unwrap_or(w);
+            let (s, e) = (m.start(), m.start() + stem.len());
+            let mut c = stem.chars();
+            cap.clear();
+            cap.extend(c.next().into_iter().flat_map(char::to_uppercase));
+            cap.push_str(c.as_str());
+            // Without a capital, a first name that is also a common word ("will", "are") is taken
+            // for the word.
+            let first = names.is_first_name(&cap) && !names.is_common(stem);
+            let word = names.is_name_word(&cap);
+            let unknown = all_lower && stem.chars().nth(3).is_some() && names.is_unknown(stem);
+            if let Some((ps, pe, true, prev_word)) = prev {
+                let pair = word || unknown || (all_lower && first && prev_word);
+                if initial_gap(&text[pe..s]) && pair {
+                    out.push(Finding {
+                        category: Category::Person,
+                        start: ps,
+                        end: e,
+                    });
+                }
+            }
+            let before = text[..s].trim_end();
+            let introduced = LOWER_INTRODUCERS.iter().any(|i| before.ends_with(i));
+            // Alone, a name word must be rare as a word ("bertram" 3.0, not "python" 3.8).
+            let rare_word = word && names.zipf(stem) < 3.0;
+            let alone = all_lower && (rare_word || unknown || (first && marked(&text[e..])));
+            if alone || (introduced && (first || word)) {
+                out.push(Finding {
+                    category: if first || word {
+                        Category::Person
+                    } else {
+                        Category::Name
+                    },
+                    start: s,
+                    end: e,
+                });
+            }
+            match prev {
+                Some((_, pe, _, _))
+                    if matches!(&text[pe..s], ", " | " and " | ", and " | " e ") => {}
+                _ => flush(&mut run, out),
+            }
+            run.push((s, e, first, first || word || unknown));
+            prev = Some((s, e, first || word || unknown, word || unknown));
         }
+        flush(&mut run, out);
     }
 
     fn scan_names(&self, text: &str, out: &mut Vec<Finding>) {
@@ -493,10 +644,16 @@ impl Detector {
         // A bare capital ("I", "A", the "M" of "Stephan M Urner"): one character, no period.
         let bare =
             |(s, e): (usize, usize)| e - s == text[s..].chars().next().map_or(0, char::len_utf8);
+        // A capitalised word that is no English or Portuguese word ("Dzhambek"); not an initial.
+        let unknown = |(s, e): (usize, usize)| {
+            let w = &text[s..e];
+            crate::namewords::name_shaped(w) && names.is_unknown(w)
+        };
         let mut i = 0;
         while i < words.len() {
             let (s, e) = words[i];
-            if !names.contains(&text[s..e]) {
+            let listed = names.contains(&text[s..e]);
+            if !listed && !unknown(words[i]) {
                 i += 1;
                 continue;
             }
@@ -504,8 +661,10 @@ impl Detector {
             // capital ("I", "A") only between two of them.
             let joined = |k: usize| k + 1 < words.len() && &text[words[k].1..words[k + 1].0] == " ";
             let mut j = i;
+            // Not over a word of an address that follows ("Mrs. Barbara Yudina Apt. 675").
             while joined(j)
                 && j - i < 3
+                && !COMMON_WORDS.contains(&&text[words[j + 1].0..words[j + 1].1])
                 && (!bare(words[j + 1]) || (joined(j + 1) && !bare(words[j + 2])))
             {
                 j += 1;
@@ -517,19 +676,25 @@ impl Detector {
                 .next_back()
                 .is_none_or(|c| matches!(c, '.' | '!' | '?' | '\n' | ':'));
             // A listed first name alone at a sentence's start may be an ordinary word ("Mark the
-            // date"); a name word may not, nor a name addressed or owning something ("Leif, ...",
-            // "Nicole: ...", "Matej's address").
-            let after = &text[end..];
-            let marked = after.starts_with([',', ':'])
-                || after.starts_with("'s")
-                || after.starts_with("’s")
-                || after
-                    .strip_prefix(' ')
-                    .and_then(|a| a.split(|c: char| !c.is_alphabetic()).next())
-                    .is_some_and(|w| NAME_VERBS.contains(&w));
-            if j > i || !sentence_start || marked || names.is_name_word(&text[s..e]) {
+            // date"); a name word or an unknown word may not, nor a name addressed or owning
+            // something ("Leif, ...", "Nicole: ...", "Matej's address").
+            let alone_at_start = j == i && sentence_start;
+            if !(alone_at_start && listed && names.is_common(&text[s..e]))
+                && (!alone_at_start
+                    || marked(&text[end..])
+                    || !listed
+                    || names.is_name_word(&text[s..e]))
+            {
+                // A person when a listed name is in it; else an unknown name ("Ushurma Dratchev").
+                let person = words[i..=j]
+                    .iter()
+                    .any(|&(a, b)| names.contains(&text[a..b]));
                 out.push(Finding {
-                    category: Category::Person,
+                    category: if person {
+                        Category::Person
+                    } else {
+                        Category::Name
+                    },
                     start: s,
                     end,
                 });
@@ -563,6 +728,63 @@ impl Detector {
             }
             k = last + 1;
         }
+        // A word of a name found once is the same name elsewhere in the text ("the verses from Yuri
+        // Bulgakov ... early Bulgakov").
+        let spans: Vec<&Finding> = out
+            .iter()
+            .filter(|f| matches!(f.category, Category::Person | Category::Name))
+            .collect();
+        let found: Vec<(&str, Category)> = words
+            .iter()
+            .filter_map(|&(s, e)| {
+                let f = spans.iter().find(|f| f.start <= s && e <= f.end)?;
+                Some((&text[s..e], f.category))
+            })
+            .collect();
+        let mut again = Vec::new();
+        for &(s, e) in words.iter().filter(|_| !found.is_empty()) {
+            let w = &text[s..e];
+            let Some(&(_, category)) = found.iter().find(|(x, _)| *x == w) else {
+                continue;
+            };
+            if crate::namewords::name_shaped(w) && !out.iter().any(|f| f.start < e && s < f.end) {
+                again.push(Finding {
+                    category,
+                    start: s,
+                    end: e,
+                });
+            }
+        }
+        out.extend(again);
+        // The speakers of a dialogue ("Leverett: What a wife.\nDanielle: Remember me?"): a
+        // capitalised word opening a line before a colon is a person when another such is one.
+        let line_start = |s: usize| {
+            text[..s]
+                .trim_end_matches([' ', '\t', '>'])
+                .chars()
+                .next_back()
+                .is_none_or(|c| c == '\n')
+        };
+        let speakers: Vec<(usize, usize)> = words
+            .iter()
+            .copied()
+            .filter(|&(s, e)| text[e..].starts_with(':') && line_start(s) && e - s > 2)
+            .collect();
+        let is_person = |&(s, e): &(usize, usize)| {
+            out.iter()
+                .any(|f| f.category == Category::Person && f.start == s && f.end == e)
+        };
+        if speakers.len() >= 2 && speakers.iter().any(is_person) {
+            for &(s, e) in &speakers {
+                if !out.iter().any(|f| f.start < e && s < f.end) {
+                    out.push(Finding {
+                        category: Category::Person,
+                        start: s,
+                        end: e,
+                    });
+                }
+            }
+        }
     }
 
     /// Every finding in `text`, sorted by start, without overlaps.
@@ -595,6 +817,56 @@ impl Detector {
             }
         }
         self.scan_names(text, &mut cands);
+        if let Some(names) = &self.names {
+            if no_capitals(text) {
+                // Without capitals: a building number, words of which one is no known word, and a
+                // number ("255 hersnapvej 18"; not "between 10 and 20").
+                for c in self.lower_address.captures_iter(text) {
+                    let street = c.get(1).map_or("", |g| g.as_str());
+                    if street.split_whitespace().any(|w| {
+                        let w = w.trim_matches(|c: char| !c.is_alphabetic());
+                        w.chars().nth(3).is_some() && names.is_unknown(w)
+                    }) {
+                        let m = c.get(0).expect("whole match");
+                        cands.push(Finding {
+                            category: Category::Address,
+                            start: m.start(),
+                            end: m.end(),
+                        });
+                    }
+                }
+            }
+        }
+        // A building number just before an address is part of it ("233 Erzsébet tér 19.").
+        for f in cands.iter_mut().filter(|f| f.category == Category::Address) {
+            let head = text[..f.start].trim_end_matches([' ', '\t']);
+            let num = head.trim_end_matches(|c: char| c.is_ascii_digit());
+            if head.len() < f.start
+                && (1..=6).contains(&(head.len() - num.len()))
+                && !num.chars().next_back().is_some_and(char::is_alphanumeric)
+            {
+                f.start = num.len();
+            }
+        }
+        // Pieces of one address that overlap or are apart only by spaces, line breaks or commas are
+        // one address ("3482 Via Franscini 71" + "Suite 838").
+        cands.sort_by_key(|f| (f.category != Category::Address, f.start));
+        let mut merged: Vec<Finding> = Vec::with_capacity(cands.len());
+        for f in cands {
+            match merged.last_mut() {
+                Some(m)
+                    if m.category == Category::Address
+                        && f.category == Category::Address
+                        && text[m.end..f.start.max(m.end)]
+                            .chars()
+                            .all(|c| c.is_whitespace() || c == ',') =>
+                {
+                    m.end = m.end.max(f.end);
+                }
+                _ => merged.push(f),
+            }
+        }
+        let mut cands = merged;
         // A postal code ending a line that names a place ("Estonia 62488", "Wrocław 53-320"), in a
         // text that holds a street address: the last line of an address block.
         if cands.iter().any(|f| f.category == Category::Address) {
@@ -668,6 +940,36 @@ fn glued(text: &str, s: usize, e: usize) -> bool {
     let after = text[e..].chars().next();
     let bad = |c: Option<char>| c.is_some_and(|c| c.is_alphanumeric() || c == '_');
     bad(before) || bad(after)
+}
+
+/// Whether `text` has no capital letter at all (so capitals give no hint of a name).
+fn no_capitals(text: &str) -> bool {
+    !text.chars().any(char::is_uppercase)
+}
+
+/// The gap between a first name and a last name: a space, or an initial ("a", "t.") between spaces.
+fn initial_gap(gap: &str) -> bool {
+    if gap == " " {
+        return true;
+    }
+    let Some(mid) = gap.strip_prefix(' ').and_then(|g| g.strip_suffix(' ')) else {
+        return false;
+    };
+    let mid = mid.strip_suffix('.').unwrap_or(mid);
+    let mut c = mid.chars();
+    c.next().is_some_and(char::is_alphabetic) && c.next().is_none()
+}
+
+/// Whether what follows a word marks it as a person: addressed ("Leif, ..."), speaking ("Nicole:"),
+/// owning something ("Matej's") or doing something ("Kevin had given ...").
+fn marked(after: &str) -> bool {
+    after.starts_with([',', ':'])
+        || after.starts_with("'s")
+        || after.starts_with("’s")
+        || after
+            .strip_prefix(' ')
+            .and_then(|a| a.split(|c: char| !c.is_alphabetic()).next())
+            .is_some_and(|w| NAME_VERBS.contains(&w))
 }
 
 fn has_digit(_: &str, v: &str, _: usize, _: usize) -> bool {
@@ -1004,15 +1306,11 @@ mod tests {
             Category::Address,
             "5049 Harjukuja 54",
         );
+        // Pieces of one address are one finding.
         has(
             "Billing: 3482 Via Franscini 71 Suite 838\nTujetsch",
             Category::Address,
-            "3482 Via Franscini 71",
-        );
-        has(
-            "Billing: 3482 Via Franscini 71 Suite 838",
-            Category::Address,
-            "Suite 838",
+            "3482 Via Franscini 71 Suite 838",
         );
         has(
             "Tilly lives at 10252 Μεγάλη Άμμος 184\n",
@@ -1040,7 +1338,30 @@ mod tests {
             Category::Address,
             "62488",
         );
+        // Street words before the name, a building number before a found address, post boxes, a
+        // postal code after a lowercase place.
+        has(
+            "The bus drops you off at 8116 56 rue La Boétie St.",
+            Category::Address,
+            "8116 56 rue La Boétie St.",
+        );
+        has(
+            "Ken N. Fukuda\n\n3037 ul. Północna 73\n Apt. 946",
+            Category::Address,
+            "3037 ul. Północna 73\n Apt. 946",
+        );
+        has(
+            "The bus station is on P.O. Box 104",
+            Category::Address,
+            "P.O. Box 104",
+        );
+        has(
+            "688 Rue du Centre 320\napt. 169\nbelgium 97466",
+            Category::Address,
+            "97466",
+        );
         none_of("Upgrade to Windows 2000\nor Office 2019", Category::Address);
+        none_of("We sent 3 via email and 2 by post.", Category::Address);
         none_of("I bought 3 Apples for 4.", Category::Address);
         none_of(
             "We sold 12 units in 2023 and 14 in 2024.",
@@ -1055,7 +1376,10 @@ mod tests {
         let names = Names::from_nam_dict(
             "M  Mark                        1\nF  Nicole                      1\n",
         )
-        .with_name_words(["Christiansen".to_string()].into());
+        .with_lexicon(crate::namewords::Lexicon {
+            name_words: ["Christiansen".to_string()].into(),
+            known: Default::default(),
+        });
         let det = Detector::new().with_names(names);
         let persons = |text: &str| -> Vec<String> {
             det.scan(text)
@@ -1073,7 +1397,8 @@ mod tests {
             persons("We met Christiansen and Mark today."),
             ["Christiansen", "Mark"]
         );
-        assert!(persons("christiansen wrote it.").is_empty());
+        // Lowercase inside a text with capitals: the capitals would have marked a name.
+        assert!(persons("Then christiansen wrote it.").is_empty());
         // A verb after a first name at a sentence's start; bare initials only between names.
         assert_eq!(persons("Mark had given it back."), ["Mark"]);
         assert_eq!(
@@ -1092,7 +1417,99 @@ mod tests {
             persons("follow up with nicole christiansen soon"),
             ["nicole christiansen"]
         );
-        assert!(persons("mark the christiansen file").is_empty());
+        assert!(persons("Please mark the christiansen file").is_empty());
+    }
+
+    /// Capitalised words that are no known word are names; without any capital, name words,
+    /// unknown words and introduced or listed first names count alone; a name found once is found
+    /// again; dialogue speakers.
+    #[test]
+    fn unknown_words_lowercase_texts_repeats_and_speakers() {
+        let known = [
+            "the", "had", "given", "his", "address", "is", "from", "we", "met", "at", "noon",
+            "early", "work", "by", "my", "name", "they", "and", "what", "a", "wife", "remember",
+            "me", "will", "are", "you", "just", "he", "on", "redeem", "to", "tales", "i",
+            "between", "lives", "bulgak", "leverett",
+        ];
+        let common = [
+            "the", "is", "and", "a", "me", "are", "you", "to", "on", "he", "my", "i",
+        ];
+        let names = Names::from_nam_dict(
+            "M  Mark                        1\nF  Nicole                      1\nM  Adam                        1\nF  Donna                       1\nM  Brian                       1\nF  Danielle                    1\nM  Will                        1\nM  Are                         1\n",
+        )
+        .with_lexicon(crate::namewords::Lexicon {
+            name_words: ["Christiansen".to_string()].into(),
+            known: known
+                .iter()
+                .map(|w| (w.to_string(), if common.contains(w) { 6.0 } else { 3.0 }))
+                .collect(),
+        });
+        let det = Detector::new().with_names(names);
+        let of = |text: &str, c: Category| -> Vec<String> {
+            det.scan(text)
+                .into_iter()
+                .filter(|f| f.category == c)
+                .map(|f| f.value(text).to_string())
+                .collect()
+        };
+        // Capitalised unknown words, alone, joined, at a sentence's start.
+        assert_eq!(
+            of("Dzhambek is from Areavibes.", Category::Name),
+            ["Dzhambek", "Areavibes"]
+        );
+        assert_eq!(
+            of("We met Ushurma Dratchev at noon.", Category::Name),
+            ["Ushurma Dratchev"]
+        );
+        // With a listed name in it, a person.
+        assert_eq!(
+            of("We met Nicole Dolgorukova at noon.", Category::Person),
+            ["Nicole Dolgorukova"]
+        );
+        assert!(of("We met at noon.", Category::Name).is_empty());
+        // No capital anywhere: a name word or an unknown word alone, an introduced first name, a
+        // list of first names, a first name before a colon; not common words that are names too.
+        assert_eq!(
+            of("the work of christiansen", Category::Person),
+            ["christiansen"]
+        );
+        assert_eq!(of("early samoylova work", Category::Name), ["samoylova"]);
+        assert_eq!(of("my name is mark", Category::Person), ["mark"]);
+        assert_eq!(
+            of("they had 3: adam, donna and brian.", Category::Person),
+            ["adam", "donna", "brian"]
+        );
+        assert_eq!(of("danielle: what a wife", Category::Person), ["danielle"]);
+        assert!(of("are you on to redeem will", Category::Person).is_empty());
+        assert_eq!(
+            of("nicole d. christiansen lives", Category::Person),
+            ["nicole d. christiansen"]
+        );
+        // A capital somewhere: lowercase words alone stay words.
+        assert!(of("I met samoylova early", Category::Name).is_empty());
+        // A name found once is the same name later in the text.
+        assert_eq!(
+            of(
+                "The tales of Mark Bulgak. Early Bulgak is best.",
+                Category::Person
+            ),
+            ["Mark Bulgak", "Bulgak"]
+        );
+        // Dialogue speakers, when one is a person.
+        assert_eq!(
+            of(
+                "Leverett: What a wife.\nDanielle: Remember me?",
+                Category::Person
+            ),
+            ["Leverett", "Danielle"]
+        );
+        assert!(of("Address: 5 Main St\nNote: by noon", Category::Person).is_empty());
+        // Lowercase addresses need an unknown word between the numbers.
+        assert_eq!(
+            of("it is at 255 hersnapvej 18, near", Category::Address),
+            ["255 hersnapvej 18"]
+        );
+        assert!(of("between 10 and 20", Category::Address).is_empty());
     }
 
     #[test]

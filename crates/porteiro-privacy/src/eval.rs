@@ -45,10 +45,15 @@ pub fn gold_type(c: Category) -> Option<&'static str> {
     })
 }
 
+/// What a category's row compares against when the corpus has no type for it: any labelled value.
+pub const ANY_TYPE: &str = "(any)";
+
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct Row {
     /// Our category (or `-` for a corpus type no detector covers).
     pub category: String,
+    /// The corpus type it answers for, or [`ANY_TYPE`]: then a prediction is correct when it
+    /// overlaps a labelled value of any type (the name detector: people, places, organisations).
     pub gold_type: String,
     pub gold: usize,
     pub predicted: usize,
@@ -90,16 +95,14 @@ pub fn evaluate(det: &Detector, corpus: &[Sample]) -> Vec<Row> {
     let mut rows: BTreeMap<String, Row> = BTreeMap::new();
     let mut uncovered: BTreeMap<String, Row> = BTreeMap::new();
     for c in Category::ALL {
-        if let Some(t) = gold_type(c) {
-            rows.insert(
-                c.name().to_string(),
-                Row {
-                    category: c.name().into(),
-                    gold_type: t.into(),
-                    ..Row::default()
-                },
-            );
-        }
+        rows.insert(
+            c.name().to_string(),
+            Row {
+                category: c.name().into(),
+                gold_type: gold_type(c).unwrap_or(ANY_TYPE).into(),
+                ..Row::default()
+            },
+        );
     }
     for s in corpus {
         let pos = char_to_byte(&s.full_text);
@@ -122,9 +125,10 @@ pub fn evaluate(det: &Detector, corpus: &[Sample]) -> Vec<Row> {
                 continue;
             };
             row.predicted += 1;
+            let any = row.gold_type == ANY_TYPE;
             if gold
                 .iter()
-                .any(|(t, span)| *t == row.gold_type && overlaps(*span, (f.start, f.end)))
+                .any(|(t, span)| (any || *t == row.gold_type) && overlaps(*span, (f.start, f.end)))
             {
                 row.correct += 1;
             }
@@ -157,10 +161,62 @@ pub fn evaluate(det: &Detector, corpus: &[Sample]) -> Vec<Row> {
             }
         }
     }
-    // Categories the corpus has no type for still report how often they fire.
-    let mut out: Vec<Row> = rows.into_values().collect();
+    // Categories the corpus has no type for still report how often they fire (those that never do
+    // are left out).
+    let mut out: Vec<Row> = rows
+        .into_values()
+        .filter(|r| r.gold_type != ANY_TYPE || r.predicted > 0)
+        .collect();
     out.sort_by_key(|r| std::cmp::Reverse(r.gold));
     out.extend(uncovered.into_values());
+    out
+}
+
+/// A labelled value no detector masked (`missed`, with its corpus type), or a finding on no
+/// labelled value (`false_alarm`, with our category).
+#[derive(Debug, Clone, Serialize)]
+pub struct Error {
+    pub kind: &'static str,
+    #[serde(rename = "type")]
+    pub kind_of_value: String,
+    pub value: String,
+    pub text: String,
+}
+
+/// The misses and false alarms of `det` on `corpus`.
+pub fn errors(det: &Detector, corpus: &[Sample]) -> Vec<Error> {
+    let mut out = Vec::new();
+    for s in corpus {
+        let pos = char_to_byte(&s.full_text);
+        let found = det.scan(&s.full_text);
+        let gold: Vec<(&str, (usize, usize))> = s
+            .spans
+            .iter()
+            .filter_map(|g| {
+                let (a, b) = (*pos.get(g.start_position)?, *pos.get(g.end_position)?);
+                (a < b).then_some((g.entity_type.as_str(), (a, b)))
+            })
+            .collect();
+        let error = |kind, t: &str, (a, b): (usize, usize)| Error {
+            kind,
+            kind_of_value: t.to_string(),
+            value: s.full_text[a..b].to_string(),
+            text: s.full_text.clone(),
+        };
+        for &(t, span) in &gold {
+            if !found.iter().any(|f| overlaps(span, (f.start, f.end))) {
+                out.push(error("missed", t, span));
+            }
+        }
+        for f in &found {
+            if !gold
+                .iter()
+                .any(|(_, span)| overlaps(*span, (f.start, f.end)))
+            {
+                out.push(error("false_alarm", f.category.name(), (f.start, f.end)));
+            }
+        }
+    }
     out
 }
 

@@ -38,47 +38,99 @@ pub struct Sources<'a> {
     pub word_lists: &'a [&'a Path],
 }
 
-/// The cache file for `sources` (next to the last-name table; the thresholds are in its name).
-pub fn cache_path(sources: &Sources) -> PathBuf {
-    let dir = sources.last_names.parent().unwrap_or(Path::new("."));
-    dir.join(format!("name-words-r{MAX_RANK}-z{MAX_ZIPF}.txt"))
+/// Words of English or Portuguese: lowercase forms at this Zipf frequency or above in either list
+/// ("geomancy" 1.7 is out, "nginx" 2.2 in). A capitalised word outside them ("Yefremova",
+/// "Dzhambek") is most likely a name: on ShareGPT prompts about a third of such words are names and
+/// the rest rare terms, typos and foreign words, ~0.7 per KB.
+pub const KNOWN_ZIPF: f32 = 2.0;
+
+/// What the person detector takes from the sources.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Lexicon {
+    /// Name words (see the module doc), as the tables write them ("Christiansen").
+    pub name_words: HashSet<String>,
+    /// Lowercase words known to English or Portuguese (Zipf >= [`KNOWN_ZIPF`]), with their Zipf
+    /// frequency (the higher of the two languages).
+    pub known: HashMap<String, f32>,
 }
 
-/// The name words, from the cache when it exists, else derived and cached (written atomically).
-pub fn load_or_derive(sources: &Sources) -> Result<HashSet<String>, NameWordsError> {
-    let cache = cache_path(sources);
-    if let Ok(f) = std::fs::File::open(&cache) {
-        let mut set = HashSet::new();
-        for line in std::io::BufReader::new(f).lines() {
-            let line = line.map_err(|e| read_err(&cache, e))?;
-            if !line.is_empty() {
-                set.insert(line);
-            }
+/// The cache files for `sources`, next to the last-name table, thresholds in their names: the name
+/// words, and the known words.
+pub fn cache_paths(sources: &Sources) -> [PathBuf; 2] {
+    let dir = sources.last_names.parent().unwrap_or(Path::new("."));
+    [
+        // v3: "McDowell" beside "Mcdowell".
+        dir.join(format!("name-words-v3-r{MAX_RANK}-z{MAX_ZIPF}.txt")),
+        dir.join(format!("known-words-z{KNOWN_ZIPF}.tsv")),
+    ]
+}
+
+fn read_words(path: &Path) -> Result<HashSet<String>, NameWordsError> {
+    let f = std::fs::File::open(path).map_err(|e| read_err(path, e))?;
+    let mut set = HashSet::new();
+    for line in std::io::BufReader::new(f).lines() {
+        let line = line.map_err(|e| read_err(path, e))?;
+        if !line.is_empty() {
+            set.insert(line);
         }
-        return Ok(set);
     }
-    let words = derive(sources)?;
-    let tmp = cache.with_extension("tmp");
+    Ok(set)
+}
+
+/// `word<TAB>zipf` lines.
+fn read_known(path: &Path) -> Result<HashMap<String, f32>, NameWordsError> {
+    let mut map = HashMap::new();
+    for line in read_words(path)? {
+        let (w, z) = line
+            .split_once('\t')
+            .and_then(|(w, z)| Some((w, z.parse::<f32>().ok()?)))
+            .ok_or_else(|| read_err(path, format!("not `word<TAB>zipf`: {line:?}")))?;
+        map.insert(w.to_string(), z);
+    }
+    Ok(map)
+}
+
+/// One line per item, sorted, written atomically (a temporary file renamed).
+fn write_lines(path: &Path, mut lines: Vec<String>) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    lines.sort();
     let write = || -> std::io::Result<()> {
         let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
-        let mut sorted: Vec<&String> = words.iter().collect();
-        sorted.sort();
-        for w in sorted {
-            writeln!(f, "{w}")?;
+        for l in &lines {
+            writeln!(f, "{l}")?;
         }
         f.into_inner()?.sync_all()?;
-        std::fs::rename(&tmp, &cache)
+        std::fs::rename(&tmp, path)
     };
+    write().inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
+}
+
+/// The lexicon, from the cache when it exists, else derived and cached.
+pub fn load_or_derive(sources: &Sources) -> Result<Lexicon, NameWordsError> {
+    let [names, known] = cache_paths(sources);
+    if names.exists() && known.exists() {
+        return Ok(Lexicon {
+            name_words: read_words(&names)?,
+            known: read_known(&known)?,
+        });
+    }
+    let lex = derive(sources)?;
     // A cache that cannot be written (read-only folder) costs the next start the derivation again,
     // nothing else.
-    if let Err(e) = write() {
-        let _ = std::fs::remove_file(&tmp);
-        eprintln!(
-            "note: could not cache the name words at {}: {e}",
-            cache.display()
-        );
+    let name_lines = lex.name_words.iter().cloned().collect();
+    let known_lines = lex
+        .known
+        .iter()
+        .map(|(w, z)| format!("{w}\t{z:.2}"))
+        .collect();
+    for (path, lines) in [(&names, name_lines), (&known, known_lines)] {
+        if let Err(e) = write_lines(path, lines) {
+            eprintln!("note: could not cache {}: {e}", path.display());
+        }
     }
-    Ok(words)
+    Ok(lex)
 }
 
 #[derive(serde::Deserialize)]
@@ -124,8 +176,13 @@ fn read_zipf(path: &Path, into: &mut HashMap<String, f32>) -> Result<(), NameWor
 }
 
 /// Whether `w` has the shape of a name: a capital and then lowercase letters (apostrophes and
-/// hyphens inside), three letters at least.
+/// hyphens inside), three letters at least; or "Mc"/"Mac" before such a name ("McDowell").
 pub fn name_shaped(w: &str) -> bool {
+    if let Some(rest) = w.strip_prefix("Mc").or_else(|| w.strip_prefix("Mac")) {
+        if rest.starts_with(char::is_uppercase) {
+            return name_shaped(rest);
+        }
+    }
     let mut chars = w.chars();
     let Some(first) = chars.next() else {
         return false;
@@ -139,8 +196,8 @@ pub fn name_shaped(w: &str) -> bool {
         && rest.last().is_some_and(|c| c.is_lowercase())
 }
 
-/// The name words of `sources` under `MAX_RANK` and `MAX_ZIPF`.
-pub fn derive(sources: &Sources) -> Result<HashSet<String>, NameWordsError> {
+/// The name words of `sources` under `MAX_RANK` and `MAX_ZIPF`, and the words at `KNOWN_ZIPF`.
+pub fn derive(sources: &Sources) -> Result<Lexicon, NameWordsError> {
     let mut zipf = HashMap::new();
     for p in sources.word_lists {
         read_zipf(p, &mut zipf)?;
@@ -152,11 +209,21 @@ pub fn derive(sources: &Sources) -> Result<HashSet<String>, NameWordsError> {
                 continue;
             }
             if zipf.get(&name.to_lowercase()).copied().unwrap_or(0.0) < MAX_ZIPF {
+                // The tables write "Mcdowell"; text writes "McDowell".
+                if let Some(rest) = name.strip_prefix("Mc").filter(|r| r.len() > 2) {
+                    let mut c = rest.chars();
+                    let upper: String = c.next().into_iter().flat_map(char::to_uppercase).collect();
+                    out.insert(format!("Mc{upper}{}", c.as_str()));
+                }
                 out.insert(name);
             }
         }
     }
-    Ok(out)
+    let known = zipf.into_iter().filter(|&(_, z)| z >= KNOWN_ZIPF).collect();
+    Ok(Lexicon {
+        name_words: out,
+        known,
+    })
 }
 
 #[cfg(test)]
@@ -201,12 +268,14 @@ mod tests {
             &last,
             &table(&[("Christiansen", 400), ("Street", 700), ("MCDONALD", 5)]),
         );
-        // Bucket 0 is Zipf 9, bucket 300 Zipf 6; "christiansen" sits at Zipf 2.5 (bucket 650).
+        // Bucket 0 is Zipf 9, bucket 300 Zipf 6; "christiansen" sits at Zipf 2.5 (bucket 650),
+        // "geomancy" at 1.5, under KNOWN_ZIPF.
         let mut lists: Vec<serde_json::Value> =
             vec![serde_json::json!({"format": "cB", "version": 1})];
-        lists.extend((0..=650).map(|i| match i {
+        lists.extend((0..=750).map(|i| match i {
             300 => serde_json::json!(["street", "will"]),
             650 => serde_json::json!(["christiansen"]),
+            750 => serde_json::json!(["geomancy"]),
             _ => serde_json::json!([]),
         }));
         gz(&en, &rmp_serde::to_vec(&lists).unwrap());
@@ -216,9 +285,14 @@ mod tests {
             last_names: &last,
             word_lists: &words,
         };
-        let want: HashSet<String> = ["Kónya", "Christiansen"].map(String::from).into();
+        let want = Lexicon {
+            name_words: ["Kónya", "Christiansen"].map(String::from).into(),
+            known: [("street", 6.0), ("will", 6.0), ("christiansen", 2.5)]
+                .map(|(w, z)| (w.to_string(), z))
+                .into(),
+        };
         assert_eq!(load_or_derive(&sources).unwrap(), want);
-        assert!(cache_path(&sources).exists());
+        assert!(cache_paths(&sources).iter().all(|p| p.exists()));
         // The second load reads the cache (the sources could be gone).
         std::fs::remove_file(&last).unwrap();
         assert_eq!(load_or_derive(&sources).unwrap(), want);
@@ -226,10 +300,20 @@ mod tests {
 
     #[test]
     fn name_shape() {
-        for w in ["Kónya", "D'arcy", "Halldór", "Ngo"] {
+        for w in ["Kónya", "D'arcy", "Halldór", "Ngo", "McDowell", "MacLeod"] {
             assert!(name_shaped(w), "{w}");
         }
-        for w in ["Li", "SMITH", "smith", "Mc Donald", "O'Neil", "Ann-", "A."] {
+        for w in [
+            "Li",
+            "SMITH",
+            "smith",
+            "Mc Donald",
+            "O'Neil",
+            "Ann-",
+            "A.",
+            "McD",
+            "MacX",
+        ] {
             assert!(!name_shaped(w), "{w}");
         }
     }

@@ -27,6 +27,10 @@ pub enum PrivacyCmd {
         /// Also write the rows as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Write the errors here as JSON lines: each labelled value no detector masks (`missed`),
+        /// and each finding on no labelled value (`false_alarm`), with its type, value and text.
+        #[arg(long)]
+        errors: Option<PathBuf>,
     },
     /// Detection latency on ~1 KB messages built from the corpus (p50 / p95 / p99).
     Bench {
@@ -91,11 +95,11 @@ pub fn detector(names: Option<&str>) -> Result<Detector> {
         .with_context(|| format!("first-name list `{n}`"))?;
     let list = porteiro_privacy::detect::Names::load(&path)
         .with_context(|| format!("reading {}", path.display()))?;
-    Ok(det.with_names(list.with_name_words(name_words()?)))
+    Ok(det.with_names(list.with_lexicon(lexicon()?)))
 }
 
-/// The person detector's name words (see `porteiro_privacy::namewords`).
-fn name_words() -> Result<std::collections::HashSet<String>> {
+/// The person detector's name words and known words (see `porteiro_privacy::namewords`).
+fn lexicon() -> Result<porteiro_privacy::namewords::Lexicon> {
     use porteiro_privacy::namewords;
     let get = |alias: &str| {
         porteiro_models::fetch::resolve_model(alias, true)
@@ -109,17 +113,22 @@ fn name_words() -> Result<std::collections::HashSet<String>> {
         last_names: &last,
         word_lists: &lists,
     };
-    let spinner = (!namewords::cache_path(&sources).exists()).then(|| {
+    let cached = namewords::cache_paths(&sources).iter().all(|p| p.exists());
+    let spinner = (!cached).then(|| {
         let s = indicatif::ProgressBar::new_spinner();
         s.set_message("deriving the person detector's name words (once, ~15 s)");
         s.enable_steady_tick(std::time::Duration::from_millis(200));
         s
     });
-    let words = namewords::load_or_derive(&sources)?;
+    let lex = namewords::load_or_derive(&sources)?;
     if let Some(s) = spinner {
-        s.finish_with_message(format!("{} name words cached", words.len()));
+        s.finish_with_message(format!(
+            "{} name words and {} known words cached",
+            lex.name_words.len(),
+            lex.known.len()
+        ));
     }
-    Ok(words)
+    Ok(lex)
 }
 
 pub fn run_privacy(cmd: &PrivacyCmd) -> Result<()> {
@@ -146,7 +155,7 @@ pub fn run_privacy(cmd: &PrivacyCmd) -> Result<()> {
                 );
             }
         }
-        PrivacyCmd::Eval { data, json } => {
+        PrivacyCmd::Eval { data, json, errors } => {
             let path = default_corpus(data.clone())?;
             let corpus = eval::read_corpus(&path).map_err(anyhow::Error::msg)?;
             let rows = eval::evaluate(&det, &corpus);
@@ -156,6 +165,18 @@ pub fn run_privacy(cmd: &PrivacyCmd) -> Result<()> {
                 path.display()
             );
             print!("{}", eval::table(&rows));
+            println!(
+                "\nRows of type {}: the corpus has no type for the category; a prediction is correct on a labelled value of any type.",
+                eval::ANY_TYPE
+            );
+            if let Some(m) = errors {
+                let mut out = String::new();
+                for e in eval::errors(&det, &corpus) {
+                    out.push_str(&serde_json::to_string(&e)?);
+                    out.push('\n');
+                }
+                std::fs::write(m, out).with_context(|| format!("writing {}", m.display()))?;
+            }
             if let Some(j) = json {
                 std::fs::write(j, serde_json::to_vec_pretty(&rows)?)
                     .with_context(|| format!("writing {}", j.display()))?;
