@@ -153,7 +153,7 @@ per = leaks(corpus, raws)
 FIG["mask_leaks"] = {t: {"values": n, "leaked": k} for t, (n, k) in sorted(per.items())}
 bad = {t: per[t] for t in VALIDATED if per.get(t, (0, 0))[1]}
 check("mask: zero values of the validated categories in the recorded bytes", not bad, str(bad))
-for t in ("PERSON", "STREET_ADDRESS"):
+for t in ("PERSON", "STREET_ADDRESS", "ZIP_CODE", "US_DRIVER_LICENSE"):
     n, k = per.get(t, (0, 0))
     print(f"     {t}: {k}/{n} values reached the upstream ({100 * k / max(n, 1):.1f}%)")
 # Floors at what was measured (README): every street address, and all but a few names (a surname

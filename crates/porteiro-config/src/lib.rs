@@ -57,6 +57,7 @@
 //! audit_db = "porteiro-audit.db"   # hash-chained audit trail; "" turns it off
 //! audit_key_env = "PORTEIRO_AUDIT_KEY"  # if set, the chain is an HMAC under this key
 //! names = "names"            # first-name list for person detection (catalog alias, path, or "")
+//! unknown_names = true       # a capitalised word that is no English/Portuguese word is a name
 //!
 //! [telemetry]
 //! machine_price_per_hour = 0.10   # USD; local requests cost their share of the engine's busy time
@@ -137,6 +138,7 @@ struct RawPrivacy {
     audit_db: Option<String>,
     audit_key_env: Option<String>,
     names: Option<String>,
+    unknown_names: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -259,6 +261,8 @@ pub struct PrivacyConfig {
     pub audit_key_env: String,
     /// First-name list (catalog alias or path); None: context rules only.
     pub names: Option<String>,
+    /// Whether capitalised words that are no English or Portuguese word count as names (`NAME`).
+    pub unknown_names: bool,
 }
 
 impl Default for PrivacyConfig {
@@ -268,6 +272,7 @@ impl Default for PrivacyConfig {
             audit_db: None,
             audit_key_env: "PORTEIRO_AUDIT_KEY".into(),
             names: Some("names".into()),
+            unknown_names: true,
         }
     }
 }
@@ -546,6 +551,7 @@ impl Config {
                 Some(n) => Some(n),
                 None => d.names,
             },
+            unknown_names: p.unknown_names.unwrap_or(d.unknown_names),
         };
         let t = raw.telemetry.unwrap_or_default();
         let nonneg = |key: &'static str, v: f64| {
@@ -789,6 +795,13 @@ mod tests {
         assert_eq!(c.model, "qwen2.5-0.5b");
         assert_eq!(c.embedding_model.as_deref(), Some("minilm-l6"));
         assert!(c.api_keys.is_empty());
+        assert!(c.privacy.unknown_names);
+        assert!(
+            !parse("[privacy]\nunknown_names = false\n")
+                .unwrap()
+                .privacy
+                .unknown_names
+        );
     }
 
     #[test]

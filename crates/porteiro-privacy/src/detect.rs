@@ -22,6 +22,8 @@ pub enum Category {
     Phone,
     DateOfBirth,
     MedicalRecord,
+    /// Identity document numbers in context: driver's licence, passport, RG, CNH.
+    IdNumber,
     Address,
     Person,
     /// A capitalised word that is no English or Portuguese word ("Dzhambek", "Yefremova"): most
@@ -30,7 +32,7 @@ pub enum Category {
 }
 
 impl Category {
-    pub const ALL: [Category; 14] = [
+    pub const ALL: [Category; 15] = [
         Category::Secret,
         Category::Email,
         Category::CreditCard,
@@ -42,6 +44,7 @@ impl Category {
         Category::Phone,
         Category::DateOfBirth,
         Category::MedicalRecord,
+        Category::IdNumber,
         Category::Address,
         Category::Person,
         Category::Name,
@@ -61,6 +64,7 @@ impl Category {
             Category::Phone => "PHONE",
             Category::DateOfBirth => "DOB",
             Category::MedicalRecord => "MRN",
+            Category::IdNumber => "ID",
             Category::Address => "ADDRESS",
             Category::Person => "PERSON",
             Category::Name => "NAME",
@@ -81,6 +85,7 @@ impl Category {
             Category::Phone => "phone",
             Category::DateOfBirth => "date_of_birth",
             Category::MedicalRecord => "medical_record",
+            Category::IdNumber => "id_number",
             Category::Address => "address",
             Category::Person => "person",
             Category::Name => "name",
@@ -98,7 +103,7 @@ impl Category {
             Category::Secret => 5,
             Category::Email | Category::CreditCard | Category::Iban | Category::Cpf => 4,
             Category::Cnpj | Category::UsSsn | Category::IpAddress => 4,
-            Category::DateOfBirth | Category::MedicalRecord => 3,
+            Category::DateOfBirth | Category::MedicalRecord | Category::IdNumber => 3,
             Category::Phone => 2,
             Category::Address | Category::Person => 1,
             Category::Name => 0,
@@ -142,6 +147,8 @@ pub struct Detector {
     postal_line: Regex,
     /// Number, lowercase words, number: a street in a text without capitals.
     lower_address: Regex,
+    /// A postal code alone on its line.
+    postal_alone: Regex,
 }
 
 /// A list of first names (gender-guesser's `nam_dict.txt`: ~45,000 names from many countries), and
@@ -153,6 +160,8 @@ pub struct Names {
     set: std::collections::HashSet<String>,
     words: std::collections::HashSet<String>,
     known: std::collections::HashMap<String, f32>,
+    /// Whether unknown capitalised words are names ([`Category::Name`]).
+    unknown_names: bool,
 }
 
 impl Names {
@@ -173,7 +182,14 @@ impl Names {
             set,
             words: Default::default(),
             known: Default::default(),
+            unknown_names: true,
         }
+    }
+
+    /// Whether unknown words count as names (on by default; off leaves them to the other rules).
+    pub fn with_unknown_names(mut self, on: bool) -> Self {
+        self.unknown_names = on;
+        self
     }
 
     /// Adds the name words and known words (see [`crate::namewords`]).
@@ -233,6 +249,11 @@ impl Names {
         self.known.get(&low).copied().unwrap_or(0.0)
     }
 
+    /// Whether `w` is unknown and unknown words count as names.
+    fn unknown_name(&self, w: &str) -> bool {
+        self.unknown_names && self.is_unknown(w)
+    }
+
     /// Whether `w` is a common word (Zipf 5.5 or more: "me", "are", "just", "he", "here"; "john"
     /// is 5.4): where nothing but a list says it is a name (without a capital, or capitalised at a
     /// sentence's start), it is taken for the word.
@@ -263,13 +284,8 @@ const NAME_VERBS: [&str; 64] = [
 /// Words after which a lowercase first name is introduced as one ("my name is vitoria", "mr.
 /// elliott").
 const LOWER_INTRODUCERS: [&str; 13] = [
-    "mr.",
-    "mrs.",
-    "ms.",
-    "dr.",
-    "sr.",
-    "sra.",
-    "name is", "name:", "call me", "calls me", "me chamo", "nome é", "named",
+    "mr.", "mrs.", "ms.", "dr.", "sr.", "sra.", "name is", "name:", "call me", "calls me",
+    "me chamo", "nome é", "named",
 ];
 
 const MONTHS: &str = "(?:jan(?:uary|eiro)?|feb(?:ruary)?|fev(?:ereiro)?|mar(?:ch|ço|co)?|apr(?:il)?|abr(?:il)?|may|mai(?:o)?|june?|jun(?:ho)?|july?|jul(?:ho)?|aug(?:ust)?|ago(?:sto)?|sep(?:t(?:ember)?)?|set(?:embro)?|oct(?:ober)?|out(?:ubro)?|nov(?:ember|embro)?|dec(?:ember)?|dez(?:embro)?)\\.?";
@@ -281,10 +297,14 @@ fn date_re() -> String {
     )
 }
 
-const STREET_EN: &str = r"(?:Street|Str|St|Avenue|Ave|Road|Rd|Lane|Ln|Boulevard|Blvd|Drive|Dr|Court|Ct|Place|Pl|Way|Terrace|Ter|Parkway|Pkwy|Circle|Cir|Square|Sq|Highway|Hwy|Alley|Crescent|Close|Row|Trail|Plaza|Route)\b\.?";
+const STREET_EN: &str = r"(?:Street|Str|St|Avenue|Ave|Road|Rd|Lane|Ln|Boulevard|Blvd|Drive|Dr|Court|Ct|Place|Pl|Way|Terrace|Ter|Parkway|Pkwy|Circle|Cir|Square|Sq|Highway|Hwy|Alley|Crescent|Close|Row|Trail|Plaza|Route)(?-u:\b)\.?";
 const STREET_EU: &str = r"(?:straße|strasse|str\.|katu|tie|gatan|vägen|vej|weg|gade|laan|straat|allee|platz|gasse|veien|gata|utca|ulica|cesta|iela|tee)";
 // Lowercase only where the word is unambiguous ("apt. 169", "suite 112", not "unit 4").
 const UNIT: &str = r"(?:Apt|apt|Apartment|apartment|Suite|suite|Ste|Unit|Flat|Apto|apto|Sala|Bloco|Casa)\.?\s*#?\s*\d+[A-Za-z]?";
+/// Postal codes: "62488", "53-320", "340 12", "3610-114", Canada's "B0J 2H0", the UK's "SW1A 1AA".
+const POSTAL: &str =
+    r"\d{2,5}(?:[ \-]\d{2,4})?|[A-Z]\d[A-Z] ?\d[A-Z]\d|[A-Z]{1,2}\d[A-Z\d]? ?\d[A-Z]{2}";
+
 /// Street words that come before the street's name in French, Spanish, Italian and Polish
 /// (lowercase only where the word is no ordinary English word: not "via", "place").
 const STREET_BEFORE: &str = r"(?:[Rr]ue|[Aa]venue|[Bb]oulevard|[Cc]hemin|[Aa]llée|Place|Quai|Via|Viale|Calle|Carrer|Paseo|C/|[Uu]l\.|[Uu]lica|Al\.)";
@@ -302,60 +322,60 @@ impl Detector {
             ),
             (
                 Category::Secret,
-                r"\b(?:sk-(?:proj-|ant-|live-)?[A-Za-z0-9_\-]{20,}|sk_(?:live|test)_[A-Za-z0-9]{16,}|rk_live_[A-Za-z0-9]{16,}|gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{22,}|(?:AKIA|ASIA)[0-9A-Z]{16}|xox[abprse]-[A-Za-z0-9\-]{10,}|AIza[0-9A-Za-z_\-]{35}|glpat-[A-Za-z0-9_\-]{20,})".into(),
+                r"(?-u:\b)(?:sk-(?:proj-|ant-|live-)?[A-Za-z0-9_\-]{20,}|sk_(?:live|test)_[A-Za-z0-9]{16,}|rk_live_[A-Za-z0-9]{16,}|gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{22,}|(?:AKIA|ASIA)[0-9A-Z]{16}|xox[abprse]-[A-Za-z0-9\-]{10,}|AIza[0-9A-Za-z_\-]{35}|glpat-[A-Za-z0-9_\-]{20,})".into(),
                 0,
                 always,
             ),
             (
                 Category::Secret,
-                r"\beyJ[A-Za-z0-9_\-]{8,}\.eyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}".into(),
+                r"(?-u:\b)eyJ[A-Za-z0-9_\-]{8,}\.eyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}".into(),
                 0,
                 always,
             ),
             (
                 Category::Secret,
-                r#"(?i)\b(?:api[_\-\s]?key|apikey|secret(?:[_\-]?key)?|access[_\-]?key|auth[_\-]?token|token|password|passwd|pwd|senha|chave)\b["']?\s*(?:[:=]|\bis\b|\bé\b)\s*["']?([A-Za-z0-9_\-+/=.!@#$%^&*]{8,})"#.into(),
+                r#"(?i)(?-u:\b)(?:api[_\-\s]?key|apikey|secret(?:[_\-]?key)?|access[_\-]?key|auth[_\-]?token|token|password|passwd|pwd|senha|chave)(?-u:\b)["']?\s*(?:[:=]|(?-u:\b)is(?-u:\b)|(?-u:\b)é(?-u:\b))\s*["']?([A-Za-z0-9_\-+/=.!@#$%^&*]{8,})"#.into(),
                 1,
                 high_entropy,
             ),
             (
                 Category::Email,
-                r"\b[A-Za-z0-9][A-Za-z0-9._%+\-]*@[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?)*\.[A-Za-z]{2,24}\b".into(),
+                r"(?-u:\b)[A-Za-z0-9][A-Za-z0-9._%+\-]*@[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?)*\.[A-Za-z]{2,24}(?-u:\b)".into(),
                 0,
                 email_ok,
             ),
-            (Category::CreditCard, r"\b\d(?:[ \-]?\d){11,18}\b".into(), 0, card_ok),
+            (Category::CreditCard, r"(?-u:\b)\d(?:[ \-]?\d){11,18}(?-u:\b)".into(), 0, card_ok),
             // Right after the word "card", any Luhn-valid number of card length is one.
             (
                 Category::CreditCard,
-                r"(?i)\b(?:card|cart[aã]o|cc)\b(?:\s+(?:number|no\.?|#|n[º°o]\.?))?\s*[:#]?\s*(\d(?:[ \-]?\d){11,18})\b".into(),
+                r"(?i)(?-u:\b)(?:card|cart[aã]o|cc)(?-u:\b)(?:\s+(?:number|no\.?|#|n[º°o]\.?))?\s*[:#]?\s*(\d(?:[ \-]?\d){11,18})(?-u:\b)".into(),
                 1,
                 card_in_context_ok,
             ),
             (
                 Category::Iban,
-                r"(?i)\b[A-Z]{2}\d{2}[A-Z0-9]{11,30}\b".into(),
+                r"(?i)(?-u:\b)[A-Z]{2}\d{2}[A-Z0-9]{11,30}(?-u:\b)".into(),
                 0,
                 iban_ok,
             ),
             (
                 Category::Iban,
-                r"(?i)\b[A-Z]{2}\d{2}(?: [A-Z0-9]{4}){2,7}(?: [A-Z0-9]{1,4})?\b".into(),
+                r"(?i)(?-u:\b)[A-Z]{2}\d{2}(?: [A-Z0-9]{4}){2,7}(?: [A-Z0-9]{1,4})?(?-u:\b)".into(),
                 0,
                 iban_ok,
             ),
-            (Category::UsSsn, r"\b\d{3}([\- ])\d{2}([\- ])\d{4}\b".into(), 0, ssn_ok),
+            (Category::UsSsn, r"(?-u:\b)\d{3}([\- ])\d{2}([\- ])\d{4}(?-u:\b)".into(), 0, ssn_ok),
             (
                 Category::UsSsn,
-                r"(?i)\b(?:ssn|social security(?: number| no\.?)?)\s*[:#]?\s*(\d{9})\b".into(),
+                r"(?i)(?-u:\b)(?:ssn|social security(?: number| no\.?)?)\s*[:#]?\s*(\d{9})(?-u:\b)".into(),
                 1,
                 ssn_ok,
             ),
-            (Category::Cpf, r"\b\d{3}\.?\d{3}\.?\d{3}-?\d{2}\b".into(), 0, cpf_ok),
-            (Category::Cnpj, r"\b\d{2}\.?\d{3}\.?\d{3}/?\d{4}-?\d{2}\b".into(), 0, cnpj_ok),
+            (Category::Cpf, r"(?-u:\b)\d{3}\.?\d{3}\.?\d{3}-?\d{2}(?-u:\b)".into(), 0, cpf_ok),
+            (Category::Cnpj, r"(?-u:\b)\d{2}\.?\d{3}\.?\d{3}/?\d{4}-?\d{2}(?-u:\b)".into(), 0, cnpj_ok),
             (
                 Category::IpAddress,
-                r"\b(?:\d{1,3}\.){3}\d{1,3}\b".into(),
+                r"(?-u:\b)(?:\d{1,3}\.){3}\d{1,3}(?-u:\b)".into(),
                 0,
                 ipv4_ok,
             ),
@@ -368,80 +388,93 @@ impl Detector {
             // E.164 and other numbers written with a country code.
             (
                 Category::Phone,
-                r"\+\d{1,3}(?:[ .\-]?\(?\d{1,5}\)?){1,5}(?:\s?(?:x|ext\.?)\s?\d{1,5})?\b".into(),
+                r"\+\d{1,3}(?:[ .\-]?\(?\d{1,5}\)?){1,5}(?:\s?(?:x|ext\.?)\s?\d{1,5})?(?-u:\b)".into(),
                 0,
                 e164_ok,
             ),
             // North American numbers: (212) 555-0199, 212-555-0199, 212.555.0199.
             (
                 Category::Phone,
-                r"(?:\(\d{3}\)\s?|\b\d{3}[ .\-])\d{3}[ .\-]\d{4}(?:\s?(?:x|ext\.?)\s?\d{1,5})?\b".into(),
+                r"(?:\(\d{3}\)\s?|(?-u:\b)\d{3}[ .\-])\d{3}[ .\-]\d{4}(?:\s?(?:x|ext\.?)\s?\d{1,5})?(?-u:\b)".into(),
                 0,
                 nanp_ok,
             ),
             // Brazilian mobiles and landlines: (11) 98765-4321, 11 3456-7890, 11987654321.
             (
                 Category::Phone,
-                r"(?:\(\d{2}\)\s?|\b\d{2}\s)9?\d{4}[\- ]?\d{4}\b|\b\d{2}9\d{8}\b".into(),
+                r"(?:\(\d{2}\)\s?|(?-u:\b)\d{2}\s)9?\d{4}[\- ]?\d{4}(?-u:\b)|(?-u:\b)\d{2}9\d{8}(?-u:\b)".into(),
                 0,
                 br_phone_ok,
             ),
             // Anything else shaped like a phone number, when a phone word is just before it.
             (
                 Category::Phone,
-                r"(?i)\b(?:phone|tel|telephone|mobile|cell|fax|desk|office|call|contact|number|answering at|reach me at|messages to|registered|sms|text me at|telefone|celular|fone|whatsapp|ligue|contato)\b[^\d]{0,24}(\+?\(?\d{1,5}\)?(?:[ .\-]?\(?\d{1,5}\)?){0,5}(?:\s?(?:x|ext\.?)\s?\d{1,5})?)".into(),
+                r"(?i)(?-u:\b)(?:phone|tel|telephone|mobile|cell|fax|desk|office|call|contact|number|answering at|reach me at|messages to|registered|sms|text me at|telefone|celular|fone|whatsapp|ligue|contato)(?-u:\b)[^\d]{0,24}(\+?\(?\d{1,5}\)?(?:[ .\-]?\(?\d{1,5}\)?){0,5}(?:\s?(?:x|ext\.?)\s?\d{1,5})?)".into(),
                 1,
                 phone_digits_ok,
             ),
             // Numbers with a trunk prefix 0 in groups: 07700 900 123, 0489 25 37 29, 03.93.92.16.85.
             (
                 Category::Phone,
-                r"\b0\d{1,4}(?:[ .\-]\d{2,4}){2,4}\b".into(),
+                r"(?-u:\b)0\d{1,4}(?:[ .\-]\d{2,4}){2,4}(?-u:\b)".into(),
                 0,
                 trunk_ok,
             ),
             // A number labelled as a phone right after it: "416 60 039 office", "930.167.3943 fax".
             (
                 Category::Phone,
-                r"(?i)(\+?\(?\d{1,5}\)?(?:[ .\-]?\(?\d{1,5}\)?){0,5}(?:\s?x\d{1,5})?)\s*-?\s*(?:office|fax|mobile|cell|home|work)\b".into(),
+                r"(?i)(\+?\(?\d{1,5}\)?(?:[ .\-]?\(?\d{1,5}\)?){0,5}(?:\s?x\d{1,5})?)\s*-?\s*(?:office|fax|mobile|cell|home|work)(?-u:\b)".into(),
                 1,
                 phone_digits_ok,
             ),
             (
                 Category::DateOfBirth,
                 format!(
-                    r"(?i)\b(?:born(?:\s+on)?|date\s+of\s+birth|d\.?o\.?b\.?|birth\s?date|birthday|nascid[oa](?:\s+em)?|data\s+de\s+nascimento|nasc\.?)\s*[:\-]?\s*({date})"
+                    r"(?i)(?-u:\b)(?:born(?:\s+on)?|date\s+of\s+birth|d\.?o\.?b\.?|birth\s?date|birthday|nascid[oa](?:\s+em)?|data\s+de\s+nascimento|nasc\.?)\s*[:\-]?\s*({date})"
                 ),
                 1,
                 always,
             ),
             (
                 Category::MedicalRecord,
-                r"(?i)\b(?:MRN|medical\s+record(?:\s+(?:number|no\.?|#))?|patient\s+(?:id|number)|health\s+(?:id|plan\s+number)|prontu[aá]rio(?:\s+n[º°o]?\.?)?|registro\s+m[eé]dico|cart[aã]o\s+sus)\s*[:#]?\s*([A-Z0-9][A-Z0-9\-]{4,19})\b".into(),
+                r"(?i)(?-u:\b)(?:MRN|medical\s+record(?:\s+(?:number|no\.?|#))?|patient\s+(?:id|number)|health\s+(?:id|plan\s+number)|prontu[aá]rio(?:\s+n[º°o]?\.?)?|registro\s+m[eé]dico|cart[aã]o\s+sus)\s*[:#]?\s*([A-Z0-9][A-Z0-9\-]{4,19})(?-u:\b)".into(),
                 1,
                 has_digit,
             ),
             (
+                Category::IdNumber,
+                r"(?i)(?-u:\b)(?:driver'?s?\s+licen[cs]e|driving\s+licen[cs]e|licen[cs]e\s+(?:number|no\.?|#)|passport|carteira\s+de\s+identidade|cnh|rg)(?:\s+(?:number|no\.?|#|n[º°o]\.?))?\s*(?:is|é|:|#)?\s*([A-Z0-9][A-Z0-9.\-]{4,19})(?-u:\b)".into(),
+                1,
+                has_digit,
+            ),
+            // A postal code after its label: "ZIP: 394 13", "my zip code is 35350", "CEP 01310-100".
+            (
+                Category::Address,
+                r"(?i)(?-u:\b)(?:zip(?:\s*code)?|postal\s*code|post\s*code|postcode|cep|c[óo]digo\s+postal)\s*(?:is|é|:|#)?\s*(\d{3,5}(?:[ \-]\d{2,4})?)(?-u:\b)".into(),
+                1,
+                always,
+            ),
+            (
                 Category::Address,
                 format!(
-                    r"\b\d{{1,6}}[A-Za-z]?(?:-\d+)?\s+(?:\d{{1,5}}\s+)?(?:\p{{Lu}}[\p{{L}}'.\-]*\s+){{0,4}}{STREET_EN}(?:,?\s+{UNIT})?"
+                    r"(?-u:\b)\d{{1,6}}[A-Za-z]?(?:-\d+)?\s+(?:\d{{1,5}}\s+)?(?:\p{{Lu}}[\p{{L}}'.\-]*\s+){{0,4}}{STREET_EN}(?:,?\s+{UNIT})?"
                 ),
                 0,
                 always,
             ),
             (
                 Category::Address,
-                format!(r"(?:\b\d{{1,6}}\s+)?\b\p{{Lu}}\p{{Ll}}*{STREET_EU}\s+\d{{1,5}}[A-Za-z]?\b(?:,?\s+{UNIT})?"),
+                format!(r"(?:(?-u:\b)\d{{1,6}}\s+)?\p{{Lu}}\p{{Ll}}*{STREET_EU}\s+\d{{1,5}}[A-Za-z]?(?-u:\b)(?:,?\s+{UNIT})?"),
                 0,
                 always,
             ),
             (
                 Category::Address,
-                r"(?i)(?:\b(?:rua|r\.|avenida|av\.|travessa|tv\.|alameda|al\.|praça|pça\.|estrada|rodovia|largo|calle|carrer|ul\.|ulica)|\bc/)\s*(?:[\p{L}'.]+\s+){0,5}?[\p{L}'.]+,?\s*(?:n[º°o.]?\s*)?\d{1,5}\b".into(),
+                r"(?i)(?:(?-u:\b)(?:rua|r\.|avenida|av\.|travessa|tv\.|alameda|al\.|praça|pça\.|estrada|rodovia|largo|calle|carrer|ul\.|ulica)\s+|(?-u:\b)c/\s*)(?:[\p{L}'.]+\s+){0,5}?[\p{L}'.]+,?\s*(?:n[º°o.]?\s*)?\d{1,5}(?-u:\b)".into(),
                 0,
                 always,
             ),
-            (Category::Address, format!(r"\b{UNIT}\b"), 0, always),
+            (Category::Address, format!(r"(?-u:\b){UNIT}(?-u:\b)"), 0, always),
             // House number, street name, number (the continental order behind a building number:
             // "5049 Harjukuja 54", "3482 Via Franscini 71"), ending the line, a clause or before a unit.
             (
@@ -478,14 +511,14 @@ impl Detector {
             // US military addresses: "PSC 0413, Box 8144 APO AA 42323", "USNS Lopez FPO AE 12345".
             (
                 Category::Address,
-                r"\b(?:(?:PSC|Unit)\s+\d{4},?\s+Box\s+\d{4}|(?:USNS|USNV|USS|USCGC)\s+\p{Lu}\p{Ll}+)\s+(?:APO|FPO|DPO)\s+A[AEP]\s+\d{5}\b".into(),
+                r"(?-u:\b)(?:(?:PSC|Unit)\s+\d{4},?\s+Box\s+\d{4}|(?:USNS|USNV|USS|USCGC)\s+\p{Lu}\p{Ll}+)\s+(?:APO|FPO|DPO)\s+A[AEP]\s+\d{5}(?-u:\b)".into(),
                 0,
                 always,
             ),
             (
                 Category::Person,
                 format!(
-                    r"\b(?:Mr|Mrs|Ms|mr|mrs|ms|Miss|Mx|Dr|Prof|Sr|Sra|Srta|Dra|Dona)\.?\s+({NAME})"
+                    r"(?-u:\b)(?:Mr|Mrs|Ms|mr|mrs|ms|Miss|Mx|Dr|Prof|Sr|Sra|Srta|Dra|Dona)\.?\s+({NAME})"
                 ),
                 1,
                 always,
@@ -493,7 +526,7 @@ impl Detector {
             (
                 Category::Person,
                 format!(
-                    r"(?i:\b(?:my name is|name is|name:|named|called|i am|i'm|dear|hi|hello|olá|oi|prezad[oa]|caro|cara|meu nome é|me chamo|chamad[oa]|patient|paciente|signed|regards,|atenciosamente,|sincerely,|thanks,|obrigad[oa],|says|said|asked|replied|call me|calls me|disse)\s+)({NAME})"
+                    r"(?i:(?-u:\b)(?:my name is|name is|name:|named|called|i am|i'm|dear|hi|hello|olá|oi|prezad[oa]|caro|cara|meu nome é|me chamo|chamad[oa]|patient|paciente|signed|regards,|atenciosamente,|sincerely,|thanks,|obrigad[oa],|says|said|asked|replied|call me|calls me|disse)\s+)({NAME})"
                 ),
                 1,
                 not_common_word,
@@ -519,12 +552,14 @@ impl Detector {
             names: None,
             words,
             lower: Regex::new(r"\p{Ll}[\p{Ll}'’\-]*\p{Ll}").expect("lowercase words"),
+            postal_alone: Regex::new(&format!(r"(?m)^[ \t>]*({POSTAL})[ \t]*$"))
+                .expect("postal code line"),
             lower_address: Regex::new(
                 r"(?-u:\b)\d{1,6}[ \t]+((?:[\p{Ll}'.\-]+[ \t]+){1,4})\d{1,5}[a-z]?(?-u:\b)",
             )
             .expect("lowercase address"),
             postal_line: Regex::new(
-                r"(?m)\p{L}[\p{L}.\-]+(?:[ \t]+\([\p{L} ]+\))?,?[ \t]+(?:[A-Z]{2}[ \t]+)?(\d{4,5}|\d{2}-\d{3})[ \t]*$",
+                &format!(r"(?m)\p{{L}}[\p{{L}}.\-]+(?:[ \t]+\([\p{{L}} ]+\))?,?[ \t]+(?:[A-Z]{{2}}[ \t]+)?({POSTAL})[ \t]*$"),
             )
             .expect("postal line"),
         }
@@ -587,7 +622,7 @@ impl Detector {
             // for the word.
             let first = names.is_first_name(&cap) && !names.is_common(stem);
             let word = names.is_name_word(&cap);
-            let unknown = all_lower && stem.chars().nth(3).is_some() && names.is_unknown(stem);
+            let unknown = all_lower && stem.chars().nth(3).is_some() && names.unknown_name(stem);
             if let Some((ps, pe, true, prev_word)) = prev {
                 let pair = word || unknown || (all_lower && first && prev_word);
                 if initial_gap(&text[pe..s]) && pair {
@@ -647,7 +682,7 @@ impl Detector {
         // A capitalised word that is no English or Portuguese word ("Dzhambek"); not an initial.
         let unknown = |(s, e): (usize, usize)| {
             let w = &text[s..e];
-            crate::namewords::name_shaped(w) && names.is_unknown(w)
+            crate::namewords::name_shaped(w) && names.unknown_name(w)
         };
         let mut i = 0;
         while i < words.len() {
@@ -867,10 +902,15 @@ impl Detector {
             }
         }
         let mut cands = merged;
-        // A postal code ending a line that names a place ("Estonia 62488", "Wrocław 53-320"), in a
-        // text that holds a street address: the last line of an address block.
+        // A postal code ending a line that names a place ("Estonia 62488", "Wrocław 53-320"), or
+        // alone on its line, in a text that holds a street address: the last line of an address
+        // block.
         if cands.iter().any(|f| f.category == Category::Address) {
-            for c in self.postal_line.captures_iter(text) {
+            for c in self
+                .postal_line
+                .captures_iter(text)
+                .chain(self.postal_alone.captures_iter(text))
+            {
                 if let Some(g) = c.get(1) {
                     cands.push(Finding {
                         category: Category::Address,
@@ -1360,6 +1400,16 @@ mod tests {
             Category::Address,
             "97466",
         );
+        // Postal codes: labelled, or alone on the last line of an address block.
+        has("ZIP: 394 13", Category::Address, "394 13");
+        has("my zip code is 35350", Category::Address, "35350");
+        has("CEP: 01310-100", Category::Address, "01310-100");
+        has(
+            "Billing: 03262 2437 Main St Suite 442\n   Mill Village\n    NS\n    B0J 2H0",
+            Category::Address,
+            "B0J 2H0",
+        );
+        none_of("Total\n 2024", Category::Address);
         none_of("Upgrade to Windows 2000\nor Office 2019", Category::Address);
         none_of("We sent 3 via email and 2 by post.", Category::Address);
         none_of("I bought 3 Apples for 4.", Category::Address);
@@ -1467,6 +1517,17 @@ mod tests {
             ["Nicole Dolgorukova"]
         );
         assert!(of("We met at noon.", Category::Name).is_empty());
+        let off = Detector::new().with_names(
+            Names::from_nam_dict("")
+                .with_lexicon(crate::namewords::Lexicon {
+                    name_words: Default::default(),
+                    known: [("is", 6.0), ("from", 6.0)]
+                        .map(|(w, z)| (w.to_string(), z))
+                        .into(),
+                })
+                .with_unknown_names(false),
+        );
+        assert!(off.scan("Dzhambek is from Areavibes.").is_empty());
         // No capital anywhere: a name word or an unknown word alone, an introduced first name, a
         // list of first names, a first name before a colon; not common words that are names too.
         assert_eq!(
@@ -1607,6 +1668,13 @@ mod tests {
             "3 de março de 1975",
         );
         has("MRN: 00123456", Category::MedicalRecord, "00123456");
+        has(
+            "My driver's license number is F162823540116",
+            Category::IdNumber,
+            "F162823540116",
+        );
+        has("passport no. X1234567", Category::IdNumber, "X1234567");
+        none_of("my passport is expired", Category::IdNumber);
         has(
             "prontuário nº 778812-3",
             Category::MedicalRecord,

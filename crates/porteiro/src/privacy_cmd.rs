@@ -86,7 +86,7 @@ fn default_corpus(data: Option<PathBuf>) -> Result<PathBuf> {
 
 /// The detectors, with the first-name list `names` (fetched when missing) and the name words derived
 /// from names-dataset and wordfreq (fetched, derived and cached on first use).
-pub fn detector(names: Option<&str>) -> Result<Detector> {
+pub fn detector(names: Option<&str>, unknown_names: bool) -> Result<Detector> {
     let det = Detector::new();
     let Some(n) = names else {
         return Ok(det);
@@ -95,7 +95,10 @@ pub fn detector(names: Option<&str>) -> Result<Detector> {
         .with_context(|| format!("first-name list `{n}`"))?;
     let list = porteiro_privacy::detect::Names::load(&path)
         .with_context(|| format!("reading {}", path.display()))?;
-    Ok(det.with_names(list.with_lexicon(lexicon()?)))
+    Ok(det.with_names(
+        list.with_lexicon(lexicon()?)
+            .with_unknown_names(unknown_names),
+    ))
 }
 
 /// The person detector's name words and known words (see `porteiro_privacy::namewords`).
@@ -132,7 +135,7 @@ fn lexicon() -> Result<porteiro_privacy::namewords::Lexicon> {
 }
 
 pub fn run_privacy(cmd: &PrivacyCmd) -> Result<()> {
-    let det = detector(Some("names"))?;
+    let det = detector(Some("names"), true)?;
     match cmd {
         PrivacyCmd::Scan { text, mask } => {
             let text = match text {
