@@ -255,8 +255,8 @@ impl Names {
     }
 
     /// Whether `w` is a common word (Zipf 5.5 or more: "me", "are", "just", "he", "here"; "john"
-    /// is 5.4): where nothing but a list says it is a name (without a capital, or capitalised at a
-    /// sentence's start), it is taken for the word.
+    /// is 5.4): where nothing but a list says it is a name (alone, or without a capital), it is
+    /// taken for the word.
     pub fn is_common(&self, w: &str) -> bool {
         self.zipf(w) >= 5.5
     }
@@ -713,8 +713,14 @@ impl Detector {
             // A listed first name alone at a sentence's start may be an ordinary word ("Mark the
             // date"); a name word or an unknown word may not, nor a name addressed or owning
             // something ("Leif, ...", "Nicole: ...", "Matej's address").
+            // A listed first name that is a common word ("You", "In", "To") is no evidence: a run
+            // needs a word that is ("To Hate", "My Baby" are titles, "Will Smith" a person).
+            let evidence = |&(a, b): &(usize, usize)| {
+                let w = &text[a..b];
+                (names.contains(w) && !names.is_common(w)) || unknown((a, b))
+            };
             let alone_at_start = j == i && sentence_start;
-            if !(alone_at_start && listed && names.is_common(&text[s..e]))
+            if words[i..=j].iter().any(evidence)
                 && (!alone_at_start
                     || marked(&text[end..])
                     || !listed
@@ -1485,7 +1491,7 @@ mod tests {
             "the", "is", "and", "a", "me", "are", "you", "to", "on", "he", "my", "i",
         ];
         let names = Names::from_nam_dict(
-            "M  Mark                        1\nF  Nicole                      1\nM  Adam                        1\nF  Donna                       1\nM  Brian                       1\nF  Danielle                    1\nM  Will                        1\nM  Are                         1\n",
+            "M  Mark                        1\nF  Nicole                      1\nM  Adam                        1\nF  Donna                       1\nM  Brian                       1\nF  Danielle                    1\nM  Will                        1\nM  Are                         1\nM  To                          1\n",
         )
         .with_lexicon(crate::namewords::Lexicon {
             name_words: ["Christiansen".to_string()].into(),
@@ -1517,6 +1523,13 @@ mod tests {
             ["Nicole Dolgorukova"]
         );
         assert!(of("We met at noon.", Category::Name).is_empty());
+        // A first name that is a common word is no evidence of a person on its own.
+        assert!(of("We met To Are at noon.", Category::Person).is_empty());
+        assert!(of("We met To at noon.", Category::Person).is_empty());
+        assert_eq!(
+            of("We met To Christiansen at noon.", Category::Person),
+            ["To Christiansen"]
+        );
         let off = Detector::new().with_names(
             Names::from_nam_dict("")
                 .with_lexicon(crate::namewords::Lexicon {
