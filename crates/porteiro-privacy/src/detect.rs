@@ -639,6 +639,25 @@ impl Detector {
             let rare_word = word && names.zipf(stem) < 3.0;
             let alone = all_lower && (rare_word || unknown || (first && marked(&text[e..])));
             if alone || (introduced && (first || word)) {
+                // An introduced name takes the next word too unless it is a common word or a
+                // joiner ("my name is joão silva", not "... mark and i").
+                let next = text[e..].strip_prefix(' ').map(|r| {
+                    r.split(|c: char| !(c.is_alphabetic() || matches!(c, '\'' | '’' | '-')))
+                        .next()
+                        .unwrap_or("")
+                });
+                let end = match next {
+                    Some(w)
+                        if introduced
+                            && !w.is_empty()
+                            && !w.chars().any(char::is_uppercase)
+                            && !matches!(w, "and" | "e" | "or" | "ou")
+                            && !names.is_common(w) =>
+                    {
+                        e + 1 + w.len()
+                    }
+                    _ => e,
+                };
                 out.push(Finding {
                     category: if first || word {
                         Category::Person
@@ -646,7 +665,7 @@ impl Detector {
                         Category::Name
                     },
                     start: s,
-                    end: e,
+                    end,
                 });
             }
             match prev {
@@ -1549,6 +1568,11 @@ mod tests {
         );
         assert_eq!(of("early samoylova work", Category::Name), ["samoylova"]);
         assert_eq!(of("my name is mark", Category::Person), ["mark"]);
+        assert_eq!(
+            of("my name is mark bulgak", Category::Person),
+            ["mark bulgak"]
+        );
+        assert_eq!(of("my name is mark and i", Category::Person), ["mark"]);
         assert_eq!(
             of("they had 3: adam, donna and brian.", Category::Person),
             ["adam", "donna", "brian"]
