@@ -16,6 +16,9 @@ pub const MAX_RANK: i64 = 5000;
 /// ... and its lowercase form's Zipf frequency (log10 of occurrences per billion words) is below this
 /// in both languages: "Street" (5.3) and "Will" (6.3) are dropped, "Christiansen" (2.5) kept.
 pub const MAX_ZIPF: f32 = 4.0;
+/// ... and below this when only one list ranks it: "Python" (3.8) and "Flask" (3.2) are each in one
+/// country's surname list; "Christiansen" (2.5) passes anyway, "Kafka" (3.3, four lists) too.
+pub const SINGLE_LIST_ZIPF: f32 = 3.0;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NameWordsError {
@@ -59,8 +62,8 @@ pub struct Lexicon {
 pub fn cache_paths(sources: &Sources) -> [PathBuf; 2] {
     let dir = sources.last_names.parent().unwrap_or(Path::new("."));
     [
-        // v3: "McDowell" beside "Mcdowell".
-        dir.join(format!("name-words-v3-r{MAX_RANK}-z{MAX_ZIPF}.txt")),
+        // v3: "McDowell" beside "Mcdowell"; v4: SINGLE_LIST_ZIPF.
+        dir.join(format!("name-words-v4-r{MAX_RANK}-z{MAX_ZIPF}.txt")),
         dir.join(format!("known-words-z{KNOWN_ZIPF}.tsv")),
     ]
 }
@@ -196,27 +199,34 @@ pub fn name_shaped(w: &str) -> bool {
         && rest.last().is_some_and(|c| c.is_lowercase())
 }
 
-/// The name words of `sources` under `MAX_RANK` and `MAX_ZIPF`, and the words at `KNOWN_ZIPF`.
+/// The name words of `sources` under `MAX_RANK`, `MAX_ZIPF` and `SINGLE_LIST_ZIPF`, and the words
+/// at `KNOWN_ZIPF`.
 pub fn derive(sources: &Sources) -> Result<Lexicon, NameWordsError> {
     let mut zipf = HashMap::new();
     for p in sources.word_lists {
         read_zipf(p, &mut zipf)?;
     }
-    let mut out = HashSet::new();
+    // How many ranked lists (a country's first or last names) have the name in their top MAX_RANK.
+    let mut ranked: HashMap<String, usize> = HashMap::new();
     for table in [sources.first_names, sources.last_names] {
         for (name, e) in read_table(table)? {
-            if !name_shaped(&name) || e.rank.values().all(|&r| r > MAX_RANK) {
-                continue;
+            let n = e.rank.values().filter(|&&r| r <= MAX_RANK).count();
+            if n > 0 && name_shaped(&name) {
+                *ranked.entry(name).or_default() += n;
             }
-            if zipf.get(&name.to_lowercase()).copied().unwrap_or(0.0) < MAX_ZIPF {
-                // The tables write "Mcdowell"; text writes "McDowell".
-                if let Some(rest) = name.strip_prefix("Mc").filter(|r| r.len() > 2) {
-                    let mut c = rest.chars();
-                    let upper: String = c.next().into_iter().flat_map(char::to_uppercase).collect();
-                    out.insert(format!("Mc{upper}{}", c.as_str()));
-                }
-                out.insert(name);
+        }
+    }
+    let mut out = HashSet::new();
+    for (name, lists) in ranked {
+        let z = zipf.get(&name.to_lowercase()).copied().unwrap_or(0.0);
+        if z < MAX_ZIPF && (lists >= 2 || z < SINGLE_LIST_ZIPF) {
+            // The tables write "Mcdowell"; text writes "McDowell".
+            if let Some(rest) = name.strip_prefix("Mc").filter(|r| r.len() > 2) {
+                let mut c = rest.chars();
+                let upper: String = c.next().into_iter().flat_map(char::to_uppercase).collect();
+                out.insert(format!("Mc{upper}{}", c.as_str()));
             }
+            out.insert(name);
         }
     }
     let known = zipf.into_iter().filter(|&(_, z)| z >= KNOWN_ZIPF).collect();
@@ -266,7 +276,12 @@ mod tests {
         );
         gz(
             &last,
-            &table(&[("Christiansen", 400), ("Street", 700), ("MCDONALD", 5)]),
+            &table(&[
+                ("Christiansen", 400),
+                ("Street", 700),
+                ("MCDONALD", 5),
+                ("Python", 900),
+            ]),
         );
         // Bucket 0 is Zipf 9, bucket 300 Zipf 6; "christiansen" sits at Zipf 2.5 (bucket 650),
         // "geomancy" at 1.5, under KNOWN_ZIPF.
@@ -274,6 +289,7 @@ mod tests {
             vec![serde_json::json!({"format": "cB", "version": 1})];
         lists.extend((0..=750).map(|i| match i {
             300 => serde_json::json!(["street", "will"]),
+            550 => serde_json::json!(["python"]),
             650 => serde_json::json!(["christiansen"]),
             750 => serde_json::json!(["geomancy"]),
             _ => serde_json::json!([]),
@@ -287,9 +303,14 @@ mod tests {
         };
         let want = Lexicon {
             name_words: ["Kónya", "Christiansen"].map(String::from).into(),
-            known: [("street", 6.0), ("will", 6.0), ("christiansen", 2.5)]
-                .map(|(w, z)| (w.to_string(), z))
-                .into(),
+            known: [
+                ("street", 6.0),
+                ("will", 6.0),
+                ("python", 3.5),
+                ("christiansen", 2.5),
+            ]
+            .map(|(w, z)| (w.to_string(), z))
+            .into(),
         };
         assert_eq!(load_or_derive(&sources).unwrap(), want);
         assert!(cache_paths(&sources).iter().all(|p| p.exists()));
