@@ -577,8 +577,13 @@ impl Detector {
     /// mostly first names ("silvana, adam, chad and caleb"). In a text with no capital at all,
     /// where capitals give no hint, also a name word or an unknown word alone, and a first name
     /// addressed, speaking or owning something, as at a sentence's start.
-    fn scan_lowercase_names(&self, names: &Names, text: &str, out: &mut Vec<Finding>) {
-        let all_lower = no_capitals(text);
+    fn scan_lowercase_names(
+        &self,
+        names: &Names,
+        text: &str,
+        all_lower: bool,
+        out: &mut Vec<Finding>,
+    ) {
         // One buffer for the capitalised forms: no allocation per word.
         let mut cap = String::new();
         // The previous word: (start, end, may start a name, is a name word or unknown).
@@ -609,15 +614,10 @@ impl Detector {
                 // Joins a list; the gap check below sees it.
                 continue;
             }
-            let stem = w
-                .strip_suffix("'s")
-                .or_else(|| w.strip_suffix("’s"))
-                .unwrap_or(w);
+            let stem = possessive_stem(w);
             let (s, e) = (m.start(), m.start() + stem.len());
-            let mut c = stem.chars();
             cap.clear();
-            cap.extend(c.next().into_iter().flat_map(char::to_uppercase));
-            cap.push_str(c.as_str());
+            crate::namewords::push_capitalised(&mut cap, stem);
             // Without a capital, a first name that is also a common word ("will", "are") is taken
             // for the word.
             let first = names.is_first_name(&cap) && !names.is_common(stem);
@@ -679,21 +679,18 @@ impl Detector {
         flush(&mut run, out);
     }
 
-    fn scan_names(&self, text: &str, out: &mut Vec<Finding>) {
+    /// Persons and names; `all_lower`: the text has no capital at all.
+    fn scan_names(&self, text: &str, all_lower: bool, out: &mut Vec<Finding>) {
         let Some(names) = &self.names else {
             return;
         };
-        self.scan_lowercase_names(names, text, out);
+        self.scan_lowercase_names(names, text, all_lower, out);
         // A possessive's "'s" is not part of the name ("Matej's address").
         let words: Vec<(usize, usize)> = self
             .words
             .find_iter(text)
             .filter(|m| !glued(text, m.start(), m.end()))
-            .map(|m| {
-                let w = m.as_str();
-                let stem = w.strip_suffix("'s").or_else(|| w.strip_suffix("’s"));
-                (m.start(), m.start() + stem.map_or(w.len(), str::len))
-            })
+            .map(|m| (m.start(), m.start() + possessive_stem(m.as_str()).len()))
             .collect();
         // A bare capital ("I", "A", the "M" of "Stephan M Urner"): one character, no period.
         let bare =
@@ -876,9 +873,10 @@ impl Detector {
                 }
             }
         }
-        self.scan_names(text, &mut cands);
+        let all_lower = no_capitals(text);
+        self.scan_names(text, all_lower, &mut cands);
         if let Some(names) = &self.names {
-            if no_capitals(text) {
+            if all_lower {
                 // Without capitals: a building number, words of which one is no known word, and a
                 // number ("255 hersnapvej 18"; not "between 10 and 20").
                 for c in self.lower_address.captures_iter(text) {
@@ -1010,6 +1008,13 @@ fn glued(text: &str, s: usize, e: usize) -> bool {
 /// Whether `text` has no capital letter at all (so capitals give no hint of a name).
 fn no_capitals(text: &str) -> bool {
     !text.chars().any(char::is_uppercase)
+}
+
+/// `w` without a possessive "'s" ("Matej's" → "Matej").
+fn possessive_stem(w: &str) -> &str {
+    w.strip_suffix("'s")
+        .or_else(|| w.strip_suffix("’s"))
+        .unwrap_or(w)
 }
 
 /// The gap between a first name and a last name: a space, or an initial ("a", "t.") between spaces.

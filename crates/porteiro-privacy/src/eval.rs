@@ -93,6 +93,18 @@ fn answers(row: &str, t: &str) -> bool {
     row == ANY_TYPE || row.split('+').any(|x| x == t)
 }
 
+/// The labelled spans of `s` as (type, byte range), spans outside the text or empty left out.
+fn gold_spans(s: &Sample) -> Vec<(&str, (usize, usize))> {
+    let pos = char_to_byte(&s.full_text);
+    s.spans
+        .iter()
+        .filter_map(|g| {
+            let (a, b) = (*pos.get(g.start_position)?, *pos.get(g.end_position)?);
+            (a < b).then_some((g.entity_type.as_str(), (a, b)))
+        })
+        .collect()
+}
+
 fn overlaps(a: (usize, usize), b: (usize, usize)) -> bool {
     a.0 < b.1 && b.0 < a.1
 }
@@ -112,20 +124,7 @@ pub fn evaluate(det: &Detector, corpus: &[Sample]) -> Vec<Row> {
         );
     }
     for s in corpus {
-        let pos = char_to_byte(&s.full_text);
-        let gold: Vec<(&str, (usize, usize))> = s
-            .spans
-            .iter()
-            .filter(|g| {
-                g.end_position <= s.full_text.chars().count() && g.start_position < g.end_position
-            })
-            .map(|g| {
-                (
-                    g.entity_type.as_str(),
-                    (pos[g.start_position], pos[g.end_position]),
-                )
-            })
-            .collect();
+        let gold = gold_spans(s);
         let found: Vec<Finding> = det.scan(&s.full_text);
         for f in &found {
             let Some(row) = rows.get_mut(f.category.name()) else {
@@ -195,16 +194,8 @@ pub struct Error {
 pub fn errors(det: &Detector, corpus: &[Sample]) -> Vec<Error> {
     let mut out = Vec::new();
     for s in corpus {
-        let pos = char_to_byte(&s.full_text);
         let found = det.scan(&s.full_text);
-        let gold: Vec<(&str, (usize, usize))> = s
-            .spans
-            .iter()
-            .filter_map(|g| {
-                let (a, b) = (*pos.get(g.start_position)?, *pos.get(g.end_position)?);
-                (a < b).then_some((g.entity_type.as_str(), (a, b)))
-            })
-            .collect();
+        let gold = gold_spans(s);
         let error = |kind, t: &str, (a, b): (usize, usize)| Error {
             kind,
             kind_of_value: t.to_string(),
