@@ -11,8 +11,9 @@ stream cut into 3-character chunks so placeholders are split across chunks). The
   - tier `masked` (policy mask): every sentence, JSON; every 10th sentence also streamed;
   - tier `local-only` (policy keep_local): every 5th sentence;
 then the recorded bytes are searched for every labelled value. Values of the validated categories
-(e-mail, phone, card, IBAN, SSN, IP) must never be found; leaks of the context-rule categories
-(person, street address) and of types no detector covers are reported. Masked answers must come
+(e-mail, phone, card, IBAN, SSN, IP) and of the context-rule categories the issue lists (person,
+street address, postal code, driver's licence) must never be found; leaks of the other types
+(places, organisations, dates, ages, titles, web domains, nationalities) are reported. Masked answers must come
 back restored, byte for byte. Block and allow tiers, secrets, and the audit trail (verify, then
 edits / deletions / reorders / insertions caught by `porteiro audit verify`) are checked too.
 Prints one line per check and a `PRIVACY {...}` line with the figures; exits non-zero on failure.
@@ -42,6 +43,7 @@ ap.add_argument("--model", default="smollm2-135m")
 args = ap.parse_args()
 
 VALIDATED = {"EMAIL_ADDRESS", "PHONE_NUMBER", "CREDIT_CARD", "IBAN_CODE", "US_SSN", "IP_ADDRESS"}
+CONTEXT = {"PERSON", "STREET_ADDRESS", "ZIP_CODE", "US_DRIVER_LICENSE"}
 RECORDED = []  # (model, raw bytes)
 LOCK = threading.Lock()
 
@@ -153,15 +155,14 @@ per = leaks(corpus, raws)
 FIG["mask_leaks"] = {t: {"values": n, "leaked": k} for t, (n, k) in sorted(per.items())}
 bad = {t: per[t] for t in VALIDATED if per.get(t, (0, 0))[1]}
 check("mask: zero values of the validated categories in the recorded bytes", not bad, str(bad))
-for t in ("PERSON", "STREET_ADDRESS", "ZIP_CODE", "US_DRIVER_LICENSE"):
+for t in sorted(CONTEXT):
     n, k = per.get(t, (0, 0))
     print(f"     {t}: {k}/{n} values reached the upstream ({100 * k / max(n, 1):.1f}%)")
-# Floors at what was measured (README): every street address, and all but a few names (a surname
-# that is a common Portuguese word, "Castro"; a lowercase pair of a common first name and a
-# surname on no list, "frank freud").
-check("mask: no street address reached the upstream", per.get("STREET_ADDRESS", (0, 0))[1] == 0)
-check("mask: at most 3 person names reached the upstream", per.get("PERSON", (0, 0))[1] <= 3,
-      str(per.get("PERSON")))
+# The context-rule categories the issue lists (person names, postal addresses and their postal
+# codes, identity numbers) must not leak either.
+bad = {t: per[t] for t in CONTEXT if per.get(t, (0, 0))[1]}
+check("mask: zero person names, street addresses, postal codes, licence numbers reached the upstream",
+      not bad, str(bad))
 
 # --- mask, streaming: every 10th sentence, placeholders split across 3-character chunks ---------
 sub = corpus[::10]
@@ -195,9 +196,9 @@ FIG["keep_local_leaks"] = {t: {"values": n, "leaked": k} for t, (n, k) in sorted
 bad = {t: per[t] for t in VALIDATED if per.get(t, (0, 0))[1]}
 check("keep_local: zero values of the validated categories reached the upstream", not bad, str(bad))
 print(f"     keep_local kept {kept}/{len(sub)} requests on the local tier")
-check("keep_local: no street address reached the upstream", per.get("STREET_ADDRESS", (0, 0))[1] == 0)
-check("keep_local: at most 1 person name reached the upstream", per.get("PERSON", (0, 0))[1] <= 1,
-      str(per.get("PERSON")))
+bad = {t: per[t] for t in CONTEXT if per.get(t, (0, 0))[1]}
+check("keep_local: zero person names, street addresses, postal codes, licence numbers reached the upstream",
+      not bad, str(bad))
 
 
 # --- block, secrets, allow -------------------------------------------------------------------------

@@ -149,6 +149,10 @@ pub struct Detector {
     lower_address: Regex,
     /// A postal code alone on its line.
     postal_alone: Regex,
+    /// "in ⟨place⟩ ⟨postal code⟩" inside a sentence.
+    place_postal: Regex,
+    /// A name used attributively: "the Castro novel", "the frank freud version".
+    attributive: Regex,
 }
 
 /// A list of first names (gender-guesser's `nam_dict.txt`: ~45,000 names from many countries), and
@@ -308,6 +312,10 @@ const POSTAL: &str =
 /// Street words that come before the street's name in French, Spanish, Italian and Polish
 /// (lowercase only where the word is no ordinary English word: not "via", "place").
 const STREET_BEFORE: &str = r"(?:[Rr]ue|[Aa]venue|[Bb]oulevard|[Cc]hemin|[Aa]llée|Place|Quai|Via|Viale|Calle|Carrer|Paseo|C/|[Uu]l\.|[Uu]lica|Al\.)";
+/// Nouns after which a name is a person's, used attributively: "the Castro novel", "the Obama
+/// administration", "the frank sinatra version". Not "version", "book" or "album" after a capitalised
+/// word: "the Windows version", "the Python book".
+const ATTRIBUTED: &str = "novels?|novella|biography|memoir|memoirs|administration|family|era|estate|household|brothers|sisters|twins|version|recording|album|song|book|film|movie";
 const NAME: &str = r"\p{Lu}[\p{Ll}'’\-]+(?:\s+(?:\p{Lu}\.|(?:da|de|do|dos|das|van|von|del|la)\s+\p{Lu}[\p{Ll}'’\-]+|\p{Lu}[\p{Ll}'’\-]+)){0,3}";
 
 impl Detector {
@@ -554,6 +562,14 @@ impl Detector {
             lower: Regex::new(r"\p{Ll}[\p{Ll}'’\-]*\p{Ll}").expect("lowercase words"),
             postal_alone: Regex::new(&format!(r"(?m)^[ \t>]*({POSTAL})[ \t]*$"))
                 .expect("postal code line"),
+            place_postal: Regex::new(
+                r"(?-u:\b)(?:in|at|from|near|em|de|of)[ \t]+((?:[\p{L}'’.\-]+[ \t]+){1,4}?)(\d{5}-\d{3}|\d{4}-\d{3}|\d{3} \d{2}|\d{4,5})(?-u:\b)",
+            )
+            .expect("place and postal code"),
+            attributive: Regex::new(&format!(
+                r"(?-u:\b)[Tt]he[ \t]+(\p{{Lu}}[\p{{Ll}}'’\-]+(?:[ \t]+\p{{Lu}}[\p{{Ll}}'’\-]+)?|\p{{Ll}}+[ \t]+\p{{Ll}}+)[ \t]+({ATTRIBUTED})(?-u:\b)"
+            ))
+            .expect("attributive name"),
             lower_address: Regex::new(
                 r"(?-u:\b)\d{1,6}[ \t]+((?:[\p{Ll}'.\-]+[ \t]+){1,4})\d{1,5}[a-z]?(?-u:\b)",
             )
@@ -758,6 +774,41 @@ impl Detector {
             }
             i = j + 1;
         }
+        // A name used attributively, before a noun that belongs to a person: "the Castro novel",
+        // "the Obama administration"; in a text without capitals, a first name and a rare word
+        // before a work ("the frank freud version").
+        let mut cap = String::new();
+        for c in self.attributive.captures_iter(text) {
+            let (Some(g), Some(noun)) = (c.get(1), c.get(2)) else {
+                continue;
+            };
+            let v = g.as_str();
+            let person = if v.starts_with(char::is_uppercase) {
+                !matches!(
+                    noun.as_str(),
+                    "version" | "recording" | "album" | "song" | "book" | "film" | "movie"
+                ) && v
+                    .split_whitespace()
+                    .all(|w| names.zipf(w) < 5.0 && !COMMON_WORDS.contains(&w))
+            } else {
+                let mut ws = v.split_whitespace();
+                let (a, b) = (ws.next().unwrap_or(""), ws.next().unwrap_or(""));
+                cap.clear();
+                crate::namewords::push_capitalised(&mut cap, a);
+                all_lower
+                    && names.is_first_name(&cap)
+                    && !names.is_common(a)
+                    && b.chars().nth(2).is_some()
+                    && names.zipf(b) < 4.0
+            };
+            if person && !out.iter().any(|f| f.start < g.end() && g.start() < f.end) {
+                out.push(Finding {
+                    category: Category::Person,
+                    start: g.start(),
+                    end: g.end(),
+                });
+            }
+        }
         // Capitalised words coordinated with a person ("Morrison, Rogers and Torres") are people
         // too: runs of words joined by ", ", " and ", " e ", " & ", over the words already found.
         let joiner = |gap: &str| matches!(gap, ", " | " and " | ", and " | " e " | " & ");
@@ -876,6 +927,45 @@ impl Detector {
         let all_lower = no_capitals(text);
         self.scan_names(text, all_lower, &mut cands);
         if let Some(names) = &self.names {
+            // A place and a postal code inside a sentence ("in Bjert 6091", "in Quinta de São
+            // Tiago 3610-114"): the place must hold a word that is no known word or a name word,
+            // so "in Windows 2000" is not one.
+            let mut at = 0;
+            while let Some(c) = self.place_postal.captures_at(text, at) {
+                let (Some(place), Some(code)) = (c.get(1), c.get(2)) else {
+                    break;
+                };
+                let after = &text[code.end()..];
+                let words: Vec<&str> = place.as_str().split_whitespace().collect();
+                let shaped = words.iter().all(|w| {
+                    all_lower
+                        || w.starts_with(char::is_uppercase)
+                        || matches!(*w, "de" | "da" | "do" | "dos" | "das" | "di" | "del" | "la")
+                });
+                let evidence = words.iter().any(|w| {
+                    let w = w.trim_matches(|c: char| !c.is_alphabetic());
+                    let mut cap = String::new();
+                    crate::namewords::push_capitalised(&mut cap, w);
+                    w.chars().nth(2).is_some() && (names.is_unknown(w) || names.contains(&cap))
+                });
+                // A year is no postal code here ("from April 2020").
+                let year =
+                    code.len() == 4 && matches!(code.as_str().parse::<u16>(), Ok(1900..=2099));
+                let number_goes_on = year
+                    || after.starts_with('%')
+                    || (after.starts_with(['.', ','])
+                        && after[1..].starts_with(|c: char| c.is_ascii_digit()));
+                if shaped && evidence && !number_goes_on {
+                    cands.push(Finding {
+                        category: Category::Address,
+                        start: place.start(),
+                        end: code.end(),
+                    });
+                    at = code.end();
+                } else {
+                    at = place.start();
+                }
+            }
             if all_lower {
                 // Without capitals: a building number, words of which one is no known word, and a
                 // number ("255 hersnapvej 18"; not "between 10 and 20").
@@ -1509,13 +1599,14 @@ mod tests {
             "the", "had", "given", "his", "address", "is", "from", "we", "met", "at", "noon",
             "early", "work", "by", "my", "name", "they", "and", "what", "a", "wife", "remember",
             "me", "will", "are", "you", "just", "he", "on", "redeem", "to", "tales", "i",
-            "between", "lives", "bulgak", "leverett",
+            "between", "lives", "bulgak", "leverett", "unlike", "castro", "novel", "windows",
+            "version", "frank", "freud", "support", "in", "it", "ran",
         ];
         let common = [
-            "the", "is", "and", "a", "me", "are", "you", "to", "on", "he", "my", "i",
+            "the", "is", "and", "a", "me", "are", "you", "to", "on", "he", "my", "i", "windows",
         ];
         let names = Names::from_nam_dict(
-            "M  Mark                        1\nF  Nicole                      1\nM  Adam                        1\nF  Donna                       1\nM  Brian                       1\nF  Danielle                    1\nM  Will                        1\nM  Are                         1\nM  To                          1\n",
+            "M  Mark                        1\nF  Nicole                      1\nM  Adam                        1\nF  Donna                       1\nM  Brian                       1\nF  Danielle                    1\nM  Will                        1\nM  Are                         1\nM  To                          1\nM  Frank                       1\n",
         )
         .with_lexicon(crate::namewords::Lexicon {
             name_words: ["Christiansen".to_string()].into(),
@@ -1613,6 +1704,29 @@ mod tests {
             ["255 hersnapvej 18"]
         );
         assert!(of("between 10 and 20", Category::Address).is_empty());
+        // A place with an unknown word or a name, and a postal code, inside a sentence; not a
+        // known word and a number, nor a year.
+        assert_eq!(
+            of("to support it in Bjert 6091 in", Category::Address),
+            ["Bjert 6091"]
+        );
+        assert_eq!(
+            of("in Quinta de Mark 3610-114.", Category::Address),
+            ["Quinta de Mark 3610-114"]
+        );
+        assert!(of("it ran in Windows 2000", Category::Address).is_empty());
+        assert!(of("it ran from Mark 2020", Category::Address).is_empty());
+        // A name used attributively.
+        assert_eq!(
+            of("Unlike the Castro novel, it", Category::Person),
+            ["Castro"]
+        );
+        assert!(of("Unlike the Windows version, it", Category::Person).is_empty());
+        assert_eq!(
+            of("the frank freud version", Category::Person),
+            ["frank freud"]
+        );
+        assert!(of("the frank windows version", Category::Person).is_empty());
     }
 
     #[test]
