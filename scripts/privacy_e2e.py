@@ -40,10 +40,17 @@ ap = argparse.ArgumentParser()
 ap.add_argument("--porteiro", required=True)
 ap.add_argument("--corpus", required=True)
 ap.add_argument("--model", default="smollm2-135m")
+ap.add_argument("--quasi", action="store_true",
+                help="turn on [privacy] quasi_identifiers: dates, ages, web addresses, places, groups, titles")
 args = ap.parse_args()
 
 VALIDATED = {"EMAIL_ADDRESS", "PHONE_NUMBER", "CREDIT_CARD", "IBAN_CODE", "US_SSN", "IP_ADDRESS"}
 CONTEXT = {"PERSON", "STREET_ADDRESS", "ZIP_CODE", "US_DRIVER_LICENSE"}
+if args.quasi:
+    # With quasi-identifiers on, dates, ages, web addresses and nationalities/groups must not leak
+    # either. Places, organisations and job titles are reported (see README: what is left).
+    CONTEXT |= {"AGE", "DATE_TIME", "DOMAIN_NAME", "NRP"}
+CONTEXT_NAMES = ", ".join(sorted(CONTEXT))
 RECORDED = []  # (model, raw bytes)
 LOCK = threading.Lock()
 
@@ -94,6 +101,7 @@ model = ""
 [privacy]
 policy = "mask"
 audit_db = "{audit_db}"
+quasi_identifiers = {"true" if args.quasi else "false"}
 """)
     for name, policy in [("masked", "mask"), ("local-only", "keep_local"), ("blocked", "block"), ("open", "allow")]:
         f.write(f'[[upstreams]]\nname = "{name}"\nbase_url = "{REC}"\nmodel = "rec-{name}"\nprivacy = "{policy}"\nretries = 0\n')
@@ -155,14 +163,13 @@ per = leaks(corpus, raws)
 FIG["mask_leaks"] = {t: {"values": n, "leaked": k} for t, (n, k) in sorted(per.items())}
 bad = {t: per[t] for t in VALIDATED if per.get(t, (0, 0))[1]}
 check("mask: zero values of the validated categories in the recorded bytes", not bad, str(bad))
-for t in sorted(CONTEXT):
+for t in sorted(set(per) - VALIDATED):
     n, k = per.get(t, (0, 0))
     print(f"     {t}: {k}/{n} values reached the upstream ({100 * k / max(n, 1):.1f}%)")
 # The context-rule categories the issue lists (person names, postal addresses and their postal
 # codes, identity numbers) must not leak either.
 bad = {t: per[t] for t in CONTEXT if per.get(t, (0, 0))[1]}
-check("mask: zero person names, street addresses, postal codes, licence numbers reached the upstream",
-      not bad, str(bad))
+check(f"mask: zero values of {CONTEXT_NAMES} reached the upstream", not bad, str(bad))
 
 # --- mask, streaming: every 10th sentence, placeholders split across 3-character chunks ---------
 sub = corpus[::10]
@@ -197,8 +204,7 @@ bad = {t: per[t] for t in VALIDATED if per.get(t, (0, 0))[1]}
 check("keep_local: zero values of the validated categories reached the upstream", not bad, str(bad))
 print(f"     keep_local kept {kept}/{len(sub)} requests on the local tier")
 bad = {t: per[t] for t in CONTEXT if per.get(t, (0, 0))[1]}
-check("keep_local: zero person names, street addresses, postal codes, licence numbers reached the upstream",
-      not bad, str(bad))
+check(f"keep_local: zero values of {CONTEXT_NAMES} reached the upstream", not bad, str(bad))
 
 
 # --- block, secrets, allow -------------------------------------------------------------------------

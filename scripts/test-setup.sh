@@ -18,11 +18,12 @@ if [[ ! -s $HOME_DIR/data/minilm-reference.json ]]; then
   python3 scripts/minilm_reference.py "$HOME_DIR/models/minilm-l6" "$HOME_DIR/data/minilm-reference.json" >/dev/null
 fi
 # The privacy guard: its first-name list and the sources of its name words (derived and cached by the
-# first scan), and the labelled PII corpus its tests measure against.
-for d in names forenames surnames wordfreq-en wordfreq-pt; do
+# first scan), the place lists of its opt-in quasi-identifiers, and the labelled PII corpus its tests
+# measure against.
+for d in names forenames surnames wordfreq-en wordfreq-pt places-cities places-countries; do
   ./target/release/porteiro pull --quiet $d >/dev/null
 done
-./target/release/porteiro privacy scan "warm-up" >/dev/null
+./target/release/porteiro privacy --quasi-identifiers scan "warm-up" >/dev/null
 scripts/fetch-pii.sh >/dev/null
 python3 -m pip install --quiet --disable-pip-version-check openai prometheus-client
 # The dashboard test: Debian's Chromium driven by playwright-core.

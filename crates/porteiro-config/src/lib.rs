@@ -58,6 +58,7 @@
 //! audit_key_env = "PORTEIRO_AUDIT_KEY"  # if set, the chain is an HMAC under this key
 //! names = "names"            # first-name list for person detection (catalog alias, path, or "")
 //! unknown_names = true       # a capitalised word that is no English/Portuguese word is a name
+//! quasi_identifiers = false  # also dates, ages, web addresses, cities and countries (HIPAA style)
 //!
 //! [telemetry]
 //! machine_price_per_hour = 0.10   # USD; local requests cost their share of the engine's busy time
@@ -139,6 +140,7 @@ struct RawPrivacy {
     audit_key_env: Option<String>,
     names: Option<String>,
     unknown_names: Option<bool>,
+    quasi_identifiers: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -263,6 +265,8 @@ pub struct PrivacyConfig {
     pub names: Option<String>,
     /// Whether capitalised words that are no English or Portuguese word count as names (`NAME`).
     pub unknown_names: bool,
+    /// Whether dates, ages, web addresses and places count too (`porteiro_privacy::quasi`).
+    pub quasi_identifiers: bool,
 }
 
 impl Default for PrivacyConfig {
@@ -273,6 +277,7 @@ impl Default for PrivacyConfig {
             audit_key_env: "PORTEIRO_AUDIT_KEY".into(),
             names: Some("names".into()),
             unknown_names: true,
+            quasi_identifiers: false,
         }
     }
 }
@@ -552,6 +557,7 @@ impl Config {
                 None => d.names,
             },
             unknown_names: p.unknown_names.unwrap_or(d.unknown_names),
+            quasi_identifiers: p.quasi_identifiers.unwrap_or(d.quasi_identifiers),
         };
         let t = raw.telemetry.unwrap_or_default();
         let nonneg = |key: &'static str, v: f64| {
@@ -801,6 +807,13 @@ mod tests {
                 .unwrap()
                 .privacy
                 .unknown_names
+        );
+        assert!(!c.privacy.quasi_identifiers);
+        assert!(
+            parse("[privacy]\nquasi_identifiers = true\n")
+                .unwrap()
+                .privacy
+                .quasi_identifiers
         );
     }
 

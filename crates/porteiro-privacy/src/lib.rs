@@ -1,6 +1,7 @@
 //! The privacy guard: what personal data a request holds ([`detect`]), how it is hidden from an
 //! upstream and restored in the answer ([`mask`]), what the configuration decides ([`Policy`]), and
-//! the tamper-evident record of every decision ([`audit`]). No value ever reaches a log or an
+//! the tamper-evident record of every decision ([`audit`]). Quasi-identifiers (dates, ages, web
+//! addresses, places) are opt-in ([`quasi`]). No value ever reaches a log or an
 //! audit record: only categories and counts.
 
 pub mod audit;
@@ -8,6 +9,7 @@ pub mod detect;
 pub mod eval;
 pub mod mask;
 pub mod namewords;
+pub mod quasi;
 
 pub use audit::{AuditLog, AuditRecord, AuditWriter, Tamper, Verification};
 pub use detect::{Category, Detector, Finding};

