@@ -297,12 +297,13 @@ impl Names {
 }
 
 /// Listed as first names somewhere, but far more often ordinary capitalised words in a request.
-const COMMON_WORDS: [&str; 44] = [
+/// Interjections that open a chat message ("Hi, ...", "Okay, ...") are among them.
+const COMMON_WORDS: [&str; 56] = [
     "The", "This", "That", "What", "When", "Where", "Who", "How", "Why", "Can", "May", "Will",
     "Please", "Thanks", "Hello", "Dear", "Street", "Road", "Avenue", "Apt", "Suite", "Unit",
     "Office", "Fax", "Phone", "Mobile", "Desk", "Email", "Mail", "Card", "Bank", "Account",
     "Personal", "Info", "Home", "Work", "North", "South", "East", "West", "New", "Rua", "Avenida",
-    "Is",
+    "Is", "Hi", "Hey", "Ok", "Okay", "Yes", "Yeah", "Sure", "Oh", "Wow", "Sorry", "Oi", "Olá",
 ];
 
 /// Words that make a capitalised first word a person when they follow it ("Kevin had given ...").
@@ -639,7 +640,7 @@ impl Detector {
     ) {
         // One buffer for the capitalised forms: no allocation per word.
         let mut cap = String::new();
-        // The previous word: (start, end, may start a name, is a name word or unknown).
+        // The previous word: (start, end, may start a name, is a name word).
         let mut prev: Option<(usize, usize, bool, bool)> = None;
         // The current list ("a, b and c"): (start, end, first name, name-like).
         let mut run: Vec<(usize, usize, bool, bool)> = Vec::new();
@@ -677,6 +678,7 @@ impl Detector {
             let word = names.is_name_word(&cap);
             let unknown = all_lower && stem.chars().nth(3).is_some() && names.unknown_name(stem);
             if let Some((ps, pe, true, prev_word)) = prev {
+                // A first name continues a name word ("naomi ryan"), not an unknown word ("csv file").
                 let pair = word || unknown || (all_lower && first && prev_word);
                 if initial_gap(&text[pe..s]) && pair {
                     out.push(Finding {
@@ -727,7 +729,7 @@ impl Detector {
                 _ => flush(&mut run, out),
             }
             run.push((s, e, first, first || word || unknown));
-            prev = Some((s, e, first || word || unknown, word || unknown));
+            prev = Some((s, e, first || word || unknown, word));
         }
         flush(&mut run, out);
     }
@@ -742,7 +744,7 @@ impl Detector {
         let words: Vec<(usize, usize)> = self
             .words
             .find_iter(text)
-            .filter(|m| !glued(text, m.start(), m.end()))
+            .filter(|m| !glued(text, m.start(), m.end()) && !identifier(text, m.start(), m.end()))
             .map(|m| (m.start(), m.start() + possessive_stem(m.as_str()).len()))
             .collect();
         // A bare capital ("I", "A", the "M" of "Stephan M Urner"): one character, no period.
@@ -774,11 +776,7 @@ impl Detector {
                 j += 1;
             }
             let end = words[j].1;
-            let sentence_start = text[..s]
-                .trim_end_matches([' ', '"', '\'', '('])
-                .chars()
-                .next_back()
-                .is_none_or(|c| matches!(c, '.' | '!' | '?' | '\n' | ':'));
+            let sentence_start = starts_sentence(text, s);
             // A listed first name alone at a sentence's start may be an ordinary word ("Mark the
             // date"); a name word or an unknown word may not, nor a name addressed or owning
             // something ("Leif, ...", "Nicole: ...", "Matej's address").
@@ -861,8 +859,10 @@ impl Detector {
                     .iter()
                     .any(|f| f.category == Category::Person && f.start < e0 && s0 < f.end)
             {
+                // Not a common word opening a sentence before a name ("Today, Adrian ...").
                 for &(s, e) in &words[k..=last] {
-                    if !bare((s, e)) {
+                    let opener = starts_sentence(text, s) && names.is_common(&text[s..e]);
+                    if !bare((s, e)) && !opener {
                         out.push(Finding {
                             category: Category::Person,
                             start: s,
@@ -892,7 +892,10 @@ impl Detector {
             let Some(&(_, category)) = found.iter().find(|(x, _)| *x == w) else {
                 continue;
             };
-            if crate::namewords::name_shaped(w) && !out.iter().any(|f| f.start < e && s < f.end) {
+            if crate::namewords::name_shaped(w)
+                && !names.is_common(w)
+                && !out.iter().any(|f| f.start < e && s < f.end)
+            {
                 again.push(Finding {
                     category,
                     start: s,
@@ -913,7 +916,12 @@ impl Detector {
         let speakers: Vec<(usize, usize)> = words
             .iter()
             .copied()
-            .filter(|&(s, e)| text[e..].starts_with(':') && line_start(s) && e - s > 2)
+            .filter(|&(s, e)| {
+                text[e..].starts_with(':')
+                    && line_start(s)
+                    && e - s > 2
+                    && !names.is_common(&text[s..e])
+            })
             .collect();
         let is_person = |&(s, e): &(usize, usize)| {
             out.iter()
@@ -1134,6 +1142,49 @@ fn glued(text: &str, s: usize, e: usize) -> bool {
     let after = text[e..].chars().next();
     let bad = |c: Option<char>| c.is_some_and(|c| c.is_alphanumeric() || c == '_');
     bad(before) || bad(after)
+}
+
+/// Whether a word at `s` opens a sentence (or the text, a line, a quote after a colon).
+fn starts_sentence(text: &str, s: usize) -> bool {
+    text[..s]
+        .trim_end_matches([' ', '"', '\'', '('])
+        .chars()
+        .next_back()
+        .is_none_or(|c| matches!(c, '.' | '!' | '?' | '\n' | ':'))
+}
+
+/// Whether the word at `s..e` is a name in code: called or qualified right after it ("Tab(",
+/// "Core::", "Tab.open") or declared ("class Tab", "struct Sender").
+fn identifier(text: &str, s: usize, e: usize) -> bool {
+    let after = &text[e..];
+    let called = after.starts_with(['(', '<', '['])
+        || after.starts_with("::")
+        || after
+            .strip_prefix('.')
+            .is_some_and(|a| a.starts_with(|c: char| c.is_alphabetic() || c == '_'));
+    let before = text[..s].trim_end_matches(' ');
+    let declared = before.len() < s
+        && [
+            "class",
+            "struct",
+            "enum",
+            "trait",
+            "interface",
+            "def",
+            "fn",
+            "new",
+            "type",
+            "impl",
+        ]
+        .iter()
+        .any(|k| {
+            before.ends_with(k)
+                && !before[..before.len() - k.len()]
+                    .chars()
+                    .next_back()
+                    .is_some_and(char::is_alphanumeric)
+        });
+    called || declared
 }
 
 /// Whether `text` has no capital letter at all (so capitals give no hint of a name).
@@ -1641,13 +1692,15 @@ mod tests {
             "early", "work", "by", "my", "name", "they", "and", "what", "a", "wife", "remember",
             "me", "will", "are", "you", "just", "he", "on", "redeem", "to", "tales", "i",
             "between", "lives", "bulgak", "leverett", "unlike", "castro", "novel", "windows",
-            "version", "frank", "freud", "support", "in", "it", "ran",
+            "version", "frank", "freud", "support", "in", "it", "ran", "can", "help", "focuses",
+            "class", "file", "today",
         ];
         let common = [
             "the", "is", "and", "a", "me", "are", "you", "to", "on", "he", "my", "i", "windows",
+            "today",
         ];
         let names = Names::from_nam_dict(
-            "M  Mark                        1\nF  Nicole                      1\nM  Adam                        1\nF  Donna                       1\nM  Brian                       1\nF  Danielle                    1\nM  Will                        1\nM  Are                         1\nM  To                          1\nM  Frank                       1\n",
+            "M  Mark                        1\nF  Nicole                      1\nM  Adam                        1\nF  Donna                       1\nM  Brian                       1\nF  Danielle                    1\nM  Will                        1\nM  Are                         1\nM  To                          1\nM  Frank                       1\nM  Hi                          1\nM  Tab                         1\nM  You                         1\nM  File                        1\n",
         )
         .with_lexicon(crate::namewords::Lexicon {
             name_words: ["Christiansen".to_string()].into(),
@@ -1768,6 +1821,16 @@ mod tests {
             ["frank freud"]
         );
         assert!(of("the frank windows version", Category::Person).is_empty());
+        // Interjections, common words opening a sentence, names in code, common-word speakers and
+        // a first name after an unknown word in lowercase are no persons.
+        assert!(of("Hi, can you help", Category::Person).is_empty());
+        assert_eq!(of("Today, Mark focuses", Category::Person), ["Mark"]);
+        assert!(of("class Tab(Base): Tab.open()", Category::Person).is_empty());
+        assert_eq!(
+            of("You: help me\nNicole: help you\nAdam: ok", Category::Person),
+            ["Nicole", "Adam"]
+        );
+        assert!(of("help load csv file to it", Category::Person).is_empty());
         // With the quasi-identifiers: an upper-case word that is no known word is a name.
         let names = Names::from_nam_dict("").with_lexicon(crate::namewords::Lexicon {
             name_words: Default::default(),
