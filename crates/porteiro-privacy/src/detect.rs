@@ -153,14 +153,41 @@ impl Finding {
     }
 }
 
-type Check = fn(&str, &str, usize, usize) -> bool;
+pub(crate) type Check = fn(&str, &str, usize, usize) -> bool;
 
-struct Rule {
-    category: Category,
-    re: Regex,
+/// A pattern proposing values of one category, and the check that accepts them.
+pub(crate) struct Rule {
+    pub(crate) category: Category,
+    pub(crate) re: Regex,
     /// Capture group holding the value (0 = the whole match).
-    group: usize,
-    check: Check,
+    pub(crate) group: usize,
+    pub(crate) check: Check,
+}
+
+impl Rule {
+    pub(crate) fn new(category: Category, re: &str, group: usize, check: Check) -> Self {
+        Rule {
+            category,
+            re: Regex::new(re).unwrap_or_else(|e| panic!("detector {category:?}: {e}")),
+            group,
+            check,
+        }
+    }
+
+    /// The value's byte range in every match. find_iter is several times cheaper than
+    /// captures_iter; the capture group is only resolved for actual matches (from the match start,
+    /// so \b sees the real context).
+    pub(crate) fn spans<'t>(&'t self, text: &'t str) -> impl Iterator<Item = (usize, usize)> + 't {
+        self.re.find_iter(text).filter_map(move |m| {
+            if self.group == 0 {
+                return Some((m.start(), m.end()));
+            }
+            self.re
+                .captures_at(text, m.start())
+                .and_then(|c| c.get(self.group))
+                .map(|g| (g.start(), g.end()))
+        })
+    }
 }
 
 /// All detectors, compiled once; `Detector` is cheap to share (`&self` scanning).
@@ -573,12 +600,7 @@ impl Detector {
         ];
         let rules: Vec<Rule> = specs
             .into_iter()
-            .map(|(category, re, group, check)| Rule {
-                category,
-                re: Regex::new(&re).unwrap_or_else(|e| panic!("detector {category:?}: {e}")),
-                group,
-                check,
-            })
+            .map(|(category, re, group, check)| Rule::new(category, &re, group, check))
             .collect();
         // Capitalised words ("McDowell" whole), initials with a period, and bare initials
         // ("Stephan M Urner").
@@ -944,21 +966,7 @@ impl Detector {
     pub fn scan(&self, text: &str) -> Vec<Finding> {
         let mut cands: Vec<Finding> = Vec::new();
         for rule in &self.rules {
-            // find_iter is several times cheaper than captures_iter; the capture group is only
-            // resolved for actual matches (from the match start, so \b sees the real context).
-            for m in rule.re.find_iter(text) {
-                let (s0, e0) = if rule.group == 0 {
-                    (m.start(), m.end())
-                } else {
-                    match rule
-                        .re
-                        .captures_at(text, m.start())
-                        .and_then(|c| c.get(rule.group))
-                    {
-                        Some(g) => (g.start(), g.end()),
-                        None => continue,
-                    }
-                };
+            for (s0, e0) in rule.spans(text) {
                 let (s, e) = trim_span(text, s0, e0);
                 if s < e && (rule.check)(text, &text[s..e], s, e) {
                     cands.push(Finding {
@@ -987,9 +995,10 @@ impl Detector {
                         || w.starts_with(char::is_uppercase)
                         || matches!(*w, "de" | "da" | "do" | "dos" | "das" | "di" | "del" | "la")
                 });
+                let mut cap = String::new();
                 let evidence = words.iter().any(|w| {
                     let w = w.trim_matches(|c: char| !c.is_alphabetic());
-                    let mut cap = String::new();
+                    cap.clear();
                     crate::namewords::push_capitalised(&mut cap, w);
                     w.chars().nth(2).is_some() && (names.is_unknown(w) || names.contains(&cap))
                 });
@@ -1137,7 +1146,7 @@ fn digits(v: &str) -> Vec<u8> {
 
 /// The characters just around a match: a digit or letter glued to it means it is part of
 /// something longer (an order number, a hash).
-fn glued(text: &str, s: usize, e: usize) -> bool {
+pub(crate) fn glued(text: &str, s: usize, e: usize) -> bool {
     let before = text[..s].chars().next_back();
     let after = text[e..].chars().next();
     let bad = |c: Option<char>| c.is_some_and(|c| c.is_alphanumeric() || c == '_');

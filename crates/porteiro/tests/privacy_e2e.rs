@@ -12,23 +12,31 @@ mod common;
 
 use common::skip;
 
-/// Runs scripts/privacy_e2e.py on the labelled corpus (with `--quasi` when `quasi`); skipped when
-/// the model, a list, the corpus or the `openai` package is missing.
-fn run_proof(quasi: bool) {
+/// The labelled corpus, when `data` (and with `quasi` the place lists) are cached and the corpus
+/// is fetched; None (skipped, with a message) otherwise.
+fn labelled_corpus(data: &[&str], quasi: bool) -> Option<std::path::PathBuf> {
     let places: &[&str] = if quasi {
         &["places-cities", "places-countries"]
     } else {
         &[]
     };
-    for data in ["smollm2-135m", "names"].iter().chain(places) {
-        if !common::cached(data) {
-            return;
-        }
+    if !data.iter().chain(places).all(|d| common::cached(d)) {
+        return None;
     }
     let corpus = porteiro_models::fetch::home_dir().join("data/pii_synth_v2.json");
     if !corpus.exists() {
-        return skip(&format!("{} (scripts/fetch-pii.sh)", corpus.display()));
+        skip(&format!("{} (scripts/fetch-pii.sh)", corpus.display()));
+        return None;
     }
+    Some(corpus)
+}
+
+/// Runs scripts/privacy_e2e.py on the labelled corpus (with `--quasi` when `quasi`); skipped when
+/// the model, a list, the corpus or the `openai` package is missing.
+fn run_proof(quasi: bool) {
+    let Some(corpus) = labelled_corpus(&["smollm2-135m", "names"], quasi) else {
+        return;
+    };
     if !common::python_has("openai") {
         return skip("python3 with the `openai` package");
     }
@@ -58,30 +66,14 @@ fn with_quasi_identifiers_no_dates_ages_or_web_addresses_reach_the_upstream() {
 /// `porteiro privacy eval --json` on the labelled corpus (with `--quasi-identifiers` when `quasi`);
 /// None (skipped) when a list or the corpus is missing.
 fn eval_rows(quasi: bool) -> Option<Vec<serde_json::Value>> {
-    let places: &[&str] = if quasi {
-        &["places-cities", "places-countries"]
-    } else {
-        &[]
-    };
-    for list in [
+    let lists = [
         "names",
         "forenames",
         "surnames",
         "wordfreq-en",
         "wordfreq-pt",
-    ]
-    .iter()
-    .chain(places)
-    {
-        if !common::cached(list) {
-            return None;
-        }
-    }
-    let corpus = porteiro_models::fetch::home_dir().join("data/pii_synth_v2.json");
-    if !corpus.exists() {
-        skip(&format!("{} (scripts/fetch-pii.sh)", corpus.display()));
-        return None;
-    }
+    ];
+    labelled_corpus(&lists, quasi)?;
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("rows.json");
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_porteiro"));
