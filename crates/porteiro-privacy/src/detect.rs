@@ -37,10 +37,12 @@ pub enum Category {
     Location,
     Group,
     Title,
+    /// An organisation a person belongs to ([`crate::affiliation`], opt-in with the quasi-identifiers).
+    Organization,
 }
 
 impl Category {
-    pub const ALL: [Category; 21] = [
+    pub const ALL: [Category; 22] = [
         Category::Secret,
         Category::Email,
         Category::CreditCard,
@@ -62,6 +64,7 @@ impl Category {
         Category::Location,
         Category::Group,
         Category::Title,
+        Category::Organization,
     ];
 
     /// Upper-case label used in placeholders (`[EMAIL_1]`).
@@ -88,6 +91,7 @@ impl Category {
             Category::Location => "LOCATION",
             Category::Group => "GROUP",
             Category::Title => "TITLE",
+            Category::Organization => "ORG",
         }
     }
 
@@ -115,6 +119,7 @@ impl Category {
             Category::Location => "location",
             Category::Group => "group",
             Category::Title => "title",
+            Category::Organization => "organization",
         }
     }
 
@@ -135,6 +140,7 @@ impl Category {
             Category::Address | Category::Person => 1,
             Category::Date | Category::Age => 1,
             Category::Name | Category::Location | Category::Group | Category::Title => 0,
+            Category::Organization => 0,
         }
     }
 }
@@ -374,7 +380,7 @@ const STREET_BEFORE: &str = r"(?:[Rr]ue|[Aa]venue|[Bb]oulevard|[Cc]hemin|[Aa]ll�
 /// administration", "the frank sinatra version". Not "version", "book" or "album" after a capitalised
 /// word: "the Windows version", "the Python book".
 const ATTRIBUTED: &str = "novels?|novella|biography|memoir|memoirs|administration|family|era|estate|household|brothers|sisters|twins|version|recording|album|song|book|film|movie";
-const NAME: &str = r"\p{Lu}[\p{Ll}'’\-]+(?:\s+(?:\p{Lu}\.|(?:da|de|do|dos|das|van|von|del|la)\s+\p{Lu}[\p{Ll}'’\-]+|\p{Lu}[\p{Ll}'’\-]+)){0,3}";
+const NAME: &str = r"\p{Lu}[\p{Ll}'’\-]+(?:[ \t]+(?:\p{Lu}\.|(?:da|de|do|dos|das|van|von|del|la)[ \t]+\p{Lu}[\p{Ll}'’\-]+|\p{Lu}[\p{Ll}'’\-]+)){0,3}";
 
 impl Detector {
     pub fn new() -> Self {
@@ -629,7 +635,7 @@ impl Detector {
             )
             .expect("lowercase address"),
             postal_line: Regex::new(
-                &format!(r"(?m)\p{{L}}[\p{{L}}.\-]+(?:[ \t]+\([\p{{L}} ]+\))?,?[ \t]+(?:[A-Z]{{2}}[ \t]+)?({POSTAL})[ \t]*$"),
+                &format!(r"(?m)\p{{L}}[\p{{L}}.\-]+(?:[ \t]+\([\p{{L}} ]+\))?,?[ \t]+((?:[A-Z]{{2,3}}[ \t]+)?(?:{POSTAL}))[ \t]*$"),
             )
             .expect("postal line"),
         }
@@ -1091,7 +1097,63 @@ impl Detector {
                 }
             }
         }
+        extend_address_blocks(text, &mut cands);
+        if let Some(q) = &self.quasi {
+            let mut more = Vec::new();
+            q.affiliation.scan(text, &cands, &mut more);
+            cands.extend(more);
+        }
         resolve(cands)
+    }
+}
+
+/// The lines between two pieces of one address block are part of it: the town and region lines
+/// of "28245 Puruntie 82 Apt. 595 / LAPPEENRANTA / SK / 53650", or "Aalborg" before "NO 9100". Up
+/// to three short lines (four words at most, no label).
+fn extend_address_blocks(text: &str, cands: &mut Vec<Finding>) {
+    let mut addresses: Vec<(usize, usize)> = cands
+        .iter()
+        .filter(|f| f.category == Category::Address)
+        .map(|f| (f.start, f.end))
+        .collect();
+    addresses.sort_unstable();
+    let short = |l: &str| {
+        let l = l.trim();
+        l.split_whitespace().count() <= 4
+            && l.len() <= 40
+            && !l.contains([':', '?', '!', ';'])
+            && !l.ends_with('.')
+    };
+    // Chains of pieces that overlap or are apart only by such lines.
+    let mut chain: Option<(usize, usize, bool)> = None;
+    for (s, e) in addresses {
+        chain = match chain {
+            Some((cs, ce, grew)) if s <= ce => Some((cs, ce.max(e), grew)),
+            Some((cs, ce, grew)) => {
+                let gap = &text[ce..s];
+                let lines = gap.split('\n').count();
+                if (2..=4).contains(&lines) && gap.split('\n').all(short) {
+                    Some((cs, e, true))
+                } else {
+                    if grew {
+                        cands.push(Finding {
+                            category: Category::Address,
+                            start: cs,
+                            end: ce,
+                        });
+                    }
+                    Some((s, e, false))
+                }
+            }
+            None => Some((s, e, false)),
+        };
+    }
+    if let Some((s, e, true)) = chain {
+        cands.push(Finding {
+            category: Category::Address,
+            start: s,
+            end: e,
+        });
     }
 }
 
@@ -1594,8 +1656,24 @@ mod tests {
             Category::Address,
             "17151 2450 Crown St",
         );
+        // The town and region lines between are part of the block; a sentence between is not.
         has(
             "William Hughes\n\n20789 Allika 46\nSuite 501\nRiisa\n\nEstonia 62488",
+            Category::Address,
+            "20789 Allika 46\nSuite 501\nRiisa\n\nEstonia 62488",
+        );
+        has(
+            "Billing: 28245 Puruntie 82 Apt. 595\n   LAPPEENRANTA\n    SK\n    53650",
+            Category::Address,
+            "28245 Puruntie 82 Apt. 595\n   LAPPEENRANTA\n    SK\n    53650",
+        );
+        has(
+            "Mrs. Barbara Yudina Apt. 675 62314 Mellemvej 32\nAalborg NO 9100",
+            Category::Address,
+            "Apt. 675 62314 Mellemvej 32\nAalborg NO 9100",
+        );
+        has(
+            "Send it to 17151 2450 Crown St.\nWe will all be there by the end of the week.\nEstonia 62488",
             Category::Address,
             "62488",
         );
@@ -1619,7 +1697,7 @@ mod tests {
         has(
             "688 Rue du Centre 320\napt. 169\nbelgium 97466",
             Category::Address,
-            "97466",
+            "688 Rue du Centre 320\napt. 169\nbelgium 97466",
         );
         // Postal codes: labelled, or alone on the last line of an address block.
         has("ZIP: 394 13", Category::Address, "394 13");
@@ -1628,7 +1706,7 @@ mod tests {
         has(
             "Billing: 03262 2437 Main St Suite 442\n   Mill Village\n    NS\n    B0J 2H0",
             Category::Address,
-            "B0J 2H0",
+            "03262 2437 Main St Suite 442\n   Mill Village\n    NS\n    B0J 2H0",
         );
         none_of("Total\n 2024", Category::Address);
         none_of("Upgrade to Windows 2000\nor Office 2019", Category::Address);

@@ -49,6 +49,7 @@ pub fn gold_type(c: Category) -> Option<&'static str> {
         Category::Location => "GPE",
         Category::Group => "NRP",
         Category::Title => "TITLE",
+        Category::Organization => "ORGANIZATION",
         _ => return None,
     })
 }

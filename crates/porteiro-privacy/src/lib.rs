@@ -4,6 +4,7 @@
 //! addresses, places) are opt-in ([`quasi`]). No value ever reaches a log or an
 //! audit record: only categories and counts.
 
+pub mod affiliation;
 pub mod audit;
 pub mod detect;
 pub mod eval;

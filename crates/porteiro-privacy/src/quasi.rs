@@ -177,6 +177,9 @@ pub fn derive(
 /// The quasi-identifier rules and the place list.
 pub struct Quasi {
     places: Places,
+    /// Organisations and job titles, found after the other detectors (they lean on persons and
+    /// addresses).
+    pub(crate) affiliation: crate::affiliation::Affiliation,
     rules: Vec<Rule>,
     /// Capitalised or upper-case words, for the place list.
     words: Regex,
@@ -222,6 +225,13 @@ impl Quasi {
             ),
             (Category::Date, format!(r"(?-u:\b)(?:{WEEKDAYS})(?-u:\b)"), 0),
             (Category::Date, r"(?-u:\b)(?:1[89]\d\d|20\d\d)(?-u:\b)".into(), 0),
+            // Places by the noun that ends or starts their name: "Mill Village", "Pines Beach",
+            // "Mount Isa" (towns too small for the place list).
+            (
+                Category::Location,
+                r"(?-u:\b)(?:(?:\p{Lu}[\p{Ll}'’\-]+[ \t]+){1,2}(?:Village|Beach|City|Town|Springs|Falls|Heights|Island|Islands|Valley|Bay|Hills|County|Harbor|Harbour|Creek|Lake)|(?:Mount|Lake|Port|Fort)[ \t]+\p{Lu}[\p{Ll}'’\-]+)(?-u:\b)".into(),
+                0,
+            ),
             // Nationalities and groups: "Polish", "saudis", "englishmans".
             (
                 Category::Group,
@@ -265,6 +275,7 @@ impl Quasi {
             .collect();
         Self {
             places,
+            affiliation: crate::affiliation::Affiliation::new(),
             rules,
             words: Regex::new(r"\p{Lu}[\p{L}'’\-]*").expect("capitalised words"),
             lower: Regex::new(r"\p{Ll}[\p{L}'’\-]*").expect("lowercase words"),
@@ -311,15 +322,34 @@ impl Quasi {
             .map(|m| (m.start(), m.end()))
             .collect();
         self.scan_places(text, all_lower, &words, out);
-        for &(s, e) in &words {
+        // An upper-case unknown word takes the upper-case words next to it ("UPTON SCUDAMORE").
+        let upper = |i: usize| {
+            let (s, e) = words[i];
+            text[s..e].chars().filter(|c| c.is_alphabetic()).count() >= 2
+                && !text[s..e].chars().any(char::is_lowercase)
+        };
+        let next_to = |i: usize| text[words[i].1..words[i + 1].0] == *" ";
+        let mut i = 0;
+        while i < words.len() {
+            let (s, e) = words[i];
             let w = &text[s..e];
             let letters = w.chars().filter(|c| c.is_alphabetic()).count();
-            if letters >= 4 && !w.chars().any(char::is_lowercase) && unknown(w) {
+            if letters >= 4 && upper(i) && unknown(w) {
+                let (mut a, mut b) = (i, i);
+                while a > 0 && next_to(a - 1) && upper(a - 1) {
+                    a -= 1;
+                }
+                while b + 1 < words.len() && next_to(b) && upper(b + 1) {
+                    b += 1;
+                }
                 out.push(Finding {
                     category: Category::Name,
-                    start: s,
-                    end: e,
+                    start: words[a].0,
+                    end: words[b].1,
                 });
+                i = b + 1;
+            } else {
+                i += 1;
             }
         }
     }
