@@ -13,7 +13,8 @@ stream cut into 3-character chunks so placeholders are split across chunks). The
 then the recorded bytes are searched for every labelled value. Values of the validated categories
 (e-mail, phone, card, IBAN, SSN, IP) and of the context-rule categories the issue lists (person,
 street address, postal code, driver's licence) must never be found; leaks of the other types
-(places, organisations, dates, ages, titles, web domains, nationalities) are reported. Masked answers must come
+(places, organisations, dates, ages, titles, web domains, nationalities) are reported, and with
+`--quasi` (quasi-identifiers on) must be zero too. Masked answers must come
 back restored, byte for byte. Block and allow tiers, secrets, and the audit trail (verify, then
 edits / deletions / reorders / insertions caught by `porteiro audit verify`) are checked too.
 Prints one line per check and a `PRIVACY {...}` line with the figures; exits non-zero on failure.
@@ -41,15 +42,15 @@ ap.add_argument("--porteiro", required=True)
 ap.add_argument("--corpus", required=True)
 ap.add_argument("--model", default="smollm2-135m")
 ap.add_argument("--quasi", action="store_true",
-                help="turn on [privacy] quasi_identifiers: dates, ages, web addresses, places, groups, titles")
+                help="turn on [privacy] quasi_identifiers: dates, ages, web addresses, places, groups, organisations, titles")
 args = ap.parse_args()
 
 VALIDATED = {"EMAIL_ADDRESS", "PHONE_NUMBER", "CREDIT_CARD", "IBAN_CODE", "US_SSN", "IP_ADDRESS"}
 CONTEXT = {"PERSON", "STREET_ADDRESS", "ZIP_CODE", "US_DRIVER_LICENSE"}
 if args.quasi:
-    # With quasi-identifiers on, dates, ages, web addresses and nationalities/groups must not leak
-    # either. Places, organisations and job titles are reported (see README: what is left).
-    CONTEXT |= {"AGE", "DATE_TIME", "DOMAIN_NAME", "NRP"}
+    # With quasi-identifiers on, no labelled value of any type may leak: dates, ages, web
+    # addresses, nationalities/groups, places, organisations and job titles too.
+    CONTEXT |= {"AGE", "DATE_TIME", "DOMAIN_NAME", "NRP", "GPE", "ORGANIZATION", "TITLE"}
 CONTEXT_NAMES = ", ".join(sorted(CONTEXT))
 RECORDED = []  # (model, raw bytes)
 LOCK = threading.Lock()

@@ -25,7 +25,7 @@ const ORG_NOUNS: &str = "company|corporation|agency|firm|bank|startup|start-up|n
 const ORG_PARTS: &str = "office|offices|headquarters|website|site|homepage|app|team|staff|board|employees|founders|ceo|cfo|cto";
 
 /// Occupation nouns ending a job title (English and Portuguese; singular).
-const OCCUPATIONS: &str = "accountant|actor|actress|actuary|adjuster|administrator|advisor|adviser|agent|analyst|anesthesiologist|announcer|appraiser|apprentice|architect|archivist|artist|assembler|assistant|associate|astronomer|athlete|attendant|attorney|auditor|author|baker|banker|barber|bartender|biologist|bookkeeper|broker|builder|butcher|buyer|captain|caregiver|carpenter|cashier|chef|chemist|chiropractor|cinematographer|cleaner|clerk|coach|collector|colonel|composer|conductor|consultant|controller|cook|coordinator|copywriter|counselor|counsellor|courier|curator|dancer|dentist|designer|detective|developer|dietitian|director|dispatcher|doctor|driver|economist|editor|educator|electrician|engineer|estimator|examiner|executive|farmer|firefighter|fisherman|gardener|geologist|geographer|guard|hairdresser|historian|housekeeper|hygienist|illustrator|inspector|installer|instructor|interpreter|investigator|janitor|journalist|judge|labourer|laborer|landscaper|lawyer|lecturer|librarian|lieutenant|machinist|magistrate|maintainer|manager|mason|mechanic|mediator|midwife|miner|musician|nanny|negotiator|nurse|nutritionist|officer|operator|optician|optometrist|organizer|painter|paralegal|paramedic|pathologist|pharmacist|photographer|physician|physicist|physiotherapist|pilot|planner|plumber|poet|police|politician|porter|practitioner|president|priest|principal|producer|professor|programmer|psychiatrist|psychologist|publicist|radiographer|receptionist|recruiter|referee|reporter|representative|researcher|salesman|salesperson|saleswoman|scientist|sculptor|secretary|sergeant|singer|sociologist|software developer|soldier|songwriter|specialist|statistician|steward|stewardess|student|supervisor|surgeon|surveyor|tailor|teacher|technician|technologist|teller|therapist|trader|trainer|translator|treasurer|tutor|underwriter|veterinarian|waiter|waitress|welder|worker|writer|advogad[oa]|analista|arquitet[oa]|contador[a]?|dentista|desenvolvedor[a]?|diretor[a]?|enfermeir[oa]|engenheir[oa]|farmacêutic[oa]|gerente|médic[oa]|motorista|professor[a]?|programador[a]?|psicólog[oa]|secretári[oa]|técnic[oa]|vendedor[a]?";
+const OCCUPATIONS: &str = "accountant|actor|actress|actuary|adjuster|administrator|advisor|adviser|agent|analyst|anesthesiologist|announcer|appraiser|apprentice|architect|archivist|artist|assembler|assistant|associate|astronomer|athlete|attendant|attorney|auditor|author|baker|banker|barber|bartender|biologist|bookkeeper|broker|builder|butcher|buyer|captain|caregiver|carpenter|cashier|chef|chemist|chiropractor|cinematographer|cleaner|clerk|coach|collector|colonel|composer|conductor|consultant|controller|cook|coordinator|copywriter|counselor|counsellor|courier|curator|dancer|dentist|designer|detective|developer|dietitian|director|dispatcher|doctor|driver|economist|editor|educator|electrician|engineer|estimator|examiner|executive|farmer|firefighter|fisherman|gardener|geologist|geographer|guard|hairdresser|historian|housekeeper|hygienist|illustrator|inspector|installer|instructor|interpreter|investigator|janitor|journalist|judge|labourer|laborer|landscaper|lawyer|lecturer|librarian|lieutenant|machinist|magistrate|maintainer|manager|mason|mechanic|mediator|midwife|miner|musician|nanny|negotiator|nurse|nutritionist|officer|operator|optician|optometrist|organizer|painter|paralegal|paramedic|pathologist|pharmacist|photographer|physician|physicist|physiotherapist|pilot|planner|plumber|poet|politician|porter|practitioner|president|priest|producer|professor|programmer|psychiatrist|psychologist|publicist|radiographer|receptionist|recruiter|referee|reporter|representative|researcher|salesman|salesperson|saleswoman|scientist|sculptor|secretary|sergeant|singer|sociologist|soldier|songwriter|specialist|statistician|steward|stewardess|supervisor|surgeon|surveyor|tailor|teacher|technician|technologist|teller|therapist|trader|trainer|translator|treasurer|tutor|underwriter|veterinarian|waiter|waitress|welder|worker|writer|lifeguard|sheriff|lobbyist|caster|repairer|repairman|coder|caretaker|bricklayer|custodian|registrar|aide|hostess|tender|logger|roofer|glazier|plasterer|upholsterer|seamstress|stylist|cosmetologist|beautician|masseur|masseuse|clergyman|pastor|rabbi|imam|sailor|ranger|warden|bailiff|coroner|marshal|constable|jailer|locksmith|blacksmith|goldsmith|jeweler|jeweller|florist|grocer|merchant|shopkeeper|storekeeper|trucker|chauffeur|navigator|skipper|deckhand|fisher|rancher|herder|shepherd|groomer|zookeeper|beekeeper|brewer|distiller|sommelier|barista|dishwasher|concierge|bellhop|doorman|usher|croupier|auctioneer|assessor|drafter|draftsman|animator|lyricist|choreographer|comedian|magician|potter|weaver|cobbler|shoemaker|cabinetmaker|woodworker|joiner|framer|fitter|fabricator|boilermaker|pipefitter|insulator|lineman|rigger|ironworker|scaffolder|driller|prospector|metallurgist|proofreader|transcriptionist|stenographer|typist|webmaster|advogad[oa]|analista|arquitet[oa]|contador[a]?|dentista|desenvolvedor[a]?|diretor[a]?|enfermeir[oa]|engenheir[oa]|farmacêutic[oa]|gerente|médic[oa]|motorista|professor[a]?|programador[a]?|psicólog[oa]|secretári[oa]|técnic[oa]|vendedor[a]?";
 
 /// A word of an organisation's name: capitalised, or a number ("3 Round Stones Inc").
 const CAP_WORD: &str = r"(?:(?:\p{Lu}\.){2,}|\p{Lu}[\p{L}\d'’&\-]*|\d+)";
@@ -44,11 +44,17 @@ pub struct Affiliation {
     /// Text right after a person: "of X", "from X", ", the X,".
     after_person: Regex,
     after_person_title: Regex,
+    /// A job title before a name, as an honorific is: "Sheriff Kyle Kuefer", "Senior reactor
+    /// operator Baader".
+    title_name: Regex,
     /// Text right before a person: "X's ", "X songwriter ", "songwriter ".
     before_person: Regex,
     /// Lists around an organisation: "Bekins, Enervee Corporation and Civic Insight".
     list_before: Regex,
     list_after: Regex,
+    /// In texts without capitals: the words after an employment or corporate-event phrase
+    /// ("i work for rapid cycle solutions"), up to the next function word.
+    lower_context: Regex,
     /// A line's text ends in an occupation noun.
     occupation_end: Regex,
 }
@@ -79,6 +85,18 @@ impl Affiliation {
                 re(&format!(
                     r"(?-u:\b)(?:[Jj]oin(?:ed|s|ing)?|(?:[Yy]ear|[Mm]onth|[Ww]eek)s?[ \t]+at|[Ss]tint[ \t]+at|[Cc]areer[ \t]+at|[Ii]nternship[ \t]+at|[Jj]ob[ \t]+at|[Pp]osition[ \t]+at)[ \t]+({run})"
                 )),
+                // Corporate events and cover letters: "later became X", "recorded for X",
+                // "acquired by X", "X is the brainchild of", "looking to support X".
+                re(&format!(
+                    r"(?-u:\b)(?:became|renamed(?:[ \t]+(?:to|as))?|merged[ \t]+with|acquired[ \t]+by|bought[ \t]+by|subsidiary[ \t]+of|division[ \t]+of|(?:co-?)?founded|recorded[ \t]+(?:for|with)|released[ \t]+by|signed[ \t]+(?:to|with)|[Ll]ooking[ \t]+to[ \t]+(?:support|join|help))[ \t]+({run})"
+                )),
+                re(&format!(
+                    r"({run})[ \t]+(?:is|was)[ \t]+the[ \t]+(?:brainchild|creation|project)[ \t]+of(?-u:\b)"
+                )),
+                // Attributively before what an employer gives: "her Uber resignation letter".
+                re(&format!(
+                    r"(?-u:\b)(?:my|his|her|their|our|your)[ \t]+({run})[ \t]+(?:resignation|job|salary|badge|colleagues|coworkers|co-workers|employer|boss|internship|interview|payroll|paycheck|contract|onboarding|layoff|severance)(?-u:\b)"
+                )),
                 // "the address of X is", "the CEO of X".
                 re(&format!(
                     r"(?-u:\b)(?:[Aa]ddress|[Hh]eadquarters|CEO|[Ff]ounders?|[Ee]mployees?)[ \t]+of[ \t]+({run})"
@@ -95,7 +113,7 @@ impl Affiliation {
             title_context: vec![
                 // "worked for NATO as Passenger booking clerk", "a job as a nurse".
                 re(&format!(
-                    r"(?-u:\b)(?:[Ww]ork(?:s|ed|ing)?|[Ee]mployed|[Hh]ired|[Jj]obs?|[Pp]osition|[Rr]ole|[Cc]areer|[Ss]erv(?:e|es|ed|ing))(?-u:\b)[^.\n;:!?]{{0,60}}?(?-u:\b)as[ \t]+(?:an?[ \t]+|the[ \t]+)?({occ})(?-u:\b)"
+                    r"(?-u:\b)(?:[Ww]ork(?:s|ed|ing)?|[Ee]mployed|[Hh]ired|[Jj]obs?|[Pp]osition|[Rr]ole|[Cc]areer|[Ss]erv(?:e|es|ed|ing))(?-u:\b)[^\n;:!?]{{0,60}}?(?-u:\b)as[ \t]+(?:an?[ \t]+|the[ \t]+)?({occ})(?-u:\b)"
                 )),
                 // "I'm a dairy scientist", "she is an X-ray technician", "sou engenheira".
                 re(&format!(
@@ -106,18 +124,33 @@ impl Affiliation {
             after_person_title: re(&format!(
                 r"^,[ \t]+(?:the|our|a|an|my|his|her|their)[ \t]+({occ}),"
             )),
+            title_name: re(&format!(
+                r"(?-u:\b)({occ})[ \t]+(\p{{Lu}}[\p{{Ll}}'’\-]+(?:[ \t]+\p{{Lu}}[\p{{Ll}}'’\-]+)?)(?-u:\b)"
+            )),
             before_person: re(&format!(
                 r"(?:(?-u:\b)({run})(?:'s|’s|'|’)[ \t]+|(?-u:\b)(?:({run})[ \t]+)?((?i:{OCCUPATIONS}))[ \t]+)$"
             )),
             list_before: re(&format!(r"(?-u:\b)({run})(?:,[ \t]+|,?[ \t]+and[ \t]+)$")),
             list_after: re(&format!(r"^(?:,[ \t]+|,?[ \t]+and[ \t]+)({run})")),
+            lower_context: re(
+                r"(?-u:\b)(?:work(?:s|ed|ing)?[ \t]+(?:for|at)|employed[ \t]+(?:by|at)|later[ \t]+became|recorded[ \t]+for|looking[ \t]+to[ \t]+support)[ \t]+((?:[\p{Ll}\d][\p{L}\d'&\-]*)(?:[ \t]+[\p{Ll}\d][\p{L}\d'&\-]*){0,3})",
+            ),
             occupation_end: re(&format!(r"(?i:{OCCUPATIONS})$")),
         }
     }
 
     /// Appends the organisations and job titles in `text`. `found`: what the other detectors
     /// found (persons and contact details anchor the context rules and the contact cards).
-    pub fn scan(&self, text: &str, found: &[Finding], out: &mut Vec<Finding>) {
+    /// `namelike`: whether a word may be a name (a first name, a name word or no known word), for
+    /// the name after a job title.
+    pub fn scan(
+        &self,
+        text: &str,
+        all_lower: bool,
+        namelike: &dyn Fn(&str) -> bool,
+        found: &[Finding],
+        out: &mut Vec<Finding>,
+    ) {
         let push = |category, s: usize, e: usize, out: &mut Vec<Finding>| {
             let e = s + trim_possessive(&text[s..e]).len();
             if s < e && !glued(text, s, e) {
@@ -140,16 +173,48 @@ impl Affiliation {
             for c in re.captures_iter(text) {
                 // After "works for", a name ends its noun phrase ("work for Arabic languages").
                 if let Some(g) = c.get(1).filter(|g| {
-                    i >= 2 || !(noun_follows(text, g.end()) || heading(text, g.start(), g.end()))
+                    i >= 4 || !(noun_follows(text, g.end()) || heading(text, g.start(), g.end()))
                 }) {
                     push(Category::Organization, g.start(), g.end(), out);
                 }
             }
         }
+        for c in self.title_name.captures_iter(text) {
+            let (Some(t), Some(n)) = (c.get(1), c.get(2)) else {
+                continue;
+            };
+            if !n.as_str().split_whitespace().all(namelike) {
+                continue;
+            }
+            // Without a clean title phrase, the occupation noun alone ("time working under
+            // Professor Bautista").
+            let head = t.as_str().rfind(char::is_whitespace).map_or(0, |i| i + 1);
+            let i = title_start(t.as_str()).unwrap_or(head);
+            push(Category::Title, t.start() + i, t.end(), out);
+            push(Category::Person, n.start(), n.end(), out);
+        }
+        if all_lower {
+            for c in self.lower_context.captures_iter(text) {
+                let Some(g) = c.get(1) else { continue };
+                let mut end = g.start();
+                let mut at = g.start();
+                for w in g.as_str().split_whitespace() {
+                    if FUNCTION_WORDS.contains(&w) || NOT_IN_TITLES.contains(&w) {
+                        break;
+                    }
+                    at += text[at..].find(w).unwrap_or(0);
+                    end = at + w.len();
+                    at = end;
+                }
+                push(Category::Organization, g.start(), end, out);
+            }
+        }
         for re in &self.title_context {
             for c in re.captures_iter(text) {
-                if let Some(g) = c.get(1).filter(|g| title_words(g.as_str())) {
-                    push(Category::Title, g.start(), g.end(), out);
+                if let Some(g) = c.get(1) {
+                    if let Some(i) = title_start(g.as_str()) {
+                        push(Category::Title, g.start() + i, g.end(), out);
+                    }
                 }
             }
         }
@@ -169,7 +234,7 @@ impl Affiliation {
                 .after_person_title
                 .captures(after)
                 .and_then(|c| c.get(1)))
-            .filter(|g| title_words(g.as_str()))
+            .filter(|g| title_start(g.as_str()) == Some(0))
             {
                 push(Category::Title, p.end + g.start(), p.end + g.end(), out);
             }
@@ -347,18 +412,24 @@ impl Affiliation {
 }
 
 /// Function words that no job title holds before its noun ("I am sure the teacher").
-const NOT_IN_TITLES: [&str; 40] = [
+const NOT_IN_TITLES: [&str; 49] = [
     "the", "a", "an", "my", "your", "his", "her", "their", "our", "to", "of", "in", "on", "at",
     "for", "with", "that", "this", "is", "are", "was", "not", "or", "but", "so", "very", "sure",
     "just", "also", "really", "as", "be", "been", "from", "by", "it", "i", "you", "we", "they",
+    "under", "about", "into", "over", "after", "before", "like", "than", "via",
 ];
 
-/// Whether the words before a title's occupation noun may belong to a title.
-fn title_words(v: &str) -> bool {
-    let words: Vec<&str> = v.split_whitespace().collect();
-    words[..words.len().saturating_sub(1)]
-        .iter()
-        .all(|w| !NOT_IN_TITLES.contains(&w.to_lowercase().as_str()))
+/// Where the title in `v` starts once leading function words are dropped ("on Certified nursing
+/// assistant"); `None` when one is left inside ("sure the teacher" is no title).
+fn title_start(v: &str) -> Option<usize> {
+    let function = |w: &str| NOT_IN_TITLES.contains(&w.to_lowercase().as_str());
+    let mut rest = v.trim_start();
+    while let Some(w) = rest.split_whitespace().next().filter(|w| function(w)) {
+        rest = rest[w.len()..].trim_start();
+    }
+    let words: Vec<&str> = rest.split_whitespace().collect();
+    (!words.is_empty() && !words[..words.len() - 1].iter().any(|w| function(w)))
+        .then(|| v.len() - rest.len())
 }
 
 /// Whether a lowercase content word follows `at`: the name before it is used as an adjective
@@ -366,46 +437,15 @@ fn title_words(v: &str) -> bool {
 fn noun_follows(text: &str, at: usize) -> bool {
     let rest = text[at..].trim_start_matches([' ', '\t']);
     let w: String = rest.chars().take_while(|c| c.is_alphabetic()).collect();
-    w.starts_with(char::is_lowercase)
-        && !matches!(
-            w.as_str(),
-            "as" | "in"
-                | "and"
-                | "for"
-                | "since"
-                | "at"
-                | "on"
-                | "but"
-                | "until"
-                | "from"
-                | "with"
-                | "to"
-                | "of"
-                | "the"
-                | "a"
-                | "an"
-                | "which"
-                | "who"
-                | "where"
-                | "when"
-                | "because"
-                | "so"
-                | "or"
-                | "during"
-                | "is"
-                | "was"
-                | "has"
-                | "had"
-                | "before"
-                | "after"
-                | "then"
-                | "now"
-                | "ago"
-                | "last"
-                | "this"
-                | "that"
-        )
+    w.starts_with(char::is_lowercase) && !FUNCTION_WORDS.contains(&w.as_str())
 }
+
+/// Words that end a name found by context ("work for Deloitte as …", "dun bradstreet became …").
+const FUNCTION_WORDS: [&str; 36] = [
+    "as", "in", "and", "for", "since", "at", "on", "but", "until", "from", "with", "to", "of",
+    "the", "a", "an", "which", "who", "where", "when", "because", "so", "or", "during", "is",
+    "was", "has", "had", "before", "after", "then", "now", "ago", "last", "became", "that",
+];
 
 /// Whether `s..e` is a heading, not an organisation: the whole line, or a line in title case
 /// ("Types of Information Systems"), or "The" and the noun alone ("The Capital of India").
@@ -527,9 +567,40 @@ mod tests {
             found("She spent a year at Walk Score in Oslo."),
             [(Organization, "Walk Score".into())]
         );
-        // Not organisations: a job's context with no name, a lowercase run without a legal form.
+        assert_eq!(
+            found("Bloomberg is the brainchild of two founders; Waze was acquired by Google."),
+            [
+                (Organization, "Bloomberg".into()),
+                (Organization, "Google".into())
+            ]
+        );
+        assert_eq!(
+            found("the first verse of her Allianz resignation letter"),
+            [(Organization, "Allianz".into())]
+        );
+        assert_eq!(
+            found("the version recorded for dun  bradstreet became a hit; i work for rapid cycle solutions"),
+            [
+                (Organization, "dun  bradstreet".into()),
+                (Organization, "rapid cycle solutions".into())
+            ]
+        );
+        // Lists holding an organisation.
+        assert_eq!(
+            found("They are Bekins, Enervee Corporation and Civic Insight."),
+            [
+                (Organization, "Bekins".into()),
+                (Organization, "Enervee Corporation".into()),
+                (Organization, "Civic Insight".into())
+            ]
+        );
+        // Not organisations: a job's context with no name, a lowercase run without a legal form,
+        // a name used as an adjective, headings.
         assert!(found("It works as expected, and we work for a living at home.").is_empty());
         assert!(found("the python website and the react team").is_empty());
+        assert!(found("It needs to work for Arabic languages; joined date").is_empty());
+        assert!(found("Types of Database Systems\nCredit Services").is_empty());
+        assert!(found("How Does Rabbitmq Exchange Works for Publishing Messages?").is_empty());
     }
 
     #[test]

@@ -1100,7 +1100,14 @@ impl Detector {
         extend_address_blocks(text, &mut cands);
         if let Some(q) = &self.quasi {
             let mut more = Vec::new();
-            q.affiliation.scan(text, &cands, &mut more);
+            // Without the name lists any capitalised word may be a name.
+            let namelike = |w: &str| {
+                self.names
+                    .as_ref()
+                    .is_none_or(|n| n.is_first_name(w) || n.is_name_word(w) || n.is_unknown(w))
+            };
+            q.affiliation
+                .scan(text, all_lower, &namelike, &cands, &mut more);
             cands.extend(more);
         }
         resolve(cands)

@@ -232,6 +232,18 @@ impl Quasi {
                 r"(?-u:\b)(?:(?:\p{Lu}[\p{Ll}'’\-]+[ \t]+){1,2}(?:Village|Beach|City|Town|Springs|Falls|Heights|Island|Islands|Valley|Bay|Hills|County|Harbor|Harbour|Creek|Lake)|(?:Mount|Lake|Port|Fort)[ \t]+\p{Lu}[\p{Ll}'’\-]+)(?-u:\b)".into(),
                 0,
             ),
+            // A place by what is said of it: "grew up in SUND", "arrived at Fala", "I am in
+            // Lordelo"; and a form's place field ("Where: Novo mesto Country Club.").
+            (
+                Category::Location,
+                r"(?-u:\b)(?:grew[ \t]+up[ \t]+in|born[ \t]+in|lives?[ \t]+in|living[ \t]+in|moved[ \t]+to|moving[ \t]+to|arrived[ \t]+(?:at|in)|based[ \t]+in|travell?ed[ \t]+to|flew[ \t]+to|(?:I[ \t]+am|I'm|I’m|we[ \t]+are|we're|I[ \t]+was|we[ \t]+were)[ \t]+(?:in|at)|nasci[ \t]+em|moro[ \t]+em|mora[ \t]+em)[ \t]+(\p{Lu}[\p{L}'’\-]*(?:[ \t]+(?:(?:de|do|da|of|del|la)[ \t]+)?\p{Lu}[\p{L}'’\-]*){0,3})".into(),
+                1,
+            ),
+            (
+                Category::Location,
+                r"(?m)^[ \t>]*(?:Where|Location|Venue|Place|City|Town|Local|Cidade|Onde):[ \t]*(\p{L}[^\n]{1,60}?)[ \t.]*$".into(),
+                1,
+            ),
             // Nationalities and groups: "Polish", "saudis", "englishmans".
             (
                 Category::Group,
@@ -322,6 +334,23 @@ impl Quasi {
             .map(|m| (m.start(), m.end()))
             .collect();
         self.scan_places(text, all_lower, &words, out);
+        // The line above a country alone on its line is a town ("EBEN / Austria").
+        let lines = crate::affiliation::content_lines(text);
+        for w in lines.windows(2) {
+            let ((ts, te), (cs, ce)) = (w[0], w[1]);
+            let town = &text[ts..te];
+            if self.places.countries.contains(&key(&text[cs..ce]))
+                && town.split_whitespace().count() <= 3
+                && town.starts_with(char::is_uppercase)
+                && !town.contains(|c: char| c.is_ascii_digit() || matches!(c, ':' | ',' | '.'))
+            {
+                out.push(Finding {
+                    category: Category::Location,
+                    start: ts,
+                    end: te,
+                });
+            }
+        }
         // An upper-case unknown word takes the upper-case words next to it ("UPTON SCUDAMORE").
         let upper = |i: usize| {
             let (s, e) = words[i];
@@ -543,6 +572,23 @@ mod tests {
         );
         assert!(found("Polishing the Drive, Mrsa").is_empty());
         assert!(found("When he was 78 feet away").is_empty());
+        // Places by context, by their noun, on a form, and above a country.
+        assert_eq!(
+            found("She grew up in SUND and I am in Lordelo; we returned to Mill Village."),
+            [
+                (Location, "SUND".into()),
+                (Location, "Lordelo".into()),
+                (Location, "Mill Village".into())
+            ]
+        );
+        assert_eq!(
+            found("Where: Novo mesto Country Club.\nAgatha\n\nEBEN\nNorway"),
+            [
+                (Location, "Novo mesto Country Club".into()),
+                (Location, "EBEN".into()),
+                (Location, "Norway".into())
+            ]
+        );
     }
 
     #[test]
