@@ -58,7 +58,7 @@
 //! audit_key_env = "PORTEIRO_AUDIT_KEY"  # if set, the chain is an HMAC under this key
 //! names = "names"            # first-name list for person detection (catalog alias, path, or "")
 //! unknown_names = true       # a capitalised word that is no English/Portuguese word is a name
-//! quasi_identifiers = false  # also dates, ages, web addresses, cities and countries (HIPAA style)
+//! quasi_identifiers = false  # also dates, ages, web addresses, places, groups, employers, job titles
 //!
 //! [telemetry]
 //! machine_price_per_hour = 0.10   # USD; local requests cost their share of the engine's busy time
@@ -265,7 +265,8 @@ pub struct PrivacyConfig {
     pub names: Option<String>,
     /// Whether capitalised words that are no English or Portuguese word count as names (`NAME`).
     pub unknown_names: bool,
-    /// Whether dates, ages, web addresses and places count too (`porteiro_privacy::quasi`).
+    /// Whether dates, ages, web addresses, places, groups, organisations and job titles count too
+    /// (`porteiro_privacy::quasi`, `porteiro_privacy::affiliation`).
     pub quasi_identifiers: bool,
 }
 

@@ -125,7 +125,7 @@ impl Affiliation {
                 r"^,[ \t]+(?:the|our|a|an|my|his|her|their)[ \t]+({occ}),"
             )),
             title_name: re(&format!(
-                r"(?-u:\b)({occ})[ \t]+(\p{{Lu}}[\p{{Ll}}'’\-]+(?:[ \t]+\p{{Lu}}[\p{{Ll}}'’\-]+)?)(?-u:\b)"
+                r"(?-u:\b)((?i:{OCCUPATIONS}))[ \t]+(\p{{Lu}}[\p{{Ll}}'’\-]+(?:[ \t]+\p{{Lu}}[\p{{Ll}}'’\-]+)?)(?-u:\b)"
             )),
             before_person: re(&format!(
                 r"(?:(?-u:\b)({run})(?:'s|’s|'|’)[ \t]+|(?-u:\b)(?:({run})[ \t]+)?((?i:{OCCUPATIONS}))[ \t]+)$"
@@ -186,11 +186,11 @@ impl Affiliation {
             if !n.as_str().split_whitespace().all(namelike) {
                 continue;
             }
-            // Without a clean title phrase, the occupation noun alone ("time working under
-            // Professor Bautista").
-            let head = t.as_str().rfind(char::is_whitespace).map_or(0, |i| i + 1);
-            let i = title_start(t.as_str()).unwrap_or(head);
-            push(Category::Title, t.start() + i, t.end(), out);
+            // The occupation noun and up to three words before it; without a clean title phrase,
+            // the noun alone ("time working under Professor Bautista").
+            let from = words_before(text, t.start(), 3);
+            let i = title_start(&text[from..t.end()]).map_or(t.start(), |i| from + i);
+            push(Category::Title, i, t.end(), out);
             push(Category::Person, n.start(), n.end(), out);
         }
         if all_lower {
@@ -473,6 +473,25 @@ fn heading(text: &str, s: usize, e: usize) -> bool {
         return true;
     }
     text[s..e].split_whitespace().count() == 2 && text[s..e].starts_with("The ")
+}
+
+/// Where the `n` words (letters, hyphens, apostrophes; one space or tab apart) before `at` start,
+/// or fewer if the line, a punctuation mark or the text comes first.
+fn words_before(text: &str, at: usize, n: usize) -> usize {
+    let mut from = at;
+    for _ in 0..n {
+        let head = &text[..from];
+        let Some(gap) = head.strip_suffix([' ', '\t']) else {
+            break;
+        };
+        let word =
+            gap.trim_end_matches(|c: char| c.is_alphabetic() || matches!(c, '-' | '\'' | '’'));
+        if word.len() == gap.len() {
+            break;
+        }
+        from = word.len();
+    }
+    from
 }
 
 /// Where a look-back of about `len` bytes before `at` starts: after a space, so no word is cut.

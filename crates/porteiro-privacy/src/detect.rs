@@ -30,7 +30,7 @@ pub enum Category {
     /// likely the name of a person, a place or an organisation.
     Name,
     /// Quasi-identifiers ([`crate::quasi`], opt-in): web addresses, dates, ages, places,
-    /// nationalities and religious or political groups, honorifics.
+    /// nationalities and religious or political groups, honorifics and job titles.
     Url,
     Date,
     Age,

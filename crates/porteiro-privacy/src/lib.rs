@@ -1,7 +1,7 @@
 //! The privacy guard: what personal data a request holds ([`detect`]), how it is hidden from an
 //! upstream and restored in the answer ([`mask`]), what the configuration decides ([`Policy`]), and
 //! the tamper-evident record of every decision ([`audit`]). Quasi-identifiers (dates, ages, web
-//! addresses, places) are opt-in ([`quasi`]). No value ever reaches a log or an
+//! addresses, places, employers and job titles) are opt-in ([`quasi`], [`affiliation`]). No value ever reaches a log or an
 //! audit record: only categories and counts.
 
 pub mod affiliation;

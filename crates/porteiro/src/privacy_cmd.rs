@@ -11,8 +11,8 @@ use porteiro_privacy::{eval, AuditLog, Detector};
 #[derive(Args)]
 pub struct PrivacyArgs {
     /// Also detect quasi-identifiers: dates, ages, web addresses, places, nationalities and groups,
-    /// honorifics (as `[privacy]
-    /// quasi_identifiers = true`; places are fetched and derived on first use).
+    /// honorifics, organisations and job titles (as `[privacy] quasi_identifiers = true`; places
+    /// are fetched and derived on first use).
     #[arg(long, global = true)]
     pub quasi_identifiers: bool,
     #[command(subcommand)]
