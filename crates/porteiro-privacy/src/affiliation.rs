@@ -13,10 +13,10 @@ use regex::Regex;
 use crate::detect::{glued, Category, Finding};
 
 /// Legal forms that end an organisation's name.
-const LEGAL_FORMS: &str = r"Inc\.?|Incorporated|LLC|L\.L\.C\.|Ltd\.?|Limited|Corp\.?|Corporation|Company|Co\.|GmbH|AG|plc|PLC|LLP|Ltda\.?|S\.A\.|S/A";
+pub(crate) const LEGAL_FORMS: &str = r"Inc\.?|Incorporated|LLC|L\.L\.C\.|Ltd\.?|Limited|Corp\.?|Corporation|Company|Co\.|GmbH|AG|plc|PLC|LLP|Ltda\.?|S\.A\.|S/A";
 /// Nouns that end an organisation's name; also ordinary nouns, so a heading ("Database Systems")
 /// is not taken.
-const ORG_HEADS: &str = "Group|Holdings|Partners|Associates|Technologies|Solutions|Systems|Software|Analytics|Services|Capital|Insurance|Bank|Finance|Financial|Markets|Resources|Insights|Consulting|Agency|Labs|Laboratories|Ventures|Industries|Enterprises|Networks|Pharmaceuticals|Foundation|Institute|University|College|Hospital|Orchestra|Society|Association|Council|Sons|Brothers|Research|Club";
+pub(crate) const ORG_HEADS: &str = "Group|Holdings|Partners|Associates|Technologies|Solutions|Systems|Software|Analytics|Services|Capital|Insurance|Bank|Finance|Financial|Markets|Resources|Insights|Consulting|Agency|Labs|Laboratories|Ventures|Industries|Enterprises|Networks|Pharmaceuticals|Foundation|Institute|University|College|Hospital|Orchestra|Society|Association|Council|Sons|Brothers|Research|Club";
 
 /// Nouns naming what an organisation is ("X is a design agency", "an investment bank").
 const ORG_NOUNS: &str = "company|corporation|agency|firm|bank|startup|start-up|non-profit|nonprofit|charity|organisation|organization|brand|manufacturer|retailer|provider|publisher|studio|institution|consultancy|conglomerate|business|enterprise|501\\(c\\)3|empresa|companhia";
@@ -25,7 +25,7 @@ const ORG_NOUNS: &str = "company|corporation|agency|firm|bank|startup|start-up|n
 const ORG_PARTS: &str = "office|offices|headquarters|website|site|homepage|app|team|staff|board|employees|founders|ceo|cfo|cto";
 
 /// Occupation nouns ending a job title (English and Portuguese; singular).
-const OCCUPATIONS: &str = "accountant|actor|actress|actuary|adjuster|administrator|advisor|adviser|agent|analyst|anesthesiologist|announcer|appraiser|apprentice|architect|archivist|artist|assembler|assistant|associate|astronomer|athlete|attendant|attorney|auditor|author|baker|banker|barber|bartender|biologist|bookkeeper|broker|builder|butcher|buyer|captain|caregiver|carpenter|cashier|chef|chemist|chiropractor|cinematographer|cleaner|clerk|coach|collector|colonel|composer|conductor|consultant|controller|cook|coordinator|copywriter|counselor|counsellor|courier|curator|dancer|dentist|designer|detective|developer|dietitian|director|dispatcher|doctor|driver|economist|editor|educator|electrician|engineer|estimator|examiner|executive|farmer|firefighter|fisherman|gardener|geologist|geographer|guard|hairdresser|historian|housekeeper|hygienist|illustrator|inspector|installer|instructor|interpreter|investigator|janitor|journalist|judge|labourer|laborer|landscaper|lawyer|lecturer|librarian|lieutenant|machinist|magistrate|maintainer|manager|mason|mechanic|mediator|midwife|miner|musician|nanny|negotiator|nurse|nutritionist|officer|operator|optician|optometrist|organizer|painter|paralegal|paramedic|pathologist|pharmacist|photographer|physician|physicist|physiotherapist|pilot|planner|plumber|poet|politician|porter|practitioner|president|priest|producer|professor|programmer|psychiatrist|psychologist|publicist|radiographer|receptionist|recruiter|referee|reporter|representative|researcher|salesman|salesperson|saleswoman|scientist|sculptor|secretary|sergeant|singer|sociologist|soldier|songwriter|specialist|statistician|steward|stewardess|supervisor|surgeon|surveyor|tailor|teacher|technician|technologist|teller|therapist|trader|trainer|translator|treasurer|tutor|underwriter|veterinarian|waiter|waitress|welder|worker|writer|lifeguard|sheriff|lobbyist|caster|repairer|repairman|coder|caretaker|bricklayer|custodian|registrar|aide|hostess|tender|logger|roofer|glazier|plasterer|upholsterer|seamstress|stylist|cosmetologist|beautician|masseur|masseuse|clergyman|pastor|rabbi|imam|sailor|ranger|warden|bailiff|coroner|marshal|constable|jailer|locksmith|blacksmith|goldsmith|jeweler|jeweller|florist|grocer|merchant|shopkeeper|storekeeper|trucker|chauffeur|navigator|skipper|deckhand|fisher|rancher|herder|shepherd|groomer|zookeeper|beekeeper|brewer|distiller|sommelier|barista|dishwasher|concierge|bellhop|doorman|usher|croupier|auctioneer|assessor|drafter|draftsman|animator|lyricist|choreographer|comedian|magician|potter|weaver|cobbler|shoemaker|cabinetmaker|woodworker|joiner|framer|fitter|fabricator|boilermaker|pipefitter|insulator|lineman|rigger|ironworker|scaffolder|driller|prospector|metallurgist|proofreader|transcriptionist|stenographer|typist|webmaster|advogad[oa]|analista|arquitet[oa]|contador[a]?|dentista|desenvolvedor[a]?|diretor[a]?|enfermeir[oa]|engenheir[oa]|farmacêutic[oa]|gerente|médic[oa]|motorista|professor[a]?|programador[a]?|psicólog[oa]|secretári[oa]|técnic[oa]|vendedor[a]?";
+pub(crate) const OCCUPATIONS: &str = "accountant|actor|actress|actuary|adjuster|administrator|advisor|adviser|agent|analyst|anesthesiologist|announcer|appraiser|apprentice|architect|archivist|artist|assembler|assistant|associate|astronomer|athlete|attendant|attorney|auditor|author|baker|banker|barber|bartender|biologist|bookkeeper|broker|builder|butcher|buyer|captain|caregiver|carpenter|cashier|chef|chemist|chiropractor|cinematographer|cleaner|clerk|coach|collector|colonel|composer|conductor|consultant|controller|cook|coordinator|copywriter|counselor|counsellor|courier|curator|dancer|dentist|designer|detective|developer|dietitian|director|dispatcher|doctor|driver|economist|editor|educator|electrician|engineer|estimator|examiner|executive|farmer|firefighter|fisherman|gardener|geologist|geographer|guard|hairdresser|historian|housekeeper|hygienist|illustrator|inspector|installer|instructor|interpreter|investigator|janitor|journalist|judge|labourer|laborer|landscaper|lawyer|lecturer|librarian|lieutenant|machinist|magistrate|maintainer|manager|mason|mechanic|mediator|midwife|miner|musician|nanny|negotiator|nurse|nutritionist|officer|operator|optician|optometrist|organizer|painter|paralegal|paramedic|pathologist|pharmacist|photographer|physician|physicist|physiotherapist|pilot|planner|plumber|poet|politician|porter|practitioner|president|priest|producer|professor|programmer|psychiatrist|psychologist|publicist|radiographer|receptionist|recruiter|referee|reporter|representative|researcher|salesman|salesperson|saleswoman|scientist|sculptor|secretary|sergeant|singer|sociologist|soldier|songwriter|specialist|statistician|steward|stewardess|supervisor|surgeon|surveyor|tailor|teacher|technician|technologist|teller|therapist|trader|trainer|translator|treasurer|tutor|underwriter|veterinarian|waiter|waitress|welder|worker|writer|trainee|intern|lifeguard|sheriff|lobbyist|caster|repairer|repairman|coder|caretaker|bricklayer|custodian|registrar|aide|hostess|tender|logger|roofer|glazier|plasterer|upholsterer|seamstress|stylist|cosmetologist|beautician|masseur|masseuse|clergyman|pastor|rabbi|imam|sailor|ranger|warden|bailiff|coroner|marshal|constable|jailer|locksmith|blacksmith|goldsmith|jeweler|jeweller|florist|grocer|merchant|shopkeeper|storekeeper|trucker|chauffeur|navigator|skipper|deckhand|fisher|rancher|herder|shepherd|groomer|zookeeper|beekeeper|brewer|distiller|sommelier|barista|dishwasher|concierge|bellhop|doorman|usher|croupier|auctioneer|assessor|drafter|draftsman|animator|lyricist|choreographer|comedian|magician|potter|weaver|cobbler|shoemaker|cabinetmaker|woodworker|joiner|framer|fitter|fabricator|boilermaker|pipefitter|insulator|lineman|rigger|ironworker|scaffolder|driller|prospector|metallurgist|proofreader|transcriptionist|stenographer|typist|webmaster|advogad[oa]|analista|arquitet[oa]|contador[a]?|dentista|desenvolvedor[a]?|diretor[a]?|enfermeir[oa]|engenheir[oa]|farmacêutic[oa]|gerente|médic[oa]|motorista|professor[a]?|programador[a]?|psicólog[oa]|secretári[oa]|técnic[oa]|vendedor[a]?";
 
 /// A word of an organisation's name: capitalised, or a number ("3 Round Stones Inc").
 const CAP_WORD: &str = r"(?:(?:\p{Lu}\.){2,}|\p{Lu}[\p{L}\d'’&\-]*|\d+)";
@@ -44,9 +44,6 @@ pub struct Affiliation {
     /// Text right after a person: "of X", "from X", ", the X,".
     after_person: Regex,
     after_person_title: Regex,
-    /// A job title before a name, as an honorific is: "Sheriff Kyle Kuefer", "Senior reactor
-    /// operator Baader".
-    title_name: Regex,
     /// Text right before a person: "X's ", "X songwriter ", "songwriter ".
     before_person: Regex,
     /// Lists around an organisation: "Bekins, Enervee Corporation and Civic Insight".
@@ -120,12 +117,9 @@ impl Affiliation {
                     r"(?-u:\b)(?:I[ \t]+am|I'm|I’m|I[ \t]+was|[Hh]e[ \t]+is|[Ss]he[ \t]+is|[Hh]e's|[Ss]he's|[Hh]e[ \t]+was|[Ss]he[ \t]+was|[Ss]ou|[Ee]ra)[ \t]+(?:an?|um|uma)?[ \t]*({occ})(?-u:\b)"
                 )),
             ],
-            after_person: re(&format!(r"^[ \t]+(?:of|from|at|da|do|de)[ \t]+({run})")),
+            after_person: re(&format!(r"^[ \t]+(?:of|from|at)[ \t]+({run})")),
             after_person_title: re(&format!(
                 r"^,[ \t]+(?:the|our|a|an|my|his|her|their)[ \t]+({occ}),"
-            )),
-            title_name: re(&format!(
-                r"(?-u:\b)((?i:{OCCUPATIONS}))[ \t]+(\p{{Lu}}[\p{{Ll}}'’\-]+(?:[ \t]+\p{{Lu}}[\p{{Ll}}'’\-]+)?)(?-u:\b)"
             )),
             before_person: re(&format!(
                 r"(?:(?-u:\b)({run})(?:'s|’s|'|’)[ \t]+|(?-u:\b)(?:({run})[ \t]+)?((?i:{OCCUPATIONS}))[ \t]+)$"
@@ -141,16 +135,7 @@ impl Affiliation {
 
     /// Appends the organisations and job titles in `text`. `found`: what the other detectors
     /// found (persons and contact details anchor the context rules and the contact cards).
-    /// `namelike`: whether a word may be a name (a first name, a name word or no known word), for
-    /// the name after a job title.
-    pub fn scan(
-        &self,
-        text: &str,
-        all_lower: bool,
-        namelike: &dyn Fn(&str) -> bool,
-        found: &[Finding],
-        out: &mut Vec<Finding>,
-    ) {
+    pub fn scan(&self, text: &str, all_lower: bool, found: &[Finding], out: &mut Vec<Finding>) {
         let push = |category, s: usize, e: usize, out: &mut Vec<Finding>| {
             let e = s + trim_possessive(&text[s..e]).len();
             if s < e && !glued(text, s, e) {
@@ -178,20 +163,6 @@ impl Affiliation {
                     push(Category::Organization, g.start(), g.end(), out);
                 }
             }
-        }
-        for c in self.title_name.captures_iter(text) {
-            let (Some(t), Some(n)) = (c.get(1), c.get(2)) else {
-                continue;
-            };
-            if !n.as_str().split_whitespace().all(namelike) {
-                continue;
-            }
-            // The occupation noun and up to three words before it; without a clean title phrase,
-            // the noun alone ("time working under Professor Bautista").
-            let from = words_before(text, t.start(), 3);
-            let i = title_start(&text[from..t.end()]).map_or(t.start(), |i| from + i);
-            push(Category::Title, i, t.end(), out);
-            push(Category::Person, n.start(), n.end(), out);
         }
         if all_lower {
             for c in self.lower_context.captures_iter(text) {
@@ -421,7 +392,7 @@ const NOT_IN_TITLES: [&str; 49] = [
 
 /// Where the title in `v` starts once leading function words are dropped ("on Certified nursing
 /// assistant"); `None` when one is left inside ("sure the teacher" is no title).
-fn title_start(v: &str) -> Option<usize> {
+pub(crate) fn title_start(v: &str) -> Option<usize> {
     let function = |w: &str| NOT_IN_TITLES.contains(&w.to_lowercase().as_str());
     let mut rest = v.trim_start();
     while let Some(w) = rest.split_whitespace().next().filter(|w| function(w)) {
@@ -477,7 +448,7 @@ fn heading(text: &str, s: usize, e: usize) -> bool {
 
 /// Where the `n` words (letters, hyphens, apostrophes; one space or tab apart) before `at` start,
 /// or fewer if the line, a punctuation mark or the text comes first.
-fn words_before(text: &str, at: usize, n: usize) -> usize {
+pub(crate) fn words_before(text: &str, at: usize, n: usize) -> usize {
     let mut from = at;
     for _ in 0..n {
         let head = &text[..from];

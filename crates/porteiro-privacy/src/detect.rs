@@ -216,6 +216,11 @@ pub struct Detector {
     place_postal: Regex,
     /// A name used attributively: "the Castro novel", "the frank freud version".
     attributive: Regex,
+    /// A job title before a name, as an honorific is: "Sheriff Kyle Kuefer", "Senior reactor
+    /// operator Baader".
+    title_name: Regex,
+    /// A word that is itself a job or a firm's legal form or head noun ("Trainee", "Ltd"): no name.
+    role_word: Regex,
 }
 
 /// A list of first names (gender-guesser's `nam_dict.txt`: ~45,000 names from many countries), and
@@ -278,8 +283,16 @@ impl Names {
         self.set.is_empty()
     }
 
+    /// Whether `w` is a listed first name or a name word. A capitalised word also counts when it
+    /// is listed without its accents: the list has "Fabio" and not "Fábio", which as a frequent
+    /// Portuguese word is no name word either. (Not in lowercase text: Vietnamese "này" is no
+    /// "Nay".)
     pub fn contains(&self, w: &str) -> bool {
-        self.set.contains(w) || self.words.contains(w)
+        self.set.contains(w)
+            || self.words.contains(w)
+            || (!w.is_ascii()
+                && w.starts_with(char::is_uppercase)
+                && self.set.contains(&fold_accents(w)))
     }
 
     /// Whether `w` is on the first-name list.
@@ -626,6 +639,18 @@ impl Detector {
                 r"(?-u:\b)(?:in|at|from|near|em|de|of)[ \t]+((?:[\p{L}'’.\-]+[ \t]+){1,4}?)(\d{5}-\d{3}|\d{4}-\d{3}|\d{3} \d{2}|\d{4,5})(?-u:\b)",
             )
             .expect("place and postal code"),
+            title_name: Regex::new(&format!(
+                r"(?-u:\b)((?i:{}))[ \t]+(\p{{Lu}}[\p{{Ll}}'’\-]+(?:[ \t]+\p{{Lu}}[\p{{Ll}}'’\-]+)?)(?-u:\b)",
+                crate::affiliation::OCCUPATIONS
+            ))
+            .expect("job title and name"),
+            role_word: Regex::new(&format!(
+                r"^(?:(?i:{})|{}|{})$",
+                crate::affiliation::OCCUPATIONS,
+                crate::affiliation::LEGAL_FORMS,
+                crate::affiliation::ORG_HEADS
+            ))
+            .expect("role word"),
             attributive: Regex::new(&format!(
                 r"(?-u:\b)[Tt]he[ \t]+(\p{{Lu}}[\p{{Ll}}'’\-]+(?:[ \t]+\p{{Lu}}[\p{{Ll}}'’\-]+)?|\p{{Ll}}+[ \t]+\p{{Ll}}+)[ \t]+({ATTRIBUTED})(?-u:\b)"
             ))
@@ -968,6 +993,47 @@ impl Detector {
         }
     }
 
+    /// A name after a job title is a person's, as after an honorific ("Sheriff Kyle Kuefer",
+    /// "Accounting clerk Baker"): a first name, a name word or an unknown word; or, after a title
+    /// written with a capital, any word rarer than Zipf 4.5 ("Baker" 4.4, not "Tools"). With the
+    /// quasi-identifiers on, the title (up to three words before its occupation noun) too.
+    fn scan_title_names(&self, names: &Names, text: &str, out: &mut Vec<Finding>) {
+        for c in self.title_name.captures_iter(text) {
+            let (Some(t), Some(n)) = (c.get(1), c.get(2)) else {
+                continue;
+            };
+            if identifier(text, n.start(), n.end())
+                || n.as_str()
+                    .split_whitespace()
+                    .any(|w| self.role_word.is_match(w))
+            {
+                continue;
+            }
+            let from = crate::affiliation::words_before(text, t.start(), 3);
+            let start = crate::affiliation::title_start(&text[from..t.end()])
+                .map_or(t.start(), |i| from + i);
+            let capital = text[start..].starts_with(char::is_uppercase);
+            let words = || n.as_str().split_whitespace();
+            let named = words()
+                .all(|w| names.is_first_name(w) || names.is_name_word(w) || names.is_unknown(w))
+                || (capital && words().all(|w| names.zipf(w) < 4.5));
+            if named {
+                out.push(Finding {
+                    category: Category::Person,
+                    start: n.start(),
+                    end: n.end(),
+                });
+                if self.quasi.is_some() {
+                    out.push(Finding {
+                        category: Category::Title,
+                        start,
+                        end: t.end(),
+                    });
+                }
+            }
+        }
+    }
+
     /// Every finding in `text`, sorted by start, without overlaps.
     pub fn scan(&self, text: &str) -> Vec<Finding> {
         let mut cands: Vec<Finding> = Vec::new();
@@ -986,9 +1052,11 @@ impl Detector {
         let all_lower = no_capitals(text);
         self.scan_names(text, all_lower, &mut cands);
         if let Some(names) = &self.names {
+            self.scan_title_names(names, text, &mut cands);
             // A place and a postal code inside a sentence ("in Bjert 6091", "in Quinta de São
             // Tiago 3610-114"): the place must hold a word that is no known word or a name word,
-            // so "in Windows 2000" is not one.
+            // or be two or more words in capitals ("in CABBAGE TREE CREEK 1421"), so "in Windows
+            // 2000" is not one.
             let mut at = 0;
             while let Some(c) = self.place_postal.captures_at(text, at) {
                 let (Some(place), Some(code)) = (c.get(1), c.get(2)) else {
@@ -1007,7 +1075,11 @@ impl Detector {
                     cap.clear();
                     crate::namewords::push_capitalised(&mut cap, w);
                     w.chars().nth(2).is_some() && (names.is_unknown(w) || names.contains(&cap))
-                });
+                }) || (words.len() >= 2
+                    && words.iter().all(|w| {
+                        w.chars().filter(|c| c.is_alphabetic()).count() >= 3
+                            && !w.chars().any(char::is_lowercase)
+                    }));
                 // A year is no postal code here ("from April 2020").
                 let year =
                     code.len() == 4 && matches!(code.as_str().parse::<u16>(), Ok(1900..=2099));
@@ -1100,14 +1172,7 @@ impl Detector {
         extend_address_blocks(text, &mut cands);
         if let Some(q) = &self.quasi {
             let mut more = Vec::new();
-            // Without the name lists any capitalised word may be a name.
-            let namelike = |w: &str| {
-                self.names
-                    .as_ref()
-                    .is_none_or(|n| n.is_first_name(w) || n.is_name_word(w) || n.is_unknown(w))
-            };
-            q.affiliation
-                .scan(text, all_lower, &namelike, &cands, &mut more);
+            q.affiliation.scan(text, all_lower, &cands, &mut more);
             cands.extend(more);
         }
         resolve(cands)
@@ -1168,6 +1233,12 @@ impl Default for Detector {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// `w` without its accents ("Fábio" → "Fabio"): decomposed, combining marks dropped.
+fn fold_accents(w: &str) -> String {
+    use unicode_normalization::{char::is_combining_mark, UnicodeNormalization};
+    w.nfd().filter(|c| !is_combining_mark(*c)).collect()
 }
 
 /// Trailing punctuation and spaces are not part of a value.
@@ -1730,7 +1801,7 @@ mod tests {
     #[test]
     fn names_at_a_sentence_start() {
         let names = Names::from_nam_dict(
-            "M  Mark                        1\nF  Nicole                      1\n",
+            "M  Mark                        1\nF  Nicole                      1\nM  Fabio                       1\n",
         )
         .with_lexicon(crate::namewords::Lexicon {
             name_words: ["Christiansen".to_string()].into(),
@@ -1774,6 +1845,14 @@ mod tests {
             ["nicole christiansen"]
         );
         assert!(persons("Please mark the christiansen file").is_empty());
+        // A capitalised first name listed without its accents.
+        assert_eq!(persons("Please correct it to Fábio."), ["Fábio"]);
+        assert!(persons("please correct it to fábio.").is_empty());
+        // A job title before a name works as an honorific; a role or a firm is no name.
+        assert_eq!(persons("Ask Sheriff Mark today."), ["Mark"]);
+        assert_eq!(persons("For Accounting clerk Xyzzyq, see"), ["Xyzzyq"]);
+        assert!(persons("Process Engineer Trainee (3 months)").is_empty());
+        assert!(persons("The Shepherd Ltd. Orchestra").is_empty());
     }
 
     /// Capitalised words that are no known word are names; without any capital, name words,

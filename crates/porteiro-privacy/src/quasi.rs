@@ -191,11 +191,114 @@ pub struct Quasi {
 /// adjectives (a plural "s"/"es" is allowed) and the main Portuguese ones.
 const GROUPS: &str = "afghan|albanian|algerian|american|andorran|angolan|argentine|argentinian|armenian|australian|austrian|azerbaijani|bahamian|bahraini|bangladeshi|barbadian|belarusian|belgian|belizean|belizian|beninese|bhutanese|bolivian|bosnian|botswanan|brazilian|british|bruneian|bulgarian|burkinabe|burmese|burundian|cambodian|cameroonian|canadian|chadian|chilean|chinese|colombian|congolese|costa rican|croatian|cuban|cypriot|czech|danish|djiboutian|dominican|dutch|ecuadorian|ecuadorean|egyptian|emirati|english|eritrean|estonian|ethiopian|fijian|filipino|finnish|french|gabonese|gambian|georgian|german|ghanaian|greek|grenadian|guatemalan|guinean|guyanese|haitian|honduran|hungarian|icelandic|indian|indonesian|iranian|iraqi|irish|israeli|italian|ivorian|jamaican|japanese|jordanian|kazakh|kenyan|korean|kosovar|kuwaiti|kyrgyz|laotian|latvian|lebanese|liberian|libyan|lithuanian|luxembourgish|macedonian|malagasy|malawian|malaysian|maldivian|malian|maltese|mauritanian|mauritian|mexican|moldovan|monegasque|mongolian|montenegrin|moroccan|mozambican|namibian|nepalese|nepali|nicaraguan|nigerian|nigerien|norwegian|omani|pakistani|palestinian|panamanian|paraguayan|peruvian|polish|portuguese|qatari|romanian|russian|rwandan|salvadoran|samoan|saudi|scottish|senegalese|serbian|sierra leonean|singaporean|slovak|slovakian|slovenian|somali|south african|spanish|sri lankan|sudanese|surinamese|swazi|swedish|swiss|syrian|taiwanese|tajik|tanzanian|thai|togolese|tongan|trinidadian|tunisian|turkish|turkmen|ugandan|ukrainian|uruguayan|uzbek|venezuelan|vietnamese|welsh|yemeni|zambian|zimbabwean|chechen|kurdish|kurd|basque|catalan|galician|tamil|punjabi|bengali|gujarati|berber|tibetan|uyghur|maori|aboriginal|inuit|cherokee|navajo|yoruba|igbo|zulu|xhosa|pashtun|sindhi|flemish|walloon|breton|corsican|sardinian|sicilian|bavarian|kashmiri|sinhalese|hmong|englishman|englishmen|scotsman|irishman|frenchman|frenchmen|dutchman|arab|asian|african|european|latino|latina|hispanic|caucasian|jewish|jew|muslim|islamic|christian|catholic|protestant|evangelical|orthodox|mormon|hindu|buddhist|sikh|atheist|shia|shii|shiite|sunni|democrat|republican|communist|socialist|brasileir[oa]|portugu[eê]sa?|argentin[oa]|mexican[oa]|american[oa]|espanhol|espanhola|frances[a]?|alem[aã]o|alem[aã]|italian[oa]|angolan[oa]|mo[cç]ambican[oa]|judeu|judia|mu[cç]ulman[oa]|cat[oó]lic[oa]|evang[eé]lic[oa]";
 
+/// States and provinces, which the city and country tables leave out ("We moved here from
+/// Florida"). "Acre" and "Pará" are left out: English and Portuguese words.
+const REGIONS: [&str; 97] = [
+    "Alabama",
+    "Alaska",
+    "Arizona",
+    "Arkansas",
+    "California",
+    "Colorado",
+    "Connecticut",
+    "Delaware",
+    "Florida",
+    "Georgia",
+    "Hawaii",
+    "Idaho",
+    "Illinois",
+    "Indiana",
+    "Iowa",
+    "Kansas",
+    "Kentucky",
+    "Louisiana",
+    "Maine",
+    "Maryland",
+    "Massachusetts",
+    "Michigan",
+    "Minnesota",
+    "Mississippi",
+    "Missouri",
+    "Montana",
+    "Nebraska",
+    "Nevada",
+    "New Hampshire",
+    "New Jersey",
+    "New Mexico",
+    "New York",
+    "North Carolina",
+    "North Dakota",
+    "Ohio",
+    "Oklahoma",
+    "Oregon",
+    "Pennsylvania",
+    "Rhode Island",
+    "South Carolina",
+    "South Dakota",
+    "Tennessee",
+    "Texas",
+    "Utah",
+    "Vermont",
+    "Virginia",
+    "Washington",
+    "West Virginia",
+    "Wisconsin",
+    "Wyoming",
+    "Alberta",
+    "British Columbia",
+    "Manitoba",
+    "New Brunswick",
+    "Newfoundland",
+    "Nova Scotia",
+    "Ontario",
+    "Prince Edward Island",
+    "Quebec",
+    "Québec",
+    "Saskatchewan",
+    "Yukon",
+    "Nunavut",
+    "New South Wales",
+    "Queensland",
+    "South Australia",
+    "Tasmania",
+    "Western Australia",
+    "Northern Territory",
+    "Alagoas",
+    "Amapá",
+    "Amazonas",
+    "Bahia",
+    "Ceará",
+    "Espírito Santo",
+    "Goiás",
+    "Maranhão",
+    "Mato Grosso",
+    "Mato Grosso do Sul",
+    "Minas Gerais",
+    "Paraíba",
+    "Paraná",
+    "Pernambuco",
+    "Piauí",
+    "Rio de Janeiro",
+    "Rio Grande do Norte",
+    "Rio Grande do Sul",
+    "Rondônia",
+    "Roraima",
+    "Santa Catarina",
+    "São Paulo",
+    "Sergipe",
+    "Tocantins",
+    "Distrito Federal",
+    "Victoria",
+    "Australian Capital Territory",
+    "Labrador",
+];
+
 const WEEKDAYS: &str = "(?i:monday|tuesday|wednesday|thursday|friday|saturday|sunday|segunda-feira|terça-feira|quarta-feira|quinta-feira|sexta-feira|sábado|domingo)";
 const MONTH_NAMES: &str = "January|February|March|April|May|June|July|August|September|October|November|December|[Jj]aneiro|[Ff]evereiro|[Mm]arço|[Aa]bril|[Mm]aio|[Jj]unho|[Jj]ulho|[Aa]gosto|[Ss]etembro|[Oo]utubro|[Nn]ovembro|[Dd]ezembro";
 
 impl Quasi {
-    pub fn new(places: Places) -> Self {
+    pub fn new(mut places: Places) -> Self {
+        places.others.extend(REGIONS.iter().map(|r| key(r)));
         let specs: Vec<(Category, String, usize)> = vec![
             // Web addresses: a scheme or "www.", or a domain under a common top-level domain.
             (
@@ -236,7 +339,7 @@ impl Quasi {
             // Lordelo"; and a form's place field ("Where: Novo mesto Country Club.").
             (
                 Category::Location,
-                r"(?-u:\b)(?:grew[ \t]+up[ \t]+in|born[ \t]+in|lives?[ \t]+in|living[ \t]+in|moved[ \t]+to|moving[ \t]+to|arrived[ \t]+(?:at|in)|based[ \t]+in|travell?ed[ \t]+to|flew[ \t]+to|(?:I[ \t]+am|I'm|I’m|we[ \t]+are|we're|I[ \t]+was|we[ \t]+were)[ \t]+(?:in|at)|nasci[ \t]+em|moro[ \t]+em|mora[ \t]+em)[ \t]+(\p{Lu}[\p{L}'’\-]*(?:[ \t]+(?:(?:de|do|da|of|del|la)[ \t]+)?\p{Lu}[\p{L}'’\-]*){0,3})".into(),
+                r"(?-u:\b)(?:grew[ \t]+up[ \t]+in|born[ \t]+in|lives?[ \t]+in|living[ \t]+in|(?:moved|moving|came|comes|returned|returning|fled|emigrated|immigrated)(?:[ \t]+(?:here|back|home|over))?[ \t]+(?:from|to)|originally[ \t]+from|coming[ \t]+to|arrived[ \t]+(?:at|in)|based[ \t]+in|travell?ed[ \t]+to|flew[ \t]+to|(?:I[ \t]+am|I'm|I’m|we[ \t]+are|we're|I[ \t]+was|we[ \t]+were)[ \t]+(?:in|at)|nasci[ \t]+em|moro[ \t]+em|mora[ \t]+em)[ \t]+(\p{Lu}[\p{L}'’\-]*(?:[ \t]+(?:(?:de|do|da|of|del|la)[ \t]+)?\p{Lu}[\p{L}'’\-]*){0,3})".into(),
                 1,
             ),
             (
@@ -572,7 +675,11 @@ mod tests {
         );
         assert!(found("Polishing the Drive, Mrsa").is_empty());
         assert!(found("When he was 78 feet away").is_empty());
-        // Places by context, by their noun, on a form, and above a country.
+        // Places by context, by their noun, on a form, and above a country; states.
+        assert_eq!(
+            found("We moved here from Florida; I'm originally from ROW HEATH."),
+            [(Location, "Florida".into()), (Location, "ROW HEATH".into())]
+        );
         assert_eq!(
             found("She grew up in SUND and I am in Lordelo; we returned to Mill Village."),
             [
