@@ -37,7 +37,11 @@ const MAX_RUN: usize = 5;
 pub struct Affiliation {
     /// A capitalised run ending in a legal form or head noun; a lowercase one ending in a legal form.
     headed: Regex,
-    /// Runs found by the words before or after them; group 1 is the organisation.
+    /// Runs found by the words before them (employment, corporate events) or after them ("is the
+    /// brainchild of"): the name must end its noun phrase and be no heading. Group 1.
+    org_ended: Vec<Regex>,
+    /// Runs found by the nouns after them or by a fixed frame ("her X resignation letter", "the
+    /// X website", "the address of X", "X is an investment bank"). Group 1.
     org_context: Vec<Regex>,
     /// Job titles found by the words before them; group 1 is the title.
     title_context: Vec<Regex>,
@@ -74,7 +78,7 @@ impl Affiliation {
             headed: re(&format!(
                 r"(?-u:\b)(?:((?:{CAP_WORD}[ \t]+(?:(?:and|And|&|of)[ \t]+)?){{1,{MAX_RUN}}}(?:{LEGAL_FORMS}))|((?:{CAP_WORD}[ \t]+(?:(?:and|And|&|of)[ \t]+)?){{1,{MAX_RUN}}}(?:{ORG_HEADS}))|((?:[\p{{Ll}}\d][\p{{L}}\d\-]*[ \t]+){{1,2}}(?:inc|llc|ltd|corp|gmbh)\.?))(?:[^\p{{L}}\d]|$)"
             )),
-            org_context: vec![
+            org_ended: vec![
                 // Employment: "works for X", "a year at X", "joined X".
                 re(&format!(
                     r"(?-u:\b)(?:[Ww]ork(?:s|ed|ing)?|[Ee]mployed|[Ii]ntern(?:ed)?|[Hh]ired|[Qq]uit|[Tt]rabalh[a-zâ]*)[ \t]+(?:for|at|by|na|no|em|para)[ \t]+({run})"
@@ -90,6 +94,8 @@ impl Affiliation {
                 re(&format!(
                     r"({run})[ \t]+(?:is|was)[ \t]+the[ \t]+(?:brainchild|creation|project)[ \t]+of(?-u:\b)"
                 )),
+            ],
+            org_context: vec![
                 // Attributively before what an employer gives: "her Uber resignation letter".
                 re(&format!(
                     r"(?-u:\b)(?:my|his|her|their|our|your)[ \t]+({run})[ \t]+(?:resignation|job|salary|badge|colleagues|coworkers|co-workers|employer|boss|internship|interview|payroll|paycheck|contract|onboarding|layoff|severance)(?-u:\b)"
@@ -154,13 +160,15 @@ impl Affiliation {
                 push(Category::Organization, g.start(), g.end(), out);
             }
         }
-        for (i, re) in self.org_context.iter().enumerate() {
-            for c in re.captures_iter(text) {
-                // After "works for", a name ends its noun phrase ("work for Arabic languages").
-                if let Some(g) = c.get(1).filter(|g| {
-                    i >= 4 || !(noun_follows(text, g.end()) || heading(text, g.start(), g.end()))
-                }) {
-                    push(Category::Organization, g.start(), g.end(), out);
+        // After "works for", a name ends its noun phrase ("work for Arabic languages").
+        let ended =
+            |g: &regex::Match| !(noun_follows(text, g.end()) || heading(text, g.start(), g.end()));
+        for (rules, must_end) in [(&self.org_ended, true), (&self.org_context, false)] {
+            for re in rules {
+                for c in re.captures_iter(text) {
+                    if let Some(g) = c.get(1).filter(|g| !must_end || ended(g)) {
+                        push(Category::Organization, g.start(), g.end(), out);
+                    }
                 }
             }
         }
