@@ -141,7 +141,15 @@ impl Affiliation {
 
     /// Appends the organisations and job titles in `text`. `found`: what the other detectors
     /// found (persons and contact details anchor the context rules and the contact cards).
-    pub fn scan(&self, text: &str, all_lower: bool, found: &[Finding], out: &mut Vec<Finding>) {
+    /// `lines`: the text's [`content_lines`].
+    pub fn scan(
+        &self,
+        text: &str,
+        lines: &[(usize, usize)],
+        all_lower: bool,
+        found: &[Finding],
+        out: &mut Vec<Finding>,
+    ) {
         let push = |category, s: usize, e: usize, out: &mut Vec<Finding>| {
             let e = s + trim_possessive(&text[s..e]).len();
             if s < e && !glued(text, s, e) {
@@ -231,7 +239,7 @@ impl Affiliation {
                 }
             }
         }
-        self.scan_cards(text, found, out);
+        self.scan_cards(text, lines, found, out);
         // The other members of a list holding an organisation are organisations.
         let orgs: Vec<(usize, usize)> = out
             .iter()
@@ -310,8 +318,13 @@ impl Affiliation {
     /// organisation ("Janka M. Szász / Network and computer systems administrator / Phone: …").
     /// A text's first line right above an address is the addressee firm ("Amazon Web Services /
     /// 9092 Avda. …").
-    fn scan_cards(&self, text: &str, found: &[Finding], out: &mut Vec<Finding>) {
-        let lines = content_lines(text);
+    fn scan_cards(
+        &self,
+        text: &str,
+        lines: &[(usize, usize)],
+        found: &[Finding],
+        out: &mut Vec<Finding>,
+    ) {
         if lines.len() < 3 {
             return;
         }
@@ -432,7 +445,9 @@ fn heading(text: &str, s: usize, e: usize) -> bool {
     let ls = text[..s].rfind('\n').map_or(0, |i| i + 1);
     let le = text[e..].find('\n').map_or(text.len(), |i| e + i);
     let line = &text[ls..le];
-    let body = |t: &str| t.trim_matches(|c: char| !c.is_alphanumeric()).to_string();
+    fn body(t: &str) -> &str {
+        t.trim_matches(|c: char| !c.is_alphanumeric())
+    }
     if body(line) == body(&text[s..e]) {
         return true;
     }

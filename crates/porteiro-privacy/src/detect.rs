@@ -1117,9 +1117,15 @@ impl Detector {
                 }
             }
         }
+        // The text's lines, for the quasi-identifiers' line rules (towns above countries, contact
+        // cards).
+        let lines = match self.quasi {
+            Some(_) => crate::affiliation::content_lines(text),
+            None => Vec::new(),
+        };
         if let Some(q) = &self.quasi {
             let unknown = |w: &str| self.names.as_ref().is_some_and(|n| n.is_unknown(w));
-            q.scan(text, all_lower, &unknown, &mut cands);
+            q.scan(text, &lines, all_lower, &unknown, &mut cands);
         }
         // A building number just before an address is part of it ("233 Erzsébet tér 19.").
         for f in cands.iter_mut().filter(|f| f.category == Category::Address) {
@@ -1172,7 +1178,8 @@ impl Detector {
         extend_address_blocks(text, &mut cands);
         if let Some(q) = &self.quasi {
             let mut more = Vec::new();
-            q.affiliation.scan(text, all_lower, &cands, &mut more);
+            q.affiliation
+                .scan(text, &lines, all_lower, &cands, &mut more);
             cands.extend(more);
         }
         resolve(cands)

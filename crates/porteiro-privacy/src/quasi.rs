@@ -401,10 +401,12 @@ impl Quasi {
     /// `all_lower`: the text has no capital, so countries are looked up in lowercase (cities are
     /// not: "antelope", "country club" are words there). `unknown`:
     /// whether a word is no known word; an upper-case one of four letters or more is a name
-    /// ("LEPPEN", "ΠΑΦΟΣ": places written in capitals, as address blocks do).
+    /// ("LEPPEN", "ΠΑΦΟΣ": places written in capitals, as address blocks do). `lines`: the text's
+    /// [`crate::affiliation::content_lines`].
     pub fn scan(
         &self,
         text: &str,
+        lines: &[(usize, usize)],
         all_lower: bool,
         unknown: &dyn Fn(&str) -> bool,
         out: &mut Vec<Finding>,
@@ -438,7 +440,6 @@ impl Quasi {
             .collect();
         self.scan_places(text, all_lower, &words, out);
         // The line above a country alone on its line is a town ("EBEN / Austria").
-        let lines = crate::affiliation::content_lines(text);
         for w in lines.windows(2) {
             let ((ts, te), (cs, ce)) = (w[0], w[1]);
             let town = &text[ts..te];
