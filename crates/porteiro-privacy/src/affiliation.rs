@@ -10,22 +10,12 @@
 
 use regex::Regex;
 
-use crate::detect::{glued, Category, Finding};
-
-/// Legal forms that end an organisation's name.
-pub(crate) const LEGAL_FORMS: &str = r"Inc\.?|Incorporated|LLC|L\.L\.C\.|Ltd\.?|Limited|Corp\.?|Corporation|Company|Co\.|GmbH|AG|plc|PLC|LLP|Ltda\.?|S\.A\.|S/A";
-/// Nouns that end an organisation's name; also ordinary nouns, so a heading ("Database Systems")
-/// is not taken.
-pub(crate) const ORG_HEADS: &str = "Group|Holdings|Partners|Associates|Technologies|Solutions|Systems|Software|Analytics|Services|Capital|Insurance|Bank|Finance|Financial|Markets|Resources|Insights|Consulting|Agency|Labs|Laboratories|Ventures|Industries|Enterprises|Networks|Pharmaceuticals|Foundation|Institute|University|College|Hospital|Orchestra|Society|Association|Council|Sons|Brothers|Research|Club";
-
-/// Nouns naming what an organisation is ("X is a design agency", "an investment bank").
-const ORG_NOUNS: &str = "company|corporation|agency|firm|bank|startup|start-up|non-profit|nonprofit|charity|organisation|organization|brand|manufacturer|retailer|provider|publisher|studio|institution|consultancy|conglomerate|business|enterprise|501\\(c\\)3|empresa|companhia";
-
-/// What belongs to an organisation: "the Propublica office", "the Uber website".
-const ORG_PARTS: &str = "office|offices|headquarters|website|site|homepage|app|team|staff|board|employees|founders|ceo|cfo|cto";
-
-/// Occupation nouns ending a job title (English and Portuguese; singular).
-pub(crate) const OCCUPATIONS: &str = "accountant|actor|actress|actuary|adjuster|administrator|advisor|adviser|agent|analyst|anesthesiologist|announcer|appraiser|apprentice|architect|archivist|artist|assembler|assistant|associate|astronomer|athlete|attendant|attorney|auditor|author|baker|banker|barber|bartender|biologist|bookkeeper|broker|builder|butcher|buyer|captain|caregiver|carpenter|cashier|chef|chemist|chiropractor|cinematographer|cleaner|clerk|coach|collector|colonel|composer|conductor|consultant|controller|cook|coordinator|copywriter|counselor|counsellor|courier|curator|dancer|dentist|designer|detective|developer|dietitian|director|dispatcher|doctor|driver|economist|editor|educator|electrician|engineer|estimator|examiner|executive|farmer|firefighter|fisherman|gardener|geologist|geographer|guard|hairdresser|historian|housekeeper|hygienist|illustrator|inspector|installer|instructor|interpreter|investigator|janitor|journalist|judge|labourer|laborer|landscaper|lawyer|lecturer|librarian|lieutenant|machinist|magistrate|maintainer|manager|mason|mechanic|mediator|midwife|miner|musician|nanny|negotiator|nurse|nutritionist|officer|operator|optician|optometrist|organizer|painter|paralegal|paramedic|pathologist|pharmacist|photographer|physician|physicist|physiotherapist|pilot|planner|plumber|poet|politician|porter|practitioner|president|priest|producer|professor|programmer|psychiatrist|psychologist|publicist|radiographer|receptionist|recruiter|referee|reporter|representative|researcher|salesman|salesperson|saleswoman|scientist|sculptor|secretary|sergeant|singer|sociologist|soldier|songwriter|specialist|statistician|steward|stewardess|supervisor|surgeon|surveyor|tailor|teacher|technician|technologist|teller|therapist|trader|trainer|translator|treasurer|tutor|underwriter|veterinarian|waiter|waitress|welder|worker|writer|trainee|intern|lifeguard|sheriff|lobbyist|caster|repairer|repairman|coder|caretaker|bricklayer|custodian|registrar|aide|hostess|tender|logger|roofer|glazier|plasterer|upholsterer|seamstress|stylist|cosmetologist|beautician|masseur|masseuse|clergyman|pastor|rabbi|imam|sailor|ranger|warden|bailiff|coroner|marshal|constable|jailer|locksmith|blacksmith|goldsmith|jeweler|jeweller|florist|grocer|merchant|shopkeeper|storekeeper|trucker|chauffeur|navigator|skipper|deckhand|fisher|rancher|herder|shepherd|groomer|zookeeper|beekeeper|brewer|distiller|sommelier|barista|dishwasher|concierge|bellhop|doorman|usher|croupier|auctioneer|assessor|drafter|draftsman|animator|lyricist|choreographer|comedian|magician|potter|weaver|cobbler|shoemaker|cabinetmaker|woodworker|joiner|framer|fitter|fabricator|boilermaker|pipefitter|insulator|lineman|rigger|ironworker|scaffolder|driller|prospector|metallurgist|proofreader|transcriptionist|stenographer|typist|webmaster|advogad[oa]|analista|arquitet[oa]|contador[a]?|dentista|desenvolvedor[a]?|diretor[a]?|enfermeir[oa]|engenheir[oa]|farmacêutic[oa]|gerente|médic[oa]|motorista|professor[a]?|programador[a]?|psicólog[oa]|secretári[oa]|técnic[oa]|vendedor[a]?";
+use crate::context::{Pass, ScanContext};
+use crate::core::{glued, regex, Category, Finding};
+use crate::lists::{
+    FUNCTION_WORDS, LEGAL_FORMS, NOT_IN_TITLES, OCCUPATIONS, ORG_HEADS, ORG_NOUNS, ORG_PARTS,
+};
+use crate::text::title_start;
 
 /// A word of an organisation's name: capitalised, or a number ("3 Round Stones Inc").
 const CAP_WORD: &str = r"(?:(?:\p{Lu}\.){2,}|\p{Lu}[\p{L}\d'’&\-]*|\d+)";
@@ -68,59 +58,118 @@ impl Default for Affiliation {
 
 impl Affiliation {
     pub fn new() -> Self {
+        let (legal_forms, org_heads) = (LEGAL_FORMS.as_str(), ORG_HEADS.as_str());
+        let (org_nouns, org_parts) = (ORG_NOUNS.as_str(), ORG_PARTS.as_str());
+        let occupations = OCCUPATIONS.as_str();
         let run = format!(
             r"{CAP_WORD}(?:[ \t]+(?:(?:and|And|&|of|for|de)[ \t]+)?{CAP_WORD}){{0,{}}}",
             MAX_RUN - 1
         );
-        let occ = format!(r"(?:[\p{{L}}'’\-]+[ \t]+){{0,3}}(?i:{OCCUPATIONS})");
-        let re = |s: &str| Regex::new(s).unwrap_or_else(|e| panic!("affiliation rule: {e}"));
+        let occ = format!(r"(?:[\p{{L}}'’\-]+[ \t]+){{0,3}}(?i:{occupations})");
+        let re = regex;
         Self {
             headed: re(&format!(
-                r"(?-u:\b)(?:((?:{CAP_WORD}[ \t]+(?:(?:and|And|&|of)[ \t]+)?){{1,{MAX_RUN}}}(?:{LEGAL_FORMS}))|((?:{CAP_WORD}[ \t]+(?:(?:and|And|&|of)[ \t]+)?){{1,{MAX_RUN}}}(?:{ORG_HEADS}))|((?:[\p{{Ll}}\d][\p{{L}}\d\-]*[ \t]+){{1,2}}(?:inc|llc|ltd|corp|gmbh)\.?))(?:[^\p{{L}}\d]|$)"
+                concat!(
+                    r"(?-u:\b)(?:((?:{CAP_WORD}[ \t]+(?:(?:and|And|&|of)[ \t]+)?){{1,{MAX_RUN}",
+                    r"}}(?:{legal_forms}))|((?:{CAP_WORD}[ \t]+(?:(?:and|And|",
+                    r"&|of)[ \t]+)?){{1,{MAX_RUN}}}(?:{org_heads}))|((?:[\p{{Ll}}\d][\p{{L}}\d",
+                    r"\-]*[ \t]+){{1,2}}(?:inc|llc|ltd|corp|gmbh)\.?))(?:[^\p{{L}}\d]|",
+                    r"$)",
+                ),
+                CAP_WORD = CAP_WORD,
+                MAX_RUN = MAX_RUN,
+                legal_forms = legal_forms,
+                org_heads = org_heads
             )),
             org_ended: vec![
                 // Employment: "works for X", "a year at X", "joined X".
                 re(&format!(
-                    r"(?-u:\b)(?:[Ww]ork(?:s|ed|ing)?|[Ee]mployed|[Ii]ntern(?:ed)?|[Hh]ired|[Qq]uit|[Tt]rabalh[a-zâ]*)[ \t]+(?:for|at|by|na|no|em|para)[ \t]+({run})"
+                    concat!(
+                        r"(?-u:\b)(?:[Ww]ork(?:s|ed|ing)?|[Ee]mployed|[Ii]ntern(?:ed)?|",
+                        r"[Hh]ired|[Qq]uit|[Tt]rabalh[a-zâ]*)[ \t]+(?:for|at|by|na|",
+                        r"no|em|para)[ \t]+({run})",
+                    ),
+                    run = run
                 )),
                 re(&format!(
-                    r"(?-u:\b)(?:[Jj]oin(?:ed|s|ing)?|(?:[Yy]ear|[Mm]onth|[Ww]eek)s?[ \t]+at|[Ss]tint[ \t]+at|[Cc]areer[ \t]+at|[Ii]nternship[ \t]+at|[Jj]ob[ \t]+at|[Pp]osition[ \t]+at)[ \t]+({run})"
+                    concat!(
+                        r"(?-u:\b)(?:[Jj]oin(?:ed|s|ing)?|(?:[Yy]ear|[Mm]onth|[Ww]eek)s?[ \t]+at|",
+                        r"[Ss]tint[ \t]+at|[Cc]areer[ \t]+at|[Ii]nternship[ \t]+at|",
+                        r"[Jj]ob[ \t]+at|[Pp]osition[ \t]+at)[ \t]+({run})",
+                    ),
+                    run = run
                 )),
                 // Corporate events and cover letters: "later became X", "recorded for X",
                 // "acquired by X", "X is the brainchild of", "looking to support X".
                 re(&format!(
-                    r"(?-u:\b)(?:became|renamed(?:[ \t]+(?:to|as))?|merged[ \t]+with|acquired[ \t]+by|bought[ \t]+by|subsidiary[ \t]+of|division[ \t]+of|(?:co-?)?founded|recorded[ \t]+(?:for|with)|released[ \t]+by|signed[ \t]+(?:to|with)|[Ll]ooking[ \t]+to[ \t]+(?:support|join|help))[ \t]+({run})"
+                    concat!(
+                        r"(?-u:\b)(?:became|renamed(?:[ \t]+(?:to|as))?|merged[ \t]+with|",
+                        r"acquired[ \t]+by|bought[ \t]+by|subsidiary[ \t]+of|division[ \t]+of|",
+                        r"(?:co-?)?founded|recorded[ \t]+(?:for|with)|released[ \t]+by|",
+                        r"signed[ \t]+(?:to|with)|[Ll]ooking[ \t]+to[ \t]+(?:support|",
+                        r"join|help))[ \t]+({run})",
+                    ),
+                    run = run
                 )),
                 re(&format!(
-                    r"({run})[ \t]+(?:is|was)[ \t]+the[ \t]+(?:brainchild|creation|project)[ \t]+of(?-u:\b)"
+                    concat!(
+                        r"({run})[ \t]+(?:is|was)[ \t]+the[ \t]+(?:brainchild|creation|",
+                        r"project)[ \t]+of(?-u:\b)",
+                    ),
+                    run = run
                 )),
             ],
             org_context: vec![
                 // Attributively before what an employer gives: "her Uber resignation letter".
                 re(&format!(
-                    r"(?-u:\b)(?:my|his|her|their|our|your)[ \t]+({run})[ \t]+(?:resignation|job|salary|badge|colleagues|coworkers|co-workers|employer|boss|internship|interview|payroll|paycheck|contract|onboarding|layoff|severance)(?-u:\b)"
+                    concat!(
+                        r"(?-u:\b)(?:my|his|her|their|our|your)[ \t]+({run})[ \t]+(?:resignation|",
+                        r"job|salary|badge|colleagues|coworkers|co-workers|employer|",
+                        r"boss|internship|interview|payroll|paycheck|contract|onboarding|",
+                        r"layoff|severance)(?-u:\b)",
+                    ),
+                    run = run
                 )),
                 // "the address of X is", "the CEO of X".
                 re(&format!(
-                    r"(?-u:\b)(?:[Aa]ddress|[Hh]eadquarters|CEO|[Ff]ounders?|[Ee]mployees?)[ \t]+of[ \t]+({run})"
+                    concat!(
+                        r"(?-u:\b)(?:[Aa]ddress|[Hh]eadquarters|CEO|[Ff]ounders?|",
+                        r"[Ee]mployees?)[ \t]+of[ \t]+({run})",
+                    ),
+                    run = run
                 )),
                 // "the X office", "the X website".
                 re(&format!(
-                    r"(?-u:\b)[Tt]he[ \t]+({run})[ \t]+(?i:{ORG_PARTS})(?-u:\b)"
+                    r"(?-u:\b)[Tt]he[ \t]+({run})[ \t]+(?i:{org_parts})(?-u:\b)"
                 )),
                 // "X is an American multinational investment bank".
                 re(&format!(
-                    r"({run})[ \t]+(?:is|was)[ \t]+(?:an?|um|uma)[ \t]+(?:[\p{{L}}\-]+[ \t]+){{0,4}}(?:{ORG_NOUNS})(?:[^\p{{L}}]|$)"
+                    concat!(
+                        r"({run})[ \t]+(?:is|was)[ \t]+(?:an?|um|uma)[ \t]+(?:[\p{{L}}\-]+[ \t]+){",
+                        r"{0,4}}(?:{org_nouns})(?:[^\p{{L}}]|$)",
+                    ),
+                    run = run,
+                    org_nouns = org_nouns
                 )),
             ],
             title_context: vec![
                 // "worked for NATO as Passenger booking clerk", "a job as a nurse".
                 re(&format!(
-                    r"(?-u:\b)(?:[Ww]ork(?:s|ed|ing)?|[Ee]mployed|[Hh]ired|[Jj]obs?|[Pp]osition|[Rr]ole|[Cc]areer|[Ss]erv(?:e|es|ed|ing))(?-u:\b)[^\n;:!?]{{0,60}}?(?-u:\b)as[ \t]+(?:an?[ \t]+|the[ \t]+)?({occ})(?-u:\b)"
+                    concat!(
+                        r"(?-u:\b)(?:[Ww]ork(?:s|ed|ing)?|[Ee]mployed|[Hh]ired|[Jj]obs?|",
+                        r"[Pp]osition|[Rr]ole|[Cc]areer|[Ss]erv(?:e|es|ed|ing))(?-u:\b)[^\n;:!?]{{",
+                        r"0,60}}?(?-u:\b)as[ \t]+(?:an?[ \t]+|the[ \t]+)?({occ})(?-u:\b)",
+                    ),
+                    occ = occ
                 )),
                 // "I'm a dairy scientist", "she is an X-ray technician", "sou engenheira".
                 re(&format!(
-                    r"(?-u:\b)(?:I[ \t]+am|I'm|I’m|I[ \t]+was|[Hh]e[ \t]+is|[Ss]he[ \t]+is|[Hh]e's|[Ss]he's|[Hh]e[ \t]+was|[Ss]he[ \t]+was|[Ss]ou|[Ee]ra)[ \t]+(?:an?|um|uma)?[ \t]*({occ})(?-u:\b)"
+                    concat!(
+                        r"(?-u:\b)(?:I[ \t]+am|I'm|I’m|I[ \t]+was|[Hh]e[ \t]+is|[Ss]he[ \t]+is|",
+                        r"[Hh]e's|[Ss]he's|[Hh]e[ \t]+was|[Ss]he[ \t]+was|[Ss]ou|",
+                        r"[Ee]ra)[ \t]+(?:an?|um|uma)?[ \t]*({occ})(?-u:\b)",
+                    ),
+                    occ = occ
                 )),
             ],
             after_person: re(&format!(r"^[ \t]+(?:of|from|at)[ \t]+({run})")),
@@ -128,20 +177,27 @@ impl Affiliation {
                 r"^,[ \t]+(?:the|our|a|an|my|his|her|their)[ \t]+({occ}),"
             )),
             before_person: re(&format!(
-                r"(?:(?-u:\b)({run})(?:'s|’s|'|’)[ \t]+|(?-u:\b)(?:({run})[ \t]+)?((?i:{OCCUPATIONS}))[ \t]+)$"
+                concat!(
+                    r"(?:(?-u:\b)({run})(?:'s|’s|'|’)[ \t]+|(?-u:\b)(?:({run})[ \t]+)?((?i:{oc",
+                    r"cupations}))[ \t]+)$",
+                ),
+                run = run,
+                occupations = occupations
             )),
             list_before: re(&format!(r"(?-u:\b)({run})(?:,[ \t]+|,?[ \t]+and[ \t]+)$")),
             list_after: re(&format!(r"^(?:,[ \t]+|,?[ \t]+and[ \t]+)({run})")),
-            lower_context: re(
-                r"(?-u:\b)(?:work(?:s|ed|ing)?[ \t]+(?:for|at)|employed[ \t]+(?:by|at)|later[ \t]+became|recorded[ \t]+for|looking[ \t]+to[ \t]+support)[ \t]+((?:[\p{Ll}\d][\p{L}\d'&\-]*)(?:[ \t]+[\p{Ll}\d][\p{L}\d'&\-]*){0,3})",
-            ),
-            occupation_end: re(&format!(r"(?i:{OCCUPATIONS})$")),
+            lower_context: re(concat!(
+                r"(?-u:\b)(?:work(?:s|ed|ing)?[ \t]+(?:for|at)|employed[ \t]+(?:by|",
+                r"at)|later[ \t]+became|recorded[ \t]+for|looking[ \t]+to[ \t]+support)[ \",
+                r"t]+((?:[\p{Ll}\d][\p{L}\d'&\-]*)(?:[ \t]+[\p{Ll}\d][\p{L}\d'&\-]*){0,3})",
+            )),
+            occupation_end: re(&format!(r"(?i:{occupations})$")),
         }
     }
 
     /// Appends the organisations and job titles in `text`. `found`: what the other detectors
     /// found (persons and contact details anchor the context rules and the contact cards).
-    /// `lines`: the text's [`content_lines`].
+    /// `lines`: the text's [`crate::context::content_lines`].
     pub fn scan(
         &self,
         text: &str,
@@ -403,25 +459,15 @@ impl Affiliation {
     }
 }
 
-/// Function words that no job title holds before its noun ("I am sure the teacher").
-const NOT_IN_TITLES: [&str; 49] = [
-    "the", "a", "an", "my", "your", "his", "her", "their", "our", "to", "of", "in", "on", "at",
-    "for", "with", "that", "this", "is", "are", "was", "not", "or", "but", "so", "very", "sure",
-    "just", "also", "really", "as", "be", "been", "from", "by", "it", "i", "you", "we", "they",
-    "under", "about", "into", "over", "after", "before", "like", "than", "via",
-];
-
-/// Where the title in `v` starts once leading function words are dropped ("on Certified nursing
-/// assistant"); `None` when one is left inside ("sure the teacher" is no title).
-pub(crate) fn title_start(v: &str) -> Option<usize> {
-    let function = |w: &str| NOT_IN_TITLES.contains(&w.to_lowercase().as_str());
-    let mut rest = v.trim_start();
-    while let Some(w) = rest.split_whitespace().next().filter(|w| function(w)) {
-        rest = rest[w.len()..].trim_start();
+impl Pass for Affiliation {
+    /// Organisations and job titles, the last pass (they lean on the persons and addresses found
+    /// before): read against the findings so far, appended after them.
+    fn run(&self, cx: &mut ScanContext) {
+        let mut more = Vec::new();
+        let lines = cx.lines.get(cx.text);
+        self.scan(cx.text, lines, cx.all_lower, &cx.found, &mut more);
+        cx.found.extend(more);
     }
-    let words: Vec<&str> = rest.split_whitespace().collect();
-    (!words.is_empty() && !words[..words.len() - 1].iter().any(|w| function(w)))
-        .then(|| v.len() - rest.len())
 }
 
 /// Whether a lowercase content word follows `at`: the name before it is used as an adjective
@@ -431,13 +477,6 @@ fn noun_follows(text: &str, at: usize) -> bool {
     let w: String = rest.chars().take_while(|c| c.is_alphabetic()).collect();
     w.starts_with(char::is_lowercase) && !FUNCTION_WORDS.contains(&w.as_str())
 }
-
-/// Words that end a name found by context ("work for Deloitte as …", "dun bradstreet became …").
-const FUNCTION_WORDS: [&str; 36] = [
-    "as", "in", "and", "for", "since", "at", "on", "but", "until", "from", "with", "to", "of",
-    "the", "a", "an", "which", "who", "where", "when", "because", "so", "or", "during", "is",
-    "was", "has", "had", "before", "after", "then", "now", "ago", "last", "became", "that",
-];
 
 /// Whether `s..e` is a heading, not an organisation: the whole line, or a line in title case
 /// ("Types of Information Systems"), or "The" and the noun alone ("The Capital of India").
@@ -469,25 +508,6 @@ fn heading(text: &str, s: usize, e: usize) -> bool {
     text[s..e].split_whitespace().count() == 2 && text[s..e].starts_with("The ")
 }
 
-/// Where the `n` words (letters, hyphens, apostrophes; one space or tab apart) before `at` start,
-/// or fewer if the line, a punctuation mark or the text comes first.
-pub(crate) fn words_before(text: &str, at: usize, n: usize) -> usize {
-    let mut from = at;
-    for _ in 0..n {
-        let head = &text[..from];
-        let Some(gap) = head.strip_suffix([' ', '\t']) else {
-            break;
-        };
-        let word =
-            gap.trim_end_matches(|c: char| c.is_alphabetic() || matches!(c, '-' | '\'' | '’'));
-        if word.len() == gap.len() {
-            break;
-        }
-        from = word.len();
-    }
-    from
-}
-
 /// Where a look-back of about `len` bytes before `at` starts: after a space, so no word is cut.
 fn window_start(text: &str, at: usize, len: usize) -> usize {
     if at <= len {
@@ -510,27 +530,6 @@ fn trim_possessive(v: &str) -> &str {
         .unwrap_or(v)
 }
 
-/// The non-empty lines of `text` as byte ranges, without quote marks and bullets in front
-/// (">", "???", "-", "*") or spaces around.
-pub(crate) fn content_lines(text: &str) -> Vec<(usize, usize)> {
-    let mut lines = Vec::new();
-    let mut at = 0;
-    for line in text.split_inclusive('\n') {
-        let body = line.trim_end();
-        let lead = body.len()
-            - body
-                .trim_start_matches(|c: char| {
-                    c.is_whitespace() || matches!(c, '>' | '?' | '-' | '*' | '•')
-                })
-                .len();
-        if lead < body.len() {
-            lines.push((at + lead, at + body.len()));
-        }
-        at += line.len();
-    }
-    lines
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -548,7 +547,7 @@ mod tests {
     }
 
     #[test]
-    fn organisations_by_their_heads_and_context() {
+    fn organisations_by_legal_form_or_head_noun() {
         assert_eq!(
             found("Hill Inc. is an American bank; see Civic Impulse LLC and 3 Round Stones Inc."),
             [
@@ -561,10 +560,22 @@ mod tests {
             found("selma is from stillwater supercomputing inc. today"),
             [(Organization, "stillwater supercomputing inc.".into())]
         );
+    }
+
+    #[test]
+    fn organisations_by_employment_context() {
         assert_eq!(
             found("I used to work for Deloitte as Midwife, but quit."),
             [(Organization, "Deloitte".into()), (Title, "Midwife".into())]
         );
+        assert_eq!(
+            found("She spent a year at Walk Score in Oslo."),
+            [(Organization, "Walk Score".into())]
+        );
+    }
+
+    #[test]
+    fn organisations_by_what_they_are_or_what_belongs_to_them() {
         assert_eq!(
             found("The Propublica office is near; according to the Uber website, yes."),
             [
@@ -577,9 +588,13 @@ mod tests {
             [(Organization, "Standard And Poors".into())]
         );
         assert_eq!(
-            found("She spent a year at Walk Score in Oslo."),
-            [(Organization, "Walk Score".into())]
+            found("the first verse of her Allianz resignation letter"),
+            [(Organization, "Allianz".into())]
         );
+    }
+
+    #[test]
+    fn organisations_by_corporate_events() {
         assert_eq!(
             found("Bloomberg is the brainchild of two founders; Waze was acquired by Google."),
             [
@@ -587,17 +602,24 @@ mod tests {
                 (Organization, "Google".into())
             ]
         );
+    }
+
+    #[test]
+    fn organisations_in_texts_without_capitals() {
         assert_eq!(
-            found("the first verse of her Allianz resignation letter"),
-            [(Organization, "Allianz".into())]
-        );
-        assert_eq!(
-            found("the version recorded for dun  bradstreet became a hit; i work for rapid cycle solutions"),
+            found(concat!(
+                "the version recorded for dun  bradstreet became a hit; i work for rapid ",
+                "cycle solutions",
+            )),
             [
                 (Organization, "dun  bradstreet".into()),
                 (Organization, "rapid cycle solutions".into())
             ]
         );
+    }
+
+    #[test]
+    fn lists_holding_an_organisation() {
         // Lists holding an organisation.
         assert_eq!(
             found("They are Bekins, Enervee Corporation and Civic Insight."),
@@ -607,6 +629,10 @@ mod tests {
                 (Organization, "Civic Insight".into())
             ]
         );
+    }
+
+    #[test]
+    fn job_contexts_adjectives_and_headings_are_no_organisations() {
         // Not organisations: a job's context with no name, a lowercase run without a legal form,
         // a name used as an adjective, headings.
         assert!(found("It works as expected, and we work for a living at home.").is_empty());
@@ -617,11 +643,15 @@ mod tests {
     }
 
     #[test]
-    fn titles_by_context_and_contact_cards() {
+    fn titles_after_a_person() {
         assert_eq!(
             found("Mr. Godina, the Technical writer, said hello."),
             [(Title, "Mr.".into()), (Title, "Technical writer".into())]
         );
+    }
+
+    #[test]
+    fn titles_after_i_am_or_she_is() {
         assert_eq!(
             found("I'm a dairy scientist and she is an X-ray technician."),
             [
@@ -629,6 +659,11 @@ mod tests {
                 (Title, "X-ray technician".into())
             ]
         );
+        assert!(found("I'm a big fan of it; I am sure.").is_empty());
+    }
+
+    #[test]
+    fn contact_cards_title_and_firm_lines() {
         assert_eq!(
             found("Dr. Janka Szász\n\nNetwork administrator\nHopstop\n\nPhone:\n60-56-85-91"),
             [
@@ -646,6 +681,5 @@ mod tests {
             found("Dr. Janka Szász\nWelcome back\nSee you soon"),
             [(Title, "Dr.".into())]
         );
-        assert!(found("I'm a big fan of it; I am sure.").is_empty());
     }
 }

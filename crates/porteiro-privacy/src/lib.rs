@@ -1,16 +1,47 @@
 //! The privacy guard: what personal data a request holds ([`detect`]), how it is hidden from an
 //! upstream and restored in the answer ([`mask`]), what the configuration decides ([`Policy`]), and
 //! the tamper-evident record of every decision ([`audit`]). Quasi-identifiers (dates, ages, web
-//! addresses, places, employers and job titles) are opt-in ([`quasi`], [`affiliation`]). No value ever reaches a log or an
-//! audit record: only categories and counts.
+//! addresses, places, employers and job titles) are opt-in ([`quasi`], [`affiliation`]). No value
+//! ever reaches a log or an audit record: only categories and counts.
+//!
+//! Modules, bottom up (each imports only those above it in this list):
+//! - `core` (the shared types: [`Category`], [`Finding`], rules), `lists` (the word lists in
+//!   `data/*.txt`), [`namewords`] (the name-word lexicon): import no other module of the crate;
+//! - `text` (shared text helpers) and `names` ([`detect::Names`], the first-name list);
+//! - `context`: the scan context the passes share, and the `Pass` trait;
+//! - the passes: `structured`, `persons`, `addresses`, [`quasi`], [`affiliation`];
+//! - [`detect`]: the [`Detector`], which runs the passes in order;
+//! - [`mask`], [`eval`], [`audit`].
 
+// Lint policy: no unwrap/expect and no printing in library code, except where an allow on the
+// smallest item says why; tests may unwrap.
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::print_stdout,
+        clippy::print_stderr
+    )
+)]
+
+mod addresses;
 pub mod affiliation;
 pub mod audit;
+mod context;
+mod core;
 pub mod detect;
 pub mod eval;
+mod lists;
 pub mod mask;
+mod names;
 pub mod namewords;
+mod persons;
 pub mod quasi;
+mod structured;
+#[cfg(test)]
+mod testutil;
+mod text;
 
 pub use audit::{AuditLog, AuditRecord, AuditWriter, Tamper, Verification};
 pub use detect::{Category, Detector, Finding};

@@ -124,6 +124,9 @@ fn write_lines(path: &Path, mut lines: Vec<String>) -> std::io::Result<()> {
 }
 
 /// The lexicon, from the cache when it exists, else derived and cached.
+// Why the allow: a cache that cannot be written is no error (the lexicon is derived all the same);
+// the note on stderr tells the operator why every start derives it again.
+#[allow(clippy::print_stderr)]
 pub fn load_or_derive(sources: &Sources) -> Result<Lexicon, NameWordsError> {
     let [names, known] = cache_paths(sources);
     if names.exists() && known.exists() {

@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 
 use regex::Regex;
 
-use crate::detect::{glued, Category, Finding, Rule};
+use crate::context::{Pass, ScanContext};
+use crate::core::{glued, regex, Category, Check, Finding, Rule};
+use crate::lists::{GROUPS, MONTH_NAMES, REGIONS, WEEKDAYS};
 use crate::namewords::NameWordsError;
 
 /// A place name that is also an ordinary word this common (Zipf, English or Portuguese; the
@@ -177,9 +179,6 @@ pub fn derive(
 /// The quasi-identifier rules and the place list.
 pub struct Quasi {
     places: Places,
-    /// Organisations and job titles, found after the other detectors (they lean on persons and
-    /// addresses).
-    pub(crate) affiliation: crate::affiliation::Affiliation,
     rules: Vec<Rule>,
     /// Capitalised or upper-case words, for the place list.
     words: Regex,
@@ -187,118 +186,10 @@ pub struct Quasi {
     lower: Regex,
 }
 
-/// Nationalities and ethnic, religious and political groups (GDPR's special categories): English
-/// adjectives (a plural "s"/"es" is allowed) and the main Portuguese ones.
-const GROUPS: &str = "afghan|albanian|algerian|american|andorran|angolan|argentine|argentinian|armenian|australian|austrian|azerbaijani|bahamian|bahraini|bangladeshi|barbadian|belarusian|belgian|belizean|belizian|beninese|bhutanese|bolivian|bosnian|botswanan|brazilian|british|bruneian|bulgarian|burkinabe|burmese|burundian|cambodian|cameroonian|canadian|chadian|chilean|chinese|colombian|congolese|costa rican|croatian|cuban|cypriot|czech|danish|djiboutian|dominican|dutch|ecuadorian|ecuadorean|egyptian|emirati|english|eritrean|estonian|ethiopian|fijian|filipino|finnish|french|gabonese|gambian|georgian|german|ghanaian|greek|grenadian|guatemalan|guinean|guyanese|haitian|honduran|hungarian|icelandic|indian|indonesian|iranian|iraqi|irish|israeli|italian|ivorian|jamaican|japanese|jordanian|kazakh|kenyan|korean|kosovar|kuwaiti|kyrgyz|laotian|latvian|lebanese|liberian|libyan|lithuanian|luxembourgish|macedonian|malagasy|malawian|malaysian|maldivian|malian|maltese|mauritanian|mauritian|mexican|moldovan|monegasque|mongolian|montenegrin|moroccan|mozambican|namibian|nepalese|nepali|nicaraguan|nigerian|nigerien|norwegian|omani|pakistani|palestinian|panamanian|paraguayan|peruvian|polish|portuguese|qatari|romanian|russian|rwandan|salvadoran|samoan|saudi|scottish|senegalese|serbian|sierra leonean|singaporean|slovak|slovakian|slovenian|somali|south african|spanish|sri lankan|sudanese|surinamese|swazi|swedish|swiss|syrian|taiwanese|tajik|tanzanian|thai|togolese|tongan|trinidadian|tunisian|turkish|turkmen|ugandan|ukrainian|uruguayan|uzbek|venezuelan|vietnamese|welsh|yemeni|zambian|zimbabwean|chechen|kurdish|kurd|basque|catalan|galician|tamil|punjabi|bengali|gujarati|berber|tibetan|uyghur|maori|aboriginal|inuit|cherokee|navajo|yoruba|igbo|zulu|xhosa|pashtun|sindhi|flemish|walloon|breton|corsican|sardinian|sicilian|bavarian|kashmiri|sinhalese|hmong|englishman|englishmen|scotsman|irishman|frenchman|frenchmen|dutchman|arab|asian|african|european|latino|latina|hispanic|caucasian|jewish|jew|muslim|islamic|christian|catholic|protestant|evangelical|orthodox|mormon|hindu|buddhist|sikh|atheist|shia|shii|shiite|sunni|democrat|republican|communist|socialist|brasileir[oa]|portugu[eê]sa?|argentin[oa]|mexican[oa]|american[oa]|espanhol|espanhola|frances[a]?|alem[aã]o|alem[aã]|italian[oa]|angolan[oa]|mo[cç]ambican[oa]|judeu|judia|mu[cç]ulman[oa]|cat[oó]lic[oa]|evang[eé]lic[oa]";
-
-/// States and provinces, which the city and country tables leave out ("We moved here from
-/// Florida"). "Acre" and "Pará" are left out: English and Portuguese words.
-const REGIONS: [&str; 97] = [
-    "Alabama",
-    "Alaska",
-    "Arizona",
-    "Arkansas",
-    "California",
-    "Colorado",
-    "Connecticut",
-    "Delaware",
-    "Florida",
-    "Georgia",
-    "Hawaii",
-    "Idaho",
-    "Illinois",
-    "Indiana",
-    "Iowa",
-    "Kansas",
-    "Kentucky",
-    "Louisiana",
-    "Maine",
-    "Maryland",
-    "Massachusetts",
-    "Michigan",
-    "Minnesota",
-    "Mississippi",
-    "Missouri",
-    "Montana",
-    "Nebraska",
-    "Nevada",
-    "New Hampshire",
-    "New Jersey",
-    "New Mexico",
-    "New York",
-    "North Carolina",
-    "North Dakota",
-    "Ohio",
-    "Oklahoma",
-    "Oregon",
-    "Pennsylvania",
-    "Rhode Island",
-    "South Carolina",
-    "South Dakota",
-    "Tennessee",
-    "Texas",
-    "Utah",
-    "Vermont",
-    "Virginia",
-    "Washington",
-    "West Virginia",
-    "Wisconsin",
-    "Wyoming",
-    "Alberta",
-    "British Columbia",
-    "Manitoba",
-    "New Brunswick",
-    "Newfoundland",
-    "Nova Scotia",
-    "Ontario",
-    "Prince Edward Island",
-    "Quebec",
-    "Québec",
-    "Saskatchewan",
-    "Yukon",
-    "Nunavut",
-    "New South Wales",
-    "Queensland",
-    "South Australia",
-    "Tasmania",
-    "Western Australia",
-    "Northern Territory",
-    "Alagoas",
-    "Amapá",
-    "Amazonas",
-    "Bahia",
-    "Ceará",
-    "Espírito Santo",
-    "Goiás",
-    "Maranhão",
-    "Mato Grosso",
-    "Mato Grosso do Sul",
-    "Minas Gerais",
-    "Paraíba",
-    "Paraná",
-    "Pernambuco",
-    "Piauí",
-    "Rio de Janeiro",
-    "Rio Grande do Norte",
-    "Rio Grande do Sul",
-    "Rondônia",
-    "Roraima",
-    "Santa Catarina",
-    "São Paulo",
-    "Sergipe",
-    "Tocantins",
-    "Distrito Federal",
-    "Victoria",
-    "Australian Capital Territory",
-    "Labrador",
-];
-
-const WEEKDAYS: &str = "(?i:monday|tuesday|wednesday|thursday|friday|saturday|sunday|segunda-feira|terça-feira|quarta-feira|quinta-feira|sexta-feira|sábado|domingo)";
-const MONTH_NAMES: &str = "January|February|March|April|May|June|July|August|September|October|November|December|[Jj]aneiro|[Ff]evereiro|[Mm]arço|[Aa]bril|[Mm]aio|[Jj]unho|[Jj]ulho|[Aa]gosto|[Ss]etembro|[Oo]utubro|[Nn]ovembro|[Dd]ezembro";
-
 impl Quasi {
     pub fn new(mut places: Places) -> Self {
         places.others.extend(REGIONS.iter().map(|r| key(r)));
+        let (groups, weekdays) = (GROUPS.as_str(), format!("(?i:{})", *WEEKDAYS));
         let specs: Vec<(Category, String, usize)> = vec![
             // Web addresses: a scheme or "www.", or a domain under a common top-level domain.
             (
@@ -308,7 +199,11 @@ impl Quasi {
             ),
             (
                 Category::Url,
-                r"(?i)(?-u:\b)(?:[a-z0-9](?:[a-z0-9\-]*[a-z0-9])?\.)+(?:com|org|net|edu|gov|info|biz|io)(?:\.[a-z]{2})?(?-u:\b)".into(),
+                concat!(
+                    r"(?i)(?-u:\b)(?:[a-z0-9](?:[a-z0-9\-]*[a-z0-9])?\.)+(?:com|",
+                    r"org|net|edu|gov|info|biz|io)(?:\.[a-z]{2})?(?-u:\b)",
+                )
+                .into(),
                 0,
             ),
             // Dates and times: ISO date-times, day/month/year, month names with a day or a year,
@@ -317,63 +212,120 @@ impl Quasi {
                 Category::Date,
                 // One separator throughout; with periods only before a four-digit year (not
                 // the version "0.4.25").
-                r"(?-u:\b)\d{4}-\d{2}-\d{2}(?:[ T]\d{2}:\d{2}(?::\d{2})?)?(?-u:\b)|(?-u:\b)(?:\d{1,2}/\d{1,2}/\d{2,4}|\d{1,2}-\d{1,2}-\d{2,4}|\d{1,2}\.\d{1,2}\.\d{4})(?-u:\b)".into(),
+                concat!(
+                    r"(?-u:\b)\d{4}-\d{2}-\d{2}(?:[ T]\d{2}:\d{2}(?::\d{2})?)?(?-u:\b)|",
+                    r"(?-u:\b)(?:\d{1,2}/\d{1,2}/\d{2,4}|\d{1,2}-\d{1,2}-\d{2,4}|",
+                    r"\d{1,2}\.\d{1,2}\.\d{4})(?-u:\b)",
+                )
+                .into(),
                 0,
             ),
             (
                 Category::Date,
                 // A month name needs a day or a year with it ("May I ask" is no date).
-                format!(r"(?-u:\b)(?:\d{{1,2}}(?:st|nd|rd|th)?\s+(?:of\s+|de\s+)?(?:{m})(?:,?\s+(?:de\s+)?\d{{4}})?|(?:{m})\s+\d{{1,2}}(?:st|nd|rd|th)?(?:,?\s+\d{{4}})?|(?:{m}),?\s+(?:de\s+)?\d{{4}})(?-u:\b)", m = MONTH_NAMES),
+                format!(
+                    concat!(
+                        r"(?-u:\b)(?:\d{{1,2}}(?:st|nd|rd|th)?\s+(?:of\s+|de\s+)?(?:{m})(?:,?\s+(?",
+                        r":de\s+)?\d{{4}})?|(?:{m})\s+\d{{1,2}}(?:st|nd|rd|th)?(?:,?\s+\d{{4}})?|",
+                        r"(?:{m}),?\s+(?:de\s+)?\d{{4}})(?-u:\b)",
+                    ),
+                    m = MONTH_NAMES.as_str()
+                ),
                 0,
             ),
-            (Category::Date, format!(r"(?-u:\b)(?:{WEEKDAYS})(?-u:\b)"), 0),
-            (Category::Date, r"(?-u:\b)(?:1[89]\d\d|20\d\d)(?-u:\b)".into(), 0),
+            (
+                Category::Date,
+                format!(r"(?-u:\b)(?:{weekdays})(?-u:\b)"),
+                0,
+            ),
+            (
+                Category::Date,
+                r"(?-u:\b)(?:1[89]\d\d|20\d\d)(?-u:\b)".into(),
+                0,
+            ),
             // Places by the noun that ends or starts their name: "Mill Village", "Pines Beach",
             // "Mount Isa" (towns too small for the place list).
             (
                 Category::Location,
-                r"(?-u:\b)(?:(?:\p{Lu}[\p{Ll}'’\-]+[ \t]+){1,2}(?:Village|Beach|City|Town|Springs|Falls|Heights|Island|Islands|Valley|Bay|Hills|County|Harbor|Harbour|Creek|Lake)|(?:Mount|Lake|Port|Fort)[ \t]+\p{Lu}[\p{Ll}'’\-]+)(?-u:\b)".into(),
+                concat!(
+                    r"(?-u:\b)(?:(?:\p{Lu}[\p{Ll}'’\-]+[ \t]+){1,2}(?:Village|",
+                    r"Beach|City|Town|Springs|Falls|Heights|Island|Islands|Valley|",
+                    r"Bay|Hills|County|Harbor|Harbour|Creek|Lake)|(?:Mount|Lake|",
+                    r"Port|Fort)[ \t]+\p{Lu}[\p{Ll}'’\-]+)(?-u:\b)",
+                )
+                .into(),
                 0,
             ),
             // A place by what is said of it: "grew up in SUND", "arrived at Fala", "I am in
             // Lordelo"; and a form's place field ("Where: Novo mesto Country Club.").
             (
                 Category::Location,
-                r"(?-u:\b)(?:grew[ \t]+up[ \t]+in|born[ \t]+in|lives?[ \t]+in|living[ \t]+in|(?:moved|moving|came|comes|returned|returning|fled|emigrated|immigrated)(?:[ \t]+(?:here|back|home|over))?[ \t]+(?:from|to)|originally[ \t]+from|coming[ \t]+to|arrived[ \t]+(?:at|in)|based[ \t]+in|travell?ed[ \t]+to|flew[ \t]+to|(?:I[ \t]+am|I'm|I’m|we[ \t]+are|we're|I[ \t]+was|we[ \t]+were)[ \t]+(?:in|at)|nasci[ \t]+em|moro[ \t]+em|mora[ \t]+em)[ \t]+(\p{Lu}[\p{L}'’\-]*(?:[ \t]+(?:(?:de|do|da|of|del|la)[ \t]+)?\p{Lu}[\p{L}'’\-]*){0,3})".into(),
+                concat!(
+                    r"(?-u:\b)(?:grew[ \t]+up[ \t]+in|born[ \t]+in|lives?[ \t]+in|",
+                    r"living[ \t]+in|(?:moved|moving|came|comes|returned|returning|",
+                    r"fled|emigrated|immigrated)(?:[ \t]+(?:here|back|home|over))?[ \t]+(?:fro",
+                    r"m|to)|originally[ \t]+from|coming[ \t]+to|arrived[ \t]+(?:at|",
+                    r"in)|based[ \t]+in|travell?ed[ \t]+to|flew[ \t]+to|(?:I[ \t]+am|",
+                    r"I'm|I’m|we[ \t]+are|we're|I[ \t]+was|we[ \t]+were)[ \t]+(?:in|",
+                    r"at)|nasci[ \t]+em|moro[ \t]+em|mora[ \t]+em)[ \t]+(\p{Lu}[\p{L}'’\-]*(?:",
+                    r"[ \t]+(?:(?:de|do|da|of|del|la)[ \t]+)?\p{Lu}[\p{L}'’\-]*){0,3})",
+                )
+                .into(),
                 1,
             ),
             (
                 Category::Location,
-                r"(?m)^[ \t>]*(?:Where|Location|Venue|Place|City|Town|Local|Cidade|Onde):[ \t]*(\p{L}[^\n]{1,60}?)[ \t.]*$".into(),
+                concat!(
+                    r"(?m)^[ \t>]*(?:Where|Location|Venue|Place|City|Town|Local|",
+                    r"Cidade|Onde):[ \t]*(\p{L}[^\n]{1,60}?)[ \t.]*$",
+                )
+                .into(),
                 1,
             ),
             // Nationalities and groups: "Polish", "saudis", "englishmans".
             (
                 Category::Group,
-                format!(r"(?i)(?-u:\b)(?:{GROUPS})(?:s|es)?(?-u:\b)"),
+                format!(r"(?i)(?-u:\b)(?:{groups})(?:s|es)?(?-u:\b)"),
                 0,
             ),
             // Honorifics: "Mr.", "Dra.".
             (
                 Category::Title,
-                r"(?-u:\b)(?:Mr|Mrs|Ms|Mx|Dr|Prof|Sr|Sra|Srta|Dra|mr|mrs|ms|dr)\.|(?-u:\b)(?:Miss|Dona|Mrs|Mr|Ms)(?-u:\b)".into(),
+                concat!(
+                    r"(?-u:\b)(?:Mr|Mrs|Ms|Mx|Dr|Prof|Sr|Sra|Srta|Dra|mr|mrs|",
+                    r"ms|dr)\.|(?-u:\b)(?:Miss|Dona|Mrs|Mr|Ms)(?-u:\b)",
+                )
+                .into(),
                 0,
             ),
             // Ages: "79 year old", "31 y/o", "40 anos de idade", "turned 60", "at the age of 61".
             (
                 Category::Age,
-                r"(?i)(?-u:\b)\d{1,3}[\s\-]*(?:years?|yrs?)[\s\-]*old(?-u:\b)|(?-u:\b)\d{1,3}\s*y/?o(?-u:\b)|(?-u:\b)\d{1,3}\s+anos\s+de\s+idade".into(),
+                concat!(
+                    r"(?i)(?-u:\b)\d{1,3}[\s\-]*(?:years?|yrs?)[\s\-]*old(?-u:\b)|",
+                    r"(?-u:\b)\d{1,3}\s*y/?o(?-u:\b)|(?-u:\b)\d{1,3}\s+anos\s+de\s+idade",
+                )
+                .into(),
                 0,
             ),
             // "when he was 78."
             (
                 Category::Age,
-                r"(?i)(?-u:\b)(?:he|she|i|you|they|we)(?:\s+(?:was|is|am|are|were)|'m|'s|’m|’s)\s+(\d{1,3})(?:[.,;!?\n]|$)".into(),
+                concat!(
+                    r"(?i)(?-u:\b)(?:he|she|i|you|they|we)(?:\s+(?:was|is|am|",
+                    r"are|were)|'m|'s|’m|’s)\s+(\d{1,3})(?:[.,;!?\n]|$)",
+                )
+                .into(),
                 1,
             ),
             (
                 Category::Age,
-                r"(?i)(?-u:\b)(?:turned|turn|turning|turns|aged|age\s+of|age:?|idade(?:\s+de)?:?|tenho|completou|completei|fez|fiz)\s+(\d{1,3})(?-u:\b)".into(),
+                concat!(
+                    r"(?i)(?-u:\b)(?:turned|turn|turning|turns|aged|age\s+of|",
+                    r"age:?|idade(?:\s+de)?:?|tenho|completou|completei|fez|fiz)\s+(\d{1,3})(?",
+                    r"-u:\b)",
+                )
+                .into(),
                 1,
             ),
         ];
@@ -381,7 +333,7 @@ impl Quasi {
         let rules = specs
             .into_iter()
             .map(|(c, re, g)| {
-                let check: crate::detect::Check = match c {
+                let check: Check = match c {
                     Category::Group => |t, _, s, e| !glued(t, s, e) && !language(t, s, e),
                     _ => |t, _, s, e| !glued(t, s, e),
                 };
@@ -390,10 +342,9 @@ impl Quasi {
             .collect();
         Self {
             places,
-            affiliation: crate::affiliation::Affiliation::new(),
             rules,
-            words: Regex::new(r"\p{Lu}[\p{L}'’\-]*").expect("capitalised words"),
-            lower: Regex::new(r"\p{Ll}[\p{L}'’\-]*").expect("lowercase words"),
+            words: regex(r"\p{Lu}[\p{L}'’\-]*"),
+            lower: regex(r"\p{Ll}[\p{L}'’\-]*"),
         }
     }
 
@@ -402,7 +353,7 @@ impl Quasi {
     /// not: "antelope", "country club" are words there). `unknown`:
     /// whether a word is no known word; an upper-case one of four letters or more is a name
     /// ("LEPPEN", "ΠΑΦΟΣ": places written in capitals, as address blocks do). `lines`: the text's
-    /// [`crate::affiliation::content_lines`].
+    /// [`crate::context::content_lines`].
     pub fn scan(
         &self,
         text: &str,
@@ -543,6 +494,17 @@ impl Quasi {
     }
 }
 
+impl Pass for Quasi {
+    /// The quasi-identifiers (the pass after the persons and their addresses): unknown words are
+    /// looked up in the first-name list's lexicon, when there is one.
+    fn run(&self, cx: &mut ScanContext) {
+        let names = cx.names;
+        let unknown = |w: &str| names.is_some_and(|n| n.is_unknown(w));
+        let lines = cx.lines.get(cx.text);
+        self.scan(cx.text, lines, cx.all_lower, &unknown, &mut cx.found);
+    }
+}
+
 /// Whether the group word at `s..e` names a language here: "translate it into English", "in
 /// French", "the English text" (no one's nationality).
 fn language(text: &str, s: usize, e: usize) -> bool {
@@ -601,6 +563,7 @@ fn language(text: &str, s: usize, e: usize) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::detect::{Detector, Names};
 
     fn quasi() -> Quasi {
         Quasi::new(Places {
@@ -620,8 +583,30 @@ mod tests {
             .collect()
     }
 
+    /// With the quasi-identifiers: an upper-case word that is no known word is a name.
     #[test]
-    fn dates_ages_urls_and_places() {
+    fn upper_case_unknown_words_are_names() {
+        // With the quasi-identifiers: an upper-case word that is no known word is a name.
+        let names = Names::from_nam_dict("").with_lexicon(crate::namewords::Lexicon {
+            name_words: Default::default(),
+            known: [("flew", 3.0), ("to", 6.0), ("nasa", 3.0)]
+                .map(|(w, z)| (w.to_string(), z))
+                .into(),
+        });
+        let quasi = Detector::new()
+            .with_names(names)
+            .with_quasi(crate::quasi::Quasi::new(Default::default()));
+        let text = "Flew to LEPPEN, to NASA, to UK.";
+        let v: Vec<_> = quasi
+            .scan(text)
+            .iter()
+            .map(|f| (f.category, f.value(text)))
+            .collect();
+        assert_eq!(v, [(Category::Name, "LEPPEN")]);
+    }
+
+    #[test]
+    fn dates_and_web_addresses() {
         use Category::*;
         assert_eq!(
             found("When: 2000-04-16 11:34:35, see https://www.UEarly.se/."),
@@ -630,6 +615,12 @@ mod tests {
                 (Url, "https://www.UEarly.se/".into())
             ]
         );
+        assert_eq!(found("mail me at foo.com"), [(Url, "foo.com".into())]);
+    }
+
+    #[test]
+    fn places_weekdays_years_and_ages() {
+        use Category::*;
         assert_eq!(
             found("He flew to ESPOO on Tuesday in 1977, aged 61."),
             [
@@ -639,6 +630,11 @@ mod tests {
                 (Age, "61".into())
             ]
         );
+    }
+
+    #[test]
+    fn places_of_several_words_and_countries() {
+        use Category::*;
         assert_eq!(
             found("A 79 year old from New Zealand; Norway."),
             [
@@ -651,9 +647,21 @@ mod tests {
             found("in Quinta de São Tiago now"),
             [(Location, "Quinta de São Tiago".into())]
         );
+    }
+
+    /// Not a place, a year, a URL, an age or a group: partial words, versions, languages.
+    #[test]
+    fn look_alikes_are_no_quasi_identifiers() {
         // Not a place, a year, a URL or an age.
         assert!(found("Norwayish 12345 file.rs, 5 years of work, v2.0").is_empty());
-        assert_eq!(found("mail me at foo.com"), [(Url, "foo.com".into())]);
+        assert!(found("Translate it into English; the French text; v0.4.25").is_empty());
+        assert!(found("Polishing the Drive, Mrsa").is_empty());
+        assert!(found("When he was 78 feet away").is_empty());
+    }
+
+    #[test]
+    fn lowercase_places_only_in_texts_without_capitals() {
+        use Category::*;
         // Lowercase places only in texts without capitals; acronyms are no places.
         assert_eq!(
             found("we moved from norway on friday"),
@@ -662,8 +670,17 @@ mod tests {
         assert!(found("We moved from norway.").is_empty());
         assert!(found("an antelope in espoo").is_empty());
         assert!(found("Use the NZ ATM.").is_empty());
+    }
+
+    #[test]
+    fn ages_by_context() {
+        use Category::*;
         assert_eq!(found("Written when he was 78."), [(Age, "78".into())]);
-        assert!(found("Translate it into English; the French text; v0.4.25").is_empty());
+    }
+
+    #[test]
+    fn groups_and_honorifics() {
+        use Category::*;
         // Groups and honorifics.
         assert_eq!(
             found("Mr. Lee and the proud saudis, a Polish film."),
@@ -674,8 +691,11 @@ mod tests {
                 (Group, "Polish".into())
             ]
         );
-        assert!(found("Polishing the Drive, Mrsa").is_empty());
-        assert!(found("When he was 78 feet away").is_empty());
+    }
+
+    #[test]
+    fn places_by_context_by_their_noun_on_a_form_and_above_a_country() {
+        use Category::*;
         // Places by context, by their noun, on a form, and above a country; states.
         assert_eq!(
             found("We moved here from Florida; I'm originally from ROW HEATH."),
