@@ -100,7 +100,9 @@ impl Pass for InSentences {
                     let w = w.trim_matches(|c: char| !c.is_alphabetic());
                     w.chars().nth(3).is_some() && names.is_unknown(w)
                 }) {
-                    let m = c.get(0).expect("whole match");
+                    let Some(m) = c.get(0) else {
+                        continue;
+                    };
                     cands.push(Finding {
                         category: Category::Address,
                         start: m.start(),

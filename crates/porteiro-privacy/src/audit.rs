@@ -245,7 +245,10 @@ impl AuditLog {
     pub fn records(&self) -> Result<Vec<StoredRecord>, AuditError> {
         let mut stmt = self
             .conn
-            .prepare("SELECT seq, ts_ms, request_id, key_id, tier, route, policy, categories, prev_hash, hash FROM audit ORDER BY seq")
+            .prepare(concat!(
+                "SELECT seq, ts_ms, request_id, key_id, tier, route, policy, categories, prev_hash, ",
+                "hash FROM audit ORDER BY seq"
+            ))
             .map_err(|e| self.err(e))?;
         let rows = stmt
             .query_map([], |r| {
@@ -510,7 +513,8 @@ mod tests {
         tamper(
             &p,
             "UPDATE audit SET seq = seq + 100 WHERE seq >= 3; UPDATE audit SET seq = seq - 99 WHERE seq >= 103; \
-             INSERT INTO audit SELECT 3, ts_ms, 'forged', key_id, tier, route, 'allow', categories, hash, hash FROM audit WHERE seq = 2",
+             INSERT INTO audit SELECT 3, ts_ms, 'forged', key_id, tier, route, 'allow', categories, \
+             hash, hash FROM audit WHERE seq = 2",
         );
         let found = problems(&p, None, None);
         assert!(found.contains(&Tamper::Edited { seq: 3 }), "{found:?}");
@@ -519,7 +523,8 @@ mod tests {
         let (_d, p) = trail(None);
         tamper(
             &p,
-            "UPDATE audit SET seq = -2 WHERE seq = 2; UPDATE audit SET seq = 2 WHERE seq = 5; UPDATE audit SET seq = 5 WHERE seq = -2",
+            "UPDATE audit SET seq = -2 WHERE seq = 2; UPDATE audit SET seq = 2 WHERE seq = 5; \
+             UPDATE audit SET seq = 5 WHERE seq = -2",
         );
         let found = problems(&p, None, None);
         assert!(found.contains(&Tamper::Edited { seq: 2 }), "{found:?}");

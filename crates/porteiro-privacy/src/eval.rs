@@ -232,9 +232,11 @@ pub fn errors(det: &Detector, corpus: &[Sample]) -> Vec<Error> {
 /// A markdown table of `rows`.
 pub fn table(rows: &[Row]) -> String {
     let pct = |x: Option<f64>| x.map_or("–".to_string(), |v| format!("{:.1}%", v * 100.0));
-    let mut s = String::from(
-        "| category | corpus type | gold | predicted | precision | recall | masked by any detector | on no labelled value |\n|---|---|---|---|---|---|---|---|\n",
-    );
+    let mut s = String::from(concat!(
+        "| category | corpus type | gold | predicted | precision | recall ",
+        "| masked by any detector | on no labelled value |\n",
+        "|---|---|---|---|---|---|---|---|\n",
+    ));
     for r in rows {
         s.push_str(&format!(
             "| {} | {} | {} | {} | {} | {} | {} | {} |\n",

@@ -150,7 +150,7 @@ impl Structured {
             ),
             (
                 Category::Cnpj,
-                concat!(r"(?-u:\b)\d{2}\.?\d{3}\.?\d{3}/?\d{4}-?\d{2}(?-u:\b)",).into(),
+                r"(?-u:\b)\d{2}\.?\d{3}\.?\d{3}/?\d{4}-?\d{2}(?-u:\b)".into(),
                 0,
                 cnpj_ok,
             ),
