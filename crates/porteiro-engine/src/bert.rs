@@ -17,8 +17,8 @@ use std::ops::Range;
 use std::sync::Mutex;
 
 use crate::amx::{self, PackedA, PackedB};
-use crate::pool::{self, ThreadPool};
 use crate::wordpiece::{WordPiece, WordPieceError};
+use porteiro_pool::{self as pool, ThreadPool};
 
 /// `$wide`: the method `$body` compiled for AVX-512, so the elementwise loops inlined into it
 /// (LayerNorm, softmax, GELU, residuals, operand packing) run 16 wide; the binary itself targets

@@ -1,6 +1,7 @@
-//! A persistent worker pool for the forward pass. Decoding a small model issues hundreds of tiny
-//! parallel steps per token, so spawning threads (or waking parked ones) per step would dominate:
-//! workers spin on a generation counter for a while after each job and only then park.
+//! A persistent worker pool for the forward passes: the decoder's (`porteiro-engine`) and the sentence
+//! encoder's (`porteiro-encoder`). Decoding a small model issues hundreds of tiny parallel steps per
+//! token, so spawning threads (or waking parked ones) per step would dominate: workers spin on a
+//! generation counter for a while after each job and only then park.
 
 use std::cell::UnsafeCell;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
