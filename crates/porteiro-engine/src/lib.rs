@@ -1,13 +1,11 @@
 //! The local inference engine: quantized kernels over memory-mapped GGUF weights, the transformer
 //! forward pass (llama, qwen2, gemma3) run on `porteiro-pool`'s threads, KV cache, sampling and
-//! generation, and the continuous-batching scheduler that serves many sequences at once, plus (until it
-//! moves to `porteiro-encoder`) a BERT sentence encoder.
+//! generation, and the continuous-batching scheduler that serves many sequences at once. The sentence
+//! encoder is `porteiro-encoder`.
 
 // Kernels walk several parallel arrays (blocks, scales, sums) with one index; iterator chains hide that.
 #![allow(clippy::needless_range_loop)]
 
-pub mod amx;
-pub mod bert;
 pub mod eval;
 pub mod generate;
 pub mod model;
@@ -16,7 +14,6 @@ pub mod repack;
 pub mod sampler;
 pub mod scheduler;
 pub mod simd;
-pub mod wordpiece;
 
 pub use generate::{generate, FinishReason, GenerateOptions, Generation, StopText};
 pub use model::{BatchToken, KvCache, Model, ModelError, Scratch};

@@ -11,6 +11,7 @@
 use std::path::Path;
 
 use memmap2::Mmap;
+use porteiro_pool::{self as pool, ThreadPool};
 use safetensors::{Dtype, SafeTensors};
 
 use std::ops::Range;
@@ -18,7 +19,6 @@ use std::sync::Mutex;
 
 use crate::amx::{self, PackedA, PackedB};
 use crate::wordpiece::{WordPiece, WordPieceError};
-use porteiro_pool::{self as pool, ThreadPool};
 
 /// `$wide`: the method `$body` compiled for AVX-512, so the elementwise loops inlined into it
 /// (LayerNorm, softmax, GELU, residuals, operand packing) run 16 wide; the binary itself targets

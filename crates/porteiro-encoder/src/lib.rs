@@ -1,0 +1,10 @@
+//! The sentence encoder: a BERT forward pass (MiniLM-L6 from the catalog) over safetensors weights
+//! (`bert`), BERT's WordPiece tokenizer (`wordpiece`) and the bf16 matrix multiply on Intel AMX tiles
+//! it uses where the CPU has them (`amx`). It shares only the thread pool (`porteiro-pool`) with the
+//! decoder in `porteiro-engine`.
+
+pub mod amx;
+pub mod bert;
+pub mod wordpiece;
+
+pub use bert::{BertEncoder, BertError};
