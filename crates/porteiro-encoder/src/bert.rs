@@ -46,6 +46,8 @@ pub enum BertError {
     Config(String),
     #[error(transparent)]
     Tokenizer(#[from] WordPieceError),
+    #[error("starting the worker threads: {0}")]
+    Threads(std::io::Error),
 }
 
 #[derive(Debug, Clone)]
@@ -349,7 +351,10 @@ impl BertEncoder {
                 && is_x86_feature_detected!("fma"),
             #[cfg(not(target_arch = "x86_64"))]
             avx512: false,
-            pool: (threads > 1).then(|| ThreadPool::new(threads)),
+            pool: (threads > 1)
+                .then(|| ThreadPool::new(threads))
+                .transpose()
+                .map_err(BertError::Threads)?,
             scratch: Mutex::default(),
         })
     }

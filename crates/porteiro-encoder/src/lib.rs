@@ -3,6 +3,9 @@
 //! it uses where the CPU has them (`amx`). It shares only the thread pool (`porteiro-pool`) with the
 //! decoder in `porteiro-engine`.
 
+// Kernels walk several parallel arrays (heads, rows, scales) with one index; iterator chains hide that.
+#![allow(clippy::needless_range_loop)]
+
 pub mod amx;
 pub mod bert;
 pub mod wordpiece;

@@ -36,6 +36,8 @@ pub enum ModelError {
     },
     #[error("invalid hyperparameter: {0}")]
     BadConfig(String),
+    #[error("starting the worker threads: {0}")]
+    Threads(std::io::Error),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -436,7 +438,7 @@ impl Model {
             output,
             output_norm,
             layers,
-            pool: ThreadPool::new(threads),
+            pool: ThreadPool::new(threads).map_err(ModelError::Threads)?,
         })
     }
 
