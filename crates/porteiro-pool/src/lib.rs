@@ -84,6 +84,7 @@ impl ThreadPool {
         Ok(pool)
     }
 
+    #[inline]
     pub fn threads(&self) -> usize {
         self.n
     }
@@ -175,7 +176,9 @@ impl Drop for ThreadPool {
     }
 }
 
-/// The half-open range of `0..n` that thread `i` of `t` handles, in multiples of `align`.
+/// The half-open range of `0..n` that thread `i` of `t` handles, in multiples of `align`. `#[inline]`:
+/// the kernels' closures call it per step from other crates, as they did when it was the engine's.
+#[inline]
 pub fn split(n: usize, i: usize, t: usize, align: usize) -> std::ops::Range<usize> {
     let units = n.div_ceil(align);
     let per = units / t;
