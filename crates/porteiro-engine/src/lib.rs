@@ -1,22 +1,19 @@
-//! The local inference engine: quantized kernels over memory-mapped GGUF weights, a persistent thread
-//! pool, the transformer forward pass (llama, qwen2, gemma3), KV cache, sampling and generation, the
-//! continuous-batching scheduler that serves many sequences at once, and a BERT sentence encoder.
+//! The local inference engine: quantized kernels over memory-mapped GGUF weights, the transformer
+//! forward pass (llama, qwen2, gemma3) run on `porteiro-pool`'s threads, KV cache, sampling and
+//! generation, and the continuous-batching scheduler that serves many sequences at once. The sentence
+//! encoder is `porteiro-encoder`.
 
 // Kernels walk several parallel arrays (blocks, scales, sums) with one index; iterator chains hide that.
 #![allow(clippy::needless_range_loop)]
 
-pub mod amx;
-pub mod bert;
 pub mod eval;
 pub mod generate;
 pub mod model;
-pub mod pool;
 pub mod quant;
 pub mod repack;
 pub mod sampler;
 pub mod scheduler;
 pub mod simd;
-pub mod wordpiece;
 
 pub use generate::{generate, FinishReason, GenerateOptions, Generation, StopText};
 pub use model::{BatchToken, KvCache, Model, ModelError, Scratch};

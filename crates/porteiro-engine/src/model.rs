@@ -9,10 +9,10 @@ use std::sync::Arc;
 use half::f16;
 use porteiro_models::gguf::{GgmlType, GgufError, GgufFile, TensorInfo};
 
-use crate::pool::{split, ThreadPool};
 use crate::quant::{self, act_type, ActType};
 use crate::repack::{self, Acts, Repacked};
 use crate::simd::{self, Dot4Fn, DotFn, Tile4Fn, Tile8Fn};
+use porteiro_pool::{split, ThreadPool};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -36,6 +36,8 @@ pub enum ModelError {
     },
     #[error("invalid hyperparameter: {0}")]
     BadConfig(String),
+    #[error("starting the worker threads: {0}")]
+    Threads(std::io::Error),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -436,7 +438,7 @@ impl Model {
             output,
             output_norm,
             layers,
-            pool: ThreadPool::new(threads),
+            pool: ThreadPool::new(threads).map_err(ModelError::Threads)?,
         })
     }
 

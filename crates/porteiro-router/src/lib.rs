@@ -18,7 +18,7 @@ pub mod train;
 use std::time::{Duration, Instant};
 
 use porteiro_config::{Config, Route, LOCAL_TIER};
-use porteiro_engine::bert::BertEncoder;
+use porteiro_encoder::bert::BertEncoder;
 use serde::{Deserialize, Serialize};
 
 pub use features::Scorer;

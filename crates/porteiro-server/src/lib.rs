@@ -31,7 +31,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::StreamExt;
 use porteiro_config::Config;
-use porteiro_engine::bert::{BertEncoder, BertError};
+use porteiro_encoder::bert::{BertEncoder, BertError};
 use porteiro_engine::scheduler::{self, EngineConfig, EngineHandle};
 use porteiro_engine::{LoadError, LocalModel};
 use porteiro_models::template::ChatTemplate;

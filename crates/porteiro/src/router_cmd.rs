@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use porteiro_config::{Config, Overrides};
-use porteiro_engine::bert::BertEncoder;
+use porteiro_encoder::bert::BertEncoder;
 use porteiro_models::fetch;
 use porteiro_router::eval::{self, Summary};
 use porteiro_router::train::{self, Labelled};
@@ -94,7 +94,7 @@ impl EncoderArgs {
             .encoder_threads
             .unwrap_or_else(BertEncoder::default_threads)
             .max(1);
-        BertEncoder::open_with(&dir, porteiro_engine::amx::available(), threads)
+        BertEncoder::open_with(&dir, porteiro_encoder::amx::available(), threads)
             .with_context(|| format!("loading {}", dir.display()))
     }
 }

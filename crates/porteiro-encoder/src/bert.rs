@@ -11,13 +11,13 @@
 use std::path::Path;
 
 use memmap2::Mmap;
+use porteiro_pool::{self as pool, ThreadPool};
 use safetensors::{Dtype, SafeTensors};
 
 use std::ops::Range;
 use std::sync::Mutex;
 
 use crate::amx::{self, PackedA, PackedB};
-use crate::pool::{self, ThreadPool};
 use crate::wordpiece::{WordPiece, WordPieceError};
 
 /// `$wide`: the method `$body` compiled for AVX-512, so the elementwise loops inlined into it
@@ -25,6 +25,8 @@ use crate::wordpiece::{WordPiece, WordPieceError};
 /// baseline x86-64. Callers check `self.avx512` first.
 macro_rules! avx512_variant {
     ($wide:ident => $body:ident ( $($arg:ident : $ty:ty),* $(,)? )) => {
+        /// # Safety
+        /// The CPU must have AVX-512 F/BW/VL and FMA (`self.avx512`).
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
         #[allow(clippy::too_many_arguments)]
@@ -46,6 +48,8 @@ pub enum BertError {
     Config(String),
     #[error(transparent)]
     Tokenizer(#[from] WordPieceError),
+    #[error("starting the worker threads: {0}")]
+    Threads(std::io::Error),
 }
 
 #[derive(Debug, Clone)]
@@ -349,7 +353,10 @@ impl BertEncoder {
                 && is_x86_feature_detected!("fma"),
             #[cfg(not(target_arch = "x86_64"))]
             avx512: false,
-            pool: (threads > 1).then(|| ThreadPool::new(threads)),
+            pool: (threads > 1)
+                .then(|| ThreadPool::new(threads))
+                .transpose()
+                .map_err(BertError::Threads)?,
             scratch: Mutex::default(),
         })
     }
@@ -842,6 +849,9 @@ mod wide {
     ];
 
     /// eˣ per lane for x ≤ 88; inputs below −80 give e⁻⁸⁰ (clear of subnormals, as `exp_fast`).
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F.
     #[inline]
     #[target_feature(enable = "avx512f")]
     pub unsafe fn exp(x: __m512) -> __m512 {
@@ -860,6 +870,9 @@ mod wide {
 
     /// x·Φ(x) with Φ from erf by Abramowitz & Stegun 7.1.26 (|error| ≤ 1.5e-7), the one division
     /// replaced by `vrcp14ps` and a Newton step (relative error ~1e-8).
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F.
     #[inline]
     #[target_feature(enable = "avx512f")]
     pub unsafe fn gelu(x: __m512) -> __m512 {
@@ -888,6 +901,9 @@ mod wide {
     }
 
     /// See `super::exp_chunk`.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F. (The loads and stores stay inside `vals`: two halves of 16.)
     #[inline]
     #[target_feature(enable = "avx512f")]
     pub unsafe fn exp_chunk(vals: &mut [f32; 32], max: f32, scale: f32, valid: usize) -> f32 {
@@ -905,7 +921,10 @@ mod wide {
         _mm512_reduce_add_ps(sum)
     }
 
-    /// See `super::gelu_chunk`; `bias` has at least 32 values.
+    /// See `super::gelu_chunk`.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F, and `bias` must hold at least 32 values (32 are read).
     #[inline]
     #[target_feature(enable = "avx512f")]
     pub unsafe fn gelu_chunk(vals: &mut [f32; 32], bias: &[f32]) {

@@ -6,10 +6,10 @@
 //! Skipped with a message when minilm-l6 or the reference file is missing, unless
 //! PORTEIRO_REQUIRE_MODELS=1.
 
-use porteiro_engine::bert::BertEncoder;
+use porteiro_encoder::bert::BertEncoder;
 
 fn encoder() -> Option<BertEncoder> {
-    encoder_with(porteiro_engine::amx::available(), 2)
+    encoder_with(porteiro_encoder::amx::available(), 2)
 }
 
 /// The encoder on the AMX path (bf16 tiles) or the f32 one, over `threads` threads.
@@ -96,7 +96,7 @@ fn minilm_vectors_do_not_depend_on_thread_count() {
 #[test]
 fn minilm_matches_sentence_transformers() {
     let mut paths = vec![false];
-    if porteiro_engine::amx::available() {
+    if porteiro_encoder::amx::available() {
         paths.push(true);
     } else {
         eprintln!("AMX is not available here: only the f32 path is checked");

@@ -1,6 +1,18 @@
-//! A persistent worker pool for the forward pass. Decoding a small model issues hundreds of tiny
-//! parallel steps per token, so spawning threads (or waking parked ones) per step would dominate:
-//! workers spin on a generation counter for a while after each job and only then park.
+//! A persistent worker pool for the forward passes: the decoder's (`porteiro-engine`) and the sentence
+//! encoder's (`porteiro-encoder`). Decoding a small model issues hundreds of tiny parallel steps per
+//! token, so spawning threads (or waking parked ones) per step would dominate: workers spin on a
+//! generation counter for a while after each job and only then park.
+
+#![warn(clippy::undocumented_unsafe_blocks)]
+#![cfg_attr(
+    not(test),
+    warn(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::print_stdout,
+        clippy::print_stderr
+    )
+)]
 
 use std::cell::UnsafeCell;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -23,6 +35,8 @@ struct Shared {
 // SAFETY: `job` is only written while no worker runs (between jobs) and published through the
 // generation counter with release/acquire ordering.
 unsafe impl Sync for Shared {}
+// SAFETY: the raw pointer in `job` is the only field that is not `Send`; it points to a closure that is
+// `Sync` and outlives every use of it (see `ThreadPool::run`), so any thread may call it.
 unsafe impl Send for Shared {}
 
 pub struct ThreadPool {
@@ -40,8 +54,9 @@ const SPIN: usize = 2_000;
 const PARK_AFTER: usize = 20_000;
 
 impl ThreadPool {
-    /// A pool of `n` threads in total: the caller's thread plus `n - 1` workers.
-    pub fn new(n: usize) -> Self {
+    /// A pool of `n` threads in total: the caller's thread plus `n - 1` workers. Fails if the OS
+    /// refuses to start a worker (those already started are stopped again).
+    pub fn new(n: usize) -> std::io::Result<Self> {
         let n = n.max(1);
         let shared = Arc::new(Shared {
             generation: AtomicUsize::new(0),
@@ -52,23 +67,24 @@ impl ThreadPool {
             lock: Mutex::new(()),
             wake: Condvar::new(),
         });
-        let workers = (1..n)
-            .map(|idx| {
-                let s = shared.clone();
-                std::thread::Builder::new()
-                    .name(format!("porteiro-worker-{idx}"))
-                    .spawn(move || worker(s, idx, n))
-                    .expect("spawning a worker thread")
-            })
-            .collect();
-        Self {
+        // Built before the workers so that, if one fails to start, dropping it stops the others.
+        let mut pool = Self {
             n,
             shared,
-            workers,
+            workers: Vec::with_capacity(n - 1),
             busy: Mutex::new(()),
+        };
+        for idx in 1..n {
+            let s = pool.shared.clone();
+            let w = std::thread::Builder::new()
+                .name(format!("porteiro-worker-{idx}"))
+                .spawn(move || worker(s, idx, n))?;
+            pool.workers.push(w);
         }
+        Ok(pool)
     }
 
+    #[inline]
     pub fn threads(&self) -> usize {
         self.n
     }
@@ -85,6 +101,8 @@ impl ThreadPool {
         // worker has finished with the job before returning (and thus before `f` can be dropped).
         let ptr: *const Job =
             unsafe { std::mem::transmute::<&(dyn Fn(usize, usize) + Sync), &'static Job>(f) };
+        // SAFETY: no worker reads `job` now: each finished the previous job (counted in `done`) before
+        // this call could start, and none reads it again before the generation bump below.
         unsafe { *s.job.get() = Some(ptr) };
         s.done.store(0, Ordering::SeqCst);
         s.generation.fetch_add(1, Ordering::SeqCst);
@@ -137,6 +155,8 @@ fn worker(s: Arc<Shared>, idx: usize, n: usize) {
         }
         // SAFETY: published by `run` before the generation bump we just observed.
         if let Some(job) = unsafe { *s.job.get() } {
+            // SAFETY: `run` keeps the closure alive until every worker has counted itself in `done`,
+            // which this one does only after the call returns.
             unsafe { (*job)(idx, n) };
         }
         s.done.fetch_add(1, Ordering::Release);
@@ -156,7 +176,9 @@ impl Drop for ThreadPool {
     }
 }
 
-/// The half-open range of `0..n` that thread `i` of `t` handles, in multiples of `align`.
+/// The half-open range of `0..n` that thread `i` of `t` handles, in multiples of `align`. `#[inline]`:
+/// the kernels' closures call it per step from other crates, as they did when it was the engine's.
+#[inline]
 pub fn split(n: usize, i: usize, t: usize, align: usize) -> std::ops::Range<usize> {
     let units = n.div_ceil(align);
     let per = units / t;
@@ -172,7 +194,7 @@ mod tests {
 
     #[test]
     fn every_thread_runs_each_job() {
-        let pool = ThreadPool::new(3);
+        let pool = ThreadPool::new(3).unwrap();
         let hits = AtomicUsize::new(0);
         for _ in 0..1000 {
             pool.run(&|_, n| {
@@ -185,7 +207,7 @@ mod tests {
 
     #[test]
     fn parked_workers_wake_up() {
-        let pool = ThreadPool::new(2);
+        let pool = ThreadPool::new(2).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(300));
         let hits = AtomicUsize::new(0);
         pool.run(&|_, _| {

@@ -138,7 +138,7 @@ impl PackedA {
         };
         #[cfg(target_arch = "x86_64")]
         if hw_bf16() {
-            // SAFETY: the CPU has AVX512-BF16 (hw_bf16).
+            // SAFETY: the CPU has AVX512-F and BF16 (hw_bf16).
             unsafe { pack_rows_hw(data, src, &shape, map) };
             return;
         }
@@ -163,12 +163,15 @@ impl PackedA {
 }
 
 /// Whether the CPU converts f32 to bf16 itself (`vcvtne2ps2bf16`, 32 values per instruction, the
-/// same rounding as `bf16`).
+/// same rounding as `bf16`). BW is checked too because `pack_b_hw` permutes 16-bit lanes; every CPU
+/// with AVX512-BF16 has it.
 #[cfg(target_arch = "x86_64")]
 fn hw_bf16() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
     *ON.get_or_init(|| {
-        is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16")
+        is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512bf16")
     })
 }
 
@@ -220,6 +223,10 @@ fn pack_rows(
     }
 }
 
+/// `pack_rows` with the CPU's f32 → bf16 conversion (32 values per instruction).
+///
+/// # Safety
+/// The CPU must have AVX512-F and AVX512-BF16 (`hw_bf16`).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
 unsafe fn pack_rows_hw(
@@ -255,6 +262,8 @@ struct ShapeB {
 /// pairs, `dst[p * TILE_K]` and the value after (columns contiguous in K: a weight matrix's rows, K in
 /// attention); `pair_rows(r0, r1, dst)` interleaves 16 columns of two consecutive K rows (rows
 /// contiguous in columns: V in attention). Anything else, and every tail, goes element by element.
+// The `expect`s turn slices of a constant length into arrays: they cannot fail.
+#[allow(clippy::expect_used)]
 #[inline(always)]
 fn pack_b(
     data: &mut [u16],
@@ -272,6 +281,7 @@ fn pack_b(
             for c in 0..kc {
                 let slice: &[f32; TILE_K] = if col < n {
                     let at = col * sh.col_stride + c * TILE_K;
+                    // Cannot fail: the slice is TILE_K long.
                     src[at..at + TILE_K].try_into().expect("a 32-value slice")
                 } else {
                     &zeros
@@ -287,6 +297,7 @@ fn pack_b(
     for nb in 0..sh.n_pad / TILE {
         let c0 = nb * TILE;
         for k0 in (0..sh.k_pad).step_by(2) {
+            // Cannot fail (nor can the two below): the slices are 2 * TILE and TILE long.
             let dst: &mut [u16; 2 * TILE] = (&mut data[at..at + 2 * TILE])
                 .try_into()
                 .expect("a 32-value row");
@@ -318,6 +329,9 @@ fn pack_b(
 
 /// `pack_b` with the CPU's conversion: a column's 32 K values convert in one instruction and are
 /// scattered to their 16 pair rows; two K rows convert together and interleave in one permute.
+///
+/// # Safety
+/// The CPU must have AVX512-F, AVX512-BW and AVX512-BF16 (`hw_bf16`).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 unsafe fn pack_b_hw(data: &mut [u16], src: &[f32], sh: &ShapeB) {
@@ -390,7 +404,7 @@ impl PackedB {
         let data = self.data.reset(self.n_pad * self.k_pad);
         #[cfg(target_arch = "x86_64")]
         if hw_bf16() {
-            // SAFETY: the CPU has AVX512-BF16 (hw_bf16).
+            // SAFETY: the CPU has AVX512-F, BW and BF16 (hw_bf16).
             unsafe { pack_b_hw(data, src, &sh) };
             return;
         }
@@ -455,6 +469,13 @@ pub fn gemm(a: &PackedA, b: &PackedB, c: &mut [f32], ldc: usize) {
     }
 }
 
+/// The tile loop of `gemm`.
+///
+/// # Safety
+/// AMX must be `available()` (CPU support and the kernel's permission), and the shapes must agree:
+/// `a.k_pad == b.k_pad`, `ldc >= b.n_pad` and `c` holds `(a.m_pad - 1) * ldc + b.n_pad` values. Then
+/// every tile load reads inside the packed buffers (`m_pad × k_pad` and `n_pad × k_pad` values) and
+/// every store writes inside `c`.
 #[cfg(target_arch = "x86_64")]
 unsafe fn gemm_tiles(a: &PackedA, b: &PackedB, c: &mut [f32], ldc: usize) {
     let mut cfg = TileConfig {

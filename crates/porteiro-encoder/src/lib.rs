@@ -1,0 +1,29 @@
+//! The sentence encoder: a BERT forward pass (MiniLM-L6 from the catalog) over safetensors weights
+//! (`bert`), BERT's WordPiece tokenizer (`wordpiece`) and the bf16 matrix multiply on Intel AMX tiles
+//! it uses where the CPU has them (`amx`). It shares only the thread pool (`porteiro-pool`) with the
+//! decoder in `porteiro-engine`.
+//!
+//! Unsafe code is confined to `amx` (the tile GEMM and AVX512-BF16 packing) and, in `bert`, the
+//! AVX-512 variants, the memory map and the row views its threads share; every unsafe block says
+//! why it is sound (`// SAFETY:`). Library code neither panics on a fallible `unwrap`/`expect` nor
+//! prints.
+
+// Kernels walk several parallel arrays (heads, rows, scales) with one index; iterator chains hide that.
+#![allow(clippy::needless_range_loop)]
+#![warn(clippy::undocumented_unsafe_blocks)]
+#![cfg_attr(
+    not(test),
+    warn(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::print_stdout,
+        clippy::print_stderr
+    )
+)]
+
+pub mod amx;
+pub mod bert;
+#[deny(unsafe_code)]
+pub mod wordpiece;
+
+pub use bert::{BertEncoder, BertError};
