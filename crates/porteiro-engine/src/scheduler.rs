@@ -196,6 +196,11 @@ impl EngineHandle {
         &self.stats
     }
 
+    /// The counters, shared (for observers that outlive a borrow of the handle).
+    pub fn shared_stats(&self) -> Arc<EngineStats> {
+        self.stats.clone()
+    }
+
     /// False once the engine thread has ended (shutdown, or a panic).
     pub fn is_running(&self) -> bool {
         !self.stopped.load(Ordering::Acquire)

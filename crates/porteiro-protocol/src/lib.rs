@@ -60,6 +60,10 @@ pub enum FinishReason {
     Stop,
     Length,
     ToolCalls,
+    /// Only from upstream tiers (the local engine never filters content).
+    ContentFilter,
+    /// Only from upstream tiers answering the legacy `functions` API.
+    FunctionCall,
 }
 
 /// A function call the model made (`message.tool_calls[i]`).

@@ -37,20 +37,16 @@ pub async fn data(
 ) -> Result<Response, ApiError> {
     let keys = &st.settings.api_keys;
     if !keys.is_empty() {
-        let given = crate::bearer(&headers).or(q.key.as_deref());
-        if !given.is_some_and(|g| crate::key_allowed(keys, g)) {
+        let given = crate::http::bearer(&headers).or(q.key.as_deref());
+        if !given.is_some_and(|g| crate::http::key_allowed(keys, g)) {
             return Err(ApiError::unauthorized(
                 "The dashboard data needs an API key (Authorization: Bearer, or ?key= on the page URL).",
             ));
         }
     }
-    let snap = st.telemetry().map(|t| t.snapshot());
-    let tiers: Vec<String> = std::iter::once("local".to_string())
-        .chain(
-            st.routing()
-                .into_iter()
-                .flat_map(|r| r.upstreams.iter().map(|u| u.name().to_string())),
-        )
+    let snap = st.telemetry.enabled().then(|| st.telemetry.snapshot());
+    let tiers: Vec<String> = std::iter::once(porteiro_config::LOCAL_TIER.to_string())
+        .chain(st.routing.upstreams.iter().map(|u| u.name().to_string()))
         .collect();
     Ok(Json(json!({
         "model": st.settings.model_id,

@@ -10,7 +10,8 @@ use porteiro_privacy::{AuditRecord, AuditWriter, Category, Detector, Masker, Pol
 use serde_json::Value;
 
 pub struct Guard {
-    pub detector: Detector,
+    /// None when the guard is off: nothing is scanned, masked or audited.
+    detector: Option<Detector>,
     default: Policy,
     tiers: HashMap<String, Policy>,
     routes: HashMap<String, Policy>,
@@ -37,6 +38,51 @@ pub enum Verdict {
 }
 
 pub type Counts = BTreeMap<Category, usize>;
+
+/// What the guard did with a request (the `privacy` field of the request log and audit trail).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Nothing found, or the request stayed local anyway.
+    None,
+    KeepLocal,
+    Block,
+    Mask,
+    Allow,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::None => "none",
+            Action::KeepLocal => "keep_local",
+            Action::Block => "block",
+            Action::Mask => "mask",
+            Action::Allow => "allow",
+        }
+    }
+}
+
+impl Verdict {
+    pub fn action(&self) -> Action {
+        match self {
+            Verdict::Clean => Action::None,
+            Verdict::KeepLocal(_) => Action::KeepLocal,
+            Verdict::Block(_) => Action::Block,
+            Verdict::Mask(..) => Action::Mask,
+            Verdict::Allow(_) => Action::Allow,
+        }
+    }
+
+    pub fn counts(&self) -> Counts {
+        match self {
+            Verdict::Clean => Counts::new(),
+            Verdict::KeepLocal(c)
+            | Verdict::Block(c)
+            | Verdict::Mask(c, ..)
+            | Verdict::Allow(c) => c.clone(),
+        }
+    }
+}
 
 fn policy_of(s: &str) -> Policy {
     // The config crate validated the spelling.
@@ -88,7 +134,7 @@ pub fn describe(c: &Counts) -> String {
 impl Guard {
     pub fn new(cfg: &Config, detector: Detector, audit: Option<AuditWriter>) -> Self {
         Self {
-            detector,
+            detector: Some(detector),
             default: policy_of(&cfg.privacy.policy),
             tiers: cfg
                 .upstreams
@@ -104,6 +150,22 @@ impl Guard {
         }
     }
 
+    /// The guard when privacy is off: nothing is found, every request goes as sent.
+    pub fn off() -> Self {
+        Self {
+            detector: None,
+            default: Policy::Allow,
+            tiers: HashMap::new(),
+            routes: HashMap::new(),
+            audit: None,
+        }
+    }
+
+    /// Whether the guard scans requests (metrics count its actions only then).
+    pub fn enabled(&self) -> bool {
+        self.detector.is_some()
+    }
+
     /// The route's policy, else the tier's, else the default.
     pub fn policy_for(&self, tier: &str, route: Option<&str>) -> Policy {
         route
@@ -115,18 +177,24 @@ impl Guard {
 
     /// Findings per category in the client's text, without changing it.
     pub fn count(&self, body: &Value) -> Counts {
+        let Some(d) = &self.detector else {
+            return Counts::new();
+        };
         let mut b = body.clone();
-        let mut m = Masker::new(&self.detector, "");
+        let mut m = Masker::new(d, "");
         for_each_text(&mut b, &mut |s| m.count(s));
         m.counts
     }
 
     /// Decides what happens to `body` on its way to `tier`.
     pub fn inspect(&self, body: &Value, tier: &str, route: Option<&str>) -> Verdict {
+        let Some(d) = &self.detector else {
+            return Verdict::Clean;
+        };
         let policy = self.policy_for(tier, route);
         let mut masked = body.clone();
         let original = body.to_string();
-        let mut m = Masker::new(&self.detector, &original);
+        let mut m = Masker::new(d, &original);
         for_each_text(&mut masked, &mut |s| *s = m.mask(s));
         if !m.found_any() {
             return Verdict::Clean;
@@ -142,11 +210,14 @@ impl Guard {
 
     /// `text` with every finding replaced by a placeholder (for stored texts).
     pub fn redact(&self, text: &str) -> String {
-        Masker::new(&self.detector, text).mask(text)
+        match &self.detector {
+            Some(d) => Masker::new(d, text).mask(text),
+            None => text.to_string(),
+        }
     }
 
     /// Queues the audit record of one request (no-op without an audit trail).
-    pub fn audit(&self, ctx: &RequestCtx, tier: &str, route: &str, action: &str, c: &Counts) {
+    pub fn audit(&self, ctx: &RequestCtx, tier: &str, route: &str, action: Action, c: &Counts) {
         if let Some(a) = &self.audit {
             a.record(AuditRecord {
                 ts_ms: AuditRecord::now(),
@@ -154,19 +225,18 @@ impl Guard {
                 key_id: ctx.key_id.clone(),
                 tier: tier.to_string(),
                 route: route.to_string(),
-                policy: action.to_string(),
+                policy: action.as_str().to_string(),
                 categories: c.iter().map(|(k, n)| (k.name().to_string(), *n)).collect(),
             });
         }
     }
 
     /// Waits for queued audit records to be committed (tests, shutdown).
-    pub fn flush_audit(&self) {
+    pub fn flush_audit(&self) -> Result<(), porteiro_privacy::audit::AuditError> {
         if let Some(a) = &self.audit {
-            if let Err(e) = a.flush() {
-                eprintln!("audit trail: {e}");
-            }
+            a.flush()?;
         }
+        Ok(())
     }
 }
 

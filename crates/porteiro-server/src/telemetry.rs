@@ -1,23 +1,24 @@
-//! Per-request telemetry. Each chat / completion request carries a [`Trace`]; the response paths
-//! (local JSON, local stream, upstream JSON, upstream relay, fallbacks) mark its first token, tokens
-//! and outcome, and when the last clone is dropped (the answer is complete, failed, or the client
-//! went away) the record is priced, added to the live aggregates behind `/metrics` and the
-//! dashboard, and queued for the request log.
+//! Per-request telemetry. Each chat / completion request carries a [`Trace`]; the handler marks where
+//! it was sent and the pipeline's observation step (`answer::observe`, the one place that sees every
+//! chunk) marks its tokens, usage and outcome. When the last clone is dropped (the answer is
+//! complete, failed, or the client went away) the record is priced, added to the live aggregates
+//! behind `/metrics` and the dashboard, and queued for the request log.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::fmt::Write;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use porteiro_config::Config;
+use porteiro_engine::scheduler::EngineStats;
 use porteiro_telemetry::kpi::{self, Kpis};
 use porteiro_telemetry::log::LogWriter;
 use porteiro_telemetry::{now_ms, Prices, RequestRecord, LOCAL_TIER};
 use serde::Serialize;
 
 use crate::metrics::Histogram;
-use crate::privacy::RequestCtx;
-use crate::AppState;
+use crate::privacy::{Action, Guard, RequestCtx};
 
 /// Records kept in memory for quantiles and the dashboard's table.
 const WINDOW: usize = 2000;
@@ -97,7 +98,145 @@ pub struct Snapshot {
     pub log_failed: u64,
 }
 
+impl Snapshot {
+    /// The Prometheus lines of the request telemetry (per tier / model / route, FinOps KPIs,
+    /// request log health).
+    pub fn render_prometheus(&self, o: &mut String) {
+        use crate::metrics::names::*;
+        let snap = self;
+        let head = |o: &mut String, name: &str, kind: &str, help: &str| {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        };
+        let esc = |s: &str| {
+            s.replace('\\', "\\\\")
+                .replace('"', "\\\"")
+                .replace('\n', "\\n")
+        };
+        let lbl = |t: &str, m: &str, r: &str| {
+            format!(
+                "tier=\"{}\",model=\"{}\",route=\"{}\"",
+                esc(t),
+                esc(m),
+                esc(r)
+            )
+        };
+        type Pick = fn(&Counters) -> f64;
+        let series: [(&str, &str, &str, Pick); 5] = [
+            (TIER_REQUESTS, "", "Requests answered, by tier, model and route.", |c| c.requests as f64),
+            (TIER_ERRORS, "", "Requests that failed, by tier, model and route.", |c| c.errors as f64),
+            (TIER_TOKENS, ",direction=\"in\"", "Tokens by tier, model, route and direction (in: prompt, out: completion).", |c| c.prompt_tokens as f64),
+            (TIER_TOKENS, ",direction=\"out\"", "", |c| c.completion_tokens as f64),
+            (TIER_COST, "", "Cost in USD by tier, model and route (upstream token prices; local: machine price x busy time).", |c| c.cost_usd),
+        ];
+        for (name, extra, help, pick) in series {
+            if !help.is_empty() {
+                head(o, name, "counter", help);
+            }
+            for (t, m, r, c) in &snap.counters {
+                let _ = writeln!(o, "{name}{{{}{extra}}} {}", lbl(t, m, r), pick(c));
+            }
+        }
+        let hists = |o: &mut String, name: &str, help: &str, hs: &BTreeMap<Key, Histogram>| {
+            head(o, name, "histogram", help);
+            for ((t, m, r), h) in hs {
+                h.render(o, name, &lbl(t, m, r));
+            }
+        };
+        hists(
+            o,
+            TIER_LATENCY,
+            "Request latency by tier, model and route (successful requests).",
+            &snap.latency,
+        );
+        hists(
+            o,
+            TIER_TTFT,
+            "Time to first token by tier, model and route.",
+            &snap.ttft,
+        );
+        hists(
+            o,
+            TIER_INTER_TOKEN,
+            "Time between streamed pieces of an answer, by tier, model and route.",
+            &snap.itl,
+        );
+        // Quantiles as the dashboard shows them (nearest rank over the last requests in memory).
+        let summary =
+            |o: &mut String,
+             name: &str,
+             help: &str,
+             pick: &dyn Fn(&porteiro_telemetry::kpi::TierKpis) -> [Option<f64>; 3]| {
+                head(o, name, "summary", help);
+                for t in &snap.kpis.tiers {
+                    for (q, v) in ["0.5", "0.95", "0.99"].iter().zip(pick(t)) {
+                        if let Some(v) = v {
+                            let _ = writeln!(
+                                o,
+                                "{name}{{tier=\"{}\",quantile=\"{q}\"}} {}",
+                                esc(&t.tier),
+                                v / 1e3
+                            );
+                        }
+                    }
+                }
+            };
+        summary(
+            o,
+            TIER_LATENCY_RECENT,
+            "Latency quantiles by tier over the last 2000 requests.",
+            &|t| [t.latency_p50_ms, t.latency_p95_ms, t.latency_p99_ms],
+        );
+        summary(
+            o,
+            TIER_TTFT_RECENT,
+            "TTFT quantiles by tier over the last 2000 requests.",
+            &|t| [t.ttft_p50_ms, t.ttft_p95_ms, t.ttft_p99_ms],
+        );
+        let k = &snap.kpis;
+        head(
+            o,
+            HIT_RATIO,
+            "gauge",
+            "Share of requests answered by the local tier.",
+        );
+        let _ = writeln!(o, "{HIT_RATIO} {}", k.hit_ratio);
+        head(o, COST, "counter", "Total cost in USD.");
+        let _ = writeln!(o, "{COST} {}", k.cost_usd);
+        head(
+            o,
+            BASELINE_COST,
+            "counter",
+            "What every request would have cost at the baseline upstream's token prices.",
+        );
+        let _ = writeln!(o, "{BASELINE_COST} {}", k.baseline_usd);
+        head(o, SAVINGS, "gauge", "Baseline cost minus actual cost, USD.");
+        let _ = writeln!(o, "{SAVINGS} {}", k.savings_usd);
+        head(o, CPM, "gauge", "Cost per 1000 requests, USD.");
+        let _ = writeln!(o, "{CPM} {}", k.cpm_usd);
+        head(
+            o,
+            GATEWAY_OVERHEAD,
+            "histogram",
+            "Time in the gateway on upstream requests, excluding waiting for the upstream.",
+        );
+        snap.overhead.render(o, GATEWAY_OVERHEAD, "");
+        head(o, LOG_WRITTEN, "counter", "Request-log records written.");
+        let _ = writeln!(o, "{LOG_WRITTEN} {}", snap.log_written);
+        head(o, LOG_DROPPED, "counter", "Request-log records dropped because the writer's queue was full (the requests succeeded).");
+        let _ = writeln!(o, "{LOG_DROPPED} {}", snap.log_dropped);
+        head(
+            o,
+            LOG_FAILED,
+            "counter",
+            "Request-log records the database refused.",
+        );
+        let _ = writeln!(o, "{LOG_FAILED} {}", snap.log_failed);
+    }
+}
+
 pub struct Telemetry {
+    /// False for the no-op telemetry (nothing is recorded or rendered).
+    enabled: bool,
     agg: Mutex<Agg>,
     prices: BTreeMap<String, Prices>,
     baseline: Prices,
@@ -105,6 +244,8 @@ pub struct Telemetry {
     pub log: Option<LogWriter>,
     /// Whether the request log keeps prompts and answers (sealed).
     pub store_text: bool,
+    /// The engine's counters, for the local tier's cost (the engine loads after the listener).
+    engine: OnceLock<Arc<EngineStats>>,
 }
 
 impl Telemetry {
@@ -141,6 +282,7 @@ impl Telemetry {
                 ),
         };
         Self {
+            enabled: true,
             agg: Mutex::new(Agg {
                 overhead: Histogram::new(&OVERHEAD_BUCKETS),
                 ..Default::default()
@@ -150,7 +292,35 @@ impl Telemetry {
             machine_per_s: t.machine_price_per_hour / 3600.0,
             store_text: cfg.log.store_text && log.is_some(),
             log,
+            engine: OnceLock::new(),
         }
+    }
+
+    /// Telemetry that records nothing (servers built without it, e.g. in tests).
+    pub fn off() -> Self {
+        Self {
+            enabled: false,
+            agg: Mutex::new(Agg::default()),
+            prices: BTreeMap::new(),
+            baseline: Prices {
+                input_per_m: 0.0,
+                output_per_m: 0.0,
+            },
+            machine_per_s: 0.0,
+            log: None,
+            store_text: false,
+            engine: OnceLock::new(),
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// The engine's counters, once it is loaded (prices the local tier by its busy time).
+    pub fn set_engine(&self, stats: Arc<EngineStats>) {
+        // Set once per engine; a second engine is never started.
+        let _ = self.engine.set(stats);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Agg> {
@@ -158,14 +328,13 @@ impl Telemetry {
     }
 
     /// Prices a finished record and adds it everywhere.
-    fn finish(&self, st: &AppState, mut rec: RequestRecord, itl: &[f64], overhead: Option<f64>) {
+    fn finish(&self, mut rec: RequestRecord, itl: &[f64], overhead: Option<f64>) {
         // The in-memory window keeps records without their texts.
         let texts = (rec.prompt.take(), rec.response.take());
         rec.baseline_usd = self.baseline.cost(rec.prompt_tokens, rec.completion_tokens);
         rec.cost_usd = if rec.tier == LOCAL_TIER {
             // The request's share of the engine's measured busy time, by tokens processed.
-            let per_token_s = st.generator().map_or(0.0, |g| {
-                let s = g.engine.stats();
+            let per_token_s = self.engine.get().map_or(0.0, |s| {
                 let tokens = s.batch_tokens.load(Ordering::Relaxed).max(1) as f64;
                 s.busy_ns.load(Ordering::Relaxed) as f64 / 1e9 / tokens
             });
@@ -300,7 +469,8 @@ impl Telemetry {
 }
 
 struct TraceState {
-    st: AppState,
+    telemetry: Arc<Telemetry>,
+    privacy: Arc<Guard>,
     rec: RequestRecord,
     t0: Instant,
     first: Option<Instant>,
@@ -315,9 +485,17 @@ struct TraceState {
 pub struct Trace(Arc<Mutex<TraceState>>);
 
 impl Trace {
-    pub fn new(st: &AppState, ctx: &RequestCtx, endpoint: &str, model: &str, stream: bool) -> Self {
+    pub fn new(
+        telemetry: &Arc<Telemetry>,
+        privacy: &Arc<Guard>,
+        ctx: &RequestCtx,
+        endpoint: &str,
+        model: &str,
+        stream: bool,
+    ) -> Self {
         Trace(Arc::new(Mutex::new(TraceState {
-            st: st.clone(),
+            telemetry: telemetry.clone(),
+            privacy: privacy.clone(),
             rec: RequestRecord {
                 id: ctx.id.clone(),
                 ts_ms: now_ms(),
@@ -355,8 +533,8 @@ impl Trace {
         self.with(|s| s.rec.route = route.into());
     }
 
-    pub fn privacy(&self, action: &str) {
-        self.with(|s| s.rec.privacy = action.into());
+    pub fn privacy(&self, action: Action) {
+        self.with(|s| s.rec.privacy = action.as_str().into());
     }
 
     pub fn fallback(&self, why: &str) {
@@ -404,7 +582,7 @@ impl Trace {
     /// Texts for the request log (kept only when `[log] store_text` is on).
     pub fn texts(&self, prompt: Option<String>, response: Option<String>) {
         self.with(|s| {
-            if s.st.telemetry().is_some_and(|t| t.store_text) {
+            if s.telemetry.store_text {
                 if prompt.is_some() {
                     s.rec.prompt = prompt;
                 }
@@ -416,15 +594,15 @@ impl Trace {
     }
 
     pub fn stores_text(&self) -> bool {
-        self.with(|s| s.st.telemetry().is_some_and(|t| t.store_text))
+        self.with(|s| s.telemetry.store_text)
     }
 }
 
 impl Drop for TraceState {
     fn drop(&mut self) {
-        let Some(t) = self.st.telemetry() else {
+        if !self.telemetry.enabled {
             return;
-        };
+        }
         let total = self.t0.elapsed();
         let mut rec = std::mem::take(&mut self.rec);
         rec.latency_ms = total.as_secs_f64() * 1e3;
@@ -436,13 +614,14 @@ impl Drop for TraceState {
                 .get_or_insert_with(|| "client disconnected".into());
         }
         // Stored texts keep personal data only where the privacy policy let it leave anyway.
-        if let (Some(g), true) = (self.st.privacy(), rec.privacy != "allow") {
+        if rec.privacy != Action::Allow.as_str() {
+            let g = &self.privacy;
             rec.prompt = rec.prompt.map(|p| g.redact(&p));
             rec.response = rec.response.map(|p| g.redact(&p));
         }
         let overhead = self
             .upstream_wait
             .map(|w| total.saturating_sub(w).as_secs_f64());
-        t.finish(&self.st, rec, &self.itl, overhead);
+        self.telemetry.finish(rec, &self.itl, overhead);
     }
 }

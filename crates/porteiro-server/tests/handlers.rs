@@ -47,10 +47,11 @@ fn start(extra: &str) -> Option<AppState> {
     let path = cached(MODEL)?;
     let epath = cached(EMBED)?;
     let cfg = config(extra);
-    let st = AppState::new(Settings::from_config(&cfg));
+    let st = AppState::builder(Settings::from_config(&cfg))
+        .embedder(Embedder::open(&epath).unwrap())
+        .build();
     let (g, _engine_thread) = load_generator(&path, &cfg).unwrap();
     st.set_generator(g);
-    st.set_embedder(Embedder::open(&epath).unwrap());
     Some(st)
 }
 

@@ -20,7 +20,7 @@ use axum::routing::post;
 use futures_util::StreamExt;
 use http_body_util::BodyExt;
 use porteiro_config::{Config, Overrides};
-use porteiro_server::routing::Routing;
+use porteiro_server::Routing;
 use porteiro_server::{app, load_generator, AppState, Embedder, Settings};
 use serde_json::{json, Value};
 use tower::ServiceExt;
@@ -58,10 +58,13 @@ enum Mode {
 struct Fault {
     mode: Arc<Mutex<Mode>>,
     hits: Arc<AtomicUsize>,
+    /// The last request body received.
+    last: Arc<Mutex<Value>>,
 }
 
 async fn fault_handler(State(f): State<Fault>, body: axum::Json<Value>) -> Response {
     f.hits.fetch_add(1, Ordering::SeqCst);
+    *f.last.lock().unwrap() = body.0.clone();
     let mode = {
         let mut m = f.mode.lock().unwrap();
         let now = m.clone();
@@ -77,7 +80,8 @@ async fn fault_handler(State(f): State<Fault>, body: axum::Json<Value>) -> Respo
     let stream = body.0["stream"].as_bool().unwrap_or(false);
     let chunk = |text: &str, finish: Option<&str>| {
         json!({"id": "chatcmpl-fault", "object": "chat.completion.chunk", "created": 1, "model": "fault-model",
-               "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": finish}]})
+               "service_tier": "flex",
+               "choices": [{"index": 0, "delta": {"content": text, "x_note": "n"}, "finish_reason": finish}]})
     };
     match mode {
         Mode::Status(code, _) => {
@@ -97,7 +101,8 @@ async fn fault_handler(State(f): State<Fault>, body: axum::Json<Value>) -> Respo
         }
         Mode::Ok if !stream => axum::Json(json!({
             "id": "chatcmpl-fault", "object": "chat.completion", "created": 1, "model": "fault-model",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "UPSTREAM ANSWER"}, "finish_reason": "stop"}],
+            "service_tier": "flex", "system_fingerprint": "fp_fault",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "UPSTREAM ANSWER", "annotations": [{"type": "x"}]}, "finish_reason": "stop"}],
             "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
         }))
         .into_response(),
@@ -129,6 +134,7 @@ async fn spawn_fault() -> (String, Fault) {
     let f = Fault {
         mode: Arc::new(Mutex::new(Mode::Ok)),
         hits: Arc::new(AtomicUsize::new(0)),
+        last: Arc::new(Mutex::new(Value::Null)),
     };
     let router = axum::Router::new()
         .route("/v1/chat/completions", post(fault_handler))
@@ -141,24 +147,22 @@ async fn spawn_fault() -> (String, Fault) {
 
 fn load(cfg: &Config, with_routing: bool) -> AppState {
     let path = cached(MODEL).unwrap();
-    let st = AppState::new(Settings::from_config(cfg));
-    let (g, _t) = load_generator(&path, cfg).unwrap();
-    st.set_generator(g);
+    let mut b = AppState::builder(Settings::from_config(cfg));
     if with_routing {
         let e = Embedder::open(&cached(EMBED).unwrap()).unwrap();
         let router = porteiro_router::Router::new(cfg, e.encoder.clone()).unwrap();
-        st.set_embedder(e);
         let upstreams = cfg
             .upstreams
             .iter()
             .map(|u| Arc::new(porteiro_upstream::UpstreamClient::new(u.clone()).unwrap()))
             .collect();
-        st.set_routing(Routing {
-            cfg: cfg.router.clone(),
-            router: Some(router),
-            upstreams,
-        });
+        b = b
+            .embedder(e)
+            .routing(Routing::new(cfg.router.clone(), Some(router), upstreams));
     }
+    let st = b.build();
+    let (g, _t) = load_generator(&path, cfg).unwrap();
+    st.set_generator(g);
     st
 }
 
@@ -264,6 +268,10 @@ impl Reply {
 async fn chat(st: &AppState, model: &str, content: &str, stream: bool) -> Reply {
     let body = json!({"model": model, "messages": [{"role": "user", "content": content}],
                       "max_tokens": 8, "temperature": 0, "stream": stream});
+    send(st, &body).await
+}
+
+async fn send(st: &AppState, body: &Value) -> Reply {
     let req = Request::builder()
         .method("POST")
         .uri("/v1/chat/completions")
@@ -408,6 +416,13 @@ async fn routes_retries_breaker_and_fallbacks() {
     // A stream cut after 2 chunks is continued by the local model: the client sees the upstream's
     // text, then more text, then a finish reason and [DONE] — no error, no silent truncation.
     set(&fault, Mode::Cut(2));
+    let done = |m: &str| -> f64 {
+        let key = "porteiro_generation_duration_seconds_count{endpoint=\"chat\"} ";
+        m.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .map_or(0.0, |v| v.parse().unwrap())
+    };
+    let generations = done(&metrics(&st).await);
     let r = chat(&st, "fault", "Count from one to ten.", true).await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.h("x-porteiro-tier"), "fault");
@@ -419,22 +434,11 @@ async fn routes_retries_breaker_and_fallbacks() {
     assert!(!r.body.contains("\"error\""), "{}", r.body);
     let last: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
     assert!(last["choices"][0]["finish_reason"].is_string(), "{last}");
+    // The continued answer is reported done once, like every other answer.
+    assert_eq!(done(&metrics(&st).await), generations + 1.0);
 
     // The metrics saw it all.
-    let req = Request::builder()
-        .uri("/metrics")
-        .body(Body::empty())
-        .unwrap();
-    let resp = app(st.clone()).oneshot(req).await.unwrap();
-    let m = String::from_utf8(
-        resp.into_body()
-            .collect()
-            .await
-            .unwrap()
-            .to_bytes()
-            .to_vec(),
-    )
-    .unwrap();
+    let m = metrics(&st).await;
     assert!(
         m.contains("porteiro_fallbacks_total{upstream=\"fault\",when=\"mid_stream\"} 1"),
         "{m}"
@@ -444,6 +448,66 @@ async fn routes_retries_breaker_and_fallbacks() {
         "porteiro_router_decisions_total{wanted=\"peer\",served=\"peer\",route=\"proof\"}"
     ));
     assert!(m.contains("porteiro_upstream_failures_total{upstream=\"fault\",kind=\"timeout\"}"));
+}
+
+async fn metrics(st: &AppState) -> String {
+    let req = Request::builder()
+        .uri("/metrics")
+        .body(Body::empty())
+        .unwrap();
+    let resp = app(st.clone()).oneshot(req).await.unwrap();
+    String::from_utf8(
+        resp.into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fields_porteiro_does_not_model_pass_through_both_ways() {
+    if cached(MODEL).is_none() || cached(EMBED).is_none() {
+        return;
+    }
+    let (fault_url, fault) = spawn_fault().await;
+    let st = load(&routing_config(&fault_url, &fault_url, "continue"), true);
+    // Request side: unknown OpenAI fields reach the upstream as sent; local-only ones do not.
+    let body = json!({"model": "fault", "messages": [{"role": "user", "content": "hi"}],
+                      "metadata": {"run": "7"}, "prediction": {"type": "content", "content": "x"},
+                      "top_k": 5});
+    let r = send(&st, &body).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let sent = fault.last.lock().unwrap().clone();
+    assert_eq!(sent["metadata"]["run"], "7", "{sent}");
+    assert_eq!(sent["prediction"]["content"], "x", "{sent}");
+    assert!(sent.get("top_k").is_none(), "{sent}");
+    assert_eq!(sent["model"], "fault-model");
+    // Answer side, JSON: unknown fields at the top, the choice and the message come back.
+    let v = r.json();
+    assert_eq!(v["service_tier"], "flex", "{v}");
+    assert_eq!(v["system_fingerprint"], "fp_fault", "{v}");
+    assert_eq!(
+        v["choices"][0]["message"]["annotations"][0]["type"], "x",
+        "{v}"
+    );
+    assert_eq!(v["choices"][0]["message"]["content"], "UPSTREAM ANSWER");
+    assert_eq!(
+        (v["id"].as_str(), v["model"].as_str()),
+        (Some("chatcmpl-fault"), Some("fault-model"))
+    );
+    assert_eq!(v["usage"]["total_tokens"], 5);
+    // ... and streamed.
+    let mut body = body;
+    body["stream"] = true.into();
+    let r = send(&st, &body).await;
+    let first: Value = serde_json::from_str(&r.sse()[0]).unwrap();
+    assert_eq!(first["service_tier"], "flex", "{first}");
+    assert_eq!(first["choices"][0]["delta"]["x_note"], "n", "{first}");
+    assert_eq!(first["id"], "chatcmpl-fault");
+    assert_eq!(r.streamed_text(), "up0 up1 ");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

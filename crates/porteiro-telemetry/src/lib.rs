@@ -9,8 +9,8 @@ pub mod report;
 
 use serde::{Deserialize, Serialize};
 
-/// The tier name of the local model (as in routing headers).
-pub const LOCAL_TIER: &str = "local";
+/// The local tier's name, defined once in the config crate.
+pub use porteiro_config::LOCAL_TIER;
 
 /// One request as the request log and the report see it. Texts are present only when the log is
 /// configured to store them (sealed at rest) and the privacy policy allows it.

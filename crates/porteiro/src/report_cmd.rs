@@ -191,20 +191,21 @@ async fn gateway_bench_async(a: &GatewayBenchArgs) -> Result<()> {
         crate::DEFAULT_MODEL,
         None,
     )?;
-    let state = porteiro_server::AppState::new(porteiro_server::Settings::from_config(&cfg));
-    state.set_privacy(crate::serve::privacy_guard(&cfg)?);
-    state.set_telemetry(crate::serve::telemetry(&cfg)?);
     let upstreams = cfg
         .upstreams
         .iter()
         .map(|u| porteiro_upstream::UpstreamClient::new(u.clone()).map(Arc::new))
         .collect::<Result<Vec<_>, String>>()
         .map_err(anyhow::Error::msg)?;
-    state.set_routing(porteiro_server::routing::Routing {
-        cfg: cfg.router.clone(),
-        router: None,
-        upstreams,
-    });
+    let state = porteiro_server::AppState::builder(porteiro_server::Settings::from_config(&cfg))
+        .privacy(crate::serve::privacy_guard(&cfg)?)
+        .telemetry(crate::serve::telemetry(&cfg)?)
+        .routing(porteiro_server::Routing::new(
+            cfg.router.clone(),
+            None,
+            upstreams,
+        ))
+        .build();
     let gl = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let gw_addr = gl.local_addr()?;
     let st = state.clone();
@@ -224,7 +225,7 @@ async fn gateway_bench_async(a: &GatewayBenchArgs) -> Result<()> {
     let via = format!("http://{gw_addr}/v1/chat/completions");
     load(&client, &direct, &body, a.rate, (a.rate / 5) as usize).await;
     load(&client, &via, &body, a.rate, (a.rate / 5) as usize).await;
-    let before = state.telemetry().map_or(0, |t| t.overhead_samples().len());
+    let before = state.telemetry.overhead_samples().len();
     eprintln!(
         "gateway-bench: {n} requests at {}/s, {}, first directly to the instant upstream, then through Porteiro (privacy mask + request log on)",
         a.rate,
@@ -232,7 +233,7 @@ async fn gateway_bench_async(a: &GatewayBenchArgs) -> Result<()> {
     );
     let (mut d_lat, d_err) = load(&client, &direct, &body, a.rate, n).await;
     let (mut g_lat, g_err) = load(&client, &via, &body, a.rate, n).await;
-    let t = state.telemetry().context("telemetry")?;
+    let t = &state.telemetry;
     t.flush();
     let mut over: Vec<f64> = t.overhead_samples().split_off(before);
     let snap = t.snapshot();

@@ -82,9 +82,28 @@ async fn serve(cfg: Config, model_path: PathBuf, embed_path: Option<PathBuf>) ->
     let local = listener.local_addr()?;
     println!("porteiro: listening on http://{local}");
     let settings = Settings::from_config(&cfg);
-    let state = AppState::new(settings.clone());
-    state.set_privacy(privacy_guard(&cfg)?);
-    state.set_telemetry(telemetry(&cfg)?);
+    // The sentence encoder (small: under a second) and the router over it load before the state is
+    // built; only the generative model loads while the server answers (/health is 503 until then).
+    let mut builder = AppState::builder(settings.clone())
+        .privacy(privacy_guard(&cfg)?)
+        .telemetry(telemetry(&cfg)?);
+    let mut router = None;
+    if let Some(p) = embed_path {
+        let e = tokio::task::spawn_blocking(move || {
+            Embedder::open(&p).with_context(|| format!("loading {}", p.display()))
+        })
+        .await
+        .context("the loading task failed")??;
+        router = Some(porteiro_router::Router::new(&cfg, e.encoder.clone())?);
+        builder = builder.embedder(e);
+    }
+    let state = builder
+        .routing(porteiro_server::Routing::new(
+            cfg.router.clone(),
+            router,
+            upstreams,
+        ))
+        .build();
     let grace = Duration::from_secs(cfg.shutdown_grace_s);
     let server = tokio::spawn(porteiro_server::serve(
         listener,
@@ -95,17 +114,6 @@ async fn serve(cfg: Config, model_path: PathBuf, embed_path: Option<PathBuf>) ->
 
     let (st, c) = (state.clone(), cfg.clone());
     let loaded = tokio::task::spawn_blocking(move || -> Result<usize> {
-        let mut router = None;
-        if let Some(p) = embed_path {
-            let e = Embedder::open(&p).with_context(|| format!("loading {}", p.display()))?;
-            router = Some(porteiro_router::Router::new(&c, e.encoder.clone())?);
-            st.set_embedder(e);
-        }
-        st.set_routing(porteiro_server::routing::Routing {
-            cfg: c.router.clone(),
-            router,
-            upstreams,
-        });
         let (g, _engine_thread) = load_generator(&model_path, &c)?;
         let n_ctx = g.engine.config().n_ctx;
         st.set_generator(g);
@@ -142,7 +150,8 @@ async fn serve(cfg: Config, model_path: PathBuf, embed_path: Option<PathBuf>) ->
             .map(|e| format!(", embeddings by {e}"))
             .unwrap_or_default()
     );
-    if let Some(r) = state.routing() {
+    if let Some(auto) = state.routing.auto_model() {
+        let r = &state.routing;
         let tiers: Vec<String> = std::iter::once(format!("local ({})", settings.model_id))
             .chain(r.upstreams.iter().map(|u| {
                 format!(
@@ -155,7 +164,7 @@ async fn serve(cfg: Config, model_path: PathBuf, embed_path: Option<PathBuf>) ->
             .collect();
         println!(
             "porteiro: model \"{}\" is routed over tiers: {}; {} routes",
-            r.cfg.auto_model,
+            auto,
             tiers.join(", "),
             cfg.routes.len()
         );
@@ -165,11 +174,8 @@ async fn serve(cfg: Config, model_path: PathBuf, embed_path: Option<PathBuf>) ->
         settings.model_id
     );
     server.await.context("the server task failed")??;
-    if let Some(g) = state.privacy() {
-        g.flush_audit();
-    }
-    if let Some(t) = state.telemetry() {
-        t.flush();
+    if let Err(e) = state.flush() {
+        eprintln!("porteiro: audit trail: {e}");
     }
     println!("porteiro: stopped");
     Ok(())
