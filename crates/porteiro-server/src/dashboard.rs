@@ -37,8 +37,8 @@ pub async fn data(
 ) -> Result<Response, ApiError> {
     let keys = &st.settings.api_keys;
     if !keys.is_empty() {
-        let given = crate::http::bearer(&headers).or(q.key.as_deref());
-        if !given.is_some_and(|g| crate::http::key_allowed(keys, g)) {
+        let given = crate::auth::bearer(&headers).or(q.key.as_deref());
+        if !given.is_some_and(|g| crate::auth::key_allowed(keys, g)) {
             return Err(ApiError::unauthorized(
                 "The dashboard data needs an API key (Authorization: Bearer, or ?key= on the page URL).",
             ));

@@ -14,7 +14,7 @@ use axum::{Json, Router};
 use porteiro_protocol::{ModelCard, ModelList};
 
 use crate::privacy::RequestCtx;
-use crate::{dashboard, embeddings, handlers, ApiError, AppState};
+use crate::{auth, dashboard, embeddings, handlers, ApiError, AppState};
 
 /// The router with every route, the API-key check on `/v1`, and request metrics.
 pub fn app(state: AppState) -> Router {
@@ -24,7 +24,10 @@ pub fn app(state: AppState) -> Router {
         .route("/embeddings", post(embeddings::embeddings))
         .route("/models", get(list_models))
         .route("/models/{id}", get(get_model))
-        .route_layer(middleware::from_fn_with_state(state.clone(), auth));
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_key,
+        ));
     Router::new()
         .nest("/v1", v1)
         .route("/health", get(health))
@@ -91,47 +94,6 @@ async fn track(State(st): State<AppState>, mut req: Request, next: Next) -> Resp
         resp.headers_mut().insert("x-request-id", v);
     }
     resp
-}
-
-/// With API keys configured, `/v1` needs `Authorization: Bearer <key>`.
-async fn auth(State(st): State<AppState>, mut req: Request, next: Next) -> Response {
-    let keys = &st.settings.api_keys;
-    if keys.is_empty() {
-        return next.run(req).await;
-    }
-    match bearer(req.headers()) {
-        Some(k) if key_allowed(keys, k) => {
-            let key_id = porteiro_privacy::key_id(Some(k));
-            if let Some(ctx) = req.extensions_mut().get_mut::<RequestCtx>() {
-                ctx.key_id = key_id;
-            }
-            next.run(req).await
-        }
-        Some(_) => ApiError::unauthorized("Incorrect API key provided.").into_response(),
-        None => ApiError::unauthorized(
-            "You didn't provide an API key. Send it as `Authorization: Bearer <key>`.",
-        )
-        .into_response(),
-    }
-}
-
-/// The key in `Authorization: Bearer <key>`, if any.
-pub(crate) fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
-    headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
-}
-
-/// Whether `given` is one of the configured keys (compared in constant time).
-pub(crate) fn key_allowed(keys: &[String], given: &str) -> bool {
-    keys.iter()
-        .any(|key| constant_time_eq(key.as_bytes(), given.as_bytes()))
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 async fn health(State(st): State<AppState>) -> Response {

@@ -6,15 +6,16 @@
 //! `respond` (server-sent events or one JSON body).
 //!
 //! Around it: `state` (built once; only the model loads late), `http` (routes, middleware,
-//! graceful shutdown, `/health`, `/metrics`, `/v1/models`), `extract` (bodies within the size
-//! limit, errors naming the parameter), `privacy` (the guard), `telemetry` (traces, live KPIs, the
-//! request log), `metrics` (Prometheus counters), `embeddings`, `dashboard`, `structured`
-//! (`response_format` / `tools` for the local tier), `error`.
+//! graceful shutdown, `/health`, `/metrics`, `/v1/models`), `auth` (API keys), `extract` (bodies
+//! within the size limit, errors naming the parameter), `privacy` (the guard), `telemetry`
+//! (traces, live KPIs, the request log), `metrics` (Prometheus counters), `embeddings`,
+//! `dashboard`, `structured` (`response_format` / `tools` for the local tier), `error`.
 //!
 //! Routes: `POST /v1/chat/completions`, `POST /v1/completions`, `POST /v1/embeddings`,
 //! `GET /v1/models[/{id}]`, `GET /health`, `GET /metrics`, `GET /`, `GET /api/dashboard`.
 
 pub mod answer;
+pub mod auth;
 pub mod dashboard;
 pub mod embeddings;
 pub mod error;
