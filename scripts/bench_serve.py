@@ -32,6 +32,7 @@ ap.add_argument("--tokens", type=int, default=64)
 ap.add_argument("--peer-url")
 ap.add_argument("--peer-model", help="model name the peer expects (default: --model)")
 ap.add_argument("--json", action="store_true")
+ap.add_argument("--porteiro", help="the porteiro binary (default: target/release/porteiro)")
 args = ap.parse_args()
 levels = [int(x) for x in args.concurrency.split(",")]
 root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,7 +43,8 @@ def start_porteiro():
     cfg.write(f"[model]\nthreads = {args.threads}\n[embeddings]\nmodel = \"\"\n"
               f"[limits]\nmax_seqs = {max(levels)}\nmax_queue = {max(levels)}\n")
     cfg.close()
-    p = subprocess.Popen([os.path.join(root, "target/release/porteiro"), "serve", "--port", "0",
+    binary = args.porteiro or os.path.join(root, "target/release/porteiro")
+    p = subprocess.Popen([binary, "serve", "--port", "0",
                           "--model", args.model, "--config", cfg.name],
                          stdout=subprocess.PIPE, text=True)
     port = int(p.stdout.readline().strip().rsplit(":", 1)[1])
