@@ -13,6 +13,9 @@
 //! Linux hands out AMX tile state only on request (`arch_prctl(ARCH_REQ_XCOMP_PERM)`); `available()`
 //! asks once per process. `PORTEIRO_AMX=0` turns the path off.
 
+// A kernel module: AMX tile instructions and AVX-512 BF16 packing through intrinsics and inline asm.
+#![allow(unsafe_code)]
+
 #[cfg(target_arch = "x86_64")]
 use std::arch::asm;
 use std::sync::OnceLock;

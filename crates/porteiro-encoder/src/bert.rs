@@ -8,6 +8,10 @@
 //! halves of attention) run in bf16 on the tiles (see `amx`), with the residual stream, LayerNorm,
 //! softmax and GELU kept in f32; elsewhere an f32 GEMM does them.
 
+// A kernel module: AVX-512 variants of the elementwise steps, the memory map, and row views
+// shared by the pool's threads.
+#![allow(unsafe_code)]
+
 use std::path::Path;
 
 use memmap2::Mmap;

@@ -5,6 +5,13 @@
 //!
 //! Skipped with a message when minilm-l6 or the reference file is missing, unless
 //! PORTEIRO_REQUIRE_MODELS=1.
+// Tests may unwrap, expect and print (the lint policy is for library code).
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::print_stdout,
+    clippy::print_stderr
+)]
 
 use porteiro_encoder::bert::BertEncoder;
 

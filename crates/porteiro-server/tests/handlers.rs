@@ -2,6 +2,13 @@
 //! `tower::ServiceExt::oneshot`, over a real small model (smollm2-135m) and the MiniLM encoder.
 //!
 //! Skipped with a message when the models are not cached, unless PORTEIRO_REQUIRE_MODELS=1.
+// Tests may unwrap, expect and print (the lint policy is for library code).
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::print_stdout,
+    clippy::print_stderr
+)]
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;

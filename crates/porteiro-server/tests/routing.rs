@@ -6,6 +6,13 @@
 //! checking retries, the circuit breaker opening and closing, fallbacks to the local tier, and the
 //! continuation of a broken stream. Skipped when the models are not cached (unless
 //! PORTEIRO_REQUIRE_MODELS=1).
+// Tests may unwrap, expect and print (the lint policy is for library code).
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::print_stdout,
+    clippy::print_stderr
+)]
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};

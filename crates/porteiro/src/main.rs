@@ -1,5 +1,8 @@
 //! `porteiro`: the command-line front door. Subcommands stay thin; the work lives in the library crates.
 
+// The command line is the one place that prints: its output is the product.
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
 mod bench;
 mod perplexity;
 mod privacy_cmd;

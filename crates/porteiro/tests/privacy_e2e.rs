@@ -7,6 +7,13 @@
 //!
 //! Skipped with a message when the model, the first-name list, the corpus or the `openai` package
 //! are missing, unless PORTEIRO_REQUIRE_MODELS=1 (scripts/test-setup.sh provides all four).
+// Tests may unwrap, expect and print (the lint policy is for library code).
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::print_stdout,
+    clippy::print_stderr
+)]
 
 mod common;
 

@@ -5,6 +5,13 @@
 //! Skipped with a message when the model, python's `openai` / `prometheus_client`, node with
 //! scripts/dashboard/node_modules, or /usr/bin/chromium are missing, unless PORTEIRO_REQUIRE_MODELS=1
 //! (scripts/test-setup.sh installs them all).
+// Tests may unwrap, expect and print (the lint policy is for library code).
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::print_stdout,
+    clippy::print_stderr
+)]
 
 mod common;
 

@@ -1,5 +1,12 @@
 //! Shared by the binary's end-to-end tests: skipping when something is missing (a failure under
 //! PORTEIRO_REQUIRE_MODELS=1, which scripts/test.sh sets) and running the Python drivers.
+// Tests may unwrap, expect and print (the lint policy is for library code).
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::print_stdout,
+    clippy::print_stderr
+)]
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
