@@ -4,6 +4,10 @@
 //! sequence (KV cache, positions) lives in `KvCache`, and scratch space in `Scratch`, so several
 //! sequences can share one model and be batched in one forward call.
 
+// Weight rows are read through a raw pointer into the GGUF mapping, and pool threads write
+// disjoint parts of one output buffer through a shared raw pointer.
+#![allow(unsafe_code)]
+
 use std::sync::Arc;
 
 use half::f16;
@@ -186,8 +190,10 @@ pub struct QMatrix {
     _file: Arc<GgufFile>,
 }
 
-// SAFETY: `data` points into a read-only memory map kept alive by `_file`.
+// SAFETY: the raw `data` is the only field that is not Send; it points into the GGUF file's bytes,
+// which `_file` (an Arc, itself Send + Sync) keeps alive and which nothing ever writes.
 unsafe impl Send for QMatrix {}
+// SAFETY: as for Send: shared access only ever reads through `data`, from bytes nothing writes.
 unsafe impl Sync for QMatrix {}
 
 impl QMatrix {
@@ -232,7 +238,10 @@ impl QMatrix {
     #[inline]
     pub fn row(&self, r: usize) -> &[u8] {
         debug_assert!(r < self.rows);
-        // SAFETY: r < rows and the tensor's extent was checked against the file size at parse time.
+        // SAFETY: for r < rows the row ends within rows * row_bytes, the tensor's size, which
+        // GgufFile::parse checked lies inside the file's bytes (kept alive by `_file`, never written).
+        // r < rows is only debug-asserted: callers pass a row of the matmul's split (< rows) or a token
+        // id that forward() checked against vocab, the embedding's row count (checked at load).
         unsafe { std::slice::from_raw_parts(self.data.add(r * self.row_bytes), self.row_bytes) }
     }
 
@@ -247,7 +256,8 @@ impl QMatrix {
     #[inline]
     fn rows_from(&self, r: usize) -> &[u8] {
         debug_assert!(r < self.rows);
-        // SAFETY: r < rows; the tensor's extent was checked against the file size at parse time.
+        // SAFETY: as in `row`: for r < rows (the matmul's tile loop keeps row + 4 <= rows) rows r..rows
+        // end at the tensor's end, inside the file's bytes.
         unsafe {
             std::slice::from_raw_parts(
                 self.data.add(r * self.row_bytes),
@@ -316,7 +326,8 @@ fn repack_all(all: &mut [&mut QMatrix], threads: usize, file: &GgufFile) {
                 while let Some(cell) = work.get(next.fetch_add(1, Ordering::Relaxed)) {
                     let mut guard = cell.lock().unwrap_or_else(|e| e.into_inner());
                     let m = &mut **guard;
-                    // SAFETY: the tensor's extent was checked against the file size at parse time.
+                    // SAFETY: rows * row_bytes is the tensor's size (parse() checked row length is a
+                    // multiple of the block), which parse() checked lies inside the file's bytes.
                     let data = unsafe { std::slice::from_raw_parts(m.data, m.rows * m.row_bytes) };
                     m.fast = Repacked::new(m.dtype, data, m.rows, m.cols);
                     if m.fast.is_some() && m.name != "token_embd.weight" {
@@ -580,7 +591,11 @@ impl<T> Shared<T> {
         self.0
     }
 }
+// SAFETY: Shared is private to this module and wraps only pointers to f32/u8 scratch buffers that
+// outlive the `pool.run` call using them (it returns when every thread is done); each use writes
+// indices disjoint from every other thread's (see the SAFETY comment at each dereference).
 unsafe impl<T> Send for Shared<T> {}
+// SAFETY: as for Send: threads share the pointer, never the same element.
 unsafe impl<T> Sync for Shared<T> {}
 
 fn rms_norm(x: &mut [f32], w: &[f32], eps: f32) {
@@ -688,7 +703,8 @@ impl Model {
         let table = gelu.then(gelu_table);
         let g = Shared(gate.as_mut_ptr());
         let run = |rows: std::ops::Range<usize>| {
-            // SAFETY: each caller passes a disjoint range of rows.
+            // SAFETY: rows comes from split(n, ..) (or is 0..n), so rows.end * ff <= n * ff <= gate.len();
+            // the pool hands each thread a disjoint range, so no two slices overlap.
             let gate = unsafe {
                 std::slice::from_raw_parts_mut(g.ptr().add(rows.start * ff), rows.len() * ff)
             };
@@ -742,7 +758,8 @@ impl Model {
             let acts = &*acts;
             let quant = |range: std::ops::Range<usize>| {
                 for t in range {
-                    // SAFETY: each token is quantized by exactly one thread.
+                    // SAFETY: split() gives each thread its own tokens, so no token is handed to two
+                    // threads (token_mut's contract); t < n, and acts.reset(k, n) sized n tokens.
                     let (q, d, s) = unsafe { acts.token_mut(t) };
                     repack::quantize(&x[t * k..(t + 1) * k], q, d, s);
                 }
@@ -770,7 +787,9 @@ impl Model {
                 for (w, out) in &outs {
                     let (lo, hi) = (mine.start.max(base), mine.end.min(base + w.groups()));
                     for grp in lo..hi {
-                        // SAFETY: outputs hold n x rows; groups are disjoint across threads.
+                        // SAFETY: forward() passes each output as n x rows floats, t1 <= n, and the
+                        // 16-row groups are split disjointly across threads, so `run` writes inside
+                        // the buffer and no position twice.
                         unsafe { w.run(grp - base, acts, t0, t1, out.ptr(), w.rows()) };
                     }
                     base += w.groups();
@@ -831,7 +850,8 @@ impl Model {
                             while t + 4 <= t1 {
                                 k4(wr, &act[t * rb..], rb, w.cols, &mut v);
                                 for (j, x) in v.iter().enumerate() {
-                                    // SAFETY: (token, row) pairs are disjoint across threads.
+                                    // SAFETY: t + j < t1 <= n and row < rows, inside the n x rows
+                                    // output; rows are split disjointly, so no other thread writes it.
                                     unsafe { *out.ptr().add((t + j) * rows + row) = *x };
                                 }
                                 t += 4;
@@ -839,7 +859,8 @@ impl Model {
                         }
                         for t in t..t1 {
                             let v = (w.kernel)(wr, &act[t * rb..(t + 1) * rb], w.cols);
-                            // SAFETY: (token, row) pairs are disjoint across threads (rows are split).
+                            // SAFETY: t < t1 <= n and row < rows, inside the n x rows output; rows are
+                            // split disjointly, so no other thread writes it.
                             unsafe { *out.ptr().add(t * rows + row) = v };
                         }
                     };
@@ -860,7 +881,8 @@ impl Model {
                                         w.cols,
                                         &mut v8,
                                     );
-                                    // SAFETY: (token, row) pairs are disjoint across threads.
+                                    // SAFETY: t + 8 <= t1 <= n and row + 4 <= rows, so the n x rows
+                                    // output holds the tile; its rows are this thread's alone.
                                     unsafe { scatter_tile(out.ptr(), rows, t, row, &v8) };
                                     t += 8;
                                 }
@@ -874,7 +896,8 @@ impl Model {
                                     w.cols,
                                     &mut v,
                                 );
-                                // SAFETY: (token, row) pairs are disjoint across threads.
+                                // SAFETY: t + 4 <= t1 <= n and row + 4 <= rows, so the n x rows
+                                // output holds the tile; its rows are this thread's alone.
                                 unsafe { scatter_tile(out.ptr(), rows, t, row, &v) };
                                 t += 4;
                             }
@@ -906,7 +929,8 @@ impl Model {
         let o = Shared(out.as_mut_ptr());
         self.pool.run(&|ti, nt| {
             for i in split(n, ti, nt, 1) {
-                // SAFETY: each thread writes the rows of its own token range.
+                // SAFETY: i < n and `out` is rb * n bytes (the caller slices it so); split() gives
+                // each thread its own tokens, so the rb-byte rows do not overlap.
                 let dst = unsafe { std::slice::from_raw_parts_mut(o.ptr().add(i * rb), rb) };
                 simd::quantize_act(t, &x[i * k..(i + 1) * k], dst);
             }
@@ -1157,7 +1181,8 @@ impl Model {
                 );
                 for (j, sc) in scores.iter_mut().enumerate() {
                     let at = (start + j) * kvd + kh * hd;
-                    // SAFETY: reinterpreting initialised u16 storage as bytes.
+                    // SAFETY: kc[at..at + hd] is a bounds-checked slice of hd initialised u16s, i.e.
+                    // hd * 2 bytes; u8 has alignment 1 and any bit pattern is a valid u8.
                     let kb: &[u8] = unsafe {
                         std::slice::from_raw_parts(kc[at..at + hd].as_ptr() as *const u8, hd * 2)
                     };
@@ -1170,7 +1195,9 @@ impl Model {
                     sum += *v as f64;
                 }
                 let inv = (1.0 / sum) as f32;
-                // SAFETY: each (token, head) output slice is written by exactly one thread.
+                // SAFETY: i < n and h < n_head, so the hd floats at i * qd + h * hd lie inside s.att
+                // (grown to n * qd in forward); each work item w, i.e. each (token, head), goes to
+                // exactly one thread (w steps by nt from ti), so the slices are disjoint.
                 let o =
                     unsafe { std::slice::from_raw_parts_mut(out.ptr().add(i * qd + h * hd), hd) };
                 o.fill(0.0);
@@ -1185,6 +1212,7 @@ impl Model {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)] // in tests a failed unwrap is a failed test
 mod tests {
     use super::*;
 

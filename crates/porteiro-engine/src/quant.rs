@@ -397,6 +397,7 @@ pub fn dot_scalar(t: GgmlType, w: &[u8], a: &[u8], k: usize) -> f32 {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)] // in tests a failed unwrap is a failed test
 pub(crate) mod testutil {
     use super::*;
 
@@ -455,6 +456,7 @@ pub(crate) mod testutil {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)] // in tests a failed unwrap is a failed test
 mod tests {
     use super::testutil::*;
     use super::*;

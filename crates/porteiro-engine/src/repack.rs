@@ -11,6 +11,10 @@
 //! f16 super-block scale times its integer sub-block scales). Each lane's arithmetic depends only
 //! on its row and token, so a token's logits do not depend on what else shares its step.
 
+// AVX-512 intrinsics, a typed view of an anonymous mapping (HugeVec), and pool threads writing
+// disjoint parts of one output buffer through a raw pointer.
+#![allow(unsafe_code)]
+
 use crate::quant::{k4_scale_min, QK, QK_K};
 use porteiro_models::gguf::GgmlType;
 
@@ -110,7 +114,9 @@ impl<T: Zeroable> std::ops::Deref for HugeVec<T> {
     type Target = [T];
     fn deref(&self) -> &[T] {
         match &self.map {
-            // SAFETY: the mapping is page-aligned, holds len values and zero bytes are valid T.
+            // SAFETY: zeroed() mapped len * size_of::<T>() bytes, page-aligned (enough for any T),
+            // zero-filled by the kernel, and all-zero bytes are a valid T (Zeroable is implemented only
+            // for Line, u16 and i8). The slice borrows self, which owns the mapping.
             Some(m) => unsafe { std::slice::from_raw_parts(m.as_ptr() as *const T, self.len) },
             None => &[],
         }
@@ -120,7 +126,7 @@ impl<T: Zeroable> std::ops::Deref for HugeVec<T> {
 impl<T: Zeroable> std::ops::DerefMut for HugeVec<T> {
     fn deref_mut(&mut self) -> &mut [T] {
         match &mut self.map {
-            // SAFETY: as in deref, and the mapping is uniquely owned.
+            // SAFETY: as in deref; &mut self makes this the only reference into the mapping.
             Some(m) => unsafe {
                 std::slice::from_raw_parts_mut(m.as_mut_ptr() as *mut T, self.len)
             },
@@ -248,7 +254,8 @@ fn row_parts(t: GgmlType, row: &[u8], cols: usize, p: &mut RowParts) {
 fn bit_mask(v: &[u8; 64], bit: usize) -> u64 {
     #[cfg(target_arch = "x86_64")]
     if Repacked::available() {
-        // SAFETY: AVX-512BW detected by available().
+        // SAFETY: available() is true only once is_x86_feature_detected! found avx512f and avx512bw,
+        // what zmm::bit_mask is compiled for; its one 64-byte load reads exactly the array `v`.
         return unsafe { zmm::bit_mask(v, bit) };
     }
     v.iter()
@@ -446,7 +453,8 @@ impl Repacked {
     /// out[t * ld + 16 * grp + r] = row (16 grp + r) · activation t, for t in t0..t1.
     ///
     /// # Safety
-    /// `out` must be valid for writes at every such index.
+    /// `out` must be valid for writes at every such index, and no other thread may read or write
+    /// those positions during the call.
     pub unsafe fn run(
         &self,
         grp: usize,
@@ -533,7 +541,8 @@ impl Acts {
     /// Raw parts of token `t`, for quantizing tokens in parallel: (values, scales, sums).
     ///
     /// # Safety
-    /// Callers must not hand the same token to two threads.
+    /// `t` must be below the `n` of the last `reset` (nothing checks it), callers must not hand the
+    /// same token to two threads, and no `run` may read these activations meanwhile.
     #[allow(clippy::mut_from_ref)]
     pub unsafe fn token_mut(&self, t: usize) -> (&mut [i8], &mut [f32], &mut [i32]) {
         let k = self.k;
@@ -562,7 +571,8 @@ pub fn quantize(x: &[f32], q: &mut [i8], d: &mut [f32], s16: &mut [i32]) {
     assert!(d.len() >= x.len() / QK && s16.len() >= x.len() / 16);
     #[cfg(target_arch = "x86_64")]
     if crate::simd::isa() != crate::simd::Isa::Scalar {
-        // SAFETY: lengths checked above; AVX2 detected by isa().
+        // SAFETY: isa() != Scalar means avx2 and fma were detected (ymm::quantize's features); the
+        // asserts above bound every store it makes for blocks b < x.len() / 32 (q, d and s16).
         unsafe { ymm::quantize(x, q, d, s16) };
         return;
     }
@@ -803,6 +813,7 @@ mod zmm {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)] // in tests a failed unwrap is a failed test
 mod tests {
     use super::*;
     use crate::quant::{self, testutil::*};
@@ -872,14 +883,15 @@ mod tests {
                 let mut acts = Acts::default();
                 acts.reset(k, n);
                 for tk in 0..n {
-                    // SAFETY: one token at a time.
+                    // SAFETY: tk < n, the count of the reset above, and one token at a time.
                     let (q, d, s) = unsafe { acts.token_mut(tk) };
                     quantize(&x[tk * k..(tk + 1) * k], q, d, s);
                 }
                 let mut fast = vec![0f32; n * rows];
                 let mut slow = vec![0f32; n * rows];
                 for grp in 0..rows / ROWS {
-                    // SAFETY: outputs sized n x rows.
+                    // SAFETY: both outputs hold n x rows floats, the most `run` writes for t < n
+                    // and grp < rows / 16; this thread is the only one.
                     unsafe {
                         p.run(grp, &acts, 0, n, fast.as_mut_ptr(), rows);
                         p.run_scalar(grp, &acts, 0, n, slow.as_mut_ptr(), rows);

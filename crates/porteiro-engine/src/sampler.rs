@@ -241,6 +241,7 @@ pub fn log_softmax(x: &[f32]) -> Vec<f32> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)] // in tests a failed unwrap is a failed test
 mod tests {
     use super::*;
 

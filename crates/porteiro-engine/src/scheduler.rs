@@ -436,7 +436,10 @@ impl<'a> Scheduler<'a> {
             if self.reserved + need > self.cfg.kv_budget_tokens {
                 break;
             }
-            let (req, t) = self.waiting.pop_front().expect("front exists");
+            // front() was Some just above: never breaks here.
+            let Some((req, t)) = self.waiting.pop_front() else {
+                break;
+            };
             self.stats.waiting.fetch_sub(1, Ordering::AcqRel);
             self.reserved += need;
             let sampler = Sampler::new(req.sampling.clone());
@@ -718,6 +721,7 @@ fn token_text(tok: &Tokenizer, id: u32) -> TokenText {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)] // in tests a failed unwrap is a failed test
 mod tests {
     use super::plan_prefill;
 

@@ -2,6 +2,11 @@
 //! models. Each kernel computes exactly the same integer block sums as `quant::dot_scalar`; only the
 //! order of the float accumulation differs. Other CPUs and types fall back to the scalar reference.
 
+// std::arch intrinsics are unsafe to call: each kernel runs only once `isa()` or
+// is_x86_feature_detected! has found the CPU features it is compiled for, and reads raw pointers
+// into blocks whose lengths the safe entry points check.
+#![allow(unsafe_code)]
+
 use crate::quant::{self, Q8K_BYTES, Q8_BYTES};
 use porteiro_models::gguf::GgmlType;
 use std::sync::OnceLock;
@@ -152,12 +157,14 @@ pub fn quantize_act(t: quant::ActType, x: &[f32], out: &mut [u8]) {
         match t {
             quant::ActType::Q8_0 | quant::ActType::Q8_1 => {
                 assert!(out.len() >= x.len() / quant::QK * Q8_BYTES);
-                // SAFETY: AVX2 detected; output length checked.
+                // SAFETY: isa() != Scalar means avx2, fma and f16c were detected (quantize_q8's
+                // features); the assert covers its stores, Q8_BYTES per whole 32-value block of x.
                 return unsafe { avx2::quantize_q8(x, out) };
             }
             quant::ActType::Q8K => {
                 assert!(out.len() >= x.len() / quant::QK_K * Q8K_BYTES);
-                // SAFETY: AVX2 detected; output length checked.
+                // SAFETY: isa() != Scalar means avx2, fma and f16c were detected (quantize_q8k's
+                // features); the assert covers its stores, Q8K_BYTES per whole 256-value block of x.
                 return unsafe { avx2::quantize_q8k(x, out) };
             }
             quant::ActType::F32 => {}
@@ -171,7 +178,8 @@ pub fn quantize_act(t: quant::ActType, x: &[f32], out: &mut [u8]) {
 pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if isa() != Isa::Scalar {
-        // SAFETY: AVX2/FMA presence checked by isa().
+        // SAFETY: isa() != Scalar means avx2 and fma were detected; dot_raw reads only the first
+        // min(a.len(), b.len()) values of each slice.
         return unsafe { avx2::dot_f32(a, b) };
     }
     a.iter().zip(b).map(|(x, y)| x * y).sum()
@@ -182,7 +190,8 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
 pub fn axpy_f16(y: &mut [f32], alpha: f32, x: &[u16]) {
     #[cfg(target_arch = "x86_64")]
     if isa() != Isa::Scalar {
-        // SAFETY: AVX2/FMA/F16C presence checked by isa().
+        // SAFETY: isa() != Scalar means avx2, fma and f16c were detected; axpy_f16 touches only the
+        // first min(y.len(), x.len()) values of each slice.
         return unsafe { avx2::axpy_f16(y, alpha, x) };
     }
     for (o, v) in y.iter_mut().zip(x) {
@@ -195,7 +204,8 @@ pub fn axpy_f16(y: &mut [f32], alpha: f32, x: &[u16]) {
 pub fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
     #[cfg(target_arch = "x86_64")]
     if isa() != Isa::Scalar {
-        // SAFETY: AVX2/FMA presence checked by isa().
+        // SAFETY: isa() != Scalar means avx2 and fma were detected; axpy touches only the first
+        // min(y.len(), x.len()) values of each slice.
         return unsafe { avx2::axpy(y, alpha, x) };
     }
     for (o, v) in y.iter_mut().zip(x) {
@@ -250,12 +260,15 @@ mod avx2 {
             (
                 |w: &[u8], a: &[u8], k: usize| {
                     assert!(a.len() >= w.len() / $wbs * $abs);
-                    // SAFETY: see above; lengths checked.
+                    // SAFETY: kernels() is given isa() (tests: an Isa they detected), so the CPU has
+                    // the features $one is compiled for; it reads the w.len() / $wbs whole weight
+                    // blocks of `w` and as many activation blocks, which the assert puts in `a`.
                     unsafe { $one(w, a, k) }
                 },
                 |w: &[u8], a: &[u8], rb: usize, k: usize, out: &mut [f32; 4]| {
                     assert!(a.len() >= 3 * rb + w.len() / $wbs * $abs);
-                    // SAFETY: see above; lengths checked.
+                    // SAFETY: features as for $one; the four activation rows start 0, rb, 2 rb and
+                    // 3 rb bytes in and each needs the blocks above, which the assert puts in `a`.
                     unsafe { $four(w, a, rb, k, out) }
                 },
             )
@@ -283,13 +296,14 @@ mod avx2 {
             (GgmlType::F16, _) => (
                 |w: &[u8], a: &[u8], k: usize| {
                     assert!(w.len() >= 2 * k && a.len() >= 4 * k);
-                    // SAFETY: lengths checked; features detected by isa().
+                    // SAFETY: f16_dot reads k f16 weights and k f32 activations, which the assert
+                    // guarantees; kernels() is handed a detected Isa (avx2, fma, f16c).
                     unsafe { f16_dot(w, a, k) }
                 },
                 |w: &[u8], a: &[u8], rb: usize, k: usize, out: &mut [f32; 4]| {
                     for (t, o) in out.iter_mut().enumerate() {
                         assert!(w.len() >= 2 * k && a.len() >= t * rb + 4 * k);
-                        // SAFETY: lengths checked; features detected by isa().
+                        // SAFETY: as for one token: the assert leaves k f32 values after t * rb.
                         *o = unsafe { f16_dot(w, &a[t * rb..], k) };
                     }
                 },
@@ -297,13 +311,14 @@ mod avx2 {
             (GgmlType::F32, _) => (
                 |w: &[u8], a: &[u8], k: usize| {
                     assert!(w.len() >= 4 * k && a.len() >= 4 * k);
-                    // SAFETY: lengths checked; features detected by isa().
+                    // SAFETY: f32_dot views k f32 values of each slice, which the assert guarantees
+                    // (unaligned loads only); kernels() is handed a detected Isa (avx2, fma).
                     unsafe { f32_dot(w, a, k) }
                 },
                 |w: &[u8], a: &[u8], rb: usize, k: usize, out: &mut [f32; 4]| {
                     for (t, o) in out.iter_mut().enumerate() {
                         assert!(w.len() >= 4 * k && a.len() >= t * rb + 4 * k);
-                        // SAFETY: lengths checked; features detected by isa().
+                        // SAFETY: as for one token: the assert leaves k f32 values after t * rb.
                         *o = unsafe { f32_dot(w, &a[t * rb..], k) };
                     }
                 },
@@ -1108,7 +1123,9 @@ mod avx2 {
                         && w.len() >= 3 * wrb + k / $per * $wbs
                         && a.len() >= ($n - 1) * rb + k / $per * $abs
                 );
-                // SAFETY: lengths checked; features detected before this was handed out.
+                // SAFETY: tile4()/tile8() hand these out only after is_x86_feature_detected! found
+                // the AVX-512 features $f is compiled for; the assert gives `w` four rows and `a`
+                // $n rows of k / $per whole blocks each, all that $f reads.
                 unsafe { $f(w, wrb, a, rb, k, out) }
             }
         };
@@ -1623,6 +1640,8 @@ mod avx2 {
         s
     }
 
+    /// # Safety
+    /// The CPU must support avx2 and fma.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
         dot_raw(a, b)
@@ -1644,6 +1663,9 @@ mod avx2 {
         (dst as *mut i64).write_unaligned(_mm_cvtsi128_si64(b));
     }
 
+    /// # Safety
+    /// The CPU must support avx2, fma and f16c; `out` must hold Q8_BYTES per whole 32-value block
+    /// of `x`.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn quantize_q8(x: &[f32], out: &mut [u8]) {
         let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
@@ -1687,6 +1709,9 @@ mod avx2 {
         }
     }
 
+    /// # Safety
+    /// The CPU must support avx2, fma and f16c; `out` must hold Q8K_BYTES per whole 256-value block
+    /// of `x`.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn quantize_q8k(x: &[f32], out: &mut [u8]) {
         let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
@@ -1728,6 +1753,8 @@ mod avx2 {
         }
     }
 
+    /// # Safety
+    /// The CPU must support avx2, fma and f16c.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn axpy_f16(y: &mut [f32], alpha: f32, x: &[u16]) {
         let n = y.len().min(x.len());
@@ -1745,6 +1772,8 @@ mod avx2 {
         }
     }
 
+    /// # Safety
+    /// The CPU must support avx2 and fma.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
         let n = y.len().min(x.len());
@@ -1766,6 +1795,8 @@ mod avx2 {
 }
 
 #[cfg(test)]
+// Tests: a failed unwrap is a failed test, and skipped checks say so on stderr.
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
 mod tests {
     use super::*;
     use crate::quant::testutil::{random_row, Rng};

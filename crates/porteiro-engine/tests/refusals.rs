@@ -1,6 +1,9 @@
 //! Models we cannot run are refused with a message that names what is wrong, never a panic or a
 //! silent fallback.
 
+// A test: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::io::Write;
 use std::sync::Arc;
 

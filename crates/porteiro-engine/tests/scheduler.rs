@@ -4,6 +4,9 @@
 //!
 //! Skipped with a message when the model is not cached, unless PORTEIRO_REQUIRE_MODELS=1.
 
+// A test: a failed unwrap is a failed test; skip messages go to stderr.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
+
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};

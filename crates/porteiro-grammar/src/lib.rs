@@ -21,6 +21,8 @@ pub enum GrammarError {
     Unsupported(String),
     #[error("building the token trie: {0}")]
     Trie(String),
+    #[error("cannot start the grammar thread: {0}")]
+    Thread(std::io::Error),
 }
 
 /// Our tokenizer as llguidance sees it: the trie of every token's bytes (special tokens marked
@@ -175,7 +177,7 @@ impl Grammars {
         if let Some(e) = matcher.get_error() {
             return Err(GrammarError::Unsupported(e));
         }
-        Ok(Constraint::spawn(matcher, self.vocab))
+        Constraint::spawn(matcher, self.vocab)
     }
 }
 
@@ -201,7 +203,7 @@ fn mask_words(m: &mut Matcher, vocab: usize) -> Result<Vec<u32>, String> {
 }
 
 impl Constraint {
-    fn spawn(mut m: Matcher, vocab: usize) -> Self {
+    fn spawn(mut m: Matcher, vocab: usize) -> Result<Self, GrammarError> {
         let (tx, commits) = mpsc::channel::<u32>();
         let (tx_state, state) = mpsc::channel();
         let (tx_mask, masks) = mpsc::channel();
@@ -223,8 +225,8 @@ impl Constraint {
                     }
                 }
             })
-            .expect("spawning the grammar thread");
-        Self { tx, state, masks }
+            .map_err(GrammarError::Thread)?;
+        Ok(Self { tx, state, masks })
     }
 }
 
@@ -242,6 +244,7 @@ impl TokenConstraint for Constraint {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)] // in tests a failed unwrap is a failed test
 mod tests {
     use super::*;
 

@@ -286,6 +286,7 @@ fn data_entry(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)] // in tests a failed unwrap is a failed test
 mod tests {
     use super::*;
     use std::collections::HashSet;

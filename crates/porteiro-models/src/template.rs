@@ -415,6 +415,8 @@ fn strftime(fmt: &str, secs: i64) -> String {
 }
 
 #[cfg(test)]
+// Tests: a failed unwrap is a failed test, and skipped checks say so on stderr.
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
 mod tests {
     use super::*;
     use std::path::PathBuf;

@@ -4,6 +4,9 @@
 //! A model that is not cached is skipped with a message, unless PORTEIRO_REQUIRE_MODELS=1 (set by CI,
 //! which pulls every model first): then it is a failure.
 
+// A test: a failed unwrap is a failed test; skip messages go to stderr.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
+
 use std::path::Path;
 
 use porteiro_models::gguf::GgufFile;

@@ -426,6 +426,7 @@ pub fn f32s_to_base64(v: &[f32]) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)] // in tests a failed unwrap is a failed test
 mod tests {
     use super::*;
 

@@ -199,6 +199,7 @@ fn xml_escape(s: &str) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)] // in tests a failed unwrap is a failed test
 mod tests {
     use super::*;
 

@@ -264,6 +264,7 @@ pub fn request_text<'a>(messages: impl IntoIterator<Item = (&'a str, &'a str)>) 
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)] // in tests a failed unwrap is a failed test
 mod tests {
     use super::*;
 

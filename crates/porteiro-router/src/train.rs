@@ -140,6 +140,7 @@ pub fn calibrate(scores: &[f32], share: f64) -> f64 {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)] // in tests a failed unwrap is a failed test
 mod tests {
     use super::*;
 

@@ -102,6 +102,7 @@ pub fn compute<'a>(records: impl IntoIterator<Item = &'a RequestRecord>) -> Kpis
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)] // in tests a failed unwrap is a failed test
 mod tests {
     use super::*;
 

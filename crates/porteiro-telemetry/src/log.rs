@@ -31,6 +31,8 @@ pub enum LogError {
     },
     #[error("request log: cannot decrypt a stored text (wrong key?)")]
     Decrypt,
+    #[error("request log: cannot seal a text: {0}")]
+    Seal(String),
     #[error("request log (PostgreSQL): {0}")]
     Postgres(String),
 }
@@ -90,20 +92,22 @@ impl Sealer {
     pub fn new(secret: &[u8]) -> Self {
         let key = Sha256::digest(secret);
         Self {
-            cipher: Aes256Gcm::new_from_slice(&key).expect("32-byte key"),
+            // A SHA-256 digest is exactly the 32-byte key type: `new` needs no length check.
+            cipher: Aes256Gcm::new(&key),
         }
     }
 
-    pub fn seal(&self, text: &str) -> Vec<u8> {
+    /// Fails only when the OS random source does (no nonce), or for a text over AES-GCM's 64 GiB.
+    pub fn seal(&self, text: &str) -> Result<Vec<u8>, LogError> {
         let mut nonce = [0u8; 12];
-        getrandom::fill(&mut nonce).expect("the OS random source");
+        getrandom::fill(&mut nonce).map_err(|e| LogError::Seal(e.to_string()))?;
         let mut out = nonce.to_vec();
         out.extend(
             self.cipher
                 .encrypt(Nonce::from_slice(&nonce), text.as_bytes())
-                .expect("AES-GCM encryption cannot fail for in-memory data"),
+                .map_err(|e| LogError::Seal(e.to_string()))?,
         );
-        out
+        Ok(out)
     }
 
     pub fn open(&self, blob: &[u8]) -> Result<String, LogError> {
@@ -188,8 +192,11 @@ impl RequestLog {
                 )
                 .map_err(|e| self.err(e))?;
             for r in recs {
-                let seal =
-                    |t: &Option<String>| t.as_deref().and_then(|t| sealer.map(|s| s.seal(t)));
+                let seal = |t: &Option<String>| {
+                    t.as_deref()
+                        .and_then(|t| sealer.map(|s| s.seal(t)))
+                        .transpose()
+                };
                 stmt.execute(params![
                     r.id,
                     r.ts_ms,
@@ -209,8 +216,8 @@ impl RequestLog {
                     r.baseline_usd,
                     r.privacy,
                     r.fallback,
-                    seal(&r.prompt),
-                    seal(&r.response),
+                    seal(&r.prompt)?,
+                    seal(&r.response)?,
                 ])
                 .map_err(|e| self.err(e))?;
             }
@@ -341,6 +348,9 @@ impl LogWriter {
 
 const PURGE_EVERY: Duration = Duration::from_secs(600);
 
+// The writer thread has no caller to hand an error to: failures are counted in LogStats and
+// reported on stderr, the gateway's log.
+#[allow(clippy::print_stderr)]
 fn writer(
     log: &mut impl Sink,
     rx: Receiver<Msg>,
@@ -387,6 +397,7 @@ fn writer(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)] // in tests a failed unwrap is a failed test
 mod tests {
     use super::*;
 

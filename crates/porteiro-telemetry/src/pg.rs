@@ -108,7 +108,11 @@ impl Sink for PgLog {
             )
             .map_err(pg)?;
         for r in recs {
-            let seal = |t: &Option<String>| t.as_deref().and_then(|t| sealer.map(|s| s.seal(t)));
+            let seal = |t: &Option<String>| {
+                t.as_deref()
+                    .and_then(|t| sealer.map(|s| s.seal(t)))
+                    .transpose()
+            };
             tx.execute(
                 &stmt,
                 &[
@@ -130,8 +134,8 @@ impl Sink for PgLog {
                     &r.baseline_usd,
                     &r.privacy,
                     &r.fallback,
-                    &seal(&r.prompt),
-                    &seal(&r.response),
+                    &seal(&r.prompt)?,
+                    &seal(&r.response)?,
                 ],
             )
             .map_err(pg)?;

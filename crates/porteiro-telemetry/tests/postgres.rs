@@ -3,6 +3,9 @@
 //! replicas, migrations run once, sealed texts, retention. Skipped when PostgreSQL is not
 //! installed, unless PORTEIRO_REQUIRE_MODELS=1 (scripts/test-setup.sh installs it).
 
+// A test: a failed unwrap is a failed test; skip messages go to stderr.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
