@@ -468,8 +468,10 @@ async fn prepare_chat(
                     })
                     .clone()
                     .map_err(ApiError::internal)?;
-                let c = grammars.constraint(&spec).map_err(|e| {
-                    ApiError::invalid(param, format!("The schema cannot be enforced: {e}"))
+                let c = grammars.constraint(&spec).map_err(|e| match e {
+                    // The machine's fault, not the schema's.
+                    porteiro_grammar::GrammarError::Thread(_) => ApiError::internal(e.to_string()),
+                    _ => ApiError::invalid(param, format!("The schema cannot be enforced: {e}")),
                 })?;
                 Ok(Box::new(c) as Box<dyn TokenConstraint>)
             })
