@@ -9,6 +9,7 @@
 //! api_keys = []              # empty: no authentication
 //! max_body_bytes = 4194304   # larger request bodies get 413
 //! shutdown_grace_s = 10      # in-flight streams may finish for this long after SIGINT/SIGTERM
+//! admin_key_env = "PORTEIRO_ADMIN_KEY"  # /admin needs `Authorization: Bearer <this key>`; unset: off
 //!
 //! [model]
 //! name = "qwen2.5-0.5b"      # catalog alias or a .gguf path
@@ -45,6 +46,12 @@
 //! breaker_cooldown_s = 30    # open circuit: requests skip this upstream this long
 //! min_score = 0.0            # routed here when the score reaches this (the last tier catches all)
 //! privacy = "mask"           # this tier's policy for requests holding personal data (default: [privacy].policy)
+//!
+//! [[adapters]]               # LoRA adapters of the model (llama.cpp GGUF); also `serve --lora NAME=PATH`
+//! name = "tickets"           # requests with `model: "tickets"` use it
+//! path = "tickets.gguf"
+//! model = "qwen2.5-0.5b"     # the base it was trained on (default: the served model)
+//! scale = 1.0
 //!
 //! [[routes]]                 # rules by example: the nearest route above the floor wins
 //! name = "extract"
@@ -107,9 +114,30 @@ struct RawConfig {
     upstreams: Vec<RawUpstream>,
     #[serde(default)]
     routes: Vec<RawRoute>,
+    #[serde(default)]
+    adapters: Vec<RawAdapter>,
     privacy: Option<RawPrivacy>,
     telemetry: Option<RawTelemetry>,
     log: Option<RawLog>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdapter {
+    name: String,
+    path: String,
+    model: Option<String>,
+    scale: Option<f64>,
+}
+
+/// A LoRA adapter the server loads at start.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdapterConfig {
+    /// The model name requests use for it.
+    pub name: String,
+    pub path: String,
+    /// Multiplies the adapter's delta (llama.cpp's `--lora-scaled`).
+    pub scale: f32,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -312,6 +340,7 @@ struct RawServer {
     api_keys: Option<Vec<String>>,
     max_body_bytes: Option<u64>,
     shutdown_grace_s: Option<u64>,
+    admin_key_env: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -346,6 +375,12 @@ pub struct Config {
     pub api_keys: Vec<String>,
     pub max_body_bytes: usize,
     pub shutdown_grace_s: u64,
+    /// The variable holding the key of the admin endpoints (adapters); they are off without it.
+    pub admin_key_env: String,
+    /// LoRA adapters of the generative model, loaded at start (the file's, then `--lora`'s).
+    pub adapters: Vec<AdapterConfig>,
+    /// How many of `adapters` came from `--lora` (their paths are not the config's to resolve).
+    lora_count: usize,
     /// Catalog alias or path of the generative model.
     pub model: String,
     /// Worker threads; 0 means all cores.
@@ -376,6 +411,8 @@ pub struct Overrides {
     pub model: Option<String>,
     pub threads: Option<usize>,
     pub ctx: Option<usize>,
+    /// `--lora NAME=PATH`, added to the file's `[[adapters]]`.
+    pub lora: Vec<(String, String)>,
 }
 
 impl Config {
@@ -419,6 +456,12 @@ impl Config {
         .into_iter()
         .flatten()
         .for_each(resolve);
+        // Adapters from the file (those from --lora are relative to the working directory and
+        // were resolved already).
+        let from_file = self.adapters.len() - self.lora_count;
+        self.adapters[..from_file]
+            .iter_mut()
+            .for_each(|a| resolve(&mut a.path));
     }
 
     /// Parses and validates TOML text (`name` is used in messages).
@@ -613,7 +656,60 @@ impl Config {
                 .unwrap_or_else(|| "PORTEIRO_LOG_KEY".into()),
             postgres_env: lg.postgres_env.filter(|s| !s.is_empty()),
         };
+        let mut adapters = Vec::new();
+        let file_adapters = raw
+            .adapters
+            .into_iter()
+            .map(|a| (a.name, a.path, a.model, a.scale));
+        let flag_adapters = o
+            .lora
+            .iter()
+            .map(|(n, p)| (n.clone(), p.clone(), None, None));
+        let lora_count = o.lora.len();
+        for (name, path, base, scale) in file_adapters.chain(flag_adapters) {
+            let bad = |why: String| ConfigError::Invalid {
+                key: "adapters",
+                why,
+            };
+            if name.trim().is_empty() || name.chars().any(char::is_whitespace) {
+                return Err(bad(format!(
+                    "name `{name}` must be non-empty, without spaces"
+                )));
+            }
+            if name == model
+                || name == router.auto_model
+                || upstreams.iter().any(|u| u.name == name || u.model == name)
+                || adapters.iter().any(|a: &AdapterConfig| a.name == name)
+            {
+                return Err(bad(format!(
+                    "name `{name}` is already the name of the model, the auto model, an upstream or another adapter"
+                )));
+            }
+            if path.trim().is_empty() {
+                return Err(bad(format!("`{name}` has an empty path")));
+            }
+            if let Some(b) = base.filter(|b| *b != model) {
+                return Err(bad(format!(
+                    "`{name}` is an adapter of `{b}`, but the server runs `{model}`"
+                )));
+            }
+            let scale = scale.unwrap_or(1.0);
+            if !scale.is_finite() {
+                return Err(bad(format!("`{name}`: scale must be a finite number")));
+            }
+            adapters.push(AdapterConfig {
+                name,
+                path,
+                scale: scale as f32,
+            });
+        }
+        let admin_key_env = s
+            .admin_key_env
+            .unwrap_or_else(|| "PORTEIRO_ADMIN_KEY".to_string());
         Ok(Config {
+            admin_key_env,
+            adapters,
+            lora_count,
             telemetry,
             log,
             privacy,

@@ -8,6 +8,7 @@
 
 pub mod eval;
 pub mod generate;
+pub mod lora;
 pub mod model;
 pub mod quant;
 pub mod repack;

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use half::f16;
 use porteiro_models::gguf::{GgmlType, GgufError, GgufFile, TensorInfo};
 
+use crate::lora::{self, Adapter, Proj};
 use crate::quant::{self, act_type, ActType};
 use crate::repack::{self, Acts, Repacked};
 use crate::simd::{self, Dot4Fn, DotFn, Tile4Fn, Tile8Fn};
@@ -540,6 +541,8 @@ pub enum ForwardError {
     ContextFull { pos: usize, n_ctx: usize },
     #[error("token id {0} is outside the vocabulary")]
     BadToken(u32),
+    #[error("{rows} adapter rows given for a batch of {batch} tokens")]
+    LoraRows { rows: usize, batch: usize },
     #[error("batch token refers to sequence {0}, but only {1} caches were given")]
     BadSeq(usize, usize),
     #[error("positions of sequence {seq} must continue its cache: got {pos}, expected {expected}")]
@@ -937,6 +940,28 @@ impl Model {
         });
     }
 
+    /// Adds the LoRA deltas of one projection (`rows[i]`: batch row i's adapter), split over the
+    /// pool by output columns.
+    #[allow(clippy::too_many_arguments)]
+    fn lora(&self, rows: &[Option<&Adapter>], li: usize, proj: Proj, x: &[f32], out: &mut [f32]) {
+        if rows.iter().all(Option::is_none) {
+            return;
+        }
+        let (k, n_out) = proj.dims(&self.cfg);
+        let o = Shared(out.as_mut_ptr());
+        let len = out.len();
+        self.pool.run(&|ti, nt| {
+            lora::apply(rows, li, proj, x, k, split(n_out, ti, nt, 1), |t, c, v| {
+                let i = t * n_out + c;
+                debug_assert!(i < len);
+                // SAFETY: t < rows.len() (the batch) and c < n_out, so i < n * n_out <= len (the
+                // caller passes the projection's whole output); split() gives each thread its own
+                // columns, so no element is written by two threads.
+                unsafe { *o.ptr().add(i) += v };
+            });
+        });
+    }
+
     /// Runs one forward step over a batch of tokens from one or more sequences. Logits of the tokens
     /// marked `logits` are left in `scratch.logits`, `vocab` floats each, in batch order.
     pub fn forward(
@@ -945,8 +970,26 @@ impl Model {
         caches: &mut [&mut KvCache],
         s: &mut Scratch,
     ) -> Result<(), ForwardError> {
+        self.forward_lora(batch, &[], caches, s)
+    }
+
+    /// [`Model::forward`] with LoRA adapters: `lora[i]` is batch token i's adapter (an empty slice:
+    /// none for any token). The base matmuls are shared; each token adds its own adapter's delta.
+    pub fn forward_lora(
+        &self,
+        batch: &[BatchToken],
+        lora: &[Option<&Adapter>],
+        caches: &mut [&mut KvCache],
+        s: &mut Scratch,
+    ) -> Result<(), ForwardError> {
         let c = &self.cfg;
         let n = batch.len();
+        if !lora.is_empty() && lora.len() != n {
+            return Err(ForwardError::LoraRows {
+                rows: lora.len(),
+                batch: n,
+            });
+        }
         if n == 0 {
             return Ok(());
         }
@@ -1016,6 +1059,13 @@ impl Model {
                 n,
                 &mut s.mm,
             );
+            for (p, out) in [
+                (Proj::Q, &mut s.q[..n * qd]),
+                (Proj::K, &mut s.k[..n * kvd]),
+                (Proj::V, &mut s.v[..n * kvd]),
+            ] {
+                self.lora(lora, li, p, &s.xb[..n * e], out);
+            }
             let base = if c.is_swa(li).is_some() {
                 c.rope_base_swa
             } else {
@@ -1069,6 +1119,7 @@ impl Model {
                 n,
                 &mut s.mm,
             );
+            self.lora(lora, li, Proj::O, &s.att[..n * qd], &mut s.xb[..n * e]);
             for i in 0..n {
                 let o = &mut s.xb[i * e..(i + 1) * e];
                 if let Some(w) = &l.post_attn_norm {
@@ -1098,6 +1149,8 @@ impl Model {
                 n,
                 &mut s.mm,
             );
+            self.lora(lora, li, Proj::Gate, &s.xb[..n * e], &mut s.hb[..n * ff]);
+            self.lora(lora, li, Proj::Up, &s.xb[..n * e], &mut s.hb2[..n * ff]);
             self.glu(c.gelu, &mut s.hb[..n * ff], &s.hb2[..n * ff], n);
             self.matmul(
                 &mut [(&l.down, &mut s.xb[..n * e])],
@@ -1105,6 +1158,7 @@ impl Model {
                 n,
                 &mut s.mm,
             );
+            self.lora(lora, li, Proj::Down, &s.hb[..n * ff], &mut s.xb[..n * e]);
             for i in 0..n {
                 let o = &mut s.xb[i * e..(i + 1) * e];
                 if let Some(w) = &l.post_ffn_norm {

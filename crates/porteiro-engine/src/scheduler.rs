@@ -76,6 +76,8 @@ pub struct GenRequest {
     pub ignore_eos: bool,
     /// Structured output: which tokens may come next (None: unconstrained).
     pub constraint: Option<Box<dyn TokenConstraint>>,
+    /// A LoRA adapter of this model applied to this sequence only (None: the base model).
+    pub adapter: Option<std::sync::Arc<crate::lora::Adapter>>,
     pub sink: Box<dyn EventSink>,
 }
 
@@ -171,6 +173,8 @@ pub struct EngineStats {
     pub avg_request_ms: AtomicU64,
     /// Time spent in forward passes, nanoseconds (what local requests cost is apportioned from it).
     pub busy_ns: AtomicU64,
+    /// KV-budget tokens held by other memory (LoRA adapters): sequences are admitted within the rest.
+    pub held_tokens: AtomicUsize,
 }
 
 enum Msg {
@@ -194,6 +198,30 @@ impl EngineHandle {
 
     pub fn stats(&self) -> &EngineStats {
         &self.stats
+    }
+
+    /// Holds `tokens` of the KV budget for other memory (an adapter's weights), if at least one
+    /// full-context sequence still fits beside everything held; returns the tokens left otherwise.
+    pub fn hold_tokens(&self, tokens: usize) -> Result<(), usize> {
+        let budget = self.cfg.kv_budget_tokens;
+        let n_ctx = self.cfg.n_ctx;
+        self.stats
+            .held_tokens
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |h| {
+                (h + tokens + n_ctx <= budget).then_some(h + tokens)
+            })
+            .map(|_| ())
+            .map_err(|h| budget.saturating_sub(h + n_ctx))
+    }
+
+    /// Gives back tokens held by [`EngineHandle::hold_tokens`].
+    pub fn release_tokens(&self, tokens: usize) {
+        let _ = self
+            .stats
+            .held_tokens
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |h| {
+                Some(h.saturating_sub(tokens))
+            });
     }
 
     /// The counters, shared (for observers that outlive a borrow of the handle).
@@ -433,7 +461,8 @@ impl<'a> Scheduler<'a> {
                 break;
             };
             let need = req.prompt.len() + req.max_tokens;
-            if self.reserved + need > self.cfg.kv_budget_tokens {
+            let held = self.stats.held_tokens.load(Ordering::Acquire);
+            if self.reserved + need + held > self.cfg.kv_budget_tokens {
                 break;
             }
             // front() was Some just above: never breaks here.
@@ -522,9 +551,23 @@ impl<'a> Scheduler<'a> {
         if batch.is_empty() {
             return;
         }
+        // Each token's adapter; empty when no sequence has one (the plain forward pass).
+        let adapters: Vec<Option<std::sync::Arc<crate::lora::Adapter>>> =
+            if self.active.iter().any(|s| s.req.adapter.is_some()) {
+                batch
+                    .iter()
+                    .map(|b| self.active[b.seq].req.adapter.clone())
+                    .collect()
+            } else {
+                Vec::new()
+            };
+        let lora: Vec<Option<&crate::lora::Adapter>> =
+            adapters.iter().map(|a| a.as_deref()).collect();
         let mut caches: Vec<&mut KvCache> = self.active.iter_mut().map(|s| &mut s.cache).collect();
         let t_forward = Instant::now();
-        let fwd = self.model.forward(&batch, &mut caches, &mut self.scratch);
+        let fwd = self
+            .model
+            .forward_lora(&batch, &lora, &mut caches, &mut self.scratch);
         self.stats
             .busy_ns
             .fetch_add(t_forward.elapsed().as_nanos() as u64, Ordering::Relaxed);

@@ -52,6 +52,7 @@ fn request(prompt: Vec<u32>, max_tokens: usize) -> (GenRequest, mpsc::Receiver<E
             sampling: SamplingParams::greedy(),
             logprobs: None,
             constraint: None,
+            adapter: None,
             ignore_eos: true,
             sink: Box::new(Sink(tx)),
         },
@@ -275,6 +276,7 @@ fn a_short_prompt_behind_a_long_one_gets_its_first_token_first() {
             sampling: SamplingParams::greedy(),
             logprobs: None,
             constraint: None,
+            adapter: None,
             ignore_eos: true,
             sink: Box::new(Tagged(tag, tx.clone())),
         })

@@ -61,6 +61,28 @@ pub enum GgmlType {
 }
 
 impl GgmlType {
+    /// The type's code in a GGUF file (the inverse of [`GgmlType::from_code`]).
+    pub fn code(self) -> u32 {
+        match self {
+            Self::F32 => 0,
+            Self::F16 => 1,
+            Self::Q4_0 => 2,
+            Self::Q4_1 => 3,
+            Self::Q5_0 => 6,
+            Self::Q5_1 => 7,
+            Self::Q8_0 => 8,
+            Self::Q8_1 => 9,
+            Self::Q2_K => 10,
+            Self::Q3_K => 11,
+            Self::Q4_K => 12,
+            Self::Q5_K => 13,
+            Self::Q6_K => 14,
+            Self::Q8_K => 15,
+            Self::BF16 => 30,
+            Self::Other(c) => c,
+        }
+    }
+
     pub fn from_code(code: u32) -> Self {
         match code {
             0 => Self::F32,
@@ -472,6 +494,11 @@ impl GgufFile {
 
     pub fn file_size(&self) -> usize {
         self.mmap.len()
+    }
+
+    /// Every tensor, in file order.
+    pub fn tensors(&self) -> &[TensorInfo] {
+        &self.tensors
     }
 
     pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {

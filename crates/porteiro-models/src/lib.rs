@@ -7,5 +7,6 @@
 pub mod catalog;
 pub mod fetch;
 pub mod gguf;
+pub mod gguf_write;
 pub mod template;
 pub mod tokenizer;

@@ -41,10 +41,11 @@ pub async fn chat(
     result
 }
 
-fn local_ids(st: &AppState) -> LocalIds<'_> {
+fn local_ids<'a>(st: &'a AppState, adapter: &'a dyn Fn(&str) -> bool) -> LocalIds<'a> {
     LocalIds {
         model: &st.settings.model_id,
         embedding: st.settings.embedding_id.as_deref(),
+        adapter,
     }
 }
 
@@ -57,7 +58,9 @@ async fn chat_inner(
     trace: &Trace,
 ) -> Result<Response, ApiError> {
     // 1. The plan.
-    let target = plan::target(&st.routing, &local_ids(st), &req.model)?;
+    let is_adapter = |m: &str| st.adapters.contains(m);
+    let target = plan::target(&st.routing, &local_ids(st, &is_adapter), &req.model)?;
+    let adapter = st.adapters.get(&req.model);
     if target == Target::Local && st.generator().is_none() {
         return Err(ApiError::unavailable(
             "The model is still loading; retry shortly.",
@@ -73,7 +76,7 @@ async fn chat_inner(
         }
         _ => None,
     };
-    let mut plan = plan::plan_chat(&st.routing, &st.privacy, target, decision, &raw)?;
+    let mut plan = plan::plan_chat(&st.routing, &st.privacy, target, decision, raw)?;
     record(st, ctx, &plan, trace);
     if let Some(e) = plan.blocked() {
         return Err(e);
@@ -86,9 +89,17 @@ async fn chat_inner(
         .as_ref()
         .and_then(|o| o.include_usage)
         .unwrap_or(false);
+    // The local model answers under the name it was asked for (an adapter's, say); routed
+    // requests under the model's own id.
+    let model = if plan.routed {
+        st.settings.model_id.clone()
+    } else {
+        req.model.clone()
+    };
     let treq = TierRequest {
+        adapter,
         body: Body::Chat(Box::new(req)),
-        passthrough: plan.passthrough.take(),
+        passthrough: std::sync::Mutex::new(plan.passthrough.take()),
         stream,
         prefix: None,
     };
@@ -121,7 +132,7 @@ async fn chat_inner(
     let shape = Shape::new(
         Api::Chat,
         st.new_id("chatcmpl"),
-        st.settings.model_id.clone(),
+        model,
         unix_now(),
         include_usage,
     );
@@ -211,7 +222,9 @@ async fn completions_inner(
     trace: &Trace,
 ) -> Result<Response, ApiError> {
     let t0 = Instant::now();
-    plan::local_target(&local_ids(st), &req.model)?;
+    let is_adapter = |m: &str| st.adapters.contains(m);
+    plan::local_target(&local_ids(st, &is_adapter), &req.model)?;
+    let adapter = st.adapters.get(&req.model);
     if st.generator().is_none() {
         return Err(ApiError::unavailable(
             "The model is still loading; retry shortly.",
@@ -225,8 +238,9 @@ async fn completions_inner(
         .unwrap_or(false);
     let model = req.model.clone();
     let treq = TierRequest {
+        adapter,
         body: Body::Completion(Box::new(req)),
-        passthrough: None,
+        passthrough: Default::default(),
         stream,
         prefix: None,
     };

@@ -9,12 +9,12 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use porteiro_protocol::{ModelCard, ModelList};
 
 use crate::privacy::RequestCtx;
-use crate::{auth, dashboard, embeddings, handlers, ApiError, AppState};
+use crate::{adapters, auth, dashboard, embeddings, handlers, ApiError, AppState};
 
 /// The router with every route, the API-key check on `/v1`, and request metrics.
 pub fn app(state: AppState) -> Router {
@@ -34,6 +34,8 @@ pub fn app(state: AppState) -> Router {
         .route("/metrics", get(metrics_text))
         .route("/", get(dashboard::page))
         .route("/api/dashboard", get(dashboard::data))
+        .route("/admin/adapters", get(adapters::list).post(adapters::load))
+        .route("/admin/adapters/{name}", delete(adapters::unload))
         .fallback(|| async { ApiError::not_found("Unknown path; see /v1/models.") })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .layer(middleware::from_fn_with_state(state.clone(), track))
@@ -139,15 +141,23 @@ fn cards(st: &AppState) -> Vec<ModelCard> {
         .into_iter()
         .chain(r.upstreams.iter().map(|u| u.name().to_string()))
         .collect();
+    let card = |id: &String, parent: Option<String>| ModelCard {
+        id: id.clone(),
+        object: "model",
+        created: st.created(),
+        owned_by: "porteiro",
+        parent,
+    };
+    let adapters: Vec<String> = st.adapters.list().into_iter().map(|(n, ..)| n).collect();
     std::iter::once(&st.settings.model_id)
         .chain(st.settings.embedding_id.as_ref())
         .chain(routed.iter())
-        .map(|id| ModelCard {
-            id: id.clone(),
-            object: "model",
-            created: st.created(),
-            owned_by: "porteiro",
-        })
+        .map(|id| card(id, None))
+        .chain(
+            adapters
+                .iter()
+                .map(|id| card(id, Some(st.settings.model_id.clone()))),
+        )
         .collect()
 }
 

@@ -69,6 +69,8 @@ impl Routing {
 pub struct LocalIds<'a> {
     pub model: &'a str,
     pub embedding: Option<&'a str>,
+    /// Whether a name is one of the model's LoRA adapters (answered by the local tier).
+    pub adapter: &'a dyn Fn(&str) -> bool,
 }
 
 /// What a request names.
@@ -101,7 +103,7 @@ pub fn target(routing: &Routing, ids: &LocalIds, model: &str) -> Result<Target, 
 
 /// Checks that `model` is the local model (endpoints that are never routed).
 pub fn local_target(ids: &LocalIds, model: &str) -> Result<(), ApiError> {
-    if model == ids.model {
+    if model == ids.model || (ids.adapter)(model) {
         return Ok(());
     }
     if ids.embedding == Some(model) {
@@ -159,13 +161,13 @@ pub fn routing_text(req: &ChatCompletionRequest) -> String {
 }
 
 /// The plan for a chat request whose target (and, for the auto model, decision) is known.
-/// `raw` is the client's body; a blocked request is an error naming what was found.
+/// `raw` is the client's body (moved into the plan as the body to send, not copied).
 pub fn plan_chat(
     routing: &Routing,
     guard: &Guard,
     target: Target,
     decision: Option<Decision>,
-    raw: &Value,
+    raw: Value,
 ) -> Result<Plan, ApiError> {
     let upstream = match target {
         Target::Local => None,
@@ -200,12 +202,12 @@ pub fn plan_chat(
             route,
             wanted,
             decision,
-            privacy: local_only(guard.count(raw)),
+            privacy: local_only(guard.count(&raw)),
             passthrough: None,
         });
     };
     let tier = routing.upstreams[i].name();
-    let verdict = guard.inspect(raw, tier, decision.as_ref().map(|d| d.route.as_str()));
+    let verdict = guard.inspect(&raw, tier, decision.as_ref().map(|d| d.route.as_str()));
     let action = verdict.action();
     let mut privacy = Privacy {
         action,
@@ -287,6 +289,7 @@ mod tests {
     const IDS: LocalIds = LocalIds {
         model: "small",
         embedding: Some("minilm"),
+        adapter: &|m| m == "small-tickets",
     };
 
     fn decision(tier: &str, route: &str, would_escalate: bool) -> Decision {
@@ -310,6 +313,7 @@ mod tests {
     fn models_resolve_to_targets() {
         let (r, _) = setup("mask");
         assert_eq!(target(&r, &IDS, "small").unwrap(), Target::Local);
+        assert_eq!(target(&r, &IDS, "small-tickets").unwrap(), Target::Local);
         assert_eq!(target(&r, &IDS, "big").unwrap(), Target::Upstream(0));
         assert_eq!(target(&r, &IDS, "gpt-big").unwrap(), Target::Upstream(0));
         assert_eq!(target(&r, &IDS, "auto").unwrap(), Target::Auto);
@@ -329,7 +333,7 @@ mod tests {
     fn an_escalating_decision_tries_the_upstream_then_local() {
         let (r, g) = setup("mask");
         let d = decision("big", "hard", false);
-        let p = plan_chat(&r, &g, Target::Auto, Some(d), &body("prove it")).unwrap();
+        let p = plan_chat(&r, &g, Target::Auto, Some(d), body("prove it")).unwrap();
         assert_eq!(p.order, vec![TierRef::Upstream(0), TierRef::Local]);
         assert_eq!((p.route.as_str(), p.wanted.as_str()), ("hard", "big"));
         assert!(p.routed);
@@ -341,13 +345,13 @@ mod tests {
     fn a_local_decision_and_the_local_model_stay_local() {
         let (r, g) = setup("mask");
         let d = decision(LOCAL_TIER, "easy", false);
-        let p = plan_chat(&r, &g, Target::Auto, Some(d), &body("hi")).unwrap();
+        let p = plan_chat(&r, &g, Target::Auto, Some(d), body("hi")).unwrap();
         assert_eq!(p.order, vec![TierRef::Local]);
         assert_eq!((p.route.as_str(), p.wanted.as_str()), ("easy", LOCAL_TIER));
-        let p = plan_chat(&r, &g, Target::Local, None, &body("hi")).unwrap();
+        let p = plan_chat(&r, &g, Target::Local, None, body("hi")).unwrap();
         assert_eq!((p.route.as_str(), p.routed), ("-", false));
         let d = decision(LOCAL_TIER, "scorer", true);
-        let p = plan_chat(&r, &g, Target::Auto, Some(d), &body("hi")).unwrap();
+        let p = plan_chat(&r, &g, Target::Auto, Some(d), body("hi")).unwrap();
         assert_eq!(p.wanted, "escalate");
     }
 
@@ -355,7 +359,7 @@ mod tests {
     fn the_privacy_verdict_shapes_the_plan() {
         let pii = body("mail ana@example.com");
         let (r, g) = setup("mask");
-        let p = plan_chat(&r, &g, Target::Upstream(0), None, &pii).unwrap();
+        let p = plan_chat(&r, &g, Target::Upstream(0), None, pii.clone()).unwrap();
         assert_eq!(
             (p.privacy.action, p.route.as_str()),
             (Action::Mask, "explicit")
@@ -364,14 +368,14 @@ mod tests {
         let sent = p.passthrough.unwrap().to_string();
         assert!(!sent.contains("ana@example.com") && sent.contains("[EMAIL_1]"));
         let (r, g) = setup("keep_local");
-        let p = plan_chat(&r, &g, Target::Upstream(0), None, &pii).unwrap();
+        let p = plan_chat(&r, &g, Target::Upstream(0), None, pii.clone()).unwrap();
         assert_eq!(p.order, vec![TierRef::Local]);
         assert_eq!(
             (p.privacy.action, p.privacy.tier.as_str()),
             (Action::KeepLocal, LOCAL_TIER)
         );
         let (r, g) = setup("block");
-        let p = plan_chat(&r, &g, Target::Upstream(0), None, &pii).unwrap();
+        let p = plan_chat(&r, &g, Target::Upstream(0), None, pii.clone()).unwrap();
         assert!(p.order.is_empty());
         let e = p.blocked().unwrap();
         assert!(e.message.contains("email"), "{}", e.message);

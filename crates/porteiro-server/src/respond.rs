@@ -296,6 +296,11 @@ pub async fn collect(mut chunks: Chunks, mut shape: Shape) -> Result<Response, A
     if choices.is_empty() {
         choices.insert(0, Assembled::default());
     }
+    let plain = extra.is_empty()
+        && usage.is_some()
+        && choices
+            .values()
+            .all(|a| a.extra.is_empty() && a.delta_extra.is_empty() && a.raw_lp.is_none());
     let mut v = match shape.api {
         Api::Chat => {
             let typed: Vec<ChatChoice> = choices
@@ -315,7 +320,7 @@ pub async fn collect(mut chunks: Chunks, mut shape: Shape) -> Result<Response, A
                     }
                 })
                 .collect();
-            to_value(&ChatCompletion {
+            let body = ChatCompletion {
                 id: shape.id,
                 object: "chat.completion",
                 created: shape.created,
@@ -323,7 +328,12 @@ pub async fn collect(mut chunks: Chunks, mut shape: Shape) -> Result<Response, A
                 choices: typed,
                 usage: usage.unwrap_or_default(),
                 system_fingerprint: shape.system_fingerprint,
-            })
+            };
+            if plain {
+                // Nothing to merge: serialised straight from the typed answer.
+                return Ok(axum::Json(body).into_response());
+            }
+            to_value(&body)
         }
         Api::Completion => {
             let typed: Vec<CompletionChoice> = choices
@@ -335,7 +345,7 @@ pub async fn collect(mut chunks: Chunks, mut shape: Shape) -> Result<Response, A
                     finish_reason: Some(a.finish.unwrap_or(FinishReason::Stop)),
                 })
                 .collect();
-            to_value(&Completion {
+            let body = Completion {
                 id: shape.id,
                 object: "text_completion",
                 created: shape.created,
@@ -343,7 +353,11 @@ pub async fn collect(mut chunks: Chunks, mut shape: Shape) -> Result<Response, A
                 choices: typed,
                 usage: Some(usage.unwrap_or_default()),
                 system_fingerprint: None,
-            })
+            };
+            if plain {
+                return Ok(axum::Json(body).into_response());
+            }
+            to_value(&body)
         }
     };
     if usage.is_none() {

@@ -16,6 +16,7 @@ use porteiro_models::template::ChatTemplate;
 use porteiro_models::tokenizer::Tokenizer;
 use tokio::sync::Semaphore;
 
+use crate::adapters::Adapters;
 use crate::metrics::Metrics;
 use crate::plan::Routing;
 use crate::privacy::Guard;
@@ -32,6 +33,8 @@ pub struct Settings {
     pub max_body_bytes: usize,
     /// Chat completion length when a request gives no max_tokens (capped by the context left).
     pub default_max_tokens: usize,
+    /// The key of the admin endpoints (read from `server.admin_key_env`); None: they are off.
+    pub admin_key: Option<String>,
 }
 
 impl Settings {
@@ -42,6 +45,9 @@ impl Settings {
             api_keys: cfg.api_keys.clone(),
             max_body_bytes: cfg.max_body_bytes,
             default_max_tokens: cfg.default_max_tokens,
+            admin_key: std::env::var(&cfg.admin_key_env)
+                .ok()
+                .filter(|k| !k.trim().is_empty()),
         }
     }
 }
@@ -64,6 +70,15 @@ pub struct Generator {
     pub template: Option<ChatTemplate>,
     /// Structured output's token trie, built on the first request that needs it.
     pub grammars: OnceLock<Result<Arc<porteiro_grammar::Grammars>, String>>,
+    /// The model's shape (adapters are checked against it).
+    pub model_cfg: porteiro_engine::model::Config,
+    /// KV cache bytes per token (other memory is accounted in the KV budget in these units).
+    pub kv_bytes_per_token: u64,
+}
+
+/// f16 keys and values for every layer.
+fn kv_bytes_per_token(mc: &porteiro_engine::model::Config) -> u64 {
+    (mc.n_layer * 2 * mc.kv_dim() * 2) as u64
 }
 
 impl Generator {
@@ -73,6 +88,8 @@ impl Generator {
         cfg: EngineConfig,
     ) -> std::io::Result<(Self, std::thread::JoinHandle<()>)> {
         let tokenizer = Arc::new(lm.tokenizer);
+        let model_cfg = lm.model.cfg.clone();
+        let kv_bytes_per_token = kv_bytes_per_token(&model_cfg);
         let (engine, join) = scheduler::spawn(lm.model, tokenizer.clone(), cfg)?;
         Ok((
             Self {
@@ -80,6 +97,8 @@ impl Generator {
                 tokenizer,
                 template: lm.template,
                 grammars: OnceLock::new(),
+                model_cfg,
+                kv_bytes_per_token,
             },
             join,
         ))
@@ -140,8 +159,7 @@ pub fn load_generator(
             mc.n_ctx_train
         )));
     }
-    // f16 keys and values for every layer.
-    let kv_bytes_per_token = (mc.n_layer * 2 * mc.kv_dim() * 2) as u64;
+    let kv_bytes_per_token = kv_bytes_per_token(mc);
     let kv_budget_tokens = (cfg.kv_cache_bytes / kv_bytes_per_token) as usize;
     let ecfg = EngineConfig {
         n_ctx,
@@ -167,6 +185,8 @@ pub struct Inner {
     pub routing: Routing,
     pub privacy: Arc<Guard>,
     pub telemetry: Arc<Telemetry>,
+    /// LoRA adapters of the model, by the names requests use.
+    pub adapters: Adapters,
     pub metrics: Metrics,
     draining: AtomicBool,
     created: u64,
@@ -230,6 +250,7 @@ impl StateBuilder {
             routing: self.routing.unwrap_or_else(Routing::off),
             privacy: Arc::new(self.privacy.unwrap_or_else(Guard::off)),
             telemetry: Arc::new(self.telemetry.unwrap_or_else(Telemetry::off)),
+            adapters: Adapters::default(),
             metrics: Metrics::default(),
             draining: AtomicBool::new(false),
             created: unix_now(),

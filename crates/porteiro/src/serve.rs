@@ -31,6 +31,20 @@ pub struct ServeArgs {
     /// porteiro.toml with everything else (limits, API keys, embeddings); flags win over it.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Serve a LoRA adapter (llama.cpp GGUF) of the model under a name: requests with
+    /// `model: NAME` use it. Repeatable; adds to the config's [[adapters]].
+    #[arg(long = "lora", value_name = "NAME=PATH")]
+    lora: Vec<String>,
+}
+
+/// `NAME=PATH` of `--lora`.
+fn lora_flag(s: &str) -> Result<(String, String)> {
+    match s.split_once('=') {
+        Some((n, p)) if !n.trim().is_empty() && !p.trim().is_empty() => {
+            Ok((n.trim().to_string(), p.trim().to_string()))
+        }
+        _ => bail!("--lora takes NAME=PATH (e.g. --lora tickets=tickets.gguf), got `{s}`"),
+    }
 }
 
 pub fn run(a: &ServeArgs) -> Result<()> {
@@ -40,6 +54,7 @@ pub fn run(a: &ServeArgs) -> Result<()> {
         model: a.model.clone(),
         threads: a.threads,
         ctx: a.ctx,
+        lora: a.lora.iter().map(|s| lora_flag(s)).collect::<Result<_>>()?,
     };
     let cfg = Config::load(a.config.as_deref(), &overrides, DEFAULT_MODEL)?;
     let model_path = fetch::resolve_model(&cfg.model, true)?;
@@ -116,6 +131,11 @@ async fn serve(cfg: Config, model_path: PathBuf, embed_path: Option<PathBuf>) ->
     let loaded = tokio::task::spawn_blocking(move || -> Result<usize> {
         let (g, _engine_thread) = load_generator(&model_path, &c)?;
         let n_ctx = g.engine.config().n_ctx;
+        for a in &c.adapters {
+            st.adapters
+                .load(&g, &a.name, std::path::Path::new(&a.path), a.scale)
+                .map_err(|e| anyhow::anyhow!("adapter `{}`: {}", a.name, e.message))?;
+        }
         st.set_generator(g);
         Ok(n_ctx)
     })
@@ -167,6 +187,12 @@ async fn serve(cfg: Config, model_path: PathBuf, embed_path: Option<PathBuf>) ->
             auto,
             tiers.join(", "),
             cfg.routes.len()
+        );
+    }
+    for (name, path, bytes) in state.adapters.list() {
+        println!(
+            "porteiro: adapter \"{name}\" ({path}, {:.1} MiB) answers as model \"{name}\"",
+            bytes as f64 / (1 << 20) as f64
         );
     }
     println!(

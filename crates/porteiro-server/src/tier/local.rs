@@ -9,6 +9,7 @@ use std::sync::Arc;
 use futures_util::future::BoxFuture;
 use futures_util::stream::{self, StreamExt};
 use porteiro_config::LOCAL_TIER;
+use porteiro_engine::lora::Adapter;
 use porteiro_engine::scheduler::{
     Event, EventSink, GenRequest, SubmitError, TokenConstraint, TokenLogprob,
 };
@@ -57,7 +58,8 @@ impl Tier for LocalTier {
             let st = &self.st;
             let (rx, shape) = match &req.body {
                 Body::Chat(c) => {
-                    let (rx, mode) = prepare_chat(st, c, req.prefix.clone()).await?;
+                    let (rx, mode) =
+                        prepare_chat(st, c, req.prefix.clone(), req.adapter.clone()).await?;
                     let tools =
                         (mode == Some(Mode::Tools)).then(|| ToolStream::new(st.new_id("call")));
                     (
@@ -69,7 +71,7 @@ impl Tier for LocalTier {
                     )
                 }
                 Body::Completion(c) => {
-                    let (rx, echo) = prepare_completion(st, c).await?;
+                    let (rx, echo) = prepare_completion(st, c, req.adapter.clone()).await?;
                     (rx, Shape::Completion { echo, offset: 0 })
                 }
             };
@@ -277,15 +279,28 @@ fn completion_budget(
     }
 }
 
-fn submit(
-    st: &AppState,
-    g: &Generator,
-    prompt: Vec<u32>,
+/// What a request asks of the engine beyond its prompt.
+struct Ask {
     max_tokens: usize,
     limits: Limits,
     logprobs: Option<usize>,
     constraint: Option<Box<dyn TokenConstraint>>,
+    adapter: Option<Arc<Adapter>>,
+}
+
+fn submit(
+    st: &AppState,
+    g: &Generator,
+    prompt: Vec<u32>,
+    ask: Ask,
 ) -> Result<UnboundedReceiver<Event>, ApiError> {
+    let Ask {
+        max_tokens,
+        limits,
+        logprobs,
+        constraint,
+        adapter,
+    } = ask;
     let (tx, rx) = unbounded_channel();
     let req = GenRequest {
         prompt,
@@ -295,6 +310,7 @@ fn submit(
         logprobs,
         ignore_eos: limits.ignore_eos,
         constraint,
+        adapter,
         sink: Box::new(ChannelSink(tx)),
     };
     match g.engine.submit(req) {
@@ -414,6 +430,7 @@ async fn prepare_chat(
     st: &AppState,
     req: &ChatCompletionRequest,
     prefix: Option<String>,
+    adapter: Option<Arc<Adapter>>,
 ) -> Result<(UnboundedReceiver<Event>, Option<Mode>), ApiError> {
     let g = loaded(st)?;
     // A continuation of an upstream's answer is plain text.
@@ -501,8 +518,14 @@ async fn prepare_chat(
         limits.max_tokens,
         st.settings.default_max_tokens,
     )?;
-    submit(st, g, prompt, max_tokens, limits, logprobs, constraint)
-        .map(|rx| (rx, structured.map(|(_, m)| m)))
+    let ask = Ask {
+        max_tokens,
+        limits,
+        logprobs,
+        constraint,
+        adapter,
+    };
+    submit(st, g, prompt, ask).map(|rx| (rx, structured.map(|(_, m)| m)))
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -513,6 +536,7 @@ async fn prepare_chat(
 async fn prepare_completion(
     st: &AppState,
     req: &CompletionRequest,
+    adapter: Option<Arc<Adapter>>,
 ) -> Result<(UnboundedReceiver<Event>, Option<String>), ApiError> {
     let g = loaded(st)?;
     if req.suffix.is_some() {
@@ -590,7 +614,14 @@ async fn prepare_completion(
             e.param = Some("prompt".into());
             e
         })?;
-    let rx = submit(st, g, prompt, max_tokens, limits, logprobs, None)?;
+    let ask = Ask {
+        max_tokens,
+        limits,
+        logprobs,
+        constraint: None,
+        adapter,
+    };
+    let rx = submit(st, g, prompt, ask)?;
     Ok((rx, echo_text))
 }
 

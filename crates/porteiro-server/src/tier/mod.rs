@@ -43,8 +43,11 @@ impl Api {
 /// client's body (after the privacy guard) so that fields Porteiro does not model pass through.
 pub struct TierRequest {
     pub body: Body,
-    /// The client's JSON body as it may leave the machine (masked when the guard masked it).
-    pub passthrough: Option<Value>,
+    /// The LoRA adapter the local model applies (the request named it); upstreams ignore it.
+    pub adapter: Option<std::sync::Arc<porteiro_engine::lora::Adapter>>,
+    /// The client's JSON body as it may leave the machine (masked when the guard masked it); the
+    /// upstream tier takes it (one upstream per plan), so it is never copied.
+    pub passthrough: std::sync::Mutex<Option<Value>>,
     pub stream: bool,
     /// Assistant text already sent to the client, which this tier continues (a broken upstream
     /// stream taken over by the local model). Plain text: no structured output on continuations.

@@ -51,7 +51,12 @@ impl Tier for UpstreamTier {
 
     fn answer<'a>(&'a self, req: &'a TierRequest) -> BoxFuture<'a, Result<Chunks, TierError>> {
         Box::pin(async move {
-            let Some(mut body) = req.passthrough.clone() else {
+            let body = req
+                .passthrough
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+            let Some(mut body) = body else {
                 return Err(ApiError::internal("no request body to send upstream").into());
             };
             if let Some(o) = body.as_object_mut() {

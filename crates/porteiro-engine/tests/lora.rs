@@ -1,0 +1,128 @@
+//! LoRA adapters on a real model (smollm2-135m): a batch that mixes sequences with different
+//! adapters and none gives each sequence exactly the logits it gets alone, and an adapter whose B
+//! is zero changes nothing. (The delta's arithmetic is checked against f64 in `lora`'s unit tests.)
+//!
+//! Skipped with a message when the model is not cached, unless PORTEIRO_REQUIRE_MODELS=1.
+
+// A test: a failed unwrap is a failed test; skip messages go to stderr.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
+
+use porteiro_engine::lora::{Adapter, LoraPair, Proj};
+use porteiro_engine::{BatchToken, LocalModel, Model, Scratch};
+
+fn open() -> Option<LocalModel> {
+    match porteiro_models::fetch::resolve_model("smollm2-135m", false) {
+        Ok(p) => Some(LocalModel::open(&p, 2).unwrap()),
+        Err(e) => {
+            assert!(
+                std::env::var("PORTEIRO_REQUIRE_MODELS").is_err(),
+                "smollm2-135m required but not cached: {e}"
+            );
+            eprintln!("skipping: smollm2-135m not cached: {e}");
+            None
+        }
+    }
+}
+
+/// Deterministic values in [-amp, amp).
+fn noise(n: usize, seed: u64, amp: f32) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            ((x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * amp
+        })
+        .collect()
+}
+
+/// A rank-`r` adapter on every projection of every layer.
+fn adapter(m: &Model, r: usize, seed: u64, zero_b: bool) -> Adapter {
+    let c = &m.cfg;
+    let mut pairs = Vec::new();
+    for l in 0..c.n_layer {
+        for (pi, p) in Proj::ALL.into_iter().enumerate() {
+            let (k, n) = p.dims(c);
+            let s = seed + (l * 7 + pi) as u64;
+            pairs.push((
+                l,
+                p,
+                LoraPair {
+                    rank: r,
+                    a: noise(r * k, s, 0.05),
+                    b: if zero_b {
+                        vec![0.0; n * r]
+                    } else {
+                        noise(n * r, s + 1000, 0.05)
+                    },
+                },
+            ));
+        }
+    }
+    Adapter::from_pairs(c, 2.0 * r as f32, 1.0, pairs)
+}
+
+/// Last-position logits of each prompt, run as one batch with the given adapters.
+fn run(m: &Model, prompts: &[Vec<u32>], adapters: &[Option<&Adapter>]) -> Vec<Vec<f32>> {
+    let mut caches: Vec<_> = prompts.iter().map(|_| m.new_cache(64)).collect();
+    let mut refs: Vec<_> = caches.iter_mut().collect();
+    let mut batch = Vec::new();
+    let mut rows = Vec::new();
+    for (seq, p) in prompts.iter().enumerate() {
+        for (pos, &t) in p.iter().enumerate() {
+            batch.push(BatchToken {
+                token: t,
+                seq,
+                pos,
+                logits: pos + 1 == p.len(),
+            });
+            rows.push(adapters[seq]);
+        }
+    }
+    let mut s = Scratch::default();
+    let lora: Vec<Option<&Adapter>> = if rows.iter().all(Option::is_none) {
+        Vec::new()
+    } else {
+        rows
+    };
+    m.forward_lora(&batch, &lora, &mut refs, &mut s).unwrap();
+    let v = m.cfg.vocab;
+    (0..prompts.len())
+        .map(|i| s.logits[i * v..(i + 1) * v].to_vec())
+        .collect()
+}
+
+#[test]
+fn batches_mixing_adapters_match_each_sequence_alone() {
+    let Some(lm) = open() else { return };
+    let m = &lm.model;
+    let a1 = adapter(m, 8, 1, false);
+    let a2 = adapter(m, 4, 2, false);
+    let zero = adapter(m, 4, 3, true);
+    let prompts: Vec<Vec<u32>> = ["The capital of France is", "def add(a, b):", "Hello there"]
+        .iter()
+        .map(|t| lm.tokenizer.encode(t, true, false))
+        .collect();
+    let alone: Vec<Vec<f32>> = [Some(&a1), None, Some(&a2)]
+        .iter()
+        .zip(&prompts)
+        .map(|(a, p)| run(m, std::slice::from_ref(p), &[*a]).remove(0))
+        .collect();
+    let mixed = run(m, &prompts, &[Some(&a1), None, Some(&a2)]);
+    for (i, (x, y)) in alone.iter().zip(&mixed).enumerate() {
+        assert_eq!(x, y, "sequence {i}: batched logits differ from alone");
+    }
+    // The adapters change the answer; one with B = 0 changes nothing.
+    let base = run(m, &prompts, &[None, None, None]);
+    let diff = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max)
+    };
+    assert!(diff(&base[0], &mixed[0]) > 1e-2, "adapter 1 had no effect");
+    assert_eq!(base[1], mixed[1]);
+    let z = run(m, &prompts, &[Some(&zero), Some(&zero), Some(&zero)]);
+    assert_eq!(z, base);
+}
