@@ -224,16 +224,17 @@ impl Adapter {
                 .tensor(&b_name)
                 .ok_or_else(|| tensor_err(&t.name, format!("has no `{b_name}`")))?;
             let (k, n) = proj.dims(cfg);
-            let rank =
-                match t.dims.as_slice() {
-                    [kk, r] if *kk as usize == k && *r > 0 => *r as usize,
-                    d => return Err(tensor_err(
+            let rank = match t.dims.as_slice() {
+                [kk, r] if *kk as usize == k && *r > 0 => *r as usize,
+                d => {
+                    return Err(tensor_err(
                         &t.name,
                         format!(
                             "has shape {d:?}; the base takes {k} inputs, so it must be [{k}, rank]"
                         ),
-                    )),
-                };
+                    ))
+                }
+            };
             if tb.dims.as_slice() != [rank as u64, n as u64] {
                 return Err(tensor_err(
                     &b_name,
