@@ -135,6 +135,14 @@ pub struct Metrics {
     pii_found: Mutex<BTreeMap<String, u64>>,
 }
 
+/// Observes into the histogram of `key`, allocating the key only the first time.
+fn observe(map: &mut BTreeMap<String, Histogram>, key: &str, v: f64) {
+    match map.get_mut(key) {
+        Some(h) => h.observe(v),
+        None => map.entry(key.to_string()).or_default().observe(v),
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while holding a metrics lock leaves plain numbers behind: keep going.
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -145,24 +153,15 @@ impl Metrics {
         *lock(&self.requests)
             .entry((route.to_string(), status))
             .or_default() += 1;
-        lock(&self.http_duration)
-            .entry(route.to_string())
-            .or_default()
-            .observe(seconds);
+        observe(&mut lock(&self.http_duration), route, seconds);
     }
 
     pub fn first_token(&self, endpoint: &str, seconds: f64) {
-        lock(&self.ttft)
-            .entry(endpoint.to_string())
-            .or_default()
-            .observe(seconds);
+        observe(&mut lock(&self.ttft), endpoint, seconds);
     }
 
     pub fn generation_done(&self, endpoint: &str, seconds: f64, prompt: usize, completion: usize) {
-        lock(&self.generation)
-            .entry(endpoint.to_string())
-            .or_default()
-            .observe(seconds);
+        observe(&mut lock(&self.generation), endpoint, seconds);
         self.prompt_tokens
             .fetch_add(prompt as u64, Ordering::Relaxed);
         self.completion_tokens
