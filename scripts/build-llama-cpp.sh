@@ -2,8 +2,9 @@
 # Builds the reference llama.cpp (vendored in the llama-cpp-python source package) for golden tests and
 # benchmarks. Never part of the porteiro binary. Output: $REF/bin/{llama-bench,llama-perplexity,llama-tokenize,llama-server},
 # $REF/lib/libllama.so and $REF/bin/llama_golden (our driver in scripts/golden/, used by scripts/golden_model.py).
-# Flags: this CPU's SIMD (AVX2, AVX-VNNI, AVX-512 VNNI/BF16) spelled out instead of -march=native, because
-# native also turns on AMX, which the CPU advertises but this virtual machine faults on.
+# Flags: the SIMD this CPU reports in /proc/cpuinfo, spelled out instead of -march=native, because
+# native also turns on AMX, which some CPUs advertise but virtual machines fault on. (A fixed list once
+# named AVX-VNNI, which AMD EPYC lacks: the reference died with SIGILL there.)
 set -euo pipefail
 VER=0.3.36
 HOME_DIR=${PORTEIRO_HOME:-$HOME/.cache/porteiro}
@@ -18,9 +19,13 @@ tarball="$pkgs/llama_cpp_python-$VER.tar.gz"
 [[ -f $tarball ]] || pip download --quiet --no-deps --no-binary :all: "llama-cpp-python==$VER" -d "$pkgs" >&2
 tar -xzf "$tarball" -C "$work"
 src="$work/llama_cpp_python-$VER"
+flags=" $(grep -m1 '^flags' /proc/cpuinfo | cut -d: -f2) "
+has() { [[ $flags == *" $1 "* ]] && echo ON || echo OFF; }
 cmake -S "$src/vendor/llama.cpp" -B "$work/build" -DCMAKE_BUILD_TYPE=Release \
-  -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX_VNNI=ON \
-  -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF \
+  -DGGML_NATIVE=OFF -DGGML_AVX="$(has avx)" -DGGML_AVX2="$(has avx2)" -DGGML_FMA="$(has fma)" -DGGML_F16C="$(has f16c)" \
+  -DGGML_BMI2="$(has bmi2)" -DGGML_AVX_VNNI="$(has avx_vnni)" -DGGML_AVX512="$(has avx512f)" \
+  -DGGML_AVX512_VBMI="$(has avx512vbmi)" -DGGML_AVX512_VNNI="$(has avx512_vnni)" -DGGML_AVX512_BF16="$(has avx512_bf16)" \
+  -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF \
   -DBUILD_SHARED_LIBS=ON -DCMAKE_BUILD_RPATH="$REF/lib" -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_EXAMPLES=OFF >&2
 cmake --build "$work/build" -j"$(nproc)" --target llama-bench llama-perplexity llama-tokenize llama-server >&2
 mkdir -p "$REF/bin" "$REF/lib"

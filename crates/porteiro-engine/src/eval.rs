@@ -1,6 +1,7 @@
 //! Model-quality measurements that compare against a reference: perplexity the way llama-perplexity
 //! computes it, and the argmax prediction at every position (top-1 agreement).
 
+use crate::lora::Adapter;
 use crate::model::{BatchToken, ForwardError, Model, Scratch};
 use crate::sampler::{argmax, log_softmax};
 
@@ -23,6 +24,23 @@ pub fn perplexity(
     bos: Option<u32>,
     progress: &mut dyn FnMut(usize, f64),
 ) -> Result<Perplexity, ForwardError> {
+    perplexity_with(model, None, tokens, ctx, chunks, bos, progress)
+}
+
+/// [`perplexity`] of the model with a LoRA adapter applied.
+pub fn perplexity_with(
+    model: &Model,
+    adapter: Option<&Adapter>,
+    tokens: &[u32],
+    ctx: usize,
+    chunks: usize,
+    bos: Option<u32>,
+    progress: &mut dyn FnMut(usize, f64),
+) -> Result<Perplexity, ForwardError> {
+    let rows: Vec<Option<&Adapter>> = match adapter {
+        Some(a) => vec![Some(a); ctx],
+        None => Vec::new(),
+    };
     let n_chunks = chunks.min(tokens.len() / ctx.max(2));
     let first = ctx / 2;
     let mut nll = 0f64;
@@ -45,7 +63,7 @@ pub fn perplexity(
                 logits: pos >= first && pos + 1 < ctx,
             })
             .collect();
-        model.forward(&batch, &mut [&mut kv], &mut s)?;
+        model.forward_lora(&batch, &rows, &mut [&mut kv], &mut s)?;
         let v = model.cfg.vocab;
         for (j, pos) in (first..ctx - 1).enumerate() {
             let lp = log_softmax(&s.logits[j * v..(j + 1) * v]);

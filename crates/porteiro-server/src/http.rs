@@ -14,7 +14,7 @@ use axum::{Json, Router};
 use porteiro_protocol::{ModelCard, ModelList};
 
 use crate::privacy::RequestCtx;
-use crate::{adapters, auth, dashboard, embeddings, handlers, ApiError, AppState};
+use crate::{admin, auth, dashboard, embeddings, handlers, ApiError, AppState};
 
 /// The router with every route, the API-key check on `/v1`, and request metrics.
 pub fn app(state: AppState) -> Router {
@@ -34,8 +34,8 @@ pub fn app(state: AppState) -> Router {
         .route("/metrics", get(metrics_text))
         .route("/", get(dashboard::page))
         .route("/api/dashboard", get(dashboard::data))
-        .route("/admin/adapters", get(adapters::list).post(adapters::load))
-        .route("/admin/adapters/{name}", delete(adapters::unload))
+        .route("/admin/adapters", get(admin::list).post(admin::load))
+        .route("/admin/adapters/{name}", delete(admin::unload))
         .fallback(|| async { ApiError::not_found("Unknown path; see /v1/models.") })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .layer(middleware::from_fn_with_state(state.clone(), track))

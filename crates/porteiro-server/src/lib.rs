@@ -10,13 +10,14 @@
 //! within the size limit, errors naming the parameter), `privacy` (the guard), `telemetry`
 //! (traces, live KPIs, the request log), `metrics` (Prometheus counters), `embeddings`,
 //! `dashboard`, `structured` (`response_format` / `tools` for the local tier), `adapters`
-//! (LoRA adapters by name, admin endpoints), `error`.
+//! (LoRA adapters by name), `admin` (their endpoints), `error`.
 //!
 //! Routes: `POST /v1/chat/completions`, `POST /v1/completions`, `POST /v1/embeddings`,
 //! `GET /v1/models[/{id}]`, `GET /health`, `GET /metrics`, `GET /`, `GET /api/dashboard`,
 //! `GET|POST /admin/adapters`, `DELETE /admin/adapters/{name}`.
 
 pub mod adapters;
+pub mod admin;
 pub mod answer;
 pub mod auth;
 pub mod dashboard;

@@ -289,6 +289,24 @@ impl AppState {
         self.0.generator.get()
     }
 
+    /// Loads a LoRA adapter of `g`'s model under `name` (see [`Adapters::load`]).
+    pub fn load_adapter(
+        &self,
+        g: &Generator,
+        name: &str,
+        path: &Path,
+        scale: f32,
+    ) -> Result<usize, crate::ApiError> {
+        self.adapters.load(
+            &g.engine,
+            &g.model_cfg,
+            g.kv_bytes_per_token,
+            name,
+            path,
+            scale,
+        )
+    }
+
     pub fn embedder(&self) -> Option<&Embedder> {
         self.0.embedder.as_ref()
     }

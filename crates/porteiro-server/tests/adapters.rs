@@ -163,7 +163,7 @@ async fn adapters_answer_by_name_and_load_and_unload_at_run_time() {
 
     // Loaded at start (as `serve` does): an adapter with B = 0 answers like the base, by its name.
     let g = st.generator().unwrap();
-    st.adapters.load(g, "same", &same, 1.0).unwrap();
+    st.load_adapter(g, "same", &same, 1.0).unwrap();
     let base = answer(&st, MODEL).await;
     let zero = answer(&st, "same").await;
     assert_eq!(zero.status, StatusCode::OK, "{}", zero.body);

@@ -4,6 +4,7 @@
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 mod bench;
+mod lora_cmd;
 mod perplexity;
 mod privacy_cmd;
 mod report_cmd;
@@ -38,6 +39,9 @@ struct Cli {
 enum Cmd {
     /// Serve the OpenAI-compatible API (chat, completions, embeddings) with continuous batching.
     Serve(serve::ServeArgs),
+    /// LoRA adapters of a local model: `bench` (what serving adapters costs).
+    #[command(subcommand)]
+    Lora(lora_cmd::LoraCmd),
     /// Download a catalog model into the cache ($PORTEIRO_HOME, default ~/.cache/porteiro) and verify it.
     Pull {
         /// Catalog alias (see `porteiro models --catalog`).
@@ -280,6 +284,7 @@ fn dispatch(cmd: Cmd) -> Result<()> {
         }
         Cmd::Chat { m, s, system } => chat(&m, &s, system),
         Cmd::Bench(a) => bench::run(&a),
+        Cmd::Lora(c) => lora_cmd::run(&c),
         Cmd::Perplexity(a) => perplexity::run(&a),
         Cmd::Router(c) => router_cmd::run(&c),
         Cmd::Privacy(c) => privacy_cmd::run_privacy(&c),

@@ -19,6 +19,12 @@ pub struct PplArgs {
     /// Number of windows to score (at most what the text holds).
     #[arg(long, default_value_t = 16)]
     chunks: usize,
+    /// Score the model with this LoRA adapter (llama.cpp GGUF) applied, as `llama-perplexity --lora`.
+    #[arg(long)]
+    lora: Option<std::path::PathBuf>,
+    /// The adapter's multiplier (as llama.cpp's `--lora-scaled FILE SCALE`).
+    #[arg(long, default_value_t = 1.0)]
+    lora_scale: f32,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -28,6 +34,14 @@ pub fn run(a: &PplArgs) -> Result<()> {
     let text = std::fs::read_to_string(&a.file)
         .with_context(|| format!("reading {}", a.file.display()))?;
     let lm = a.m.load()?;
+    let adapter = match &a.lora {
+        Some(p) => Some(porteiro_engine::lora::Adapter::open(
+            p,
+            &lm.model.cfg,
+            a.lora_scale,
+        )?),
+        None => None,
+    };
     let ids = lm.tokenizer.encode(&text, true, false);
     if ids.len() < 2 * a.window {
         bail!(
@@ -49,11 +63,18 @@ pub fn run(a: &PplArgs) -> Result<()> {
         .adds_bos()
         .then(|| lm.tokenizer.bos_id())
         .flatten();
-    let r =
-        porteiro_engine::eval::perplexity(&lm.model, &ids, a.window, n, bos, &mut |done, ppl| {
+    let r = porteiro_engine::eval::perplexity_with(
+        &lm.model,
+        adapter.as_ref(),
+        &ids,
+        a.window,
+        n,
+        bos,
+        &mut |done, ppl| {
             pb.set_position(done as u64);
             pb.set_message(format!("ppl {ppl:.4}"));
-        })?;
+        },
+    )?;
     pb.finish_and_clear();
     if a.json {
         println!("{}", serde_json::to_string(&r)?);

@@ -132,8 +132,7 @@ async fn serve(cfg: Config, model_path: PathBuf, embed_path: Option<PathBuf>) ->
         let (g, _engine_thread) = load_generator(&model_path, &c)?;
         let n_ctx = g.engine.config().n_ctx;
         for a in &c.adapters {
-            st.adapters
-                .load(&g, &a.name, std::path::Path::new(&a.path), a.scale)
+            st.load_adapter(&g, &a.name, std::path::Path::new(&a.path), a.scale)
                 .map_err(|e| anyhow::anyhow!("adapter `{}`: {}", a.name, e.message))?;
         }
         st.set_generator(g);
