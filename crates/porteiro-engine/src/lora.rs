@@ -7,8 +7,16 @@
 //! base's, and for each adapted matrix `<base tensor>.lora_a` with ggml dims `[in, rank]` and
 //! `<base tensor>.lora_b` with dims `[rank, out]` (f32, f16 or bf16). The effective scale is
 //! `scale · alpha / rank` (`scale` when alpha is 0), as in llama.cpp.
+//!
+//! Weights are held in f16 (half the bytes of f32: decoding is bound by the bytes read per step),
+//! converted to f32 a row at a time, with f32 arithmetic.
+
+// A kernel module: the f16 × f32 dot product has an AVX2/F16C/FMA variant picked at run time (each
+// unsafe use says why it is sound), checked against the scalar one by the tests.
+#![allow(unsafe_code)]
 
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use half::{bf16, f16};
 use porteiro_models::gguf::{GgmlType, GgufFile, TensorInfo, Value};
@@ -107,12 +115,61 @@ pub enum LoraError {
     },
 }
 
-/// One adapted matrix: A is rank × in, B is out × rank, both row-major f32.
+/// One adapted matrix as given (training, tests): A is rank × in, B is out × rank, row-major.
 #[derive(Debug, Clone)]
 pub struct LoraPair {
     pub rank: usize,
     pub a: Vec<f32>,
     pub b: Vec<f32>,
+}
+
+/// One adapted matrix as an adapter holds it: f16, same layout as [`LoraPair`].
+#[derive(Debug, Clone)]
+pub struct Matrices {
+    pub rank: usize,
+    a: Vec<f16>,
+    b: Vec<f16>,
+}
+
+impl Matrices {
+    fn new(p: &LoraPair) -> Self {
+        Self {
+            rank: p.rank,
+            a: p.a.iter().map(|&v| f16::from_f32(v)).collect(),
+            b: p.b.iter().map(|&v| f16::from_f32(v)).collect(),
+        }
+    }
+
+    /// A (rank × in) in f32.
+    pub fn a(&self) -> Vec<f32> {
+        self.a.iter().map(|v| v.to_f32()).collect()
+    }
+
+    /// B (out × rank) in f32.
+    pub fn b(&self) -> Vec<f32> {
+        self.b.iter().map(|v| v.to_f32()).collect()
+    }
+
+    /// Inputs of the base matrix.
+    pub fn k(&self) -> usize {
+        self.a.len() / self.rank
+    }
+
+    /// Row `j` of A (k values).
+    #[inline]
+    pub fn a_row(&self, j: usize, k: usize) -> &[f16] {
+        &self.a[j * k..(j + 1) * k]
+    }
+
+    /// Row `o` of B (rank values).
+    #[inline]
+    pub fn b_row(&self, o: usize) -> &[f16] {
+        &self.b[o * self.rank..(o + 1) * self.rank]
+    }
+
+    fn bytes(&self) -> usize {
+        (self.a.len() + self.b.len()) * 2
+    }
 }
 
 /// A loaded adapter.
@@ -123,7 +180,7 @@ pub struct Adapter {
     /// The user's multiplier (`--lora-scale`, the config's `scale`).
     pub scale: f32,
     /// Per layer, per projection (indexed by `Proj as usize`).
-    layers: Vec<[Option<LoraPair>; 7]>,
+    layers: Vec<[Option<Matrices>; 7]>,
 }
 
 fn floats(file: &GgufFile, t: &TensorInfo, path: &Path) -> Result<Vec<f32>, LoraError> {
@@ -191,7 +248,7 @@ impl Adapter {
             .get("adapter.lora.alpha")
             .and_then(Value::as_f64)
             .unwrap_or(0.0) as f32;
-        let mut layers: Vec<[Option<LoraPair>; 7]> =
+        let mut layers: Vec<[Option<Matrices>; 7]> =
             (0..cfg.n_layer).map(|_| Default::default()).collect();
         let tensor_err = |tensor: &str, why: String| LoraError::Tensor {
             path: path.to_path_buf(),
@@ -244,11 +301,11 @@ impl Adapter {
                     ),
                 ));
             }
-            layers[layer][proj.index()] = Some(LoraPair {
+            layers[layer][proj.index()] = Some(Matrices::new(&LoraPair {
                 rank,
                 a: floats(&file, t, path)?,
                 b: floats(&file, tb, path)?,
-            });
+            }));
             found += 1;
         }
         for t in file.tensors() {
@@ -276,11 +333,11 @@ impl Adapter {
         scale: f32,
         pairs: Vec<(usize, Proj, LoraPair)>,
     ) -> Self {
-        let mut layers: Vec<[Option<LoraPair>; 7]> =
+        let mut layers: Vec<[Option<Matrices>; 7]> =
             (0..cfg.n_layer).map(|_| Default::default()).collect();
         for (l, p, pair) in pairs {
             if let Some(slot) = layers.get_mut(l) {
-                slot[p.index()] = Some(pair);
+                slot[p.index()] = Some(Matrices::new(&pair));
             }
         }
         Self {
@@ -291,7 +348,7 @@ impl Adapter {
         }
     }
 
-    /// Writes the adapter as llama.cpp reads it (f32 tensors), atomically.
+    /// Writes the adapter as llama.cpp reads it (f16 tensors: exactly what is held), atomically.
     pub fn write(&self, path: &Path, arch: &str) -> Result<(), LoraError> {
         let mut bufs: Vec<(String, Vec<u64>, Vec<u8>)> = Vec::new();
         for (l, projs) in self.layers.iter().enumerate() {
@@ -300,7 +357,7 @@ impl Adapter {
                     let k = pair.a.len() / pair.rank;
                     let n = pair.b.len() / pair.rank;
                     let base = format!("blk.{l}.{}.weight", p.stem());
-                    let le = |v: &[f32]| v.iter().flat_map(|f| f.to_le_bytes()).collect();
+                    let le = |v: &[f16]| v.iter().flat_map(|f| f.to_le_bytes()).collect();
                     bufs.push((
                         format!("{base}.lora_a"),
                         vec![k as u64, pair.rank as u64],
@@ -319,7 +376,7 @@ impl Adapter {
             .map(|(name, dims, data)| TensorOut {
                 name: name.clone(),
                 dims: dims.clone(),
-                dtype: GgmlType::F32,
+                dtype: GgmlType::F16,
                 data,
             })
             .collect();
@@ -337,13 +394,11 @@ impl Adapter {
 
     /// Bytes the adapter holds in memory.
     pub fn bytes(&self) -> usize {
-        self.pairs()
-            .map(|(_, _, p)| (p.a.len() + p.b.len()) * 4)
-            .sum()
+        self.pairs().map(|(_, _, p)| p.bytes()).sum()
     }
 
     /// Every adapted matrix.
-    pub fn pairs(&self) -> impl Iterator<Item = (usize, Proj, &LoraPair)> {
+    pub fn pairs(&self) -> impl Iterator<Item = (usize, Proj, &Matrices)> {
         self.layers.iter().enumerate().flat_map(|(l, projs)| {
             Proj::ALL
                 .into_iter()
@@ -351,7 +406,7 @@ impl Adapter {
         })
     }
 
-    pub fn pair(&self, layer: usize, p: Proj) -> Option<&LoraPair> {
+    pub fn pair(&self, layer: usize, p: Proj) -> Option<&Matrices> {
         self.layers.get(layer).and_then(|l| l[p.index()].as_ref())
     }
 
@@ -377,7 +432,7 @@ fn parse_target(base: &str, n_layer: usize) -> Option<(usize, Proj)> {
 
 /// Dot product in eight independent lanes (vectorizes without reassociation flags).
 #[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let (ra, rb) = (ca.remainder(), cb.remainder());
@@ -393,54 +448,200 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
-/// Adds each row's adapter delta to the output, from `x` (one row of `k` inputs per batch row):
-/// rows are grouped by adapter, so each B row is read once per group, and `add(row, output, v)`
-/// receives the delta of output columns `out_cols` (the caller's share of the columns).
-/// `rows[i]` is batch row i's adapter.
-#[allow(clippy::too_many_arguments)]
+/// `Σ a[i]·x[i]` for f16 weights and f32 inputs, in eight independent lanes (the scalar
+/// reference of [`dot_f16`]).
+pub fn dot_f16_scalar(a: &[f16], x: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cx) = (a.chunks_exact(8), x.chunks_exact(8));
+    let (ra, rx) = (ca.remainder(), cx.remainder());
+    for (w, v) in ca.zip(cx) {
+        for i in 0..8 {
+            acc[i] += w[i].to_f32() * v[i];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (w, v) in ra.iter().zip(rx) {
+        s += w.to_f32() * v;
+    }
+    s
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use half::f16;
+    use std::arch::x86_64::*;
+
+    /// # Safety
+    /// The CPU must have AVX2, FMA and F16C (checked by the caller at run time).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_f16(a: &[f16], x: &[f32]) -> f32 {
+        let n = a.len().min(x.len());
+        let (pa, px) = (a.as_ptr(), x.as_ptr());
+        let mut acc0 = _mm256_setzero_ps();
+        let mut acc1 = _mm256_setzero_ps();
+        let mut i = 0;
+        while i + 16 <= n {
+            // SAFETY: i + 16 <= n <= both lengths, so the 16 halves (two 128-bit loads) and the
+            // 16 floats (two 256-bit loads) read are inside the slices; loads are unaligned.
+            unsafe {
+                let h0 = _mm_loadu_si128(pa.add(i) as *const __m128i);
+                let h1 = _mm_loadu_si128(pa.add(i + 8) as *const __m128i);
+                acc0 = _mm256_fmadd_ps(_mm256_cvtph_ps(h0), _mm256_loadu_ps(px.add(i)), acc0);
+                acc1 = _mm256_fmadd_ps(_mm256_cvtph_ps(h1), _mm256_loadu_ps(px.add(i + 8)), acc1);
+            }
+            i += 16;
+        }
+        let acc = _mm256_add_ps(acc0, acc1);
+        let hi = _mm256_extractf128_ps(acc, 1);
+        let q = _mm_add_ps(_mm256_castps256_ps128(acc), hi);
+        let d = _mm_add_ps(q, _mm_movehl_ps(q, q));
+        let mut s = _mm_cvtss_f32(_mm_add_ss(d, _mm_shuffle_ps(d, d, 1)));
+        for j in i..n {
+            s += a[j].to_f32() * x[j];
+        }
+        s
+    }
+}
+
+fn simd_ok() -> bool {
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::env::var("PORTEIRO_ISA").map_or(true, |v| v != "scalar")
+                && is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
+/// `Σ a[i]·x[i]` for f16 weights and f32 inputs: AVX2/F16C/FMA where the CPU has them
+/// (`PORTEIRO_ISA=scalar` forces the reference).
+#[inline]
+pub fn dot_f16(a: &[f16], x: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if simd_ok() {
+        // SAFETY: simd_ok() checked AVX2, FMA and F16C on this CPU.
+        return unsafe { x86::dot_f16(a, x) };
+    }
+    dot_f16_scalar(a, x)
+}
+
+/// The batch rows that share one adapter's matrices for a projection.
+pub struct Group<'a> {
+    pub m: &'a Matrices,
+    /// `scale · alpha / rank`.
+    pub scale: f32,
+    pub rows: Vec<usize>,
+    /// Where this group's `rows.len() × rank` values of A·x start in the shared buffer.
+    pub h_at: usize,
+}
+
+/// Groups the rows by adapter for one projection (`rows[i]`: batch row i's adapter); rows whose
+/// adapter does not adapt this projection are left out. Returns the groups and the size of the
+/// A·x buffer they need.
+pub fn groups<'a>(
+    rows: &[Option<&'a Adapter>],
+    layer: usize,
+    proj: Proj,
+) -> (Vec<Group<'a>>, usize) {
+    let mut out: Vec<(&'a Adapter, Group<'a>)> = Vec::new();
+    for (i, ad) in rows.iter().enumerate() {
+        let Some(ad) = *ad else { continue };
+        if let Some((_, g)) = out.iter_mut().find(|(a, _)| std::ptr::eq(*a, ad)) {
+            g.rows.push(i);
+            continue;
+        }
+        if let Some(m) = ad.pair(layer, proj) {
+            let scale = ad.effective_scale(m.rank);
+            out.push((
+                ad,
+                Group {
+                    m,
+                    scale,
+                    rows: vec![i],
+                    h_at: 0,
+                },
+            ));
+        }
+    }
+    let mut h = 0;
+    let groups = out
+        .into_iter()
+        .map(|(_, mut g)| {
+            g.h_at = h;
+            h += g.rows.len() * g.m.rank;
+            g
+        })
+        .collect();
+    (groups, h)
+}
+
+/// Phase 1 for the flat index range `js` over every group's A rows (group by group, rank rows
+/// each): `h[g.h_at + member · rank + j] = scale · A_j · x_row`, given to `put(index, value)`.
+pub fn down_project(
+    groups: &[Group],
+    x: &[f32],
+    k: usize,
+    js: std::ops::Range<usize>,
+    mut put: impl FnMut(usize, f32),
+) {
+    let mut first = 0;
+    for g in groups {
+        let r = g.m.rank;
+        let (lo, hi) = (js.start.max(first), js.end.min(first + r));
+        for jj in lo..hi {
+            let j = jj - first;
+            let row = g.m.a_row(j, k);
+            for (m, &t) in g.rows.iter().enumerate() {
+                let v = dot_f16(row, &x[t * k..(t + 1) * k]);
+                put(g.h_at + m * r + j, g.scale * v);
+            }
+        }
+        first += r;
+    }
+}
+
+/// Phase 2 for output columns `cols`: `add(row, column, B_column · h_row)` for every group member.
+pub fn up_project(
+    groups: &[Group],
+    h: &[f32],
+    cols: std::ops::Range<usize>,
+    mut add: impl FnMut(usize, usize, f32),
+) {
+    for g in groups {
+        let r = g.m.rank;
+        for o in cols.clone() {
+            let row = g.m.b_row(o);
+            for (m, &t) in g.rows.iter().enumerate() {
+                let at = g.h_at + m * r;
+                add(t, o, dot_f16(row, &h[at..at + r]));
+            }
+        }
+    }
+}
+
+/// Both phases on one thread: adds each row's adapter delta (`add(row, column, v)`), for the
+/// `n_out` outputs of a projection from `x` (one row of `k` inputs per batch row).
 pub fn apply(
     rows: &[Option<&Adapter>],
     layer: usize,
     proj: Proj,
     x: &[f32],
     k: usize,
-    out_cols: std::ops::Range<usize>,
-    mut add: impl FnMut(usize, usize, f32),
+    n_out: usize,
+    add: impl FnMut(usize, usize, f32),
 ) {
-    let n = rows.len();
-    let mut h = Vec::new();
-    for (i, ad) in rows.iter().enumerate() {
-        let Some(ad) = ad else { continue };
-        // The first row of each adapter group does the group's work.
-        if rows[..i]
-            .iter()
-            .any(|o| o.is_some_and(|o| std::ptr::eq(o, *ad)))
-        {
-            continue;
-        }
-        let Some(pair) = ad.pair(layer, proj) else {
-            continue;
-        };
-        let r = pair.rank;
-        let s = ad.effective_scale(r);
-        let members: Vec<usize> = (i..n)
-            .filter(|&j| rows[j].is_some_and(|o| std::ptr::eq(o, *ad)))
-            .collect();
-        h.clear();
-        h.resize(members.len() * r, 0.0);
-        for (m, &t) in members.iter().enumerate() {
-            let xt = &x[t * k..(t + 1) * k];
-            for j in 0..r {
-                h[m * r + j] = s * dot(&pair.a[j * k..(j + 1) * k], xt);
-            }
-        }
-        for o in out_cols.clone() {
-            let brow = &pair.b[o * r..(o + 1) * r];
-            for (m, &t) in members.iter().enumerate() {
-                add(t, o, dot(brow, &h[m * r..(m + 1) * r]));
-            }
-        }
-    }
+    let (groups, n_h) = groups(rows, layer, proj);
+    let total: usize = groups.iter().map(|g| g.m.rank).sum();
+    let mut h = vec![0f32; n_h];
+    down_project(&groups, x, k, 0..total, |i, v| h[i] = v);
+    up_project(&groups, &h, 0..n_out, add);
 }
 
 #[cfg(test)]
@@ -490,9 +691,7 @@ mod tests {
         let x: Vec<f32> = (0..3 * k).map(|i| (i % 7) as f32 / 7.0 - 0.3).collect();
         let rows = [Some(&a1), None, Some(&a2)];
         let mut out = vec![1.0f32; 3 * n];
-        apply(&rows, 1, Proj::Up, &x, k, 0..n, |t, o, v| {
-            out[t * n + o] += v
-        });
+        apply(&rows, 1, Proj::Up, &x, k, n, |t, o, v| out[t * n + o] += v);
         // Dense reference: W' = s · B·A, in f64.
         for (t, ad) in rows.iter().enumerate() {
             for o in 0..n {
@@ -500,13 +699,14 @@ mod tests {
                     None => 1.0,
                     Some(ad) => {
                         let p = ad.pair(1, Proj::Up).unwrap();
+                        let (pa, pb) = (p.a(), p.b());
                         let s = f64::from(ad.effective_scale(p.rank));
                         let mut acc = 0f64;
                         for j in 0..p.rank {
                             let ax: f64 = (0..k)
-                                .map(|c| f64::from(p.a[j * k + c]) * f64::from(x[t * k + c]))
+                                .map(|c| f64::from(pa[j * k + c]) * f64::from(x[t * k + c]))
                                 .sum();
-                            acc += f64::from(p.b[o * p.rank + j]) * ax;
+                            acc += f64::from(pb[o * p.rank + j]) * ax;
                         }
                         1.0 + s * acc
                     }
@@ -519,12 +719,33 @@ mod tests {
         }
         // Layer 0 has no pair: nothing changes.
         let mut out0 = vec![1.0f32; 3 * n];
-        apply(&rows, 0, Proj::Up, &x, k, 0..n, |t, o, v| {
-            out0[t * n + o] += v
-        });
+        apply(&rows, 0, Proj::Up, &x, k, n, |t, o, v| out0[t * n + o] += v);
         assert!(out0.iter().all(|&v| v == 1.0));
         assert_eq!(a1.effective_scale(4), 2.0);
         assert_eq!(a2.effective_scale(2), 0.5);
+    }
+
+    #[test]
+    fn the_simd_dot_matches_the_scalar_reference() {
+        for n in [0, 1, 7, 15, 16, 17, 33, 896, 4864] {
+            let a: Vec<f16> = (0..n)
+                .map(|i| f16::from_f32(((i * 37 % 101) as f32 - 50.0) / 97.0))
+                .collect();
+            let x: Vec<f32> = (0..n)
+                .map(|i| ((i * 13 % 29) as f32 - 14.0) / 7.0)
+                .collect();
+            let want: f64 = a
+                .iter()
+                .zip(&x)
+                .map(|(w, v)| f64::from(w.to_f32()) * f64::from(*v))
+                .sum();
+            for got in [dot_f16_scalar(&a, &x), dot_f16(&a, &x)] {
+                assert!(
+                    (f64::from(got) - want).abs() < 1e-3 * (1.0 + want.abs()),
+                    "n {n}: {got} vs {want}"
+                );
+            }
+        }
     }
 
     #[test]
@@ -548,8 +769,8 @@ mod tests {
         assert_eq!(back.alpha, 16.0);
         assert_eq!(back.pairs().count(), 2);
         assert_eq!(
-            back.pair(1, Proj::Down).unwrap().b,
-            ad.pair(1, Proj::Down).unwrap().b
+            back.pair(1, Proj::Down).unwrap().b(),
+            ad.pair(1, Proj::Down).unwrap().b()
         );
         assert_eq!(back.bytes(), ad.bytes());
 
