@@ -14,17 +14,7 @@ use porteiro_engine::lora::{Adapter, LoraPair, Proj};
 use porteiro_engine::{BatchToken, LocalModel, Model, Scratch};
 
 fn open() -> Option<LocalModel> {
-    match porteiro_models::fetch::resolve_model("smollm2-135m", false) {
-        Ok(p) => Some(LocalModel::open(&p, 2).unwrap()),
-        Err(e) => {
-            assert!(
-                std::env::var("PORTEIRO_REQUIRE_MODELS").is_err(),
-                "smollm2-135m required but not cached: {e}"
-            );
-            eprintln!("skipping: smollm2-135m not cached: {e}");
-            None
-        }
-    }
+    open_alias("smollm2-135m")
 }
 
 /// Deterministic values in [-amp, amp).

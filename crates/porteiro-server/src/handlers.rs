@@ -84,11 +84,7 @@ async fn chat_inner(
 
     // 2. The first tier that answers.
     let stream = req.stream.unwrap_or(false);
-    let include_usage = req
-        .stream_options
-        .as_ref()
-        .and_then(|o| o.include_usage)
-        .unwrap_or(false);
+    let include_usage = include_usage(req.stream_options.as_ref());
     // The local model answers under the name it was asked for (an adapter's, say); routed
     // requests under the model's own id.
     let model = if plan.routed {
@@ -186,6 +182,11 @@ fn record(st: &AppState, ctx: &RequestCtx, plan: &Plan, trace: &Trace) {
     }
 }
 
+/// `stream_options.include_usage`: a last chunk with the usage.
+fn include_usage(o: Option<&porteiro_protocol::StreamOptions>) -> bool {
+    o.and_then(|o| o.include_usage).unwrap_or(false)
+}
+
 fn tier(st: &AppState, t: TierRef) -> Box<dyn Tier> {
     match t {
         TierRef::Local => Box::new(LocalTier::new(st.clone())),
@@ -231,11 +232,7 @@ async fn completions_inner(
         ));
     }
     let stream = req.stream.unwrap_or(false);
-    let include_usage = req
-        .stream_options
-        .as_ref()
-        .and_then(|o| o.include_usage)
-        .unwrap_or(false);
+    let include_usage = include_usage(req.stream_options.as_ref());
     let model = req.model.clone();
     let treq = TierRequest {
         adapter,

@@ -245,8 +245,9 @@ async fn bad_adapters_are_refused_naming_the_problem() {
     let Some(st) = start(Some(ADMIN)) else { return };
     let dir = tempfile::tempdir().unwrap();
     let load = |name: &str, path: &Path| json!({"name": name, "path": path.display().to_string()});
-    // Every projection at rank 8: ~10 MB of weights, more than the 12 MiB KV budget leaves beside a sequence.
-    let big = write_adapter(&st, dir.path(), "big", 8, &Proj::ALL, 1.0);
+    // Every projection at rank 16: ~9.8 MB of f16 weights, more than the 6.7 MB the 12 MiB KV budget
+    // leaves beside one full-context sequence.
+    let big = write_adapter(&st, dir.path(), "big", 16, &Proj::ALL, 1.0);
     let r = send(
         &st,
         "POST",
