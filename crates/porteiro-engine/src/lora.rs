@@ -348,6 +348,35 @@ impl Adapter {
         }
     }
 
+    /// A seeded random adapter of rank `rank` on `projs` of every layer (benchmarks, tests, golden
+    /// checks): A uniform in ±1/√in (PEFT's Kaiming-uniform scale), B uniform in ±`b_amp` (0: the
+    /// adapter changes nothing, as a freshly initialised one), `alpha` as given.
+    pub fn random(
+        cfg: &Config,
+        rank: usize,
+        projs: &[Proj],
+        b_amp: f32,
+        alpha: f32,
+        seed: u64,
+    ) -> Self {
+        let mut rng = crate::sampler::Rng::new(seed);
+        let mut uniform = |n: usize, amp: f32| -> Vec<f32> {
+            (0..n)
+                .map(|_| (rng.f64() as f32 * 2.0 - 1.0) * amp)
+                .collect()
+        };
+        let mut pairs = Vec::new();
+        for l in 0..cfg.n_layer {
+            for &p in projs {
+                let (k, n) = p.dims(cfg);
+                let a = uniform(rank * k, 1.0 / (k as f32).sqrt());
+                let b = uniform(n * rank, b_amp);
+                pairs.push((l, p, LoraPair { rank, a, b }));
+            }
+        }
+        Self::from_pairs(cfg, alpha, 1.0, pairs)
+    }
+
     /// Writes the adapter as llama.cpp reads it (f16 tensors: exactly what is held), atomically.
     pub fn write(&self, path: &Path, arch: &str) -> Result<(), LoraError> {
         let mut bufs: Vec<(String, Vec<u64>, Vec<u8>)> = Vec::new();
@@ -428,24 +457,6 @@ fn parse_target(base: &str, n_layer: usize) -> Option<(usize, Proj)> {
     let stem = rest.strip_suffix(".weight")?;
     let proj = Proj::ALL.into_iter().find(|p| p.stem() == stem)?;
     (layer < n_layer).then_some((layer, proj))
-}
-
-/// Dot product in eight independent lanes (vectorizes without reassociation flags).
-#[inline]
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    let mut s: f32 = acc.iter().sum();
-    for (x, y) in ra.iter().zip(rb) {
-        s += x * y;
-    }
-    s
 }
 
 /// `Σ a[i]·x[i]` for f16 weights and f32 inputs, in eight independent lanes (the scalar
@@ -626,27 +637,27 @@ pub fn up_project(
     }
 }
 
-/// Both phases on one thread: adds each row's adapter delta (`add(row, column, v)`), for the
-/// `n_out` outputs of a projection from `x` (one row of `k` inputs per batch row).
-pub fn apply(
-    rows: &[Option<&Adapter>],
-    layer: usize,
-    proj: Proj,
-    x: &[f32],
-    k: usize,
-    n_out: usize,
-    add: impl FnMut(usize, usize, f32),
-) {
-    let (groups, n_h) = groups(rows, layer, proj);
-    let total: usize = groups.iter().map(|g| g.m.rank).sum();
-    let mut h = vec![0f32; n_h];
-    down_project(&groups, x, k, 0..total, |i, v| h[i] = v);
-    up_project(&groups, &h, 0..n_out, add);
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Both phases on one thread: adds each row's adapter delta (`add(row, column, v)`), for the
+    /// `n_out` outputs of a projection from `x` (one row of `k` inputs per batch row).
+    fn apply(
+        rows: &[Option<&Adapter>],
+        layer: usize,
+        proj: Proj,
+        x: &[f32],
+        k: usize,
+        n_out: usize,
+        add: impl FnMut(usize, usize, f32),
+    ) {
+        let (groups, n_h) = groups(rows, layer, proj);
+        let total: usize = groups.iter().map(|g| g.m.rank).sum();
+        let mut h = vec![0f32; n_h];
+        down_project(&groups, x, k, 0..total, |i, v| h[i] = v);
+        up_project(&groups, &h, 0..n_out, add);
+    }
 
     fn cfg() -> Config {
         Config {

@@ -10,50 +10,17 @@
 // A test: a failed unwrap is a failed test; skip messages go to stderr.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
 
-use porteiro_engine::lora::{Adapter, LoraPair, Proj};
+use porteiro_engine::lora::{Adapter, Proj};
 use porteiro_engine::{BatchToken, LocalModel, Model, Scratch};
 
 fn open() -> Option<LocalModel> {
     open_alias("smollm2-135m")
 }
 
-/// Deterministic values in [-amp, amp).
-fn noise(n: usize, seed: u64, amp: f32) -> Vec<f32> {
-    let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            ((x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * amp
-        })
-        .collect()
-}
-
 /// A rank-`r` adapter on every projection of every layer.
 fn adapter(m: &Model, r: usize, seed: u64, zero_b: bool) -> Adapter {
-    let c = &m.cfg;
-    let mut pairs = Vec::new();
-    for l in 0..c.n_layer {
-        for (pi, p) in Proj::ALL.into_iter().enumerate() {
-            let (k, n) = p.dims(c);
-            let s = seed + (l * 7 + pi) as u64;
-            pairs.push((
-                l,
-                p,
-                LoraPair {
-                    rank: r,
-                    a: noise(r * k, s, 0.05),
-                    b: if zero_b {
-                        vec![0.0; n * r]
-                    } else {
-                        noise(n * r, s + 1000, 0.05)
-                    },
-                },
-            ));
-        }
-    }
-    Adapter::from_pairs(c, 2.0 * r as f32, 1.0, pairs)
+    let b_amp = if zero_b { 0.0 } else { 0.05 };
+    Adapter::random(&m.cfg, r, &Proj::ALL, b_amp, 2.0 * r as f32, seed)
 }
 
 /// The fixed adapter of the golden check: rank 4 on every projection of every layer, from a
@@ -62,22 +29,11 @@ fn adapter(m: &Model, r: usize, seed: u64, zero_b: bool) -> Adapter {
 /// tests/golden/lora.json.
 fn golden_adapter(m: &Model, alias: &str) -> Adapter {
     let amp = if alias.starts_with("qwen") {
-        0.04
+        0.06
     } else {
         0.25
     };
-    let c = &m.cfg;
-    let mut pairs = Vec::new();
-    for l in 0..c.n_layer {
-        for (pi, p) in Proj::ALL.into_iter().enumerate() {
-            let (k, n) = p.dims(c);
-            let s = 1 + (l * 7 + pi) as u64;
-            let a = noise(4 * k, s, 1.0 / (k as f32).sqrt());
-            let b = noise(n * 4, s + 10_000, amp);
-            pairs.push((l, p, LoraPair { rank: 4, a, b }));
-        }
-    }
-    Adapter::from_pairs(c, 8.0, 1.0, pairs)
+    Adapter::random(&m.cfg, 4, &Proj::ALL, amp, 8.0, 1)
 }
 
 fn open_alias(alias: &str) -> Option<LocalModel> {

@@ -56,38 +56,31 @@ pub async fn first_answer(
         if !local {
             trace.upstream_wait(waited.elapsed());
         }
-        let failed = match answer {
+        // The wait for the first chunk counts as waiting on the upstream, like every later one.
+        let failed = match answer.map(|c| waited_on(c, trace, local)) {
             Ok(chunks) if last => {
                 return Ok(Started {
                     tier: tier.name().to_string(),
-                    chunks: waited_on(chunks, trace, local),
+                    chunks,
                     fallback,
                 })
             }
-            Ok(mut chunks) => {
-                let waited = Instant::now();
-                let first = chunks.next().await;
-                if !local {
-                    trace.upstream_wait(waited.elapsed());
+            Ok(mut chunks) => match chunks.next().await {
+                Some(Ok(c)) => {
+                    serving(tier.name());
+                    return Ok(Started {
+                        tier: tier.name().to_string(),
+                        chunks: Box::pin(stream::iter([Ok(c)]).chain(chunks)),
+                        fallback,
+                    });
                 }
-                match first {
-                    Some(Ok(c)) => {
-                        serving(tier.name());
-                        let rest = waited_on(chunks, trace, local);
-                        return Ok(Started {
-                            tier: tier.name().to_string(),
-                            chunks: Box::pin(stream::iter([Ok(c)]).chain(rest)),
-                            fallback,
-                        });
-                    }
-                    Some(Err(TierError::Upstream(e))) => e,
-                    Some(Err(e)) => return Err(e),
-                    None => porteiro_upstream::UpstreamError::Broken {
-                        name: tier.name().to_string(),
-                        why: "empty stream".into(),
-                    },
-                }
-            }
+                Some(Err(TierError::Upstream(e))) => e,
+                Some(Err(e)) => return Err(e),
+                None => porteiro_upstream::UpstreamError::Broken {
+                    name: tier.name().to_string(),
+                    why: "empty stream".into(),
+                },
+            },
             Err(TierError::Upstream(e)) if !last => e,
             Err(e) => return Err(e),
         };

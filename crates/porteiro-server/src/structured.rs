@@ -178,6 +178,11 @@ impl ToolStream {
         }
     }
 
+    /// Everything generated so far (the whole call once the grammar is complete).
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
     /// Deltas for the next piece of generated text.
     pub fn push(&mut self, piece: &str) -> Vec<ToolCallDelta> {
         self.text.push_str(piece);

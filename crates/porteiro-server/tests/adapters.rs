@@ -63,18 +63,6 @@ fn start(admin: Option<&str>) -> Option<AppState> {
     Some(st)
 }
 
-fn noise(n: usize, seed: u64, amp: f32) -> Vec<f32> {
-    let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            ((x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * amp
-        })
-        .collect()
-}
-
 /// Writes an adapter of rank `r` on `projs` of every layer; B is zero when `amp` is 0.
 fn write_adapter(
     st: &AppState,
@@ -85,24 +73,8 @@ fn write_adapter(
     amp: f32,
 ) -> PathBuf {
     let c = &st.generator().unwrap().model_cfg;
-    let mut pairs = Vec::new();
-    for l in 0..c.n_layer {
-        for (i, &p) in projs.iter().enumerate() {
-            let (k, n) = p.dims(c);
-            let s = (l * 10 + i) as u64;
-            pairs.push((
-                l,
-                p,
-                LoraPair {
-                    rank: r,
-                    a: noise(r * k, s + 1, 0.2),
-                    b: noise(n * r, s + 500, 1.0).iter().map(|v| v * amp).collect(),
-                },
-            ));
-        }
-    }
     let path = dir.join(format!("{name}.gguf"));
-    Adapter::from_pairs(c, r as f32, 1.0, pairs)
+    Adapter::random(c, r, projs, 5.0 * amp, r as f32, 7)
         .write(&path, c.arch.name())
         .unwrap();
     path

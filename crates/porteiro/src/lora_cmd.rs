@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use clap::{Args, Subcommand};
-use porteiro_engine::lora::{Adapter, LoraPair, Proj};
+use porteiro_engine::lora::{Adapter, Proj};
 use porteiro_engine::sampler::Rng;
 use porteiro_engine::{BatchToken, KvCache, Model, Scratch};
 
@@ -48,28 +48,6 @@ pub fn run(c: &LoraCmd) -> Result<()> {
     match c {
         LoraCmd::Bench(a) => bench(a),
     }
-}
-
-/// A random rank-`r` adapter on every projection of every layer (A scaled like PEFT's
-/// Kaiming-uniform initialisation, B small and non-zero so the delta is really computed).
-fn random_adapter(m: &Model, r: usize, seed: u64) -> Adapter {
-    let c = &m.cfg;
-    let mut rng = Rng::new(seed);
-    let mut uni = |n: usize, amp: f32| -> Vec<f32> {
-        (0..n)
-            .map(|_| ((rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * amp)
-            .collect()
-    };
-    let mut pairs = Vec::new();
-    for l in 0..c.n_layer {
-        for p in Proj::ALL {
-            let (k, n) = p.dims(c);
-            let a = uni(r * k, 1.0 / (k as f32).sqrt());
-            let b = uni(n * r, 0.01);
-            pairs.push((l, p, LoraPair { rank: r, a, b }));
-        }
-    }
-    Adapter::from_pairs(c, 2.0 * r as f32, 1.0, pairs)
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -117,7 +95,11 @@ fn bench(a: &LoraBenchArgs) -> Result<()> {
     let m = &lm.model;
     let t = Instant::now();
     let ads: Vec<Adapter> = (0..a.adapters)
-        .map(|i| random_adapter(m, a.rank, 1 + i as u64))
+        .map(|i| {
+            // B small and non-zero, so that the delta is really computed.
+            let alpha = 2.0 * a.rank as f32;
+            Adapter::random(&m.cfg, a.rank, &Proj::ALL, 0.01, alpha, 1 + i as u64)
+        })
         .collect();
     let build_ms = t.elapsed().as_secs_f64() * 1e3;
     let mb = ads[0].bytes() as f64 / (1 << 20) as f64;

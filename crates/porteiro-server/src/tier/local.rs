@@ -62,13 +62,7 @@ impl Tier for LocalTier {
                         prepare_chat(st, c, req.prefix.clone(), req.adapter.clone()).await?;
                     let tools =
                         (mode == Some(Mode::Tools)).then(|| ToolStream::new(st.new_id("call")));
-                    (
-                        rx,
-                        Shape::Chat {
-                            tools,
-                            text: String::new(),
-                        },
-                    )
+                    (rx, Shape::Chat { tools })
                 }
                 Body::Completion(c) => {
                     let (rx, echo) = prepare_completion(st, c, req.adapter.clone()).await?;
@@ -673,10 +667,9 @@ fn completion_logprobs(lps: &[TokenLogprob], offset: &mut usize) -> CompletionLo
 
 enum Shape {
     Chat {
-        /// A tool-call answer, turned into `tool_calls` deltas as it is generated.
+        /// A tool-call answer, turned into `tool_calls` deltas as it is generated (and checked to
+        /// be one call at the end).
         tools: Option<ToolStream>,
-        /// The generated text of a tool-call answer, checked to be one call at the end.
-        text: String,
     },
     Completion {
         /// The prompt's text, sent before the first generated text.
@@ -751,7 +744,7 @@ impl Events {
             ..Default::default()
         };
         match &mut self.shape {
-            Shape::Chat { tools, text: all } => {
+            Shape::Chat { tools } => {
                 if !lps.is_empty() {
                     d.logprobs = Some(Logprobs::Chat(ChatLogprobs {
                         content: lps.iter().map(chat_logprob).collect(),
@@ -759,7 +752,6 @@ impl Events {
                 }
                 match tools {
                     Some(ts) => {
-                        all.push_str(&text);
                         let calls = ts.push(&text);
                         if calls.is_empty() && !first {
                             return None;
@@ -798,11 +790,11 @@ impl Events {
         let first = self.first;
         let mut last = ChoiceDelta::default();
         match &mut self.shape {
-            Shape::Chat { tools, text } => {
+            Shape::Chat { tools } => {
                 if let Some(ts) = tools {
                     if finish == FinishReason::Stop {
                         // A finished call must be one valid call (the grammar guarantees it).
-                        if let Err(e) = tool_calls(text, "check") {
+                        if let Err(e) = tool_calls(ts.text(), "check") {
                             return vec![Err(e.into())];
                         }
                         finish = FinishReason::ToolCalls;

@@ -138,11 +138,6 @@ impl Chunk {
             ..Default::default()
         }
     }
-
-    /// Whether the answer's (first) choice ends with this chunk.
-    pub fn finishes(&self) -> bool {
-        self.choices.iter().any(|c| c.finish_reason.is_some())
-    }
 }
 
 /// Why an answer failed.
@@ -167,14 +162,6 @@ impl From<UpstreamError> for TierError {
 }
 
 impl TierError {
-    /// Short label for metrics and the request log.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            TierError::Upstream(e) => upstream::failure_kind(e),
-            TierError::Api(_) => "error",
-        }
-    }
-
     pub fn message(&self) -> String {
         match self {
             TierError::Upstream(e) => e.to_string(),
