@@ -85,7 +85,8 @@ impl Proj {
         }
     }
 
-    fn index(self) -> usize {
+    /// Position in [`Proj::ALL`].
+    pub fn index(self) -> usize {
         self as usize
     }
 }

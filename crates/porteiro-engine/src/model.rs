@@ -97,11 +97,13 @@ impl Config {
     pub fn q_dim(&self) -> usize {
         self.n_head * self.head_dim
     }
-    fn is_swa(&self, layer: usize) -> Option<usize> {
+    /// The sliding window of `layer`, if it is a sliding-window layer.
+    pub fn is_swa(&self, layer: usize) -> Option<usize> {
         self.swa.as_ref().and_then(|(w, l)| l[layer].then_some(*w))
     }
 
-    fn from_gguf(g: &GgufFile) -> Result<Self, ModelError> {
+    /// The hyperparameters of a GGUF model (its metadata and the token embedding's shape).
+    pub fn from_gguf(g: &GgufFile) -> Result<Self, ModelError> {
         let arch_name = g.architecture()?.to_string();
         let arch = match arch_name.as_str() {
             "llama" => Arch::Llama,
