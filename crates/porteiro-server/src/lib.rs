@@ -9,7 +9,8 @@
 //! graceful shutdown, `/health`, `/metrics`, `/v1/models`), `auth` (API keys), `extract` (bodies
 //! within the size limit, errors naming the parameter), `privacy` (the guard), `telemetry`
 //! (traces, live KPIs, the request log), `metrics` (Prometheus counters), `embeddings`,
-//! `dashboard`, `structured` (`response_format` / `tools` for the local tier), `adapters`
+//! `dashboard`, `prompt` (a chat request as the model's prompt, shared with LoRA training),
+//! `structured` (`response_format` / `tools` for the local tier), `adapters`
 //! (LoRA adapters by name), `admin` (their endpoints), `error`.
 //!
 //! Routes: `POST /v1/chat/completions`, `POST /v1/completions`, `POST /v1/embeddings`,
@@ -29,6 +30,7 @@ pub mod http;
 pub mod metrics;
 pub mod plan;
 pub mod privacy;
+pub mod prompt;
 pub mod respond;
 pub mod state;
 pub mod structured;

@@ -8,6 +8,9 @@
 //! - `optim`: AdamW, warm-up + cosine schedule, gradient clipping.
 //! - `run`: the training loop: batches, accumulation, evaluation, checkpoints, resume.
 
+// Row loops walk several parallel arrays (logits, targets, statistics) with one index.
+#![allow(clippy::needless_range_loop)]
+
 pub mod base;
 pub mod data;
 pub mod net;

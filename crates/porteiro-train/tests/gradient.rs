@@ -49,12 +49,12 @@ fn check(arch: Arch) {
         let mut worst = 0f64;
         for (ti, an) in analytic.iter().enumerate() {
             let mut fd = vec![0.0; an.len()];
-            for j in 0..an.len() {
+            for (j, fd) in fd.iter_mut().enumerate() {
                 let mut plus = lora.clone();
                 plus.tensors_mut()[ti][j] += h;
                 let mut minus = lora.clone();
                 minus.tensors_mut()[ti][j] -= h;
-                fd[j] = (mean_loss(&net, &plus, &s) - mean_loss(&net, &minus, &s)) / (2.0 * h);
+                *fd = (mean_loss(&net, &plus, &s) - mean_loss(&net, &minus, &s)) / (2.0 * h);
             }
             let diff: f64 = an
                 .iter()

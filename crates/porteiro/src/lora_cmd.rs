@@ -1,15 +1,27 @@
-//! `porteiro lora`: LoRA adapters. `bench` measures what serving adapters costs: the decode
+//! `porteiro lora`: LoRA adapters. `train` fine-tunes one on the CPU over the quantized model
+//! (`porteiro-train`), rendering its data through the server's own prompt code. `bench` measures what serving adapters costs: the decode
 //! overhead of one adapter on every linear layer against the base, and the aggregate throughput of
 //! many streams spread over several adapters (one shared batch) against the same streams on the
 //! base, interleaved in one run so the machine's noise hits both sides alike.
 
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use porteiro_engine::lora::{Adapter, Proj};
 use porteiro_engine::sampler::Rng;
 use porteiro_engine::{BatchToken, KvCache, Model, Scratch};
+use porteiro_models::gguf::GgufFile;
+use porteiro_models::template::ChatTemplate;
+use porteiro_models::tokenizer::Tokenizer;
+use porteiro_train::base::Base;
+use porteiro_train::data::{self, Render};
+use porteiro_train::optim::AdamW;
+use porteiro_train::run::{checkpoint_path, parse_targets, Event, Options, Run, Trace};
 
 use crate::ModelArgs;
 
@@ -18,6 +30,79 @@ pub enum LoraCmd {
     /// Decode overhead of an adapter on every linear layer, and aggregate throughput of streams
     /// spread over several adapters against the base (random adapters of the given rank).
     Bench(LoraBenchArgs),
+    /// Train an adapter on chat data (OpenAI's fine-tuning JSONL: one {"messages": [...],
+    /// "tools": [...]} per line; the loss falls on assistant turns) over the frozen quantized model.
+    Train(Box<TrainArgs>),
+}
+
+#[derive(Args)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    m: ModelArgs,
+    /// Training data (JSONL, OpenAI chat fine-tuning format).
+    #[arg(long)]
+    data: PathBuf,
+    /// Held-out data for the loss reported after each epoch (same format).
+    #[arg(long)]
+    eval: Option<PathBuf>,
+    /// The adapter to write (GGUF, loads in `porteiro serve --lora` and llama.cpp `--lora`).
+    #[arg(long)]
+    out: PathBuf,
+    /// Adapter rank.
+    #[arg(long, default_value_t = 16)]
+    rank: usize,
+    /// LoRA alpha (the update is scaled by alpha / rank).
+    #[arg(long, default_value_t = 32.0)]
+    alpha: f32,
+    /// Projections to adapt: attn (q,k,v,o), mlp (gate,up,down), all, or any of q,k,v,o,gate,up,down.
+    #[arg(long, default_value = "attn,mlp")]
+    targets: String,
+    #[arg(long, default_value_t = 1)]
+    epochs: usize,
+    /// Peak learning rate (AdamW).
+    #[arg(long, default_value_t = 2e-4)]
+    lr: f32,
+    /// Warm-up updates (default: 5% of the run).
+    #[arg(long)]
+    warmup: Option<usize>,
+    /// AdamW decoupled weight decay.
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f32,
+    /// Clip the gradient's global norm to this (0: no clipping).
+    #[arg(long, default_value_t = 1.0)]
+    clip: f32,
+    /// Tokens per optimizer step (sequences are packed up to it).
+    #[arg(long, default_value_t = 2048)]
+    batch_tokens: usize,
+    /// Tokens per forward/backward pass; a step's passes accumulate their gradients (memory grows
+    /// with this, not with --batch-tokens).
+    #[arg(long, default_value_t = 512)]
+    micro_tokens: usize,
+    /// Longest sequence accepted (default: min(1024, the model's context)).
+    #[arg(long)]
+    max_seq: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stop after this many updates (the schedule still spans the whole run).
+    #[arg(long)]
+    max_steps: Option<usize>,
+    /// Save a checkpoint (<out>.ckpt) every this many updates (0: only on Ctrl-C).
+    #[arg(long, default_value_t = 50)]
+    checkpoint_every: usize,
+    /// Continue from <out>.ckpt (same data and options).
+    #[arg(long)]
+    resume: bool,
+    /// Skip bad lines (counted) instead of stopping at the first.
+    #[arg(long)]
+    skip_bad: bool,
+    /// Start B uniform in ±this instead of zero (reference checks of the first step's gradients).
+    #[arg(long, default_value_t = 0.0)]
+    init_b: f32,
+    /// Write a JSONL trace of the run (config, every step's sequences, loss and learning rate) with
+    /// the initial adapter and the first step's gradients next to it (the PyTorch reference check,
+    /// scripts/lora_reference.py, replays it).
+    #[arg(long)]
+    trace: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -47,7 +132,221 @@ pub struct LoraBenchArgs {
 pub fn run(c: &LoraCmd) -> Result<()> {
     match c {
         LoraCmd::Bench(a) => bench(a),
+        LoraCmd::Train(a) => train(a),
     }
+}
+
+/// Training data rendered by the server's own prompt code.
+struct ServerRender(Option<ChatTemplate>);
+
+impl Render for ServerRender {
+    fn prompt(&self, request: &serde_json::Value) -> Result<String, String> {
+        porteiro_server::prompt::chat_prompt(self.0.as_ref(), request).map_err(|e| e.message)
+    }
+    fn answer(&self, message: &serde_json::Value) -> Result<String, String> {
+        porteiro_server::prompt::assistant_text(message).map_err(|e| e.message)
+    }
+}
+
+/// Ctrl-C sets `stop` (the loop saves a checkpoint after the pass in flight); a second one exits.
+fn on_interrupt(stop: &'static AtomicBool) {
+    std::thread::spawn(move || {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        rt.block_on(async {
+            while tokio::signal::ctrl_c().await.is_ok() {
+                if stop.swap(true, Ordering::SeqCst) {
+                    std::process::exit(130);
+                }
+            }
+        });
+    });
+}
+
+fn train(a: &TrainArgs) -> Result<()> {
+    static STOP: AtomicBool = AtomicBool::new(false);
+    let path = crate::model_path(&a.m.model)?;
+    let file = Arc::new(GgufFile::open(&path)?);
+    let tok = Tokenizer::from_gguf(&file)?;
+    let template = ChatTemplate::from_gguf(&file, &tok)?;
+    let base = Base::from_gguf(file.clone())?;
+    let arch = base.cfg.arch.name();
+    let max_seq = a.max_seq.unwrap_or(base.cfg.n_ctx_train.min(1024));
+    if max_seq > base.cfg.n_ctx_train {
+        bail!(
+            "--max-seq {max_seq} is over the model's context ({})",
+            base.cfg.n_ctx_train
+        );
+    }
+    if a.rank == 0 || a.epochs == 0 || a.batch_tokens == 0 || a.micro_tokens == 0 {
+        bail!("--rank, --epochs, --batch-tokens and --micro-tokens must be at least 1");
+    }
+    if !(a.lr > 0.0 && a.lr.is_finite()) {
+        bail!("--lr must be a positive number");
+    }
+    let render = ServerRender(template);
+    let train = data::load(&a.data, &tok, &render, max_seq, a.skip_bad)?;
+    for (line, why) in train.skipped.iter().take(5) {
+        eprintln!("skipped {}:{line}: {why}", a.data.display());
+    }
+    let eval = match &a.eval {
+        Some(p) => data::load(p, &tok, &render, max_seq, a.skip_bad)?,
+        None => data::Loaded::default(),
+    };
+    let tokens: usize = train.examples.iter().map(|e| e.seq.tokens.len()).sum();
+    let targets: usize = train.examples.iter().map(|e| e.seq.targets()).sum();
+    eprintln!(
+        "{}: {} sequences ({} tokens, {} target tokens){}; eval: {} sequences",
+        a.data.display(),
+        train.examples.len(),
+        tokens,
+        targets,
+        if train.skipped.is_empty() {
+            String::new()
+        } else {
+            format!(", {} lines skipped", train.skipped.len())
+        },
+        eval.examples.len()
+    );
+    let opts = Options {
+        rank: a.rank,
+        alpha: a.alpha,
+        targets: parse_targets(&a.targets)?
+            .iter()
+            .map(|p| p.short().to_string())
+            .collect(),
+        epochs: a.epochs,
+        opt: AdamW {
+            lr: a.lr,
+            weight_decay: a.weight_decay,
+            ..AdamW::default()
+        },
+        batch_tokens: a.batch_tokens,
+        micro_tokens: a.micro_tokens,
+        warmup: a.warmup,
+        clip: (a.clip > 0.0).then_some(a.clip),
+        seed: a.seed,
+        threads: a.m.threads(),
+        max_steps: a.max_steps,
+        checkpoint_every: a.checkpoint_every,
+        init_b: a.init_b,
+    };
+    on_interrupt(&STOP);
+    let run = Run {
+        base: &base,
+        arch,
+        model_path: &path,
+        opts,
+        train: &train.examples,
+        eval: &eval.examples,
+        out: &a.out,
+        resume: a.resume,
+        stop: &STOP,
+        trace: a.trace.as_deref().map(Trace::create).transpose()?,
+    };
+    let pb = ProgressBar::hidden();
+    let started = Instant::now();
+    let mut done_tokens = 0usize;
+    let mut logged = Instant::now();
+    // Without a terminal the bar is hidden: lines go to stderr, steps every 10 s.
+    let say = |pb: &ProgressBar, line: String| {
+        if pb.is_hidden() {
+            eprintln!("{line}");
+        } else {
+            pb.println(line);
+        }
+    };
+    let mut on = |ev: Event| match ev {
+        Event::Start {
+            steps,
+            params,
+            first,
+        } => {
+            pb.set_draw_target(ProgressDrawTarget::stderr());
+            pb.set_length(steps as u64);
+            pb.set_position(first as u64);
+            pb.reset_eta();
+            pb.set_style(
+                ProgressStyle::with_template("{bar:30} {pos}/{len} steps {msg} ETA {eta}")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            say(
+                &pb,
+                format!(
+                    "training {params} parameters (rank {}, {}) on {}{}",
+                    a.rank,
+                    a.targets,
+                    path.display(),
+                    if first > 0 {
+                        format!(", resuming after step {first}")
+                    } else {
+                        String::new()
+                    }
+                ),
+            );
+        }
+        Event::Step {
+            step,
+            loss,
+            grad_norm,
+            lr,
+            tokens,
+            secs,
+            epoch,
+            steps,
+        } => {
+            done_tokens += tokens;
+            pb.set_position(step as u64);
+            let msg = format!(
+                "epoch {} loss {loss:.4} |g| {grad_norm:.3} lr {lr:.2e} {:.0} tok/s",
+                epoch + 1,
+                tokens as f64 / secs.max(1e-9)
+            );
+            if pb.is_hidden() && (logged.elapsed().as_secs() >= 10 || step == 1 || step == steps) {
+                logged = Instant::now();
+                eprintln!("step {step}/{steps} {msg}");
+            }
+            pb.set_message(msg);
+        }
+        Event::Eval {
+            epoch,
+            loss,
+            targets,
+        } => say(
+            &pb,
+            format!(
+                "epoch {}: eval loss {loss:.4} over {targets} target tokens",
+                epoch + 1
+            ),
+        ),
+        Event::Checkpoint { step, path } => {
+            say(&pb, format!("step {step}: checkpoint {}", path.display()))
+        }
+        Event::Interrupted { step } => say(
+            &pb,
+            format!(
+                "interrupted: checkpoint after step {step} in {}; continue with --resume",
+                checkpoint_path(&a.out).display()
+            ),
+        ),
+    };
+    let (_, interrupted) = run.go(&mut on)?;
+    pb.finish_and_clear();
+    let secs = started.elapsed().as_secs_f64();
+    if interrupted {
+        std::process::exit(130);
+    }
+    eprintln!(
+        "wrote {} ({done_tokens} tokens in {secs:.1} s, {:.1} tok/s, peak RSS {:.0} MiB)",
+        a.out.display(),
+        done_tokens as f64 / secs.max(1e-9),
+        crate::peak_rss_bytes() as f64 / (1 << 20) as f64
+    );
+    Ok(())
 }
 
 fn median(v: &mut [f64]) -> f64 {

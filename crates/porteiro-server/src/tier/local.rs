@@ -14,15 +14,14 @@ use porteiro_engine::scheduler::{
     Event, EventSink, GenRequest, SubmitError, TokenConstraint, TokenLogprob,
 };
 use porteiro_engine::{FinishReason as EngineFinish, SamplingParams};
-use porteiro_models::template::ChatMessage as TemplateMessage;
 use porteiro_protocol::{
-    ChatCompletionRequest, ChatLogprobs, ChatMessage, ChatTokenLogprob, CompletionLogprobs,
-    CompletionRequest, Content, FinishReason, Prompt, Stop, TopLogprob, Usage,
+    ChatCompletionRequest, ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, CompletionRequest,
+    FinishReason, Prompt, Stop, TopLogprob, Usage,
 };
-use serde_json::Value;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use super::{Body, ChoiceDelta, Chunk, Chunks, Logprobs, Tier, TierError, TierRequest};
+use crate::prompt::{prompt_messages, render};
 use crate::structured::{spec_of, tool_calls, Mode, ToolStream};
 use crate::{ApiError, AppState, Generator};
 
@@ -351,73 +350,6 @@ async fn blocking<T: Send + 'static>(
 // Chat
 // ------------------------------------------------------------------------------------------------
 
-fn chat_messages(msgs: &[ChatMessage]) -> Result<Vec<TemplateMessage>, ApiError> {
-    if msgs.is_empty() {
-        return Err(ApiError::invalid(
-            "messages",
-            "`messages` must not be empty.",
-        ));
-    }
-    msgs.iter()
-        .enumerate()
-        .map(|(i, m)| {
-            let role = match m.role.as_str() {
-                "system" | "developer" => "system",
-                // Tool results reach the model as a user turn every chat template understands.
-                "user" | "tool" => "user",
-                "assistant" => "assistant",
-                other => {
-                    return Err(ApiError::invalid(
-                        format!("messages[{i}].role"),
-                        format!(
-                            "Unsupported role `{other}`; use system, developer, user, assistant or tool."
-                        ),
-                    ))
-                }
-            };
-            let content = match &m.content {
-                None => String::new(),
-                Some(Content::Text(t)) => t.clone(),
-                Some(Content::Parts(parts)) => {
-                    let mut s = String::new();
-                    for (j, p) in parts.iter().enumerate() {
-                        match (p.kind.as_str(), &p.text) {
-                            ("text", Some(t)) => s.push_str(t),
-                            _ => {
-                                return Err(ApiError::invalid(
-                                    format!("messages[{i}].content[{j}]"),
-                                    format!(
-                                        "Only text content parts are supported (got `{}`).",
-                                        p.kind
-                                    ),
-                                ))
-                            }
-                        }
-                    }
-                    s
-                }
-            };
-            let content = match (m.role.as_str(), &m.tool_calls) {
-                ("tool", _) => format!("Tool result: {content}"),
-                // The model sees the calls it made in the shape it was asked to produce them.
-                ("assistant", Some(Value::Array(calls))) if content.is_empty() => calls
-                    .iter()
-                    .map(|c| {
-                        let args = c["function"]["arguments"].as_str().unwrap_or("{}");
-                        format!(
-                            "{{\"name\":{},\"arguments\":{args}}}",
-                            c["function"]["name"]
-                        )
-                    })
-                    .collect::<Vec<_>>()
-                    .join("\n"),
-                _ => content,
-            };
-            Ok(TemplateMessage::new(role, content))
-        })
-        .collect()
-}
-
 /// Validates a chat request for the local engine and submits it; `prefix` is assistant text already
 /// given to the client (an upstream's answer cut mid-way), which the local model continues.
 async fn prepare_chat(
@@ -454,14 +386,9 @@ async fn prepare_chat(
         (None, m) => (m, "max_tokens"),
     };
     let limits = knobs!(req, max_tokens, param).validate(st)?;
-    let mut msgs = chat_messages(&req.messages)?;
+    let msgs = prompt_messages(&req.messages, structured.as_ref().map(|s| &s.0))?;
     let mut constraint = None;
     if let Some((spec, mode)) = &structured {
-        let note = spec.instructions();
-        match msgs.first_mut() {
-            Some(m) if m.role == "system" => m.content = format!("{}\n\n{note}", m.content),
-            _ => msgs.insert(0, TemplateMessage::new("system", note)),
-        }
         let param = if *mode == Mode::Tools {
             "tools"
         } else {
@@ -490,16 +417,7 @@ async fn prepare_chat(
         );
     }
     let prompt = blocking(st, move |g| {
-        let mut text = match &g.template {
-            Some(t) => t.render(&msgs, true).map_err(|e| {
-                ApiError::invalid("messages", format!("The chat template failed: {e}"))
-            })?,
-            None => msgs
-                .iter()
-                .map(|m| m.content.as_str())
-                .collect::<Vec<_>>()
-                .join("\n\n"),
-        };
+        let mut text = render(g.template.as_ref(), &msgs)?;
         if let Some(p) = prefix {
             text.push_str(&p);
         }
