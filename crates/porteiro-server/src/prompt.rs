@@ -150,3 +150,38 @@ pub fn assistant_text(message: &Value) -> Result<String, ApiError> {
         )),
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_training_line_renders_like_a_request_with_its_tools() {
+        let t = ChatTemplate::from_source(
+            "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}",
+            "",
+            "",
+        )
+        .unwrap();
+        let tools = serde_json::json!([{"type": "function", "function": {"name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]);
+        let req = serde_json::json!({"messages": [{"role": "user", "content": "Rain in Oslo?"}], "tools": tools});
+        let p = chat_prompt(Some(&t), &req).unwrap();
+        assert!(
+            p.starts_with("<system>Call exactly one of these functions."),
+            "{p}"
+        );
+        assert!(
+            p.contains("get_weather") && p.ends_with("<user>Rain in Oslo?\n<assistant>"),
+            "{p}"
+        );
+        let call = serde_json::json!({"role": "assistant", "content": null, "tool_calls": [{"id": "c1",
+            "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Oslo\"}"}}]});
+        assert_eq!(
+            assistant_text(&call).unwrap(),
+            r#"{"name":"get_weather","arguments":{"city":"Oslo"}}"#
+        );
+        assert!(assistant_text(&serde_json::json!({"role": "assistant"})).is_err());
+    }
+}
