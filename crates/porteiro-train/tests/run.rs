@@ -17,7 +17,7 @@ fn examples(vocab: u32) -> Vec<Example> {
     // A learnable task: the answer token is a fixed function of the prompt's first token.
     (0..24)
         .map(|i| {
-            let a = (i * 7 % (vocab - 4)) as u32 + 2;
+            let a = i * 7 % (vocab - 4) + 2;
             let tokens = vec![a, 1, (a * 3) % vocab, 0, (a + 5) % vocab, (a + 9) % vocab];
             let mask = vec![false, false, false, false, true, true];
             Example {
@@ -137,8 +137,7 @@ fn a_checkpoint_of_another_run_is_refused() {
     };
     let err = run
         .go(&mut |_| {})
-        .err()
-        .expect("resume of a different run")
+        .expect_err("resume of a different run")
         .to_string();
     assert!(err.contains("different run"), "{err}");
 }
