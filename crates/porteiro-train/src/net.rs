@@ -209,18 +209,28 @@ fn rms_bwd<R: Real>(x: &[R], rinv: &[R], w: &[f32], dy: &[R], dim: usize) -> Vec
 }
 
 /// Rotates every head of every row by its position (`sign` -1: the inverse rotation, for gradients).
+/// Angles are computed once per position (in f64), not per row and head.
 fn rope<R: Real>(x: &mut [R], pos: &[usize], hd: usize, base: f32, neox: bool, sign: f64) {
     let width = x.len() / pos.len().max(1);
-    let freqs: Vec<f64> = (0..hd / 2)
+    let half = hd / 2;
+    let freqs: Vec<f64> = (0..half)
         .map(|i| (base as f64).powf(-2.0 * i as f64 / hd as f64))
         .collect();
-    for (row, &p) in x.chunks_exact_mut(width).zip(pos) {
-        for h in row.chunks_exact_mut(hd) {
-            for (i, f) in freqs.iter().enumerate() {
+    let max = pos.iter().copied().max().unwrap_or(0);
+    let table: Vec<(R, R)> = (0..=max)
+        .flat_map(|p| {
+            freqs.iter().map(move |f| {
                 let (s, c) = (p as f64 * f * sign).sin_cos();
-                let (s, c) = (R::of64(s), R::of64(c));
+                (R::of64(s), R::of64(c))
+            })
+        })
+        .collect();
+    for (row, &p) in x.chunks_exact_mut(width).zip(pos) {
+        let angles = &table[p * half..(p + 1) * half];
+        for h in row.chunks_exact_mut(hd) {
+            for (i, &(s, c)) in angles.iter().enumerate() {
                 let (a, b) = if neox {
-                    (i, i + hd / 2)
+                    (i, i + half)
                 } else {
                     (2 * i, 2 * i + 1)
                 };
