@@ -320,6 +320,14 @@ def build_snips(args):
             print("train teacher answers: " + json.dumps(collections.Counter(r["messages"][-1]["content"] for r in rows)))
 
 
+def _is_json(s):
+    try:
+        json.loads(s)
+        return True
+    except json.JSONDecodeError:
+        return False
+
+
 def build_bfcl(args):
     from lora_eval import bfcl_correct  # the AST checker, to report the teacher's accuracy
     items = load_bfcl()
@@ -334,8 +342,8 @@ def build_bfcl(args):
     answers = teacher_answers(args, reqs, BFCL_MAX_TOKENS)
     rows, labels, errors, right = [], [], [], 0
     for n, (req, it, ans) in enumerate(zip(reqs, train, answers)):
-        if "error" in ans:  # no usable call (e.g. cut by max_tokens)
-            errors.append(ans["error"][:100])
+        if "error" in ans or not _is_json(ans["arguments"]):  # no usable call, or cut by max_tokens
+            errors.append(ans.get("error", "cut: " + ans.get("arguments", "")[:60])[:100])
             continue
         right += bfcl_correct(ans, lab(it))
         call = {"id": f"call_{n}", "type": "function", "function": {"name": ans["name"], "arguments": ans["arguments"]}}

@@ -31,7 +31,6 @@ import torch.nn.functional as F
 
 HOME = pathlib.Path(os.environ.get("PORTEIRO_HOME", pathlib.Path.home() / ".cache/porteiro"))
 REF = pathlib.Path(os.environ.get("PORTEIRO_LLAMA_CPP", HOME / "llama.cpp-0.3.36"))
-PROJ = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 
 def field(reader, key, default=None):
@@ -217,10 +216,9 @@ def perplexity(args, dtype):
     ours = math.exp(nll / n)
     ref = None if args.no_ref else llama_ppl(args.ppl, args.text, args.ctx, args.chunks, args.lora)
     rel = None if ref is None else abs(ours - ref) / ref
-    doc = {"model": args.ppl, "lora": args.lora, "arch": m.arch, "dtype": args.dtype, "ctx": args.ctx, "chunks": args.chunks,
-           "ppl_torch": round(ours, 4), "ppl_running": running, "ppl_llama_cpp": ref,
-           "rel": rel, "pass": rel is not None and rel < 0.01}
-    return doc
+    return {"model": args.ppl, "lora": args.lora, "arch": m.arch, "dtype": args.dtype, "ctx": args.ctx,
+            "chunks": args.chunks, "ppl_torch": round(ours, 4), "ppl_running": running, "ppl_llama_cpp": ref,
+            "rel": rel, "pass": rel is not None and rel < 0.01}
 
 
 def load_adapter(path, dtype):
@@ -245,6 +243,9 @@ def replay(args, dtype):
     lines = [json.loads(l) for l in open(args.trace) if l.strip()]
     cfg, steps = lines[0], [l for l in lines[1:] if l.get("kind") == "step"][:args.steps]
     assert cfg["kind"] == "config", "first trace line must be the config"
+    for k in ("model", "init", "grads"):  # relative paths: next to the trace
+        if cfg.get(k) and not pathlib.Path(cfg[k]).exists():
+            cfg[k] = str(pathlib.Path(args.trace).parent / cfg[k])
     model = Model(cfg["model"], dtype)
     params, alpha = load_adapter(cfg["init"], dtype)
     if cfg.get("alpha") is not None and abs(cfg["alpha"] - alpha) > 1e-6:
@@ -293,7 +294,9 @@ def replay(args, dtype):
             print(f"  first-step grads: max rel {worst:.2e} over {len(per)} tensors; "
                   f"{len(zero)} with a zero reference gradient")
             row.update(grad_rel=per, grad_rel_max=worst, grad_zero=zero)
-        if cfg.get("clip"):
+        elif st is steps[0]:
+            print("  no grads file in the trace: first-step gradients not checked")
+        if cfg.get("clip"):  # scales by clip / (norm + 1e-6) when norm > clip
             torch.nn.utils.clip_grad_norm_([params[n] for n in names], cfg["clip"])
         for g in opt.param_groups:
             g["lr"] = st["lr"]

@@ -10,7 +10,8 @@ sequences of --seq-len tokens; a step is --batch-tokens tokens (batch of equal-l
 every token: this measures speed, not quality). tokens/s leaves out the first (warm-up) step; peak RSS is
 the process's lifetime maximum (load included), rss_after_load_mib the resident size before training.
 
-Needs $PORTEIRO_HOME/st-venv with torch, transformers, peft, gguf==0.19.0.
+Needs $PORTEIRO_HOME/st-venv with torch, transformers, peft==0.13.2 (newer peft drags in a newer torch),
+accelerate<1.3, gguf==0.19.0; gemma3 needs transformers >= 4.50 (st-venv pins 4.46.3 for the encoder).
 Usage: scripts/lora_train_bench.py --model GGUF --data FILE.jsonl [--threads 2] [--steps 10]
          [--batch-tokens 1024] [--seq-len 256] [--rank 16] [--alpha 32] [--build]
 """
@@ -45,7 +46,8 @@ def build(path, r):
               num_attention_heads=field(r, f"{a}.attention.head_count"),
               num_key_value_heads=field(r, f"{a}.attention.head_count_kv"),
               rms_norm_eps=field(r, f"{a}.attention.layer_norm_rms_epsilon"),
-              rope_theta=field(r, f"{a}.rope.freq_base", 10000.0), max_position_embeddings=field(r, f"{a}.context_length"),
+              rope_theta=field(r, f"{a}.rope.freq_base", 10000.0),
+              max_position_embeddings=field(r, f"{a}.context_length"),
               tie_word_embeddings=not any(t.name == "output.weight" for t in r.tensors))
     hd = field(r, f"{a}.attention.key_length", hp["hidden_size"] // hp["num_attention_heads"])
     if a == "llama":
@@ -168,8 +170,11 @@ def main():
     print(json.dumps({
         "impl": "torch+peft", "model": args.model, "load": how,
         "tokens_per_s": round(timed * batch.numel() / sum(times[1:]), 2) if timed else None,
+        # the median step resists a busy machine's stalls better than the mean
+        "tokens_per_s_median_step": round(batch.numel() / sorted(times[1:])[timed // 2], 2) if timed else None,
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "rss_after_load_mib": round(rss_load, 1), "peak_rss_load_mib": round(peak_load, 1), "load_s": round(load_s, 1),
+        "rss_after_load_mib": round(rss_load, 1), "peak_rss_load_mib": round(peak_load, 1),
+        "load_s": round(load_s, 1),
         "steps": args.steps, "tokens": timed * batch.numel(), "batch": list(batch.shape),
         "rank": args.rank, "alpha": args.alpha, "threads": args.threads,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}))

@@ -33,8 +33,11 @@ pub struct Options {
     pub seed: u64,
     #[serde(skip)]
     pub threads: usize,
-    /// Stop after this many updates (a short run; the schedule still spans the whole plan).
+    /// Stop after this many updates (a short run; the schedule still spans the whole plan). Not
+    /// part of a checkpoint's identity: a run may be resumed with another stop.
+    #[serde(skip)]
     pub max_steps: Option<usize>,
+    #[serde(skip)]
     pub checkpoint_every: usize,
     /// B drawn uniform in ±init_b instead of zero (reference checks).
     pub init_b: f32,
@@ -460,7 +463,14 @@ impl Run<'_> {
             Adapter::from_pairs(cfg, o.alpha, 1.0, pairs)
                 .write(self.out, self.arch)
                 .map_err(|e| io(self.out, e))?;
-            if ckpt.exists() {
+            if last < total {
+                // Stopped by --max-steps: keep a checkpoint so the run can go on with --resume.
+                save(&params, &moments, last)?;
+                on(Event::Checkpoint {
+                    step: last,
+                    path: ckpt.clone(),
+                });
+            } else if ckpt.exists() {
                 std::fs::remove_file(&ckpt).map_err(|e| io(&ckpt, e))?;
             }
         }

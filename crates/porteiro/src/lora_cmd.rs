@@ -103,6 +103,9 @@ pub struct TrainArgs {
     /// scripts/lora_reference.py, replays it).
     #[arg(long)]
     trace: Option<PathBuf>,
+    /// Print a JSON summary (tokens/s after the first step, peak RSS) on stdout at the end.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -251,6 +254,8 @@ fn train(a: &TrainArgs) -> Result<()> {
     let pb = ProgressBar::hidden();
     let started = Instant::now();
     let mut done_tokens = 0usize;
+    // Steady-state speed: the steps after the first of this run (which pays page faults and warm-up).
+    let (mut steady_tokens, mut steady_secs, mut seen) = (0usize, 0f64, 0usize);
     let mut logged = Instant::now();
     // Without a terminal the bar is hidden: lines go to stderr, steps every 10 s.
     let say = |pb: &ProgressBar, line: String| {
@@ -300,6 +305,11 @@ fn train(a: &TrainArgs) -> Result<()> {
             steps,
         } => {
             done_tokens += tokens;
+            seen += 1;
+            if seen > 1 {
+                steady_tokens += tokens;
+                steady_secs += secs;
+            }
             pb.set_position(step as u64);
             let msg = format!(
                 "epoch {} loss {loss:.4} |g| {grad_norm:.3} lr {lr:.2e} {:.0} tok/s",
@@ -340,12 +350,21 @@ fn train(a: &TrainArgs) -> Result<()> {
     if interrupted {
         std::process::exit(130);
     }
+    let rate = steady_tokens as f64 / steady_secs.max(1e-9);
+    let rss = crate::peak_rss_bytes() as f64 / (1 << 20) as f64;
     eprintln!(
-        "wrote {} ({done_tokens} tokens in {secs:.1} s, {:.1} tok/s, peak RSS {:.0} MiB)",
+        "wrote {} ({done_tokens} tokens in {secs:.1} s; training {rate:.1} tok/s after the first step; peak RSS {rss:.0} MiB)",
         a.out.display(),
-        done_tokens as f64 / secs.max(1e-9),
-        crate::peak_rss_bytes() as f64 / (1 << 20) as f64
     );
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "impl": "porteiro", "model": a.m.model, "steps": seen, "tokens": done_tokens,
+                "tokens_per_s": rate, "peak_rss_mib": rss, "threads": a.m.threads(), "rank": a.rank,
+            })
+        );
+    }
     Ok(())
 }
 

@@ -1,5 +1,14 @@
 //! `porteiro serve`: resolve (and pull) the models, listen, load, serve until SIGINT/SIGTERM.
 
+/// A line on stdout that cannot panic: when the parent closed the pipe (it went away), a status
+/// line is lost, not the shutdown.
+macro_rules! say {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
+}
+
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -95,7 +104,7 @@ async fn serve(cfg: Config, model_path: PathBuf, embed_path: Option<PathBuf>) ->
             format!("cannot listen on {addr} (use --port or server.port for another port)")
         })?;
     let local = listener.local_addr()?;
-    println!("porteiro: listening on http://{local}");
+    say!("porteiro: listening on http://{local}");
     let settings = Settings::from_config(&cfg);
     // The sentence encoder (small: under a second) and the router over it load before the state is
     // built; only the generative model loads while the server answers (/health is 503 until then).
@@ -159,7 +168,7 @@ async fn serve(cfg: Config, model_path: PathBuf, embed_path: Option<PathBuf>) ->
     } else {
         " -H \"Authorization: Bearer $KEY\"".to_string()
     };
-    println!(
+    say!(
         "porteiro: serving {} (context {n_ctx} tokens, {} sequences at once{}) at {base}/v1",
         settings.model_id,
         cfg.max_seqs,
@@ -181,7 +190,7 @@ async fn serve(cfg: Config, model_path: PathBuf, embed_path: Option<PathBuf>) ->
                 )
             }))
             .collect();
-        println!(
+        say!(
             "porteiro: model \"{}\" is routed over tiers: {}; {} routes",
             auto,
             tiers.join(", "),
@@ -189,12 +198,12 @@ async fn serve(cfg: Config, model_path: PathBuf, embed_path: Option<PathBuf>) ->
         );
     }
     for (name, path, bytes) in state.adapters.list() {
-        println!(
+        say!(
             "porteiro: adapter \"{name}\" ({path}, {:.1} MiB) answers as model \"{name}\"",
             bytes as f64 / (1 << 20) as f64
         );
     }
-    println!(
+    say!(
         "try: curl {base}/v1/chat/completions -H 'Content-Type: application/json'{auth} \\\n  -d '{{\"model\": \"{}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Say hello\"}}]}}'",
         settings.model_id
     );
@@ -202,7 +211,7 @@ async fn serve(cfg: Config, model_path: PathBuf, embed_path: Option<PathBuf>) ->
     if let Err(e) = state.flush() {
         eprintln!("porteiro: audit trail: {e}");
     }
-    println!("porteiro: stopped");
+    say!("porteiro: stopped");
     Ok(())
 }
 
