@@ -7,7 +7,7 @@ agree within 1%, and the adapter must move perplexity.
 
 Needs $PORTEIRO_HOME/st-venv with torch, transformers, peft (scripts/lora_train_bench.py's venv), the
 llama.cpp build (scripts/build-llama-cpp.sh) and the text (scripts/fetch-text.sh).
-Usage: scripts/lora_peft_check.py [--model smollm2-135m] [--bin target/release/porteiro]
+Usage: scripts/lora_peft_check.py [--model smollm2-135m] [--b-std 0.1] [--bin target/release/porteiro]
 """
 import argparse, json, os, pathlib, re, subprocess, sys, tarfile, tempfile
 
@@ -19,7 +19,7 @@ PY = HOME / "st-venv/bin/python"
 
 MAKE = r'''
 import sys, torch, transformers, peft
-gguf_path, base_dir, adapter_dir = sys.argv[1:4]
+gguf_path, base_dir, adapter_dir, b_std = sys.argv[1:5]
 cfg = transformers.AutoConfig.from_pretrained(str(__import__("pathlib").Path(gguf_path).parent),
                                               gguf_file=__import__("pathlib").Path(gguf_path).name)
 torch.manual_seed(0)
@@ -31,7 +31,7 @@ lc = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_pr
 model = peft.get_peft_model(model, lc)
 for n, p in model.named_parameters():
     if "lora_B" in n:
-        torch.nn.init.normal_(p, std=0.1)
+        torch.nn.init.normal_(p, std=float(b_std))
 model.save_pretrained(adapter_dir)
 '''
 
@@ -57,6 +57,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--bin", default=str(ROOT / "target/release/porteiro"))
+    ap.add_argument("--b-std", type=float, default=0.1,
+                    help="spread of B: enough to move perplexity, not so much the model breaks down")
     a = ap.parse_args()
     gguf = subprocess.run([a.bin, "pull", a.model], capture_output=True, text=True,
                           check=True).stdout.strip().splitlines()[-1].split()[-1]
@@ -70,7 +72,7 @@ def main():
                 or "/gguf-py/" in m.name or "/llama.cpp/conversion/" in m.name)]
             tf.extractall(t, members=members, filter="data")
         lcpp = next(t.glob("*/vendor/llama.cpp"))
-        subprocess.run([PY, "-c", MAKE, gguf, t / "base", t / "adapter"], check=True)
+        subprocess.run([PY, "-c", MAKE, gguf, t / "base", t / "adapter", str(a.b_std)], check=True)
         out = t / "peft.gguf"
         env = dict(os.environ, PYTHONPATH=str(lcpp / "gguf-py"))
         subprocess.run([PY, lcpp / "convert_lora_to_gguf.py", "--base", t / "base", "--outtype", "f16",
