@@ -242,6 +242,19 @@ fn rope<R: Real>(x: &mut [R], pos: &[usize], hd: usize, base: f32, neox: bool, s
     }
 }
 
+/// `f` over `threads` contiguous ranges of 0..n, results concatenated in order.
+fn par_chunks<T: Send>(
+    threads: usize,
+    n: usize,
+    f: impl Fn(Range<usize>) -> Vec<T> + Sync,
+) -> Vec<T> {
+    let parts = threads.clamp(1, n.max(1));
+    par_map(parts, parts, |p| f(part(n, p, parts)))
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
 fn silu_and_grad<R: Real>(x: R) -> (R, R) {
     let s = (R::one() + (-x).exp()).recip();
     (x * s, s * (R::one() + x * (R::one() - s)))
@@ -684,7 +697,14 @@ impl Net<'_> {
         } else {
             silu_and_grad::<R>
         };
-        let hmid: Vec<R> = g.iter().zip(&u).map(|(&g, &u)| act(g).0 * u).collect();
+        // The activation is the costliest elementwise work (exp per element): split over threads.
+        let hmid: Vec<R> = par_chunks(self.threads, g.len(), |r| {
+            g[r.clone()]
+                .iter()
+                .zip(&u[r])
+                .map(|(&g, &u)| act(g).0 * u)
+                .collect()
+        });
         let (d_lin, h) = self.proj(blk, lora, l, Proj::Down, &hmid, n);
         ha[6] = h;
         let (d, r_d) = match &blk.post_ffn_norm {
@@ -757,14 +777,15 @@ impl Net<'_> {
         } else {
             silu_and_grad::<R>
         };
-        let mut dg = vec![R::zero(); n * ff];
-        let mut du = vec![R::zero(); n * ff];
-        for i in 0..n * ff {
-            let (y, dy) = act(a.g[i]);
-            dg[i] = dh[i] * a.u[i] * dy;
-            du[i] = dh[i] * y;
-        }
+        let both: Vec<(R, R)> = par_chunks(self.threads, n * ff, |r| {
+            r.map(|i| {
+                let (y, dy) = act(a.g[i]);
+                (dh[i] * a.u[i] * dy, dh[i] * y)
+            })
+            .collect()
+        });
         drop(dh);
+        let (dg, du): (Vec<R>, Vec<R>) = both.into_iter().unzip();
         let mut dxn2 = vec![R::zero(); n * e];
         self.proj_bwd(
             blk,
