@@ -354,7 +354,8 @@ pub struct Model {
     pool: ThreadPool,
 }
 
-fn vec_f32(file: &GgufFile, name: &str, len: usize) -> Result<Vec<f32>, ModelError> {
+/// A norm or bias vector of `len` values (f32, f16 or bf16 in the file), as f32.
+pub fn vec_f32(file: &GgufFile, name: &str, len: usize) -> Result<Vec<f32>, ModelError> {
     let t = file
         .tensor(name)
         .ok_or_else(|| ModelError::MissingTensor(name.into()))?;
@@ -377,7 +378,8 @@ fn vec_f32(file: &GgufFile, name: &str, len: usize) -> Result<Vec<f32>, ModelErr
     Ok(v)
 }
 
-fn opt_vec(file: &GgufFile, name: &str, len: usize) -> Result<Option<Vec<f32>>, ModelError> {
+/// [`vec_f32`] of a tensor the architecture may lack.
+pub fn opt_vec(file: &GgufFile, name: &str, len: usize) -> Result<Option<Vec<f32>>, ModelError> {
     if file.tensor(name).is_some() {
         vec_f32(file, name, len).map(Some)
     } else {
@@ -385,12 +387,13 @@ fn opt_vec(file: &GgufFile, name: &str, len: usize) -> Result<Option<Vec<f32>>, 
     }
 }
 
-fn matrix(
-    file: &Arc<GgufFile>,
+/// The descriptor of a `rows x cols` matrix, its shape checked.
+pub fn matrix_info<'a>(
+    file: &'a GgufFile,
     name: &str,
     cols: usize,
     rows: usize,
-) -> Result<QMatrix, ModelError> {
+) -> Result<&'a TensorInfo, ModelError> {
     let t = file
         .tensor(name)
         .ok_or_else(|| ModelError::MissingTensor(name.into()))?;
@@ -401,7 +404,16 @@ fn matrix(
             expected: vec![cols as u64, rows as u64],
         });
     }
-    QMatrix::new(file, t)
+    Ok(t)
+}
+
+fn matrix(
+    file: &Arc<GgufFile>,
+    name: &str,
+    cols: usize,
+    rows: usize,
+) -> Result<QMatrix, ModelError> {
+    QMatrix::new(file, matrix_info(file, name, cols, rows)?)
 }
 
 impl Model {

@@ -6,9 +6,9 @@
 use std::sync::Arc;
 
 use porteiro_engine::lora::Proj;
-use porteiro_engine::model::{Arch, Config};
+use porteiro_engine::model::{self, matrix_info, Arch, Config, ModelError};
 use porteiro_engine::quant;
-use porteiro_models::gguf::{GgmlType, GgufFile, TensorInfo};
+use porteiro_models::gguf::{GgufFile, TensorInfo};
 
 use crate::real::{gemm, par_map, part, rm, tr, Real};
 use crate::TrainError;
@@ -42,15 +42,7 @@ impl Linear {
         cols: usize,
         rows: usize,
     ) -> Result<Self, TrainError> {
-        let t = file
-            .tensor(name)
-            .ok_or_else(|| TrainError::Model(format!("tensor `{name}` is missing")))?;
-        if t.dims.len() != 2 || t.dims[0] as usize != cols || t.dims[1] as usize != rows {
-            return Err(TrainError::Model(format!(
-                "tensor `{name}` has shape {:?}, expected [{cols}, {rows}]",
-                t.dims
-            )));
-        }
+        let t = matrix_info(file, name, cols, rows).map_err(model_err)?;
         let (bs, ts) = t
             .dtype
             .block_layout()
@@ -209,29 +201,16 @@ pub struct Base {
     pub blocks: Vec<Block>,
 }
 
+fn model_err(e: ModelError) -> TrainError {
+    TrainError::Model(e.to_string())
+}
+
 fn vec_f32(file: &GgufFile, name: &str, len: usize) -> Result<Vec<f32>, TrainError> {
-    let t = file
-        .tensor(name)
-        .ok_or_else(|| TrainError::Model(format!("tensor `{name}` is missing")))?;
-    if t.n_elements() as usize != len
-        || !matches!(t.dtype, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16)
-    {
-        return Err(TrainError::Model(format!(
-            "tensor `{name}`: expected {len} f32/f16/bf16 values, found {:?} {}",
-            t.dims,
-            t.dtype.name()
-        )));
-    }
-    let mut v = vec![0f32; len];
-    quant::dequantize_row(t.dtype, file.data(t), &mut v);
-    Ok(v)
+    model::vec_f32(file, name, len).map_err(model_err)
 }
 
 fn opt_vec(file: &GgufFile, name: &str, len: usize) -> Result<Option<Vec<f32>>, TrainError> {
-    match file.tensor(name) {
-        Some(_) => vec_f32(file, name, len).map(Some),
-        None => Ok(None),
-    }
+    model::opt_vec(file, name, len).map_err(model_err)
 }
 
 impl Base {
