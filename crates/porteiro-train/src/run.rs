@@ -403,7 +403,6 @@ impl Run<'_> {
             o.opt.step(&mut params, &grads, &mut moments, lr);
             let loss = loss / targets.max(1) as f64;
             if let Some(t) = &mut self.trace {
-                let seqs: Vec<&Seq> = idx.iter().map(|&i| &self.train[i].seq).collect();
                 t.line(serde_json::json!({
                     "kind": "step", "step": step, "lr": lr, "loss": loss, "grad_norm": grad_norm,
                     "sequences": seqs.iter().map(|s| serde_json::json!({
