@@ -124,20 +124,29 @@ pub struct LoraPair {
     pub b: Vec<f32>,
 }
 
-/// One adapted matrix as an adapter holds it: f16, same layout as [`LoraPair`].
+/// One adapted matrix as an adapter holds it: f16, A as in [`LoraPair`] (rank × in) and B
+/// transposed (rank × out), so that B·h runs as `rank` contiguous axpys over the outputs instead
+/// of one `rank`-long dot product (and a horizontal sum) per output.
 #[derive(Debug, Clone)]
 pub struct Matrices {
     pub rank: usize,
     a: Vec<f16>,
-    b: Vec<f16>,
+    bt: Vec<f16>,
 }
 
 impl Matrices {
     fn new(p: &LoraPair) -> Self {
+        let n = p.b.len() / p.rank.max(1);
+        let mut bt = vec![f16::ZERO; p.b.len()];
+        for o in 0..n {
+            for j in 0..p.rank {
+                bt[j * n + o] = f16::from_f32(p.b[o * p.rank + j]);
+            }
+        }
         Self {
             rank: p.rank,
             a: p.a.iter().map(|&v| f16::from_f32(v)).collect(),
-            b: p.b.iter().map(|&v| f16::from_f32(v)).collect(),
+            bt,
         }
     }
 
@@ -148,12 +157,24 @@ impl Matrices {
 
     /// B (out × rank) in f32.
     pub fn b(&self) -> Vec<f32> {
-        self.b.iter().map(|v| v.to_f32()).collect()
+        let (r, n) = (self.rank, self.n());
+        let mut b = vec![0f32; self.bt.len()];
+        for j in 0..r {
+            for o in 0..n {
+                b[o * r + j] = self.bt[j * n + o].to_f32();
+            }
+        }
+        b
     }
 
     /// Inputs of the base matrix.
     pub fn k(&self) -> usize {
         self.a.len() / self.rank
+    }
+
+    /// Outputs of the base matrix.
+    pub fn n(&self) -> usize {
+        self.bt.len() / self.rank
     }
 
     /// Row `j` of A (k values).
@@ -162,14 +183,15 @@ impl Matrices {
         &self.a[j * k..(j + 1) * k]
     }
 
-    /// Row `o` of B (rank values).
+    /// Outputs `cols` of row `j` of Bᵀ (B's column j).
     #[inline]
-    pub fn b_row(&self, o: usize) -> &[f16] {
-        &self.b[o * self.rank..(o + 1) * self.rank]
+    fn bt_cols(&self, j: usize, cols: std::ops::Range<usize>) -> &[f16] {
+        let n = self.n();
+        &self.bt[j * n + cols.start..j * n + cols.end]
     }
 
     fn bytes(&self) -> usize {
-        (self.a.len() + self.b.len()) * 2
+        (self.a.len() + self.bt.len()) * 2
     }
 }
 
@@ -384,8 +406,7 @@ impl Adapter {
         for (l, projs) in self.layers.iter().enumerate() {
             for p in Proj::ALL {
                 if let Some(pair) = &projs[p.index()] {
-                    let k = pair.a.len() / pair.rank;
-                    let n = pair.b.len() / pair.rank;
+                    let (k, n) = (pair.k(), pair.n());
                     let base = format!("blk.{l}.{}.weight", p.stem());
                     let le = |v: &[f16]| v.iter().flat_map(|f| f.to_le_bytes()).collect();
                     bufs.push((
@@ -396,7 +417,10 @@ impl Adapter {
                     bufs.push((
                         format!("{base}.lora_b"),
                         vec![pair.rank as u64, n as u64],
-                        le(&pair.b),
+                        pair.b()
+                            .iter()
+                            .flat_map(|v| f16::from_f32(*v).to_le_bytes())
+                            .collect(),
                     ));
                 }
             }
@@ -478,10 +502,64 @@ pub fn dot_f16_scalar(a: &[f16], x: &[f32]) -> f32 {
     s
 }
 
+/// `Σ a[i]·x[i]` in f32, eight lanes (the scalar reference of [`dot_f32`]).
+pub fn dot_f32_scalar(a: &[f32], x: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cx) = (a.chunks_exact(8), x.chunks_exact(8));
+    let (ra, rx) = (ca.remainder(), cx.remainder());
+    for (w, v) in ca.zip(cx) {
+        for i in 0..8 {
+            acc[i] += w[i] * v[i];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (w, v) in ra.iter().zip(rx) {
+        s += w * v;
+    }
+    s
+}
+
+/// `dst[i] = src[i]` widened (the scalar reference of [`widen`]).
+pub fn widen_scalar(src: &[f16], dst: &mut [f32]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = s.to_f32();
+    }
+}
+
+/// `out[c] += Σ_j h[j] · b[j·stride + c]` for `c < out.len()`: the rank-`h.len()` update of one
+/// row's outputs from B's columns held in f32, `stride` apart (the scalar reference of [`axpys`]).
+pub fn axpys_scalar(b: &[f32], stride: usize, h: &[f32], out: &mut [f32]) {
+    for (j, &hj) in h.iter().enumerate() {
+        let row = &b[j * stride..j * stride + out.len()];
+        for (o, &w) in out.iter_mut().zip(row) {
+            *o += hj * w;
+        }
+    }
+}
+
+/// [`axpys_scalar`] with B in f16 (the scalar reference of [`axpys_f16`]).
+pub fn axpys_f16_scalar(b: &[f16], stride: usize, h: &[f32], out: &mut [f32]) {
+    for (j, &hj) in h.iter().enumerate() {
+        let row = &b[j * stride..j * stride + out.len()];
+        for (o, &w) in out.iter_mut().zip(row) {
+            *o += hj * w.to_f32();
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use half::f16;
     use std::arch::x86_64::*;
+
+    /// Sum of the eight lanes.
+    #[target_feature(enable = "avx2")]
+    unsafe fn hsum(acc: __m256) -> f32 {
+        let hi = _mm256_extractf128_ps(acc, 1);
+        let q = _mm_add_ps(_mm256_castps256_ps128(acc), hi);
+        let d = _mm_add_ps(q, _mm_movehl_ps(q, q));
+        _mm_cvtss_f32(_mm_add_ss(d, _mm_shuffle_ps(d, d, 1)))
+    }
 
     /// # Safety
     /// The CPU must have AVX2, FMA and F16C (checked by the caller at run time).
@@ -503,15 +581,165 @@ mod x86 {
             }
             i += 16;
         }
-        let acc = _mm256_add_ps(acc0, acc1);
-        let hi = _mm256_extractf128_ps(acc, 1);
-        let q = _mm_add_ps(_mm256_castps256_ps128(acc), hi);
-        let d = _mm_add_ps(q, _mm_movehl_ps(q, q));
-        let mut s = _mm_cvtss_f32(_mm_add_ss(d, _mm_shuffle_ps(d, d, 1)));
+        let mut s = hsum(_mm256_add_ps(acc0, acc1));
         for j in i..n {
             s += a[j].to_f32() * x[j];
         }
         s
+    }
+
+    /// # Safety
+    /// The CPU must have AVX2 and FMA (checked by the caller at run time).
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_f32(a: &[f32], x: &[f32]) -> f32 {
+        let n = a.len().min(x.len());
+        let (pa, px) = (a.as_ptr(), x.as_ptr());
+        let mut acc0 = _mm256_setzero_ps();
+        let mut acc1 = _mm256_setzero_ps();
+        let mut i = 0;
+        while i + 16 <= n {
+            // SAFETY: i + 16 <= n <= both lengths: the four 8-float loads are inside the slices.
+            unsafe {
+                acc0 =
+                    _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(px.add(i)), acc0);
+                acc1 = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(pa.add(i + 8)),
+                    _mm256_loadu_ps(px.add(i + 8)),
+                    acc1,
+                );
+            }
+            i += 16;
+        }
+        let mut s = hsum(_mm256_add_ps(acc0, acc1));
+        for j in i..n {
+            s += a[j] * x[j];
+        }
+        s
+    }
+
+    /// # Safety
+    /// The CPU must have AVX2 and F16C (checked by the caller at run time).
+    #[target_feature(enable = "avx2,f16c")]
+    pub unsafe fn widen(src: &[f16], dst: &mut [f32]) {
+        let n = src.len().min(dst.len());
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: i + 8 <= n <= both lengths: 8 halves read, 8 floats written, unaligned.
+            unsafe {
+                let h = _mm_loadu_si128(src.as_ptr().add(i) as *const __m128i);
+                _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+            }
+            i += 8;
+        }
+        for j in i..n {
+            dst[j] = src[j].to_f32();
+        }
+    }
+
+    /// # Safety
+    /// The CPU must have AVX2 and FMA; `b` holds `h.len()` rows of at least `out.len()` floats,
+    /// `stride` apart (checked by the caller).
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn axpys(b: &[f32], stride: usize, h: &[f32], out: &mut [f32]) {
+        let n = out.len();
+        let (pb, po) = (b.as_ptr(), out.as_mut_ptr());
+        let mut c = 0;
+        // 32 outputs at a time in four registers, each B element loaded once.
+        while c + 32 <= n {
+            // SAFETY: c + 32 <= n = out.len(), and row j's floats c..c + 32 lie inside `b`
+            // (j·stride + n <= b.len(), the caller's contract).
+            unsafe {
+                let mut acc = [
+                    _mm256_loadu_ps(po.add(c)),
+                    _mm256_loadu_ps(po.add(c + 8)),
+                    _mm256_loadu_ps(po.add(c + 16)),
+                    _mm256_loadu_ps(po.add(c + 24)),
+                ];
+                for (j, &hj) in h.iter().enumerate() {
+                    let v = _mm256_set1_ps(hj);
+                    let row = pb.add(j * stride + c);
+                    for (q, a) in acc.iter_mut().enumerate() {
+                        *a = _mm256_fmadd_ps(v, _mm256_loadu_ps(row.add(q * 8)), *a);
+                    }
+                }
+                for (q, a) in acc.iter().enumerate() {
+                    _mm256_storeu_ps(po.add(c + q * 8), *a);
+                }
+            }
+            c += 32;
+        }
+        while c + 8 <= n {
+            // SAFETY: as above, for 8 outputs.
+            unsafe {
+                let mut a = _mm256_loadu_ps(po.add(c));
+                for (j, &hj) in h.iter().enumerate() {
+                    a = _mm256_fmadd_ps(
+                        _mm256_set1_ps(hj),
+                        _mm256_loadu_ps(pb.add(j * stride + c)),
+                        a,
+                    );
+                }
+                _mm256_storeu_ps(po.add(c), a);
+            }
+            c += 8;
+        }
+        for c in c..n {
+            for (j, &hj) in h.iter().enumerate() {
+                out[c] += hj * b[j * stride + c];
+            }
+        }
+    }
+
+    /// # Safety
+    /// The CPU must have AVX2, FMA and F16C; `b` holds `h.len()` rows of at least `out.len()`
+    /// halves, `stride` apart (checked by the caller).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn axpys_f16(b: &[f16], stride: usize, h: &[f32], out: &mut [f32]) {
+        let n = out.len();
+        let (pb, po) = (b.as_ptr(), out.as_mut_ptr());
+        let mut c = 0;
+        while c + 32 <= n {
+            // SAFETY: c + 32 <= n = out.len(), and row j's halves c..c + 32 lie inside `b`
+            // (j·stride + n <= b.len(), the caller's contract).
+            unsafe {
+                let mut acc = [
+                    _mm256_loadu_ps(po.add(c)),
+                    _mm256_loadu_ps(po.add(c + 8)),
+                    _mm256_loadu_ps(po.add(c + 16)),
+                    _mm256_loadu_ps(po.add(c + 24)),
+                ];
+                for (j, &hj) in h.iter().enumerate() {
+                    let v = _mm256_set1_ps(hj);
+                    let row = pb.add(j * stride + c);
+                    for (q, a) in acc.iter_mut().enumerate() {
+                        let w = _mm256_cvtph_ps(_mm_loadu_si128(row.add(q * 8) as *const __m128i));
+                        *a = _mm256_fmadd_ps(v, w, *a);
+                    }
+                }
+                for (q, a) in acc.iter().enumerate() {
+                    _mm256_storeu_ps(po.add(c + q * 8), *a);
+                }
+            }
+            c += 32;
+        }
+        while c + 8 <= n {
+            // SAFETY: as above, for 8 outputs.
+            unsafe {
+                let mut a = _mm256_loadu_ps(po.add(c));
+                for (j, &hj) in h.iter().enumerate() {
+                    let w =
+                        _mm256_cvtph_ps(_mm_loadu_si128(pb.add(j * stride + c) as *const __m128i));
+                    a = _mm256_fmadd_ps(_mm256_set1_ps(hj), w, a);
+                }
+                _mm256_storeu_ps(po.add(c), a);
+            }
+            c += 8;
+        }
+        for c in c..n {
+            for (j, &hj) in h.iter().enumerate() {
+                out[c] += hj * b[j * stride + c].to_f32();
+            }
+        }
     }
 }
 
@@ -542,6 +770,63 @@ pub fn dot_f16(a: &[f16], x: &[f32]) -> f32 {
         return unsafe { x86::dot_f16(a, x) };
     }
     dot_f16_scalar(a, x)
+}
+
+/// `Σ a[i]·x[i]` in f32: AVX2/FMA where the CPU has them.
+#[inline]
+pub fn dot_f32(a: &[f32], x: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if simd_ok() {
+        // SAFETY: simd_ok() checked AVX2 and FMA on this CPU.
+        return unsafe { x86::dot_f32(a, x) };
+    }
+    dot_f32_scalar(a, x)
+}
+
+/// `dst[i] = src[i]` for `i < min(len)`: F16C where the CPU has it.
+#[inline]
+pub fn widen(src: &[f16], dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if simd_ok() {
+        // SAFETY: simd_ok() checked AVX2 and F16C on this CPU.
+        return unsafe { x86::widen(src, dst) };
+    }
+    widen_scalar(src, dst)
+}
+
+/// `out[c] += Σ_j h[j] · b[j·stride + c]`: AVX2/FMA where the CPU has them.
+///
+/// # Panics
+/// If `b` does not hold `h.len()` rows of `out.len()` floats `stride` apart.
+#[inline]
+pub fn axpys(b: &[f32], stride: usize, h: &[f32], out: &mut [f32]) {
+    if let Some(last) = h.len().checked_sub(1) {
+        assert!(out.len() <= stride && last * stride + out.len() <= b.len());
+    }
+    #[cfg(target_arch = "x86_64")]
+    if simd_ok() {
+        // SAFETY: simd_ok() checked AVX2 and FMA; the assert above is the bounds contract.
+        return unsafe { x86::axpys(b, stride, h, out) };
+    }
+    axpys_scalar(b, stride, h, out)
+}
+
+/// [`axpys`] with B in f16, widened on the fly (one row using the matrix: no reuse to pay for a
+/// separate widening pass).
+///
+/// # Panics
+/// If `b` does not hold `h.len()` rows of `out.len()` halves `stride` apart.
+#[inline]
+pub fn axpys_f16(b: &[f16], stride: usize, h: &[f32], out: &mut [f32]) {
+    if let Some(last) = h.len().checked_sub(1) {
+        assert!(out.len() <= stride && last * stride + out.len() <= b.len());
+    }
+    #[cfg(target_arch = "x86_64")]
+    if simd_ok() {
+        // SAFETY: simd_ok() checked AVX2, FMA and F16C; the assert above is the bounds contract.
+        return unsafe { x86::axpys_f16(b, stride, h, out) };
+    }
+    axpys_f16_scalar(b, stride, h, out)
 }
 
 /// The batch rows that share one adapter's matrices for a projection.
@@ -596,6 +881,7 @@ pub fn groups<'a>(
 
 /// Phase 1 for the flat index range `js` over every group's A rows (group by group, rank rows
 /// each): `h[g.h_at + member · rank + j] = scale · A_j · x_row`, given to `put(index, value)`.
+/// An A row shared by several rows is widened to f32 once.
 pub fn down_project(
     groups: &[Group],
     x: &[f32],
@@ -603,6 +889,7 @@ pub fn down_project(
     js: std::ops::Range<usize>,
     mut put: impl FnMut(usize, f32),
 ) {
+    let mut wide = Vec::new();
     let mut first = 0;
     for g in groups {
         let r = g.m.rank;
@@ -610,8 +897,15 @@ pub fn down_project(
         for jj in lo..hi {
             let j = jj - first;
             let row = g.m.a_row(j, k);
+            if g.rows.len() == 1 {
+                let t = g.rows[0];
+                put(g.h_at + j, g.scale * dot_f16(row, &x[t * k..(t + 1) * k]));
+                continue;
+            }
+            wide.resize(k, 0f32);
+            widen(row, &mut wide);
             for (m, &t) in g.rows.iter().enumerate() {
-                let v = dot_f16(row, &x[t * k..(t + 1) * k]);
+                let v = dot_f32(&wide, &x[t * k..(t + 1) * k]);
                 put(g.h_at + m * r + j, g.scale * v);
             }
         }
@@ -619,21 +913,50 @@ pub fn down_project(
     }
 }
 
-/// Phase 2 for output columns `cols`: `add(row, column, B_column · h_row)` for every group member.
-pub fn up_project(
+/// Phase 2 for output columns `cols`: adds B·h_row to columns `cols` of every group member's
+/// output row (`out` holds the batch's rows of `n_out` floats). B's columns are widened to f32 a
+/// tile at a time, once for all the members.
+///
+/// # Safety
+/// `out` must point to at least `(max row + 1) · n_out` floats, `cols` must lie inside `0..n_out`,
+/// and no one else may touch those columns of those rows meanwhile.
+pub unsafe fn up_project(
     groups: &[Group],
     h: &[f32],
+    n_out: usize,
     cols: std::ops::Range<usize>,
-    mut add: impl FnMut(usize, usize, f32),
+    out: *mut f32,
 ) {
+    // 4 KiB of f32 per rank-16 tile: stays in L1 while the members' rows are updated.
+    const TILE: usize = 64;
+    let mut tile = Vec::new();
     for g in groups {
         let r = g.m.rank;
-        for o in cols.clone() {
-            let row = g.m.b_row(o);
+        if let [t] = g.rows[..] {
+            let n = g.m.n();
+            // SAFETY: as below, for row t's columns `cols`.
+            let seg = unsafe {
+                std::slice::from_raw_parts_mut(out.add(t * n_out + cols.start), cols.len())
+            };
+            axpys_f16(&g.m.bt[cols.start..], n, &h[g.h_at..g.h_at + r], seg);
+            continue;
+        }
+        tile.resize(r * TILE, 0f32);
+        let mut c0 = cols.start;
+        while c0 < cols.end {
+            let c1 = (c0 + TILE).min(cols.end);
+            let w = c1 - c0;
+            for j in 0..r {
+                widen(g.m.bt_cols(j, c0..c1), &mut tile[j * TILE..j * TILE + w]);
+            }
             for (m, &t) in g.rows.iter().enumerate() {
                 let at = g.h_at + m * r;
-                add(t, o, dot_f16(row, &h[at..at + r]));
+                // SAFETY: the caller guarantees row t's columns c0..c1 (inside cols) are in `out`
+                // and are ours alone.
+                let seg = unsafe { std::slice::from_raw_parts_mut(out.add(t * n_out + c0), w) };
+                axpys(&tile, TILE, &h[at..at + r], seg);
             }
+            c0 = c1;
         }
     }
 }
@@ -651,13 +974,21 @@ mod tests {
         x: &[f32],
         k: usize,
         n_out: usize,
-        add: impl FnMut(usize, usize, f32),
+        mut add: impl FnMut(usize, usize, f32),
     ) {
         let (groups, n_h) = groups(rows, layer, proj);
         let total: usize = groups.iter().map(|g| g.m.rank).sum();
         let mut h = vec![0f32; n_h];
         down_project(&groups, x, k, 0..total, |i, v| h[i] = v);
-        up_project(&groups, &h, 0..n_out, add);
+        let rows_n = rows.len();
+        let mut out = vec![0f32; rows_n * n_out];
+        // SAFETY: out holds every row's n_out columns, and this thread is the only user.
+        unsafe { up_project(&groups, &h, n_out, 0..n_out, out.as_mut_ptr()) };
+        for t in 0..rows_n {
+            for o in 0..n_out {
+                add(t, o, out[t * n_out + o]);
+            }
+        }
     }
 
     fn cfg() -> Config {
@@ -757,6 +1088,83 @@ mod tests {
                     "n {n}: {got} vs {want}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn the_simd_widen_dot_and_axpys_match_the_scalar_references() {
+        for n in [0, 1, 7, 8, 31, 32, 33, 64, 100, 896] {
+            let src: Vec<f16> = (0..n)
+                .map(|i| f16::from_f32(((i * 37 % 101) as f32 - 50.0) / 97.0))
+                .collect();
+            let (mut w1, mut w2) = (vec![0f32; n], vec![0f32; n]);
+            widen_scalar(&src, &mut w1);
+            widen(&src, &mut w2);
+            assert_eq!(w1, w2, "widen n {n}");
+            let x: Vec<f32> = (0..n)
+                .map(|i| ((i * 13 % 29) as f32 - 14.0) / 7.0)
+                .collect();
+            let (a, b) = (dot_f32_scalar(&w1, &x), dot_f32(&w1, &x));
+            assert!(
+                (a - b).abs() < 1e-4 * (1.0 + a.abs()),
+                "dot n {n}: {a} vs {b}"
+            );
+            for r in [1, 3, 16] {
+                let stride = n + 5;
+                let bm: Vec<f32> = (0..r * stride)
+                    .map(|i| ((i * 7 % 23) as f32 - 11.0) / 13.0)
+                    .collect();
+                let h: Vec<f32> = (0..r).map(|j| j as f32 * 0.25 - 1.0).collect();
+                let bh: Vec<f16> = bm.iter().map(|&v| f16::from_f32(v)).collect();
+                let bw: Vec<f32> = bh.iter().map(|v| v.to_f32()).collect();
+                let (mut o1, mut o2) = (x.clone(), x.clone());
+                axpys_scalar(&bw, stride, &h, &mut o1);
+                axpys(&bw, stride, &h, &mut o2);
+                let (mut o3, mut o4) = (x.clone(), x.clone());
+                axpys_f16_scalar(&bh, stride, &h, &mut o3);
+                axpys_f16(&bh, stride, &h, &mut o4);
+                for c in 0..n {
+                    for got in [o2[c], o3[c], o4[c]] {
+                        let want = o1[c];
+                        assert!(
+                            (want - got).abs() < 1e-4 * (1.0 + want.abs()),
+                            "axpys n {n} r {r} c {c}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rows_sharing_an_adapter_get_the_same_delta_as_alone() {
+        // Wide enough for several B tiles and a ragged last one.
+        let mut c = cfg();
+        c.n_ff = 150;
+        let (k, n) = Proj::Gate.dims(&c);
+        let a1 = Adapter::from_pairs(&c, 8.0, 1.0, vec![(0, Proj::Gate, pair(k, n, 4, 1))]);
+        let a2 = Adapter::from_pairs(&c, 0.0, 0.5, vec![(0, Proj::Gate, pair(k, n, 3, 9))]);
+        let x: Vec<f32> = (0..5 * k).map(|i| (i % 11) as f32 / 11.0 - 0.4).collect();
+        let mixed = [Some(&a1), None, Some(&a2), Some(&a1), Some(&a1)];
+        let mut out = vec![0f32; 5 * n];
+        apply(&mixed, 0, Proj::Gate, &x, k, n, |t, o, v| {
+            out[t * n + o] += v
+        });
+        for (t, ad) in mixed.iter().enumerate() {
+            let mut alone = vec![0f32; n];
+            apply(
+                &[*ad],
+                0,
+                Proj::Gate,
+                &x[t * k..(t + 1) * k],
+                k,
+                n,
+                |_, o, v| alone[o] += v,
+            );
+            for o in 0..n {
+                assert!((out[t * n + o] - alone[o]).abs() < 1e-5, "row {t} out {o}");
+            }
+            assert_eq!(ad.is_none(), alone.iter().all(|&v| v == 0.0));
         }
     }
 

@@ -601,6 +601,15 @@ fn grow<T: Default + Clone>(v: &mut Vec<T>, n: usize) {
 #[derive(Clone, Copy)]
 struct Shared<T>(*mut T);
 
+/// One projection's LoRA work in a step: the rows' adapter groups and their scaled A·x.
+struct Delta<'a> {
+    groups: Vec<lora::Group<'a>>,
+    /// Σ rank over the groups: the A rows to run.
+    total: usize,
+    h: Vec<f32>,
+    n_out: usize,
+}
+
 impl<T> Shared<T> {
     /// Through a method, closures capture the whole `Shared` (which is Sync), not the raw field.
     #[inline]
@@ -744,12 +753,28 @@ impl Model {
     /// ones through the repacked kernels, the others through the per-block kernels. Either way a
     /// token's result does not depend on the other tokens of the step.
     fn matmul(&self, jobs: &mut [(&QMatrix, &mut [f32])], x: &[f32], n: usize, s: &mut MatmulBufs) {
-        let mut fast: Vec<(&Repacked, &mut [f32])> = Vec::new();
-        let mut slow: Vec<(&QMatrix, &mut [f32])> = Vec::new();
-        for (w, y) in jobs.iter_mut() {
+        self.matmul_lora(jobs, &[], x, n, s);
+    }
+
+    /// [`Model::matmul`] plus each job's LoRA delta (`deltas[i]` for `jobs[i]`; empty: none): each
+    /// thread adds B·h to the output columns it has just computed, so the up-projection costs no
+    /// synchronisation of its own and is split like the base rows.
+    fn matmul_lora(
+        &self,
+        jobs: &mut [(&QMatrix, &mut [f32])],
+        deltas: &[Option<Delta>],
+        x: &[f32],
+        n: usize,
+        s: &mut MatmulBufs,
+    ) {
+        let mut fast: Vec<(&Repacked, &mut [f32], Option<&Delta>)> = Vec::new();
+        let mut slow: Vec<(&QMatrix, &mut [f32], Option<&Delta>)> = Vec::new();
+        for (i, (w, y)) in jobs.iter_mut().enumerate() {
+            let d = deltas.get(i).and_then(Option::as_ref);
+            debug_assert!(d.is_none_or(|d| y.len() >= n * d.n_out));
             match &w.fast {
-                Some(r) => fast.push((r, &mut **y)),
-                None => slow.push((&**w, &mut **y)),
+                Some(r) => fast.push((r, &mut **y, d)),
+                None => slow.push((&**w, &mut **y, d)),
             }
         }
         if !slow.is_empty() {
@@ -764,7 +789,7 @@ impl Model {
     /// across the pool, tokens walked in cache-sized tiles.
     fn matmul_repacked(
         &self,
-        jobs: &mut [(&Repacked, &mut [f32])],
+        jobs: &mut [(&Repacked, &mut [f32], Option<&Delta>)],
         x: &[f32],
         n: usize,
         acts: &mut Acts,
@@ -788,9 +813,9 @@ impl Model {
             }
         }
         let acts = &*acts;
-        let outs: Vec<(&Repacked, Shared<f32>)> = jobs
+        let outs: Vec<(&Repacked, Shared<f32>, Option<&Delta>)> = jobs
             .iter_mut()
-            .map(|(w, y)| (&**w, Shared(y.as_mut_ptr())))
+            .map(|(w, y, d)| (&**w, Shared(y.as_mut_ptr()), *d))
             .collect();
         let total: usize = outs.iter().map(|o| o.0.groups()).sum();
         // Activations of a token tile (up to 128 x 4864 bytes) stay in L2 while weight groups stream.
@@ -801,7 +826,7 @@ impl Model {
             while t0 < n {
                 let t1 = (t0 + TILE).min(n);
                 let mut base = 0;
-                for (w, out) in &outs {
+                for (w, out, _) in &outs {
                     let (lo, hi) = (mine.start.max(base), mine.end.min(base + w.groups()));
                     for grp in lo..hi {
                         // SAFETY: forward() passes each output as n x rows floats, t1 <= n, and the
@@ -813,6 +838,18 @@ impl Model {
                 }
                 t0 = t1;
             }
+            let mut base = 0;
+            for (w, out, d) in &outs {
+                let (lo, hi) = (mine.start.max(base), mine.end.min(base + w.groups()));
+                base += w.groups();
+                if let Some(d) = d.filter(|_| lo < hi) {
+                    let cols = (lo - (base - w.groups())) * 16
+                        ..((hi - (base - w.groups())) * 16).min(d.n_out);
+                    // SAFETY: the output holds n rows of n_out = w.rows() floats; this thread's
+                    // 16-row groups are its alone, so are the columns they cover.
+                    unsafe { lora::up_project(&d.groups, &d.h, d.n_out, cols, out.ptr()) };
+                }
+            }
         });
     }
 
@@ -821,14 +858,14 @@ impl Model {
     /// activation format.
     fn matmul_blocks(
         &self,
-        jobs: &mut [(&QMatrix, &mut [f32])],
+        jobs: &mut [(&QMatrix, &mut [f32], Option<&Delta>)],
         x: &[f32],
         n: usize,
         acts: &mut [Vec<u8>; 4],
     ) {
         let k = jobs[0].0.cols;
         let mut done = [false; 4];
-        for (w, _) in jobs.iter() {
+        for (w, _, _) in jobs.iter() {
             debug_assert_eq!(w.cols, k);
             let i = act_index(w.act);
             if !done[i] {
@@ -838,9 +875,16 @@ impl Model {
                 done[i] = true;
             }
         }
-        let outs: Vec<(&QMatrix, Shared<f32>, &[u8])> = jobs
+        let outs: Vec<_> = jobs
             .iter_mut()
-            .map(|(w, y)| (&**w, Shared(y.as_mut_ptr()), &acts[act_index(w.act)][..]))
+            .map(|(w, y, d)| {
+                (
+                    &**w,
+                    Shared(y.as_mut_ptr()),
+                    &acts[act_index(w.act)][..],
+                    *d,
+                )
+            })
             .collect();
         let total: usize = outs.iter().map(|o| o.0.rows).sum();
         // Tokens are processed in tiles so the activation tile stays in cache while weight rows stream.
@@ -848,12 +892,13 @@ impl Model {
         self.pool.run(&|ti, nt| {
             let mine = split(total, ti, nt, 4);
             let mut base = 0;
-            for (w, out, act) in &outs {
+            for (w, out, act, d) in &outs {
                 let (lo, hi) = (mine.start.max(base), mine.end.min(base + w.rows));
                 base += w.rows;
                 if lo >= hi {
                     continue;
                 }
+
                 let rb = w.act.row_bytes(w.cols);
                 let rows = w.rows;
                 let mut t0 = 0;
@@ -931,6 +976,12 @@ impl Model {
                     }
                     t0 = t1;
                 }
+                if let Some(d) = d {
+                    let cols = lo - (base - rows)..hi - (base - rows);
+                    // SAFETY: the output holds n rows of `rows` = n_out floats; this thread's rows
+                    // of the matrix (the output's columns `cols`) are its alone.
+                    unsafe { lora::up_project(&d.groups, &d.h, d.n_out, cols, out.ptr()) };
+                }
             }
         });
     }
@@ -954,54 +1005,75 @@ impl Model {
         });
     }
 
-    /// Adds the LoRA deltas of one projection (`rows[i]`: batch row i's adapter): A·x for every
-    /// group of rows sharing an adapter, split over the pool by A's rows, then B·h split by output
-    /// columns (each A and B row is read once per step, whatever the number of rows using it).
-    fn lora(&self, rows: &[Option<&Adapter>], li: usize, proj: Proj, x: &[f32], out: &mut [f32]) {
+    /// The LoRA deltas of projections that all read `x` (`rows[i]`: batch row i's adapter): each
+    /// group's scaled A·x, the A rows of every projection split over the pool in one step (on this
+    /// thread when too small to pay for it). The B half runs inside the base matmul
+    /// ([`Model::matmul_lora`]). Empty when no row has an adapter.
+    fn deltas<'a>(
+        &self,
+        rows: &[Option<&'a Adapter>],
+        li: usize,
+        projs: &[Proj],
+        x: &[f32],
+    ) -> Vec<Option<Delta<'a>>> {
         if rows.iter().all(Option::is_none) {
-            return;
+            return Vec::new();
         }
-        let (groups, n_h) = lora::groups(rows, li, proj);
-        if groups.is_empty() {
-            return;
-        }
-        let (k, n_out) = proj.dims(&self.cfg);
-        let total: usize = groups.iter().map(|g| g.m.rank).sum();
-        let mut h = vec![0f32; n_h];
-        // Small deltas (one or a few rows) cost less than waking the pool twice: measured on
-        // qwen2.5-0.5b, a rank-16 adapter decoding one stream spent most of its overhead in the
-        // pool's synchronisation, not in arithmetic.
-        let macs: usize = groups
+        let k = x.len() / rows.len();
+        let mut ds: Vec<Option<Delta<'a>>> = projs
             .iter()
-            .map(|g| g.rows.len() * g.m.rank * (k + n_out))
+            .map(|&p| {
+                let (groups, n_h) = lora::groups(rows, li, p);
+                (!groups.is_empty()).then(|| Delta {
+                    total: groups.iter().map(|g| g.m.rank).sum(),
+                    groups,
+                    h: vec![0f32; n_h],
+                    n_out: p.dims(&self.cfg).1,
+                })
+            })
+            .collect();
+        let macs: usize = ds
+            .iter()
+            .flatten()
+            .flat_map(|d| d.groups.iter().map(|g| g.rows.len() * g.m.rank * k))
             .sum();
-        if macs < 1 << 19 {
-            lora::down_project(&groups, x, k, 0..total, |i, v| h[i] = v);
-            lora::up_project(&groups, &h, 0..n_out, |t, c, v| out[t * n_out + c] += v);
-            return;
+        // Below this a pool step (a few microseconds) costs more than the products it splits.
+        if macs < 1 << 15 {
+            for d in ds.iter_mut().flatten() {
+                let h = &mut d.h;
+                lora::down_project(&d.groups, x, k, 0..d.total, |i, v| h[i] = v);
+            }
+            return ds;
         }
-        let hp = Shared(h.as_mut_ptr());
+        let parts: Vec<(&Delta, Shared<f32>, usize)> = ds
+            .iter_mut()
+            .flatten()
+            .map(|d| {
+                let (p, len) = (Shared(d.h.as_mut_ptr()), d.h.len());
+                (&*d, p, len)
+            })
+            .collect();
+        let all: usize = parts.iter().map(|p| p.0.total).sum();
         self.pool.run(&|ti, nt| {
-            lora::down_project(&groups, x, k, split(total, ti, nt, 1), |i, v| {
-                debug_assert!(i < n_h);
-                // SAFETY: i < n_h = h.len() (down_project writes only the groups' h ranges, laid
-                // out by `groups`); split() gives each thread its own A rows, and each (member, A
-                // row) index belongs to exactly one A row, so no element is written twice.
-                unsafe { *hp.ptr().add(i) = v };
-            });
+            let mine = split(all, ti, nt, 1);
+            let mut first = 0;
+            for (d, h, len) in &parts {
+                let (lo, hi) = (mine.start.max(first), mine.end.min(first + d.total));
+                first += d.total;
+                if lo >= hi {
+                    continue;
+                }
+                let js = lo - (first - d.total)..hi - (first - d.total);
+                lora::down_project(&d.groups, x, k, js, |i, v| {
+                    assert!(i < *len);
+                    // SAFETY: i < len = h.len(); split() gives each thread its own A rows, and each
+                    // (member, A row) index of h belongs to exactly one A row, so no element is
+                    // written twice.
+                    unsafe { *h.ptr().add(i) = v };
+                });
+            }
         });
-        let o = Shared(out.as_mut_ptr());
-        let len = out.len();
-        self.pool.run(&|ti, nt| {
-            lora::up_project(&groups, &h, split(n_out, ti, nt, 1), |t, c, v| {
-                let i = t * n_out + c;
-                debug_assert!(i < len);
-                // SAFETY: t < rows.len() (the batch) and c < n_out, so i < n * n_out <= len (the
-                // caller passes the projection's whole output); split() gives each thread its own
-                // columns, so no element is written by two threads.
-                unsafe { *o.ptr().add(i) += v };
-            });
-        });
+        ds
     }
 
     /// Runs one forward step over a batch of tokens from one or more sequences. Logits of the tokens
@@ -1091,23 +1163,18 @@ impl Model {
                     c.eps,
                 );
             }
-            self.matmul(
+            let d = self.deltas(lora, li, &[Proj::Q, Proj::K, Proj::V], &s.xb[..n * e]);
+            self.matmul_lora(
                 &mut [
                     (&l.wq, &mut s.q[..n * qd]),
                     (&l.wk, &mut s.k[..n * kvd]),
                     (&l.wv, &mut s.v[..n * kvd]),
                 ],
+                &d,
                 &s.xb[..n * e],
                 n,
                 &mut s.mm,
             );
-            for (p, out) in [
-                (Proj::Q, &mut s.q[..n * qd]),
-                (Proj::K, &mut s.k[..n * kvd]),
-                (Proj::V, &mut s.v[..n * kvd]),
-            ] {
-                self.lora(lora, li, p, &s.xb[..n * e], out);
-            }
             let base = if c.is_swa(li).is_some() {
                 c.rope_base_swa
             } else {
@@ -1155,13 +1222,14 @@ impl Model {
                 }
             }
             self.attention(li, batch, caches, s);
-            self.matmul(
+            let d = self.deltas(lora, li, &[Proj::O], &s.att[..n * qd]);
+            self.matmul_lora(
                 &mut [(&l.wo, &mut s.xb[..n * e])],
+                &d,
                 &s.att[..n * qd],
                 n,
                 &mut s.mm,
             );
-            self.lora(lora, li, Proj::O, &s.att[..n * qd], &mut s.xb[..n * e]);
             for i in 0..n {
                 let o = &mut s.xb[i * e..(i + 1) * e];
                 if let Some(w) = &l.post_attn_norm {
@@ -1182,25 +1250,26 @@ impl Model {
                     c.eps,
                 );
             }
-            self.matmul(
+            let d = self.deltas(lora, li, &[Proj::Gate, Proj::Up], &s.xb[..n * e]);
+            self.matmul_lora(
                 &mut [
                     (&l.gate, &mut s.hb[..n * ff]),
                     (&l.up, &mut s.hb2[..n * ff]),
                 ],
+                &d,
                 &s.xb[..n * e],
                 n,
                 &mut s.mm,
             );
-            self.lora(lora, li, Proj::Gate, &s.xb[..n * e], &mut s.hb[..n * ff]);
-            self.lora(lora, li, Proj::Up, &s.xb[..n * e], &mut s.hb2[..n * ff]);
             self.glu(c.gelu, &mut s.hb[..n * ff], &s.hb2[..n * ff], n);
-            self.matmul(
+            let d = self.deltas(lora, li, &[Proj::Down], &s.hb[..n * ff]);
+            self.matmul_lora(
                 &mut [(&l.down, &mut s.xb[..n * e])],
+                &d,
                 &s.hb[..n * ff],
                 n,
                 &mut s.mm,
             );
-            self.lora(lora, li, Proj::Down, &s.hb[..n * ff], &mut s.xb[..n * e]);
             for i in 0..n {
                 let o = &mut s.xb[i * e..(i + 1) * e];
                 if let Some(w) = &l.post_ffn_norm {
