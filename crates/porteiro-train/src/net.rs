@@ -11,7 +11,7 @@ use porteiro_engine::lora::Proj;
 use porteiro_engine::model::Config;
 
 use crate::base::{Base, Block};
-use crate::real::{gemm, par_map, part, rm, tr, Real, View};
+use crate::real::{gemm, par_gemm, par_map, part, rm, tr, Real, View};
 use crate::TrainError;
 
 /// One adapted matrix: A is `rank x in`, B is `out x rank`, row-major (llama.cpp's `lora_a` /
@@ -338,7 +338,8 @@ impl Net<'_> {
         let ha = lora.pair(l, p).map(|pair| {
             let r = lora.rank;
             let mut ha = vec![R::zero(); n * r];
-            gemm(
+            par_gemm(
+                self.threads,
                 n,
                 w.cols,
                 r,
@@ -349,7 +350,8 @@ impl Net<'_> {
                 &mut ha,
                 r,
             );
-            gemm(
+            par_gemm(
+                self.threads,
                 n,
                 r,
                 w.rows,
@@ -389,7 +391,8 @@ impl Net<'_> {
         let Some(g) = grads.slots[l][p.index()].as_mut() else {
             return;
         };
-        gemm(
+        par_gemm(
+            self.threads,
             w.rows,
             n,
             r,
@@ -401,7 +404,8 @@ impl Net<'_> {
             r,
         );
         let mut dha = vec![R::zero(); n * r];
-        gemm(
+        par_gemm(
+            self.threads,
             n,
             w.rows,
             r,
@@ -412,7 +416,8 @@ impl Net<'_> {
             &mut dha,
             r,
         );
-        gemm(
+        par_gemm(
+            self.threads,
             r,
             n,
             w.cols,
@@ -423,7 +428,8 @@ impl Net<'_> {
             &mut g.a,
             w.cols,
         );
-        gemm(
+        par_gemm(
+            self.threads,
             n,
             r,
             w.cols,

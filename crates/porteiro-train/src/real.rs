@@ -1,9 +1,9 @@
 //! The arithmetic training runs in: f32 for real runs, f64 for gradient checks against finite
 //! differences (the same code, so the check covers what trains). Matrix products go through
-//! `matrixmultiply` (strided views, so transposes and column slices cost no copy); work is spread
+//! the `gemm` crate (strided views, so transposes and column slices cost no copy); work is spread
 //! over scoped threads by [`par_map`].
 
-// The one unsafe use is the call into matrixmultiply's raw-pointer GEMM; `gemm` checks every index
+// The one unsafe use is the call into the gemm crate's raw-pointer GEMM; `gemm` checks every index
 // the call can touch lies inside the slices before making it.
 #![allow(unsafe_code)]
 
@@ -26,7 +26,7 @@ pub trait Real:
     fn of64(v: f64) -> Self;
     fn f64(self) -> f64;
     /// # Safety
-    /// As `matrixmultiply::sgemm`: every element the strides reach must be inside its allocation.
+    /// Every element the strides reach must be inside its allocation; C aliases neither input.
     #[allow(clippy::too_many_arguments)]
     unsafe fn gemm_raw(
         m: usize,
@@ -72,10 +72,7 @@ impl Real for f32 {
         rsc: isize,
         csc: isize,
     ) {
-        // SAFETY: the caller's contract is sgemm's.
-        unsafe {
-            matrixmultiply::sgemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc)
-        }
+        gemm_any(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc)
     }
 }
 
@@ -105,10 +102,58 @@ impl Real for f64 {
         rsc: isize,
         csc: isize,
     ) {
-        // SAFETY: the caller's contract is dgemm's.
-        unsafe {
-            matrixmultiply::dgemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc)
-        }
+        gemm_any(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc)
+    }
+}
+
+/// C = alpha·A·B + beta·C through the `gemm` crate (AVX-512 or AVX2 kernels picked at run time, on
+/// the calling thread: training spreads its own work over threads).
+///
+/// # Safety
+/// Every element the strides reach must be inside its allocation, and C alias neither input.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_any<R: Real>(
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: R,
+    a: *const R,
+    rsa: isize,
+    csa: isize,
+    b: *const R,
+    rsb: isize,
+    csb: isize,
+    beta: R,
+    c: *mut R,
+    rsc: isize,
+    csc: isize,
+) {
+    // `gemm` computes dst = alpha·dst + beta·lhs·rhs, and skips reading dst when told to (so a
+    // zero beta never turns uninitialised NaNs into NaN outputs, as BLAS promises).
+    let read = beta != R::zero();
+    // SAFETY: the caller's contract is gemm's (in-bounds strides, no aliasing of C).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c,
+            csc,
+            rsc,
+            read,
+            a,
+            csa,
+            rsa,
+            b,
+            csb,
+            rsb,
+            beta,
+            alpha,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
     }
 }
 
@@ -189,6 +234,52 @@ pub fn gemm<R: Real>(
     }
 }
 
+/// [`gemm`] with C's rows split over up to `threads` scoped threads when the product is big enough
+/// to pay for them (the LoRA products of a training step: skinny, but hundreds per step).
+#[allow(clippy::too_many_arguments)]
+pub fn par_gemm<R: Real>(
+    threads: usize,
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: R,
+    a: View<R>,
+    b: View<R>,
+    beta: R,
+    c: &mut [R],
+    ldc: usize,
+) {
+    let parts = threads.min(m / 4).max(1);
+    if parts == 1 || m * k * n < 1 << 20 {
+        return gemm(m, k, n, alpha, a, b, beta, c, ldc);
+    }
+    assert!(c.len() >= reach(m, n, ldc, 1), "gemm: C too short");
+    let mut chunks = Vec::with_capacity(parts);
+    let mut rest = &mut c[..];
+    let mut at = 0;
+    for p in 0..parts {
+        let rows = part(m, p, parts);
+        let (mine, tail) = if p + 1 == parts {
+            (std::mem::take(&mut rest), &mut [][..])
+        } else {
+            std::mem::take(&mut rest).split_at_mut((rows.end - at) * ldc)
+        };
+        at = rows.end;
+        rest = tail;
+        chunks.push((rows, mine));
+    }
+    std::thread::scope(|s| {
+        for (rows, mine) in chunks {
+            let a = View {
+                data: &a.data[(rows.start * a.rs).min(a.data.len())..],
+                rs: a.rs,
+                cs: a.cs,
+            };
+            s.spawn(move || gemm(rows.len(), k, n, alpha, a, b, beta, mine, ldc));
+        }
+    });
+}
+
 /// `f(i)` for i in 0..n on up to `threads` scoped threads, results in order. Work is handed out one
 /// item at a time, so uneven items balance.
 pub fn par_map<T: Send>(threads: usize, n: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
@@ -246,6 +337,20 @@ mod tests {
                 let dot: f64 = (0..k).map(|t| a[i * k + t] * b[j * k + t]).sum();
                 assert!((c[i * n + j] - (2.0 * dot + 0.5)).abs() < 1e-12);
             }
+        }
+    }
+
+    #[test]
+    fn par_gemm_matches_gemm() {
+        let (m, k, n) = (67, 130, 150);
+        let a: Vec<f64> = (0..m * k).map(|i| (i as f64 * 0.37).sin()).collect();
+        let b: Vec<f64> = (0..n * k).map(|i| (i as f64 * 0.11).cos()).collect();
+        let c0: Vec<f64> = (0..m * (n + 3)).map(|i| (i as f64 * 0.05).sin()).collect();
+        for (av, bv) in [(rm(&a, k), tr(&b, k)), (tr(&a, m), rm(&b, n))] {
+            let (mut c1, mut c2) = (c0.clone(), c0.clone());
+            gemm(m, k, n, 0.5, av, bv, 2.0, &mut c1, n + 3);
+            par_gemm(3, m, k, n, 0.5, av, bv, 2.0, &mut c2, n + 3);
+            assert_eq!(c1, c2);
         }
     }
 
