@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Structured output through the official `openai` SDK against the real `porteiro serve`:
 json_object, json_schema, `client.beta.chat.completions.parse` with a Pydantic model, tools with
-tool_choice required / named / none / auto, streamed tool calls reassembled by the SDK's own
+tool_choice required / named / none / auto (a valid call or text, whichever the model picks),
+parallel_tool_calls false, streamed tool calls reassembled by the SDK's own
 stream helper, and 400s naming unsupported schema features. Then the 50-task evaluation
 (scripts/structured_eval.py --check: every constrained answer must validate).
 
@@ -101,14 +102,28 @@ r = client.chat.completions.create(model=M, temperature=0, tools=tools, tool_cho
                                    messages=user("Say hello."))
 check("tools (none): a plain text answer", r.choices[0].message.tool_calls is None and r.choices[0].message.content)
 
+# auto: the model decides. Whatever it decides, the answer keeps OpenAI's contract: either valid calls
+# with finish_reason tool_calls and no text, or text with no calls.
+def consistent(c):
+    if c.message.tool_calls:
+        return c.finish_reason == "tool_calls" and all(args_valid(t) for t in c.message.tool_calls)
+    return c.finish_reason in ("stop", "length") and c.message.content is not None
+
+
+for q in ["What's the weather in Porto, in celsius?", "Say hello.", "What is 2 + 2?"]:
+    r = client.chat.completions.create(model=M, temperature=0, tools=tools, messages=user(q), max_tokens=64)
+    check(f"tools (auto), {q!r}: a valid call or a text answer", consistent(r.choices[0]), str(r.choices[0])[:200])
 msgs = user("What's the weather in Porto?")
-r = client.chat.completions.create(model=M, temperature=0, tools=tools, messages=msgs)
+r = client.chat.completions.create(model=M, temperature=0, tools=tools, tool_choice="required", messages=msgs)
 call = r.choices[0].message.tool_calls[0]
-check("tools (auto): a call when the user spoke last", r.choices[0].finish_reason == "tool_calls")
 msgs += [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
          {"role": "tool", "tool_call_id": call.id, "content": "{\"temp\": 21}"}]
 r = client.chat.completions.create(model=M, temperature=0, tools=tools, messages=msgs, max_tokens=24)
-check("tools (auto): text after the tool result", r.choices[0].message.content is not None, str(r.choices[0])[:160])
+check("tools (auto) after the tool result: a valid answer", consistent(r.choices[0]), str(r.choices[0])[:160])
+r = client.chat.completions.create(model=M, temperature=0, tools=tools, tool_choice="required", messages=user(
+    "Weather in Porto and in Faro, in celsius?"), parallel_tool_calls=False, max_tokens=200)
+check("tools (required, parallel_tool_calls false): exactly one call",
+      len(r.choices[0].message.tool_calls or []) == 1, str(r.choices[0])[:200])
 
 # The same knob as above: greedy decoding of a 135M model can loop inside a string argument.
 with client.beta.chat.completions.stream(model=M, temperature=0, tools=tools, tool_choice="required",

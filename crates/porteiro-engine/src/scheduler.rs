@@ -84,9 +84,10 @@ pub struct GenRequest {
 /// Limits the next token to what a grammar allows (structured output). Implemented over
 /// llguidance by `porteiro-grammar`; the engine only masks logits and reports the chosen tokens.
 pub trait TokenConstraint: Send {
-    /// Allowed next tokens as a bitset over the vocabulary (bit `id % 32` of word `id / 32`).
-    /// End-of-generation tokens are allowed only where the grammar may end.
-    fn allowed(&mut self) -> Result<Vec<u32>, String>;
+    /// Allowed next tokens as a bitset over the vocabulary (bit `id % 32` of word `id / 32`), or
+    /// None when any token may follow (a lazy grammar before its trigger). End-of-generation
+    /// tokens are allowed only where the grammar may end.
+    fn allowed(&mut self) -> Result<Option<Vec<u32>>, String>;
     /// The token chosen; returns true once the grammar is complete (generation stops there).
     fn commit(&mut self, token: u32) -> Result<bool, String>;
 }
@@ -612,7 +613,8 @@ impl<'a> Scheduler<'a> {
         }
         if let Some(c) = s.req.constraint.as_mut() {
             match c.allowed() {
-                Ok(bits) => {
+                Ok(None) => {}
+                Ok(Some(bits)) => {
                     for (id, l) in logits.iter_mut().enumerate() {
                         if bits.get(id / 32).is_none_or(|w| w >> (id % 32) & 1 == 0) {
                             *l = f32::NEG_INFINITY;

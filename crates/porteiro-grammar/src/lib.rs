@@ -5,6 +5,10 @@
 //! The next mask is computed on a helper thread as soon as a token is committed, so it overlaps
 //! the engine's next forward pass instead of adding to it.
 
+mod tools;
+
+pub use tools::{call_header, Header, ToolConstraint, ToolPlan, ToolSyntax};
+
 use std::sync::mpsc;
 use std::sync::Arc;
 
@@ -77,7 +81,7 @@ impl Spec {
         s
     }
 
-    fn plain_schema(&self) -> Value {
+    pub(crate) fn plain_schema(&self) -> Value {
         match self {
             Spec::JsonObject => json!({"type": "object"}),
             Spec::JsonSchema(s) => s.clone(),
@@ -233,8 +237,8 @@ impl Constraint {
 const GONE: &str = "the grammar thread stopped";
 
 impl TokenConstraint for Constraint {
-    fn allowed(&mut self) -> Result<Vec<u32>, String> {
-        self.masks.recv().map_err(|_| GONE.to_string())?
+    fn allowed(&mut self) -> Result<Option<Vec<u32>>, String> {
+        self.masks.recv().map_err(|_| GONE.to_string())?.map(Some)
     }
 
     fn commit(&mut self, token: u32) -> Result<bool, String> {

@@ -41,6 +41,7 @@ const NAME: &str = "chat_template";
 
 pub struct ChatTemplate {
     env: Environment<'static>,
+    source: String,
     bos: String,
     eos: String,
     strip_bos: bool,
@@ -93,6 +94,7 @@ impl ChatTemplate {
             .map_err(|e| TemplateError::Syntax(describe(&e)))?;
         Ok(Self {
             env,
+            source: src.to_string(),
             bos: bos.to_string(),
             eos: eos.to_string(),
             strip_bos: false,
@@ -110,15 +112,50 @@ impl ChatTemplate {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String, TemplateError> {
+        self.render_with(Value::from_serialize(messages), None, add_generation_prompt)
+    }
+
+    /// The template's Jinja source.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// [`ChatTemplate::render`] with messages as OpenAI's JSON (`tool_calls`, `tool_call_id`,
+    /// `role: tool` as the template reads them) and the request's `tools` list, for templates that
+    /// render tools themselves.
+    pub fn render_json(
+        &self,
+        messages: &serde_json::Value,
+        tools: Option<&serde_json::Value>,
+        add_generation_prompt: bool,
+    ) -> Result<String, TemplateError> {
+        self.render_with(
+            Value::from_serialize(messages),
+            tools.map(Value::from_serialize),
+            add_generation_prompt,
+        )
+    }
+
+    fn render_with(
+        &self,
+        messages: Value,
+        tools: Option<Value>,
+        add_generation_prompt: bool,
+    ) -> Result<String, TemplateError> {
         let tmpl = self
             .env
             .get_template(NAME)
             .map_err(|e| TemplateError::Syntax(describe(&e)))?;
-        let ctx = minijinja::context! {
+        let base = minijinja::context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos.as_str(),
             eos_token => self.eos.as_str(),
+        };
+        // `tools` stays undefined without tools, as llama.cpp leaves it.
+        let ctx = match tools {
+            Some(t) => minijinja::context! { tools => t, ..base },
+            None => base,
         };
         let out = tmpl
             .render(ctx)

@@ -131,6 +131,8 @@ pub struct ChatCompletionRequest {
     /// Not implemented: refused by name when present.
     pub tools: Option<Value>,
     pub tool_choice: Option<Value>,
+    /// Whether an answer may hold several calls (OpenAI's default: true).
+    pub parallel_tool_calls: Option<bool>,
     pub functions: Option<Value>,
     pub function_call: Option<Value>,
     pub response_format: Option<Value>,

@@ -1,31 +1,118 @@
-//! How the local tier turns a chat request into the model's prompt: roles mapped onto what every
-//! chat template understands, tool results and earlier tool calls written as text, the instructions
-//! of a `response_format` / `tools` spec added to the system message, then the model's chat
-//! template. LoRA training (`porteiro lora train`) renders its data through the same functions, so
-//! an adapter learns the prompts it will be served.
+//! How the local tier turns a chat request into the model's prompt. A template with a tool syntax
+//! of its own (Hermes / Qwen2.5 `<tool_call>`) gets the request as OpenAI's JSON: `tools`, the
+//! assistant's earlier `tool_calls` and `role: tool` results, rendered the way the model was trained
+//! on. Any other template gets roles every template understands, tool results and earlier calls
+//! written as text, and the instructions of a `response_format` / `tools` spec in the system
+//! message. LoRA training (`porteiro lora train`) renders its data through the same functions, so an
+//! adapter learns the prompts it will be served.
 
-use porteiro_grammar::Spec;
+use porteiro_grammar::ToolSyntax;
 use porteiro_models::template::{ChatMessage as TemplateMessage, ChatTemplate};
 use porteiro_protocol::{ChatCompletionRequest, ChatMessage, Content};
-use serde_json::Value;
+use serde_json::{json, Value};
 
-use crate::structured::spec_of;
+use crate::structured::{spec_of, Structured};
 use crate::ApiError;
 
-/// Tool calls as the model writes them: one `{"name":…,"arguments":…}` object per line (the shape
-/// the tool-call grammar makes it produce).
-fn calls_text(calls: &[Value]) -> String {
-    calls
-        .iter()
-        .map(|c| {
-            let args = c["function"]["arguments"].as_str().unwrap_or("{}");
-            format!(
-                "{{\"name\":{},\"arguments\":{args}}}",
-                c["function"]["name"]
-            )
+/// The tool-call syntax of a model's template.
+pub fn syntax(template: Option<&ChatTemplate>) -> ToolSyntax {
+    ToolSyntax::of_template(template.map(ChatTemplate::source))
+}
+
+/// One call as the grammar makes the model write it: compact `{"name":…,"arguments":…}`.
+fn call_json(c: &Value) -> String {
+    let args = c["function"]["arguments"].as_str().unwrap_or("{}");
+    let args: Value = serde_json::from_str(args).unwrap_or_else(|_| json!({}));
+    format!(
+        "{{\"name\":{},\"arguments\":{args}}}",
+        c["function"]["name"]
+    )
+}
+
+/// Tool calls as the model writes them in `syntax`: tagged blocks, or one JSON object per line.
+fn calls_text(calls: &[Value], syntax: &ToolSyntax) -> String {
+    let one = |c: &Value| match syntax {
+        ToolSyntax::Tagged { open, close } => format!("{open}\n{}\n{close}", call_json(c)),
+        ToolSyntax::Json => call_json(c),
+    };
+    calls.iter().map(one).collect::<Vec<_>>().join("\n")
+}
+
+/// A message's text (text parts joined; other parts refused by name).
+fn content_text(i: usize, m: &ChatMessage) -> Result<String, ApiError> {
+    Ok(match &m.content {
+        None => String::new(),
+        Some(Content::Text(t)) => t.clone(),
+        Some(Content::Parts(parts)) => {
+            let mut s = String::new();
+            for (j, p) in parts.iter().enumerate() {
+                match (p.kind.as_str(), &p.text) {
+                    ("text", Some(t)) => s.push_str(t),
+                    _ => {
+                        return Err(ApiError::invalid(
+                            format!("messages[{i}].content[{j}]"),
+                            format!("Only text content parts are supported (got `{}`).", p.kind),
+                        ))
+                    }
+                }
+            }
+            s
+        }
+    })
+}
+
+fn bad_role(i: usize, other: &str) -> ApiError {
+    ApiError::invalid(
+        format!("messages[{i}].role"),
+        format!("Unsupported role `{other}`; use system, developer, user, assistant or tool."),
+    )
+}
+
+/// The messages as OpenAI's JSON for a template that renders tools itself: call arguments parsed
+/// into objects (templates write them with `tojson`), `developer` as `system`.
+fn json_messages(msgs: &[ChatMessage]) -> Result<Vec<Value>, ApiError> {
+    if msgs.is_empty() {
+        return Err(ApiError::invalid(
+            "messages",
+            "`messages` must not be empty.",
+        ));
+    }
+    msgs.iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let role = match m.role.as_str() {
+                "system" | "developer" => "system",
+                r @ ("user" | "assistant" | "tool") => r,
+                other => return Err(bad_role(i, other)),
+            };
+            let mut v = json!({"role": role, "content": content_text(i, m)?});
+            if let (Some(Value::Array(calls)), "assistant") = (&m.tool_calls, role) {
+                let calls: Vec<Value> = calls
+                    .iter()
+                    .map(|c| {
+                        let args = c["function"]["arguments"].as_str().unwrap_or("{}");
+                        json!({
+                            "id": c["id"],
+                            "type": "function",
+                            "function": {
+                                "name": c["function"]["name"],
+                                "arguments": serde_json::from_str::<Value>(args)
+                                    .unwrap_or_else(|_| Value::String(args.to_string())),
+                            },
+                        })
+                    })
+                    .collect();
+                v["tool_calls"] = Value::Array(calls);
+            }
+            if let Some(id) = &m.tool_call_id {
+                v["tool_call_id"] = Value::String(id.clone());
+            }
+            if let Some(n) = &m.name {
+                v["name"] = Value::String(n.clone());
+            }
+            Ok(v)
         })
-        .collect::<Vec<_>>()
-        .join("\n")
+        .collect()
 }
 
 fn chat_messages(msgs: &[ChatMessage]) -> Result<Vec<TemplateMessage>, ApiError> {
@@ -43,42 +130,14 @@ fn chat_messages(msgs: &[ChatMessage]) -> Result<Vec<TemplateMessage>, ApiError>
                 // Tool results reach the model as a user turn every chat template understands.
                 "user" | "tool" => "user",
                 "assistant" => "assistant",
-                other => {
-                    return Err(ApiError::invalid(
-                        format!("messages[{i}].role"),
-                        format!(
-                            "Unsupported role `{other}`; use system, developer, user, assistant or tool."
-                        ),
-                    ))
-                }
+                other => return Err(bad_role(i, other)),
             };
-            let content = match &m.content {
-                None => String::new(),
-                Some(Content::Text(t)) => t.clone(),
-                Some(Content::Parts(parts)) => {
-                    let mut s = String::new();
-                    for (j, p) in parts.iter().enumerate() {
-                        match (p.kind.as_str(), &p.text) {
-                            ("text", Some(t)) => s.push_str(t),
-                            _ => {
-                                return Err(ApiError::invalid(
-                                    format!("messages[{i}].content[{j}]"),
-                                    format!(
-                                        "Only text content parts are supported (got `{}`).",
-                                        p.kind
-                                    ),
-                                ))
-                            }
-                        }
-                    }
-                    s
-                }
-            };
+            let content = content_text(i, m)?;
             let content = match (m.role.as_str(), &m.tool_calls) {
                 ("tool", _) => format!("Tool result: {content}"),
                 // The model sees the calls it made in the shape it was asked to produce them.
                 ("assistant", Some(Value::Array(calls))) if content.is_empty() => {
-                    calls_text(calls)
+                    calls_text(calls, &ToolSyntax::Json)
                 }
                 _ => content,
             };
@@ -87,21 +146,60 @@ fn chat_messages(msgs: &[ChatMessage]) -> Result<Vec<TemplateMessage>, ApiError>
         .collect()
 }
 
-/// The template messages of a request: its messages, plus the spec's instructions in the system
-/// message when the answer is constrained.
+/// The template messages of a request: its messages, plus `note` (what a constrained answer must
+/// look like) in the system message.
 pub fn prompt_messages(
     msgs: &[ChatMessage],
-    spec: Option<&Spec>,
+    note: Option<String>,
 ) -> Result<Vec<TemplateMessage>, ApiError> {
     let mut msgs = chat_messages(msgs)?;
-    if let Some(spec) = spec {
-        let note = spec.instructions();
+    if let Some(note) = note {
         match msgs.first_mut() {
             Some(m) if m.role == "system" => m.content = format!("{}\n\n{note}", m.content),
             _ => msgs.insert(0, TemplateMessage::new("system", note)),
         }
     }
     Ok(msgs)
+}
+
+/// The instructions a constrained answer adds to the system message, if any.
+fn note(structured: Option<&Structured>) -> Option<String> {
+    match structured? {
+        Structured::Json(spec) => Some(spec.instructions()),
+        Structured::Tools(plan) => plan.instructions(),
+    }
+}
+
+/// The prompt of a chat request (ending where the assistant's answer begins) for a model with
+/// `template`, given what the request constrains.
+pub fn build(
+    template: Option<&ChatTemplate>,
+    msgs: &[ChatMessage],
+    tools: Option<&Value>,
+    structured: Option<&Structured>,
+) -> Result<String, ApiError> {
+    let failed = |e| ApiError::invalid("messages", format!("The chat template failed: {e}"));
+    match (template, syntax(template)) {
+        (Some(t), ToolSyntax::Tagged { .. }) => {
+            let mut msgs = json_messages(msgs)?;
+            if let Some(note) = note(structured) {
+                match msgs.first_mut() {
+                    Some(m) if m["role"] == "system" => {
+                        let c = format!("{}\n\n{note}", m["content"].as_str().unwrap_or(""));
+                        m["content"] = Value::String(c);
+                    }
+                    _ => msgs.insert(0, json!({"role": "system", "content": note})),
+                }
+            }
+            let tools = match structured {
+                Some(Structured::Tools(_)) => tools,
+                _ => None,
+            };
+            t.render_json(&Value::Array(msgs), tools, true)
+                .map_err(failed)
+        }
+        _ => render(template, &prompt_messages(msgs, note(structured))?),
+    }
 }
 
 /// The messages through the chat template (ending where the assistant's answer begins), or joined
@@ -132,18 +230,19 @@ pub fn chat_prompt(template: Option<&ChatTemplate>, request: &Value) -> Result<S
     }
     let req: ChatCompletionRequest = serde_json::from_value(request)
         .map_err(|e| ApiError::invalid("messages", format!("Not a chat request: {e}")))?;
-    let spec = spec_of(&req)?;
-    render(
-        template,
-        &prompt_messages(&req.messages, spec.as_ref().map(|s| &s.0))?,
-    )
+    let spec = spec_of(&req, &syntax(template))?;
+    build(template, &req.messages, req.tools.as_ref(), spec.as_ref())
 }
 
-/// An assistant message as the model writes it: its text, or its tool calls.
-pub fn assistant_text(message: &Value) -> Result<String, ApiError> {
+/// An assistant message as the model writes it for `template`: its text, or its tool calls in the
+/// template's syntax (what the tool-call grammar makes it produce).
+pub fn assistant_text(
+    template: Option<&ChatTemplate>,
+    message: &Value,
+) -> Result<String, ApiError> {
     match (&message["content"], &message["tool_calls"]) {
         (Value::String(s), _) if !s.is_empty() => Ok(s.clone()),
-        (_, Value::Array(calls)) if !calls.is_empty() => Ok(calls_text(calls)),
+        (_, Value::Array(calls)) if !calls.is_empty() => Ok(calls_text(calls, &syntax(template))),
         _ => Err(ApiError::invalid(
             "messages",
             "An assistant message needs text `content` or `tool_calls`.",
@@ -169,7 +268,7 @@ mod tests {
         let req = serde_json::json!({"messages": [{"role": "user", "content": "Rain in Oslo?"}], "tools": tools});
         let p = chat_prompt(Some(&t), &req).unwrap();
         assert!(
-            p.starts_with("<system>Call exactly one of these functions."),
+            p.starts_with("<system>You may call one of these functions."),
             "{p}"
         );
         assert!(
@@ -179,9 +278,44 @@ mod tests {
         let call = serde_json::json!({"role": "assistant", "content": null, "tool_calls": [{"id": "c1",
             "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Oslo\"}"}}]});
         assert_eq!(
-            assistant_text(&call).unwrap(),
+            assistant_text(Some(&t), &call).unwrap(),
             r#"{"name":"get_weather","arguments":{"city":"Oslo"}}"#
         );
-        assert!(assistant_text(&serde_json::json!({"role": "assistant"})).is_err());
+        assert!(assistant_text(Some(&t), &serde_json::json!({"role": "assistant"})).is_err());
+    }
+
+    #[test]
+    fn a_template_with_a_tool_syntax_renders_tools_calls_and_results_itself() {
+        let t = ChatTemplate::from_source(
+            "{% if tools %}<tools>{% for x in tools %}{{ x.function.name }};{% endfor %}</tools>{% endif %}{% for m in messages %}{% if m.role == 'tool' %}<tool_response>{{ m.content }}</tool_response>{% elif m.tool_calls %}{% for c in m.tool_calls %}<tool_call>{{ c.function.arguments | tojson }}</tool_call>{% endfor %}{% else %}<{{ m.role }}>{{ m.content }}{% endif %}{% endfor %}",
+            "",
+            "",
+        )
+        .unwrap();
+        assert!(matches!(syntax(Some(&t)), ToolSyntax::Tagged { .. }));
+        let req = serde_json::json!({"messages": [
+            {"role": "developer", "content": "Be brief."},
+            {"role": "user", "content": "Rain in Oslo?"},
+            {"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function",
+                "function": {"name": "get_weather", "arguments": "{\"city\":\"Oslo\"}"}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "rain"}],
+            "tools": [{"type": "function", "function": {"name": "get_weather",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]});
+        let p = chat_prompt(Some(&t), &req).unwrap();
+        assert_eq!(
+            p,
+            "<tools>get_weather;</tools><system>Be brief.<user>Rain in Oslo?<tool_call>{\"city\": \"Oslo\"}</tool_call><tool_response>rain</tool_response>"
+        );
+        // tool_choice none: the tools are not shown.
+        let mut none = req.clone();
+        none["tool_choice"] = "none".into();
+        assert!(!chat_prompt(Some(&t), &none).unwrap().contains("<tools>"));
+        let call = serde_json::json!({"role": "assistant", "tool_calls": [{"id": "c1", "type": "function",
+            "function": {"name": "f", "arguments": "{}"}}, {"id": "c2", "type": "function",
+            "function": {"name": "g", "arguments": "{\"a\": 1}"}}]});
+        assert_eq!(
+            assistant_text(Some(&t), &call).unwrap(),
+            "<tool_call>\n{\"name\":\"f\",\"arguments\":{}}\n</tool_call>\n<tool_call>\n{\"name\":\"g\",\"arguments\":{\"a\":1}}\n</tool_call>"
+        );
     }
 }

@@ -147,7 +147,7 @@ impl Render for ServerRender {
         porteiro_server::prompt::chat_prompt(self.0.as_ref(), request).map_err(|e| e.message)
     }
     fn answer(&self, message: &serde_json::Value) -> Result<String, String> {
-        porteiro_server::prompt::assistant_text(message).map_err(|e| e.message)
+        porteiro_server::prompt::assistant_text(self.0.as_ref(), message).map_err(|e| e.message)
     }
 }
 

@@ -21,8 +21,8 @@ use porteiro_protocol::{
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use super::{Body, ChoiceDelta, Chunk, Chunks, Logprobs, Tier, TierError, TierRequest};
-use crate::prompt::{prompt_messages, render};
-use crate::structured::{spec_of, tool_calls, Mode, ToolStream};
+use crate::prompt::build;
+use crate::structured::{spec_of, CallParser, Structured};
 use crate::{ApiError, AppState, Generator};
 
 /// Most alternatives per token OpenAI allows for chat (`top_logprobs`).
@@ -57,10 +57,16 @@ impl Tier for LocalTier {
             let st = &self.st;
             let (rx, shape) = match &req.body {
                 Body::Chat(c) => {
-                    let (rx, mode) =
+                    let (rx, syntax) =
                         prepare_chat(st, c, req.prefix.clone(), req.adapter.clone()).await?;
-                    let tools =
-                        (mode == Some(Mode::Tools)).then(|| ToolStream::new(st.new_id("call")));
+                    let tools = syntax.map(|(syntax, names)| {
+                        let st = st.clone();
+                        Box::new(CallParser::new(
+                            syntax,
+                            names,
+                            Box::new(move || st.new_id("call")),
+                        ))
+                    });
                     (rx, Shape::Chat { tools })
                 }
                 Body::Completion(c) => {
@@ -352,17 +358,21 @@ async fn blocking<T: Send + 'static>(
 
 /// Validates a chat request for the local engine and submits it; `prefix` is assistant text already
 /// given to the client (an upstream's answer cut mid-way), which the local model continues.
+/// How an answer that may call tools is read back: the calls' syntax and the tools' names.
+type ToolAnswer = (porteiro_grammar::ToolSyntax, Vec<String>);
+
 async fn prepare_chat(
     st: &AppState,
     req: &ChatCompletionRequest,
     prefix: Option<String>,
     adapter: Option<Arc<Adapter>>,
-) -> Result<(UnboundedReceiver<Event>, Option<Mode>), ApiError> {
+) -> Result<(UnboundedReceiver<Event>, Option<ToolAnswer>), ApiError> {
     let g = loaded(st)?;
+    let syntax = crate::prompt::syntax(g.template.as_ref());
     // A continuation of an upstream's answer is plain text.
     let structured = match prefix {
         Some(_) => None,
-        None => spec_of(req)?,
+        None => spec_of(req, &syntax)?,
     };
     refuse_logit_bias(&req.logit_bias)?;
     let logprobs = match (req.logprobs.unwrap_or(false), req.top_logprobs) {
@@ -386,15 +396,12 @@ async fn prepare_chat(
         (None, m) => (m, "max_tokens"),
     };
     let limits = knobs!(req, max_tokens, param).validate(st)?;
-    let msgs = prompt_messages(&req.messages, structured.as_ref().map(|s| &s.0))?;
     let mut constraint = None;
-    if let Some((spec, mode)) = &structured {
-        let param = if *mode == Mode::Tools {
-            "tools"
-        } else {
-            "response_format"
+    if let Some(structured) = &structured {
+        let (param, structured) = match structured {
+            Structured::Tools(_) => ("tools", structured.clone()),
+            Structured::Json(_) => ("response_format", structured.clone()),
         };
-        let spec = spec.clone();
         constraint = Some(
             blocking(st, move |g| {
                 let grammars = g
@@ -406,18 +413,26 @@ async fn prepare_chat(
                     })
                     .clone()
                     .map_err(ApiError::internal)?;
-                let c = grammars.constraint(&spec).map_err(|e| match e {
+                let c = match structured {
+                    Structured::Json(spec) => grammars
+                        .constraint(&spec)
+                        .map(|c| Box::new(c) as Box<dyn TokenConstraint>),
+                    Structured::Tools(plan) => grammars
+                        .tool_constraint(plan)
+                        .map(|c| Box::new(c) as Box<dyn TokenConstraint>),
+                };
+                c.map_err(|e| match e {
                     // The machine's fault, not the schema's.
                     porteiro_grammar::GrammarError::Thread(_) => ApiError::internal(e.to_string()),
                     _ => ApiError::invalid(param, format!("The schema cannot be enforced: {e}")),
-                })?;
-                Ok(Box::new(c) as Box<dyn TokenConstraint>)
+                })
             })
             .await?,
         );
     }
+    let (msgs, tools, spec) = (req.messages.clone(), req.tools.clone(), structured.clone());
     let prompt = blocking(st, move |g| {
-        let mut text = render(g.template.as_ref(), &msgs)?;
+        let mut text = build(g.template.as_ref(), &msgs, tools.as_ref(), spec.as_ref())?;
         if let Some(p) = prefix {
             text.push_str(&p);
         }
@@ -437,7 +452,14 @@ async fn prepare_chat(
         constraint,
         adapter,
     };
-    submit(st, g, prompt, ask).map(|rx| (rx, structured.map(|(_, m)| m)))
+    let calls = match structured {
+        Some(Structured::Tools(plan)) => Some((
+            plan.syntax,
+            plan.tools.into_iter().map(|t| t.name).collect(),
+        )),
+        _ => None,
+    };
+    submit(st, g, prompt, ask).map(|rx| (rx, calls))
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -585,9 +607,9 @@ fn completion_logprobs(lps: &[TokenLogprob], offset: &mut usize) -> CompletionLo
 
 enum Shape {
     Chat {
-        /// A tool-call answer, turned into `tool_calls` deltas as it is generated (and checked to
-        /// be one call at the end).
-        tools: Option<ToolStream>,
+        /// An answer that may call tools: split into content and `tool_calls` deltas as it is
+        /// generated (every complete call checked at the end).
+        tools: Option<Box<CallParser>>,
     },
     Completion {
         /// The prompt's text, sent before the first generated text.
@@ -669,12 +691,13 @@ impl Events {
                     }));
                 }
                 match tools {
-                    Some(ts) => {
-                        let calls = ts.push(&text);
-                        if calls.is_empty() && !first {
+                    Some(p) => {
+                        let split = p.push(&text);
+                        if split.calls.is_empty() && split.content.is_empty() && !first {
                             return None;
                         }
-                        d.tool_calls = (!calls.is_empty()).then_some(calls);
+                        d.content = (!split.content.is_empty()).then_some(split.content);
+                        d.tool_calls = (!split.calls.is_empty()).then_some(split.calls);
                     }
                     None => d.content = Some(text),
                 }
@@ -705,24 +728,26 @@ impl Events {
     ) -> Vec<Result<Chunk, TierError>> {
         let mut out = Vec::new();
         let mut finish = finish;
-        let first = self.first;
+        let mut first = self.first;
         let mut last = ChoiceDelta::default();
         match &mut self.shape {
             Shape::Chat { tools } => {
-                if let Some(ts) = tools {
-                    if finish == FinishReason::Stop {
-                        // A finished call must be one valid call (the grammar guarantees it).
-                        if let Err(e) = tool_calls(ts.text(), "check") {
-                            return vec![Err(e.into())];
-                        }
+                if let Some(p) = tools {
+                    let (rest, calls) = match p.finish(finish == FinishReason::Stop) {
+                        Ok(r) => r,
+                        Err(e) => return vec![Err(e.into())],
+                    };
+                    if calls > 0 && finish == FinishReason::Stop {
                         finish = FinishReason::ToolCalls;
                     }
-                    let rest = ts.finish();
-                    if !rest.is_empty() {
+                    if !rest.calls.is_empty() || !rest.content.is_empty() {
                         out.push(Ok(Chunk::choice(ChoiceDelta {
-                            tool_calls: Some(rest),
+                            role: first.then_some("assistant"),
+                            content: (!rest.content.is_empty()).then_some(rest.content),
+                            tool_calls: (!rest.calls.is_empty()).then_some(rest.calls),
                             ..Default::default()
                         })));
+                        first = false;
                     }
                 }
                 last.role = first.then_some("assistant");
