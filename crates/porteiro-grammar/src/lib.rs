@@ -7,7 +7,7 @@
 
 mod tools;
 
-pub use tools::{call_header, Header, ToolConstraint, ToolPlan, ToolSyntax};
+pub use tools::{call_header, Header, ObjectScan, Scan, ToolConstraint, ToolPlan, ToolSyntax};
 
 use std::sync::mpsc;
 use std::sync::Arc;

@@ -185,10 +185,11 @@ enum State {
 pub struct ToolConstraint {
     grammars: std::sync::Arc<Grammars>,
     plan: ToolPlan,
-    /// A call after the opening tag (tagged syntax).
-    body: Matcher,
-    /// Bare calls, as a model writes them at the start of its answer.
-    bare: Matcher,
+    /// A call after the opening tag (tagged syntax only).
+    body: Option<Matcher>,
+    /// Bare calls, as a model writes them at the start of its answer (compiled only where free
+    /// text can occur).
+    bare: Option<Matcher>,
     /// Nothing but blanks written so far.
     at_start: bool,
     /// A bare answer's calls: the text of the one being written and those done (to stop a
@@ -197,14 +198,68 @@ pub struct ToolConstraint {
     state: State,
 }
 
-/// Splits bare answer text into top-level JSON objects (brace depth outside strings).
-#[derive(Default)]
-struct Objects {
-    on: bool,
-    cur: Vec<u8>,
+/// Where a byte of text stands among top-level JSON objects (brace depth outside strings).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scan {
+    /// Between objects.
+    Outside,
+    /// The `{` that opens an object.
+    Open,
+    /// Inside an object.
+    Inside,
+    /// The `}` that closes it.
+    Closed,
+}
+
+/// Finds the top-level JSON objects in streamed text, a byte at a time (braces, quotes and
+/// backslashes are ASCII, so UTF-8 text can be fed bytewise). Shared by the constraint and the
+/// server's reading of a bare answer, so both split it the same way.
+#[derive(Debug, Default, Clone)]
+pub struct ObjectScan {
     depth: usize,
     in_str: bool,
     esc: bool,
+}
+
+impl ObjectScan {
+    pub fn step(&mut self, b: u8) -> Scan {
+        if self.depth == 0 {
+            if b != b'{' {
+                return Scan::Outside;
+            }
+            self.depth = 1;
+            return Scan::Open;
+        }
+        if self.in_str {
+            match (self.esc, b) {
+                (true, _) => self.esc = false,
+                (false, b'\\') => self.esc = true,
+                (false, b'"') => self.in_str = false,
+                _ => {}
+            }
+            return Scan::Inside;
+        }
+        match b {
+            b'"' => self.in_str = true,
+            b'{' => self.depth += 1,
+            b'}' => {
+                self.depth -= 1;
+                if self.depth == 0 {
+                    return Scan::Closed;
+                }
+            }
+            _ => {}
+        }
+        Scan::Inside
+    }
+}
+
+/// A bare answer's objects, to stop a repeated call.
+#[derive(Default)]
+struct Objects {
+    on: bool,
+    scan: ObjectScan,
+    cur: Vec<u8>,
     done: Vec<Value>,
 }
 
@@ -213,32 +268,16 @@ impl Objects {
     fn feed(&mut self, bytes: &[u8]) -> bool {
         let mut repeat = false;
         for &b in bytes {
-            if self.depth == 0 && b != b'{' {
-                continue;
-            }
-            self.cur.push(b);
-            if self.in_str {
-                match (self.esc, b) {
-                    (true, _) => self.esc = false,
-                    (false, b'\\') => self.esc = true,
-                    (false, b'"') => self.in_str = false,
-                    _ => {}
+            match self.scan.step(b) {
+                Scan::Outside => {}
+                Scan::Open | Scan::Inside => self.cur.push(b),
+                Scan::Closed => {
+                    self.cur.push(b);
+                    let v: Value = serde_json::from_slice(&self.cur).unwrap_or(Value::Null);
+                    self.cur.clear();
+                    repeat |= self.done.contains(&v);
+                    self.done.push(v);
                 }
-                continue;
-            }
-            match b {
-                b'"' => self.in_str = true,
-                b'{' => self.depth += 1,
-                b'}' => {
-                    self.depth -= 1;
-                    if self.depth == 0 {
-                        let v: Value = serde_json::from_slice(&self.cur).unwrap_or(Value::Null);
-                        self.cur.clear();
-                        repeat |= self.done.contains(&v);
-                        self.done.push(v);
-                    }
-                }
-                _ => {}
             }
         }
         repeat
@@ -273,7 +312,10 @@ impl Grammars {
         );
         let (body, first) = match &plan.syntax {
             ToolSyntax::Tagged { open, close } => (
-                format!("start: \"\\n\" call \"\\n\" {}\n{call}", lark_str(close)),
+                Some(format!(
+                    "start: \"\\n\" call \"\\n\" {}\n{call}",
+                    lark_str(close)
+                )),
                 format!(
                     "start: {} \"\\n\" call \"\\n\" {}\n{call}",
                     lark_str(open),
@@ -283,7 +325,7 @@ impl Grammars {
             // A forced call is written compact, as the instructions show it (a 135M model loops in
             // free whitespace).
             ToolSyntax::Json => (
-                format!("start: call\n{call}"),
+                None,
                 format!(
                     "start: call\ncall: %json {}\n",
                     Spec::ToolCall(plan.tools.clone()).schema()
@@ -295,10 +337,16 @@ impl Grammars {
         } else {
             State::Free { tail: Vec::new() }
         };
+        // Free text (where a bare call can start) comes first, or after a forced tagged call when
+        // more may follow.
+        let tagged = matches!(plan.syntax, ToolSyntax::Tagged { .. });
+        let bare = (!plan.required || (plan.parallel && tagged))
+            .then(|| self.matcher(bare))
+            .transpose()?;
         Ok(ToolConstraint {
             grammars: self.clone(),
-            body: self.matcher(body)?,
-            bare: self.matcher(bare)?,
+            body: body.map(|b| self.matcher(b)).transpose()?,
+            bare,
             plan,
             at_start: true,
             objects: Objects::default(),
@@ -309,13 +357,18 @@ impl Grammars {
 
 impl ToolConstraint {
     fn start_call(&self) -> Result<Constraint, String> {
-        Constraint::spawn(self.body.deep_clone(), self.grammars.vocab).map_err(|e| e.to_string())
+        let body = self
+            .body
+            .as_ref()
+            .ok_or("internal: no tagged call grammar")?;
+        Constraint::spawn(body.deep_clone(), self.grammars.vocab).map_err(|e| e.to_string())
     }
 
     /// The bare grammar, fed the tokens the model wrote freely before naming a tool: None when it
     /// refuses them (the answer is then text).
     fn take_over(&self, tokens: &[u32]) -> Result<Option<Constraint>, String> {
-        let mut m = self.bare.deep_clone();
+        let bare = self.bare.as_ref().ok_or("internal: no bare call grammar")?;
+        let mut m = bare.deep_clone();
         if m.consume_tokens(tokens).is_err() || m.is_error() {
             return Ok(None);
         }

@@ -3,7 +3,7 @@
 //! tool-call answers are turned back into OpenAI `tool_calls` (whole, or streamed as
 //! `delta.tool_calls` fragments).
 
-use porteiro_grammar::{call_header, Header, Spec, Tool, ToolPlan, ToolSyntax};
+use porteiro_grammar::{call_header, Header, ObjectScan, Scan, Spec, Tool, ToolPlan, ToolSyntax};
 use porteiro_protocol::{
     ChatCompletionRequest, FunctionCall, FunctionDelta, ToolCall, ToolCallDelta,
 };
@@ -188,8 +188,8 @@ pub struct CallParser {
     started: u32,
     /// The first non-blank character has been seen (and `json` / `text` set from it).
     decided: bool,
-    /// Calls are bare JSON objects, one per line (the JSON syntax, or a tagged family's answer that
-    /// starts with `{`).
+    /// Calls are bare JSON objects (the JSON syntax, or a tagged family's answer that starts with
+    /// `{` or a fence).
     json: bool,
     /// JSON syntax: the answer turned out to be text.
     text: bool,
@@ -198,10 +198,8 @@ pub struct CallParser {
     /// A bare answer repeated a call: the rest is ignored.
     repeated: bool,
     call_at: Option<usize>,
-    /// Inside a bare call: brace depth, inside a string, after a backslash.
-    depth: usize,
-    in_str: bool,
-    esc: bool,
+    /// Where the bare answer's text stands among its objects.
+    scan: ObjectScan,
 }
 
 /// The length of the longest suffix of `s` that is a proper prefix of `tag`.
@@ -232,9 +230,7 @@ impl CallParser {
             raw: String::new(),
             repeated: false,
             call_at: None,
-            depth: 0,
-            in_str: false,
-            esc: false,
+            scan: ObjectScan::default(),
         }
     }
 
@@ -344,53 +340,43 @@ impl CallParser {
         }
         let start = self.raw.len();
         self.raw.push_str(&text);
+        let mut utf8 = [0u8; 4];
         for (i, c) in text.char_indices() {
-            if self.depth == 0 && !self.in_str {
-                if c != '{' {
+            // A multi-byte character is never a brace or a quote: all its bytes scan alike.
+            let step = c
+                .encode_utf8(&mut utf8)
+                .bytes()
+                .map(|b| self.scan.step(b))
+                .last();
+            match step.unwrap_or(Scan::Inside) {
+                Scan::Outside => {
                     if !(c.is_whitespace() || c == '`' || "json".contains(c)) {
                         self.become_text(out);
                         return;
                     }
-                    continue;
                 }
-                self.call_at = Some(start + i);
-            }
-            if self.in_str {
-                match (self.esc, c) {
-                    (true, _) => self.esc = false,
-                    (false, '\\') => self.esc = true,
-                    (false, '"') => self.in_str = false,
-                    _ => {}
-                }
-                continue;
-            }
-            match c {
-                '"' => self.in_str = true,
-                '{' => self.depth += 1,
-                '}' => {
-                    self.depth -= 1;
-                    if self.depth == 0 {
-                        let from = self.call_at.unwrap_or(0);
-                        let call = self.raw[from..start + i + 1].to_string();
-                        let named = tool_call(&call, "check")
-                            .is_ok_and(|c| self.names.contains(&c.function.name));
-                        if !named {
-                            self.become_text(out);
-                            return;
-                        }
-                        let v: Value = serde_json::from_str(&call).unwrap_or(Value::Null);
-                        if self
-                            .done
-                            .iter()
-                            .any(|d| serde_json::from_str::<Value>(d).is_ok_and(|dv| dv == v))
-                        {
-                            self.repeated = true;
-                            return;
-                        }
-                        self.done.push(call);
+                Scan::Open => self.call_at = Some(start + i),
+                Scan::Inside => {}
+                Scan::Closed => {
+                    let from = self.call_at.unwrap_or(0);
+                    let call = self.raw[from..start + i + 1].to_string();
+                    let named = tool_call(&call, "check")
+                        .is_ok_and(|c| self.names.contains(&c.function.name));
+                    if !named {
+                        self.become_text(out);
+                        return;
                     }
+                    let v: Value = serde_json::from_str(&call).unwrap_or(Value::Null);
+                    if self
+                        .done
+                        .iter()
+                        .any(|d| serde_json::from_str::<Value>(d).is_ok_and(|dv| dv == v))
+                    {
+                        self.repeated = true;
+                        return;
+                    }
+                    self.done.push(call);
                 }
-                _ => {}
             }
         }
     }
@@ -404,11 +390,10 @@ impl CallParser {
         out.content.push_str(&std::mem::take(&mut self.raw));
     }
 
-    /// The end of the answer: the rest of the text and of the last call. A call cut short (by
-    /// `max_tokens`) is flushed as it stands; every complete call must parse (the grammar
-    /// guarantees it). Returns the calls made as whole `ToolCall`s too.
-    pub fn finish(&mut self, complete: bool) -> Result<(Split, usize), ApiError> {
-        let _ = complete;
+    /// The end of the answer: the rest of the text and of the last call. A tagged call cut short
+    /// (by `max_tokens`) is flushed as it stands; every complete call must parse (the grammar
+    /// guarantees it). Returns the number of complete calls.
+    pub fn finish(&mut self) -> Result<(Split, usize), ApiError> {
         let mut out = Split::default();
         if !self.decided && !self.pending.trim().is_empty() {
             // An answer that ended before its header was complete is text.
@@ -577,7 +562,7 @@ mod tests {
         for piece in chars.chunks(size) {
             splits.push(p.push(&piece.iter().collect::<String>()));
         }
-        let (last, _) = p.finish(true).unwrap();
+        let (last, _) = p.finish().unwrap();
         splits.push(last);
         let mut content = String::new();
         let mut calls: Vec<(String, String, String)> = Vec::new();

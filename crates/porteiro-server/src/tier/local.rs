@@ -733,7 +733,7 @@ impl Events {
         match &mut self.shape {
             Shape::Chat { tools } => {
                 if let Some(p) = tools {
-                    let (rest, calls) = match p.finish(finish == FinishReason::Stop) {
+                    let (rest, calls) = match p.finish() {
                         Ok(r) => r,
                         Err(e) => return vec![Err(e.into())],
                     };
