@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """Tool calling measured on the Berkeley Function Calling Leaderboard (bfcl-eval==2026.3.23 wheel: BFCL v4
 simple_python, multiple, parallel, parallel_multiple, irrelevance) through `porteiro serve` and the
-official `openai` client, at temperature 0, tool_choice left to its default (`auto`), parallel calls
+official `openai` client, at temperature 0, tool_choice `auto` (OpenAI's default; `--tool-choice required` forces calls), parallel calls
 allowed (the OpenAI default).
 
-  bfcl_eval.py [--models smollm2-135m,qwen2.5-0.5b,qwen2.5-1.5b] [--categories all] [--limit 100]
+  bfcl_eval.py [--models smollm2-135m,qwen2.5-0.5b,qwen2.5-1.5b] [--categories all] [--start 0] [--limit 100]
                [--bin target/release/porteiro] [--parallel 4] [--json OUT]
 
 Scoring follows BFCL's AST checker (scripts/lora_eval.py: function name, required parameters present,
@@ -45,10 +45,10 @@ def load(category):
                 for d in map(json.loads, z.read(f"bfcl_eval/data/{f}").splitlines())]
 
 
-def request(item):
+def request(item, tool_choice="auto"):
     tools = [{"type": "function", "function": {"name": oai_name(f["name"]), "description": f.get("description", ""),
                                                "parameters": _schema(f["parameters"])}} for f in item["function"]]
-    return {"messages": item["question"][0], "tools": tools}
+    return {"messages": item["question"][0], "tools": tools, "tool_choice": tool_choice}
 
 
 def ask(client, model, req, max_tokens):
@@ -86,15 +86,18 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="smollm2-135m,qwen2.5-0.5b,qwen2.5-1.5b")
     ap.add_argument("--categories", default="all")
-    ap.add_argument("--limit", type=int, default=100, help="the first N items of each category (0: all)")
+    ap.add_argument("--limit", type=int, default=100, help="N items of each category from --start (0: all)")
+    ap.add_argument("--start", type=int, default=0,
+                    help="first item of each category (items 0-29 were the development slice; report from 100 on)")
     ap.add_argument("--bin", default="target/release/porteiro")
     ap.add_argument("--parallel", type=int, default=4, help="requests in flight (batched by the server)")
+    ap.add_argument("--tool-choice", default="auto", help="auto (the OpenAI default) or required")
     ap.add_argument("--json", help="also write every answer with its verdict here (JSON lines)")
     args = ap.parse_args()
     from openai import OpenAI
 
     cats = CATEGORIES if args.categories == "all" else args.categories.split(",")
-    data = {c: load(c)[: args.limit or None] for c in cats}
+    data = {c: load(c)[args.start:][: args.limit or None] for c in cats}
     out = open(args.json, "w", encoding="utf-8") if args.json else None
     table = {}
     for model in args.models.split(","):
@@ -105,7 +108,7 @@ def main():
                 items = data[c]
                 answers = [None] * len(items)
                 t0 = time.time()
-                run_all_calls(client, model, [request(it) for it in items], answers, args.parallel)
+                run_all_calls(client, model, [request(it, args.tool_choice) for it in items], answers, args.parallel)
                 verdicts = [verdict(c, it, a) for it, a in zip(items, answers)]
                 right = sum(v is None for v in verdicts)
                 table[(model, c)] = (right, len(items))

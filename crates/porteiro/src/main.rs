@@ -115,6 +115,11 @@ enum Cmd {
         /// Treat special-token text such as <|im_start|> as plain text.
         #[arg(long)]
         no_parse_special: bool,
+        /// TEXT is a chat-completion request (a JSON file, `-` for stdin): print the prompt the
+        /// local tier builds from it (the model's chat template, tools included), then its ids.
+        #[arg(long)]
+        chat: bool,
+        /// The text to tokenize (with --chat: the request file).
         text: String,
     },
 }
@@ -295,11 +300,29 @@ fn dispatch(cmd: Cmd) -> Result<()> {
             m,
             no_special,
             no_parse_special,
+            chat,
             text,
         } => {
             let path = fetch::resolve_model(&m.model, true)?;
             let file = porteiro_models::gguf::GgufFile::open(&path)?;
             let tok = porteiro_models::tokenizer::Tokenizer::from_gguf(&file)?;
+            let text = if chat {
+                let body = if text == "-" {
+                    std::io::read_to_string(std::io::stdin())?
+                } else {
+                    std::fs::read_to_string(&text)
+                        .with_context(|| format!("reading the chat request {text}"))?
+                };
+                let request: serde_json::Value = serde_json::from_str(&body)
+                    .with_context(|| format!("{text} is not a JSON chat request"))?;
+                let template = porteiro_models::template::ChatTemplate::from_gguf(&file, &tok)?;
+                let prompt = porteiro_server::prompt::chat_prompt(template.as_ref(), &request)
+                    .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+                println!("{prompt}");
+                prompt
+            } else {
+                text
+            };
             let ids = tok.encode(&text, !no_special, !no_parse_special);
             println!("{}", serde_json::to_string(&ids)?);
             Ok(())
