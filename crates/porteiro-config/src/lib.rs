@@ -82,6 +82,10 @@
 //! key_env = "PORTEIRO_LOG_KEY"
 //! postgres_env = "PORTEIRO_POSTGRES"  # if set: write to PostgreSQL instead (the variable holds the
 //!                            # connection string, e.g. "host=db user=porteiro dbname=porteiro password=…")
+//!
+//! [flywheel]                 # learning the upstream tiers' traffic (`porteiro flywheel`)
+//! collect = false            # keep each upstream-answered request with its answer in the request
+//!                            # log, sealed with the log's key (needs the log and its key)
 //! ```
 
 use std::path::Path;
@@ -119,6 +123,7 @@ struct RawConfig {
     privacy: Option<RawPrivacy>,
     telemetry: Option<RawTelemetry>,
     log: Option<RawLog>,
+    flywheel: Option<RawFlywheel>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -158,6 +163,12 @@ struct RawLog {
     store_text: Option<bool>,
     key_env: Option<String>,
     postgres_env: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFlywheel {
+    collect: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -276,6 +287,14 @@ pub struct LogConfig {
     pub key_env: String,
     /// Env var holding a PostgreSQL connection string; the log goes there instead of SQLite.
     pub postgres_env: Option<String>,
+}
+
+/// `[flywheel]`: learning from the upstream tiers' answers.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FlywheelConfig {
+    /// Keep every request an upstream tier answered, with its answer, in the request log (sealed
+    /// with the log's key) for `porteiro flywheel`.
+    pub collect: bool,
 }
 
 /// The privacy policies `[privacy]`, `[[upstreams]]` and `[[routes]]` accept.
@@ -401,6 +420,7 @@ pub struct Config {
     pub privacy: PrivacyConfig,
     pub telemetry: TelemetryConfig,
     pub log: LogConfig,
+    pub flywheel: FlywheelConfig,
 }
 
 /// Values from the command line; they win over the file.
@@ -656,6 +676,16 @@ impl Config {
                 .unwrap_or_else(|| "PORTEIRO_LOG_KEY".into()),
             postgres_env: lg.postgres_env.filter(|s| !s.is_empty()),
         };
+        let flywheel = FlywheelConfig {
+            collect: raw.flywheel.unwrap_or_default().collect.unwrap_or(false),
+        };
+        if flywheel.collect && log.path.as_deref() == Some("") {
+            return Err(ConfigError::Invalid {
+                key: "flywheel.collect",
+                why: "keeps its samples in the request log, which `[log] path = \"\"` turns off"
+                    .into(),
+            });
+        }
         let mut adapters = Vec::new();
         let file_adapters = raw
             .adapters
@@ -712,6 +742,7 @@ impl Config {
             lora_count,
             telemetry,
             log,
+            flywheel,
             privacy,
             router,
             upstreams,

@@ -33,7 +33,7 @@ mod text;
 
 pub use audit::{AuditLog, AuditRecord, AuditWriter, Tamper, Verification};
 pub use detect::{Category, Detector, Finding};
-pub use mask::{Masker, StreamUnmasker, Unmasker};
+pub use mask::{mask_together, Masker, StreamUnmasker, Unmasker};
 
 use serde::{Deserialize, Serialize};
 

@@ -182,6 +182,34 @@ impl StreamUnmasker {
     }
 }
 
+/// Every string of `values` masked by one [`Masker`], so a value gets the same placeholder
+/// wherever it appears (a request and its answer, for a student model to learn from). Strings
+/// that name rather than say something (`role`, `type`, `id`, `tool_call_id`, `name`) are left.
+pub fn mask_together(
+    det: &Detector,
+    values: &mut [&mut serde_json::Value],
+) -> BTreeMap<Category, usize> {
+    use serde_json::Value;
+    fn walk(v: &mut Value, key: &str, f: &mut dyn FnMut(&mut String)) {
+        match v {
+            Value::String(s)
+                if !matches!(key, "role" | "type" | "id" | "tool_call_id" | "name") =>
+            {
+                f(s)
+            }
+            Value::Array(a) => a.iter_mut().for_each(|x| walk(x, key, f)),
+            Value::Object(o) => o.iter_mut().for_each(|(k, x)| walk(x, k, f)),
+            _ => {}
+        }
+    }
+    let original: String = values.iter().map(|v| v.to_string()).collect();
+    let mut m = Masker::new(det, &original);
+    for v in values.iter_mut() {
+        walk(v, "", &mut |s| *s = m.mask(s));
+    }
+    m.counts
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -198,6 +226,23 @@ mod tests {
         );
         assert_eq!(m.counts[&Category::Email], 3);
         assert_eq!(m.unmasker().unmask(&masked), text);
+    }
+
+    #[test]
+    fn a_request_and_its_answer_share_placeholders() {
+        let det = Detector::new();
+        let mut req =
+            serde_json::json!({"messages": [{"role": "user", "content": "Mail ana@example.com"}]});
+        let mut ans = serde_json::json!({"role": "assistant", "tool_calls": [{"id": "c1", "type": "function",
+            "function": {"name": "send_mail", "arguments": "{\"to\": \"ana@example.com\"}"}}]});
+        let counts = mask_together(&det, &mut [&mut req, &mut ans]);
+        assert_eq!(counts[&Category::Email], 2);
+        assert_eq!(req["messages"][0]["content"], "Mail [EMAIL_1]");
+        assert_eq!(
+            ans["tool_calls"][0]["function"]["arguments"],
+            "{\"to\": \"[EMAIL_1]\"}"
+        );
+        assert_eq!(ans["tool_calls"][0]["function"]["name"], "send_mail");
     }
 
     #[test]

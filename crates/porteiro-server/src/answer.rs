@@ -16,7 +16,8 @@ use std::time::Instant;
 use futures_util::stream::{self, StreamExt};
 use porteiro_config::{MidStream, LOCAL_TIER};
 use porteiro_privacy::{StreamUnmasker, Unmasker};
-use porteiro_protocol::{FunctionDelta, ToolCallDelta, Usage};
+use porteiro_protocol::{FinishReason, FunctionDelta, ToolCallDelta, Usage};
+use serde_json::Value;
 
 use crate::privacy::unmask_json;
 use crate::telemetry::Trace;
@@ -380,14 +381,72 @@ struct Observer {
     first: bool,
     /// The answer's text, when the request log keeps texts.
     text: Option<String>,
+    /// The whole answer message, when it may become a flywheel sample.
+    message: Option<Message>,
     prompt: u64,
     completion: u64,
     failed: bool,
 }
 
+/// An answer message put back together from its chunks (choice 0).
+#[derive(Default)]
+struct Message {
+    content: String,
+    /// (id, name, arguments) by call index.
+    calls: BTreeMap<u32, (String, String, String)>,
+    finish: Option<FinishReason>,
+}
+
+impl Message {
+    fn add(&mut self, d: &ChoiceDelta) {
+        if d.index != 0 {
+            return;
+        }
+        if let Some(t) = &d.content {
+            self.content.push_str(t);
+        }
+        for t in d.tool_calls.iter().flatten() {
+            let c = self.calls.entry(t.index).or_default();
+            if let Some(id) = &t.id {
+                c.0.clone_from(id);
+            }
+            if let Some(n) = &t.function.name {
+                c.1.push_str(n);
+            }
+            c.2.push_str(&t.function.arguments);
+        }
+        if d.finish_reason.is_some() {
+            self.finish = d.finish_reason;
+        }
+    }
+
+    fn json(self) -> (Value, Option<String>) {
+        let mut m = serde_json::json!({"role": "assistant",
+            "content": (!self.content.is_empty()).then_some(self.content)});
+        if !self.calls.is_empty() {
+            m["tool_calls"] = self
+                .calls
+                .into_values()
+                .map(|(id, name, args)| {
+                    serde_json::json!({"id": id, "type": "function",
+                        "function": {"name": name, "arguments": args}})
+                })
+                .collect();
+        }
+        let finish = self
+            .finish
+            .and_then(|f| serde_json::to_value(f).ok())
+            .and_then(|v| v.as_str().map(str::to_string));
+        (m, finish)
+    }
+}
+
 impl Observer {
     fn chunk(&mut self, c: &Chunk) {
         for d in &c.choices {
+            if let Some(m) = self.message.as_mut() {
+                m.add(d);
+            }
             if d.has_output() {
                 self.trace.token();
                 if std::mem::replace(&mut self.first, false) {
@@ -422,6 +481,10 @@ impl Observer {
             return;
         }
         self.trace.texts(None, self.text.take());
+        if let Some(m) = self.message.take() {
+            let (answer, finish) = m.json();
+            self.trace.sample_answer(answer, finish);
+        }
         self.st.metrics.generation_done(
             self.api.endpoint(),
             self.t0.elapsed().as_secs_f64(),
@@ -441,6 +504,7 @@ pub fn observe(st: &AppState, chunks: Chunks, trace: &Trace, api: Api, t0: Insta
         t0,
         first: true,
         text: trace.stores_text().then(String::new),
+        message: (trace.collects() && api == Api::Chat).then(Message::default),
         prompt: 0,
         completion: 0,
         failed: false,

@@ -34,6 +34,15 @@ pub async fn chat(
     if trace.stores_text() {
         trace.texts(serde_json::to_string(&raw["messages"]).ok(), None);
     }
+    if trace.collects() {
+        let mut body = raw.clone();
+        if let Some(o) = body.as_object_mut() {
+            for k in ["model", "stream", "stream_options"] {
+                o.remove(k);
+            }
+        }
+        trace.sample_request(body);
+    }
     let result = chat_inner(&st, &ctx, req, raw, t0, &trace).await;
     if let Err(e) = &result {
         trace.fail(e.status.as_u16(), &e.message);

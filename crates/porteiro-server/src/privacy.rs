@@ -216,6 +216,15 @@ impl Guard {
         }
     }
 
+    /// A request and its answer with personal data replaced by placeholders, the same value by the
+    /// same placeholder in both (a student trained on them learns to copy placeholders, which the
+    /// guard restores when it serves).
+    pub fn redact_together(&self, request: &mut Value, answer: &mut Value) {
+        if let Some(d) = &self.detector {
+            porteiro_privacy::mask_together(d, &mut [request, answer]);
+        }
+    }
+
     /// Queues the audit record of one request (no-op without an audit trail).
     pub fn audit(&self, ctx: &RequestCtx, tier: &str, route: &str, action: Action, c: &Counts) {
         if let Some(a) = &self.audit {

@@ -14,7 +14,7 @@ use porteiro_config::Config;
 use porteiro_engine::scheduler::EngineStats;
 use porteiro_telemetry::kpi::{self, Kpis};
 use porteiro_telemetry::log::LogWriter;
-use porteiro_telemetry::{now_ms, Prices, RequestRecord, LOCAL_TIER};
+use porteiro_telemetry::{now_ms, Prices, RequestRecord, Sample, LOCAL_TIER};
 use serde::Serialize;
 
 use crate::metrics::Histogram;
@@ -244,6 +244,8 @@ pub struct Telemetry {
     pub log: Option<LogWriter>,
     /// Whether the request log keeps prompts and answers (sealed).
     pub store_text: bool,
+    /// Whether upstream answers are kept as flywheel samples (sealed).
+    pub collect: bool,
     /// The engine's counters, for the local tier's cost (the engine loads after the listener).
     engine: OnceLock<Arc<EngineStats>>,
 }
@@ -291,6 +293,7 @@ impl Telemetry {
             baseline,
             machine_per_s: t.machine_price_per_hour / 3600.0,
             store_text: cfg.log.store_text && log.is_some(),
+            collect: cfg.flywheel.collect && log.is_some(),
             log,
             engine: OnceLock::new(),
         }
@@ -309,6 +312,7 @@ impl Telemetry {
             machine_per_s: 0.0,
             log: None,
             store_text: false,
+            collect: false,
             engine: OnceLock::new(),
         }
     }
@@ -331,6 +335,7 @@ impl Telemetry {
     fn finish(&self, mut rec: RequestRecord, itl: &[f64], overhead: Option<f64>) {
         // The in-memory window keeps records without their texts.
         let texts = (rec.prompt.take(), rec.response.take());
+        let sample = rec.sample.take();
         rec.baseline_usd = self.baseline.cost(rec.prompt_tokens, rec.completion_tokens);
         rec.cost_usd = if rec.tier == LOCAL_TIER {
             // The request's share of the engine's measured busy time, by tokens processed.
@@ -415,6 +420,7 @@ impl Telemetry {
         if let Some(l) = &self.log {
             // Texts are present only when the log stores them (`Trace::texts`).
             (rec.prompt, rec.response) = texts;
+            rec.sample = sample;
             l.record(rec);
         }
     }
@@ -478,6 +484,8 @@ struct TraceState {
     itl: Vec<f64>,
     /// Time spent waiting on an upstream (subtracted for the gateway overhead).
     upstream_wait: Option<Duration>,
+    /// The flywheel sample being assembled (`[flywheel] collect`).
+    sample: Option<Sample>,
 }
 
 /// The request being served; clones share one state, recorded when the last clone drops.
@@ -514,6 +522,7 @@ impl Trace {
             last: None,
             itl: Vec::new(),
             upstream_wait: None,
+            sample: None,
         })))
     }
 
@@ -596,6 +605,33 @@ impl Trace {
     pub fn stores_text(&self) -> bool {
         self.with(|s| s.telemetry.store_text)
     }
+
+    /// Whether this request's answer may become a flywheel sample.
+    pub fn collects(&self) -> bool {
+        self.with(|s| s.telemetry.collect)
+    }
+
+    /// The request a flywheel sample starts from (kept only when collecting).
+    pub fn sample_request(&self, request: serde_json::Value) {
+        self.with(|s| {
+            if s.telemetry.collect {
+                s.sample = Some(Sample {
+                    request,
+                    ..Default::default()
+                });
+            }
+        });
+    }
+
+    /// The complete answer of a sample (the observer assembles it from the chunks).
+    pub fn sample_answer(&self, answer: serde_json::Value, finish_reason: Option<String>) {
+        self.with(|s| {
+            if let Some(x) = s.sample.as_mut() {
+                x.answer = answer;
+                x.finish_reason = finish_reason;
+            }
+        });
+    }
 }
 
 impl Drop for TraceState {
@@ -612,6 +648,20 @@ impl Drop for TraceState {
             rec.status = 499;
             rec.error
                 .get_or_insert_with(|| "client disconnected".into());
+        }
+        // A sample is an upstream's complete answer; a local or failed one teaches nothing. Its
+        // personal data is masked like the stored texts, but consistently across prompt and answer.
+        if let Some(mut x) = self.sample.take() {
+            if rec.tier != LOCAL_TIER
+                && !rec.is_error()
+                && rec.fallback.is_none()
+                && !x.answer.is_null()
+            {
+                if rec.privacy != Action::Allow.as_str() {
+                    self.privacy.redact_together(&mut x.request, &mut x.answer);
+                }
+                rec.sample = serde_json::to_string(&x).ok();
+            }
         }
         // Stored texts keep personal data only where the privacy policy let it leave anyway.
         if rec.privacy != Action::Allow.as_str() {

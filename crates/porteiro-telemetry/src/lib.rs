@@ -42,6 +42,21 @@ pub struct RequestRecord {
     pub fallback: Option<String>,
     pub prompt: Option<String>,
     pub response: Option<String>,
+    /// The flywheel's copy of an upstream answer (`[flywheel] collect`): a [`Sample`] as JSON.
+    pub sample: Option<String>,
+}
+
+/// What the flywheel keeps of a request an upstream tier answered: everything a student model
+/// needs to learn the answer (usage, route and latency are the record's own columns).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Sample {
+    /// The chat request as the client sent it, without `model` and `stream`: `messages`, `tools`,
+    /// `tool_choice`, `response_format`, sampling fields.
+    pub request: serde_json::Value,
+    /// The assistant message: `content` and/or `tool_calls` (arguments as the JSON text received).
+    pub answer: serde_json::Value,
+    /// `stop`, `length`, `tool_calls`, `content_filter`.
+    pub finish_reason: Option<String>,
 }
 
 impl RequestRecord {

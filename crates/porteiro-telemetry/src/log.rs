@@ -54,7 +54,7 @@ impl Sink for RequestLog {
 }
 
 /// Schema migrations, applied in order; `PRAGMA user_version` says how many ran.
-const MIGRATIONS: [&str; 2] = [
+const MIGRATIONS: [&str; 3] = [
     "CREATE TABLE requests (
         id TEXT NOT NULL,
         ts_ms INTEGER NOT NULL,
@@ -79,6 +79,8 @@ const MIGRATIONS: [&str; 2] = [
      ALTER TABLE requests ADD COLUMN fallback TEXT;
      ALTER TABLE requests ADD COLUMN prompt BLOB;
      ALTER TABLE requests ADD COLUMN response BLOB;",
+    // v3: the flywheel's sample of an upstream answer (sealed JSON, see `Sample`).
+    "ALTER TABLE requests ADD COLUMN sample BLOB;",
 ];
 
 /// AES-256-GCM over stored texts; the key is SHA-256 of the configured secret. Each text gets a
@@ -187,8 +189,8 @@ impl RequestLog {
                 .prepare_cached(
                     "INSERT INTO requests (id, ts_ms, key_id, endpoint, tier, model, route, status, error, stream,
                      prompt_tokens, completion_tokens, latency_ms, ttft_ms, cost_usd, baseline_usd, privacy,
-                     fallback, prompt, response)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)",
+                     fallback, prompt, response, sample)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21)",
                 )
                 .map_err(|e| self.err(e))?;
             for r in recs {
@@ -218,6 +220,7 @@ impl RequestLog {
                     r.fallback,
                     seal(&r.prompt)?,
                     seal(&r.response)?,
+                    seal(&r.sample)?,
                 ])
                 .map_err(|e| self.err(e))?;
             }
@@ -239,16 +242,30 @@ impl RequestLog {
         since_ms: i64,
         sealer: Option<&Sealer>,
     ) -> Result<Vec<RequestRecord>, LogError> {
+        self.select(since_ms, sealer, false)
+    }
+
+    /// The records since `since_ms` that carry a flywheel sample, oldest first, opened with `sealer`.
+    pub fn samples(&self, since_ms: i64, sealer: &Sealer) -> Result<Vec<RequestRecord>, LogError> {
+        self.select(since_ms, Some(sealer), true)
+    }
+
+    fn select(
+        &self,
+        since_ms: i64,
+        sealer: Option<&Sealer>,
+        samples_only: bool,
+    ) -> Result<Vec<RequestRecord>, LogError> {
         let mut stmt = self
             .conn
             .prepare(
                 "SELECT id, ts_ms, key_id, endpoint, tier, model, route, status, error, stream, prompt_tokens,
-                 completion_tokens, latency_ms, ttft_ms, cost_usd, baseline_usd, privacy, fallback, prompt, response
-                 FROM requests WHERE ts_ms >= ?1 ORDER BY ts_ms",
+                 completion_tokens, latency_ms, ttft_ms, cost_usd, baseline_usd, privacy, fallback, prompt, response,
+                 sample FROM requests WHERE ts_ms >= ?1 AND (?2 = 0 OR sample IS NOT NULL) ORDER BY ts_ms",
             )
             .map_err(|e| self.err(e))?;
         let rows = stmt
-            .query_map([since_ms], |r| {
+            .query_map(params![since_ms, samples_only], |r| {
                 Ok((
                     RequestRecord {
                         id: r.get(0)?,
@@ -269,20 +286,21 @@ impl RequestLog {
                         baseline_usd: r.get(15)?,
                         privacy: r.get(16)?,
                         fallback: r.get(17)?,
-                        prompt: None,
-                        response: None,
+                        ..Default::default()
                     },
                     r.get::<_, Option<Vec<u8>>>(18)?,
                     r.get::<_, Option<Vec<u8>>>(19)?,
+                    r.get::<_, Option<Vec<u8>>>(20)?,
                 ))
             })
             .map_err(|e| self.err(e))?;
         let mut out = Vec::new();
         for row in rows {
-            let (mut rec, p, q) = row.map_err(|e| self.err(e))?;
+            let (mut rec, p, q, x) = row.map_err(|e| self.err(e))?;
             if let Some(s) = sealer {
                 rec.prompt = p.map(|b| s.open(&b)).transpose()?;
                 rec.response = q.map(|b| s.open(&b)).transpose()?;
+                rec.sample = x.map(|b| s.open(&b)).transpose()?;
             }
             out.push(rec);
         }
@@ -430,7 +448,7 @@ mod tests {
             c.execute("INSERT INTO requests VALUES ('old', 1, 'k', 'chat', 'local', 'm', 'r', 200, NULL, 0, 1, 1, 1.0, NULL, 0.0, 0.0)", []).unwrap();
         }
         let log = RequestLog::open(&p).unwrap();
-        assert_eq!(log.schema_version().unwrap(), 2);
+        assert_eq!(log.schema_version().unwrap(), 3);
         let rows = log.since(0, None).unwrap();
         assert_eq!(
             (rows[0].id.as_str(), rows[0].privacy.as_str()),
@@ -465,6 +483,25 @@ mod tests {
             log.since(0, Some(&Sealer::new(b"wrong"))),
             Err(LogError::Decrypt)
         ));
+        // A flywheel sample is sealed too, and `samples` returns only the rows that carry one.
+        let mut with = rec(4, "big");
+        with.sample = Some("{\"request\":{\"secret sample\":1}}".into());
+        log.insert(&[with], Some(&sealer)).unwrap();
+        let hay = [
+            std::fs::read(&p).unwrap(),
+            std::fs::read(dir.path().join("log.db-wal")).unwrap_or_default(),
+        ]
+        .concat();
+        assert!(!hay.windows(13).any(|w| w == b"secret sample"));
+        let got = log.samples(0, &sealer).unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(
+            got[0].sample.as_deref(),
+            Some("{\"request\":{\"secret sample\":1}}")
+        );
+        log.conn
+            .execute("DELETE FROM requests WHERE id = ?1", [&got[0].id])
+            .unwrap();
         // Without a key the texts are not stored at all.
         log.insert(&[rec(3, "local")], None).unwrap();
         assert_eq!(log.since(0, Some(&sealer)).unwrap()[2].prompt, None);

@@ -9,7 +9,8 @@ use postgres::{Client, NoTls};
 use crate::log::{LogError, Sealer, Sink};
 use crate::RequestRecord;
 
-const MIGRATIONS: [&str; 1] = ["CREATE TABLE IF NOT EXISTS porteiro_requests (
+const MIGRATIONS: [&str; 2] = [
+    "CREATE TABLE IF NOT EXISTS porteiro_requests (
         id TEXT NOT NULL,
         ts_ms BIGINT NOT NULL,
         key_id TEXT NOT NULL,
@@ -31,7 +32,10 @@ const MIGRATIONS: [&str; 1] = ["CREATE TABLE IF NOT EXISTS porteiro_requests (
         prompt BYTEA,
         response BYTEA
     );
-    CREATE INDEX IF NOT EXISTS porteiro_requests_ts ON porteiro_requests (ts_ms);"];
+    CREATE INDEX IF NOT EXISTS porteiro_requests_ts ON porteiro_requests (ts_ms);",
+    // v2: the flywheel's sample of an upstream answer (sealed JSON).
+    "ALTER TABLE porteiro_requests ADD COLUMN IF NOT EXISTS sample BYTEA;",
+];
 
 /// Arbitrary constant naming Porteiro's migration lock.
 const MIGRATION_LOCK: i64 = 0x706f_7274_6569;
@@ -103,8 +107,8 @@ impl Sink for PgLog {
             .prepare(
                 "INSERT INTO porteiro_requests (id, ts_ms, key_id, endpoint, tier, model, route, status, error,
                  stream, prompt_tokens, completion_tokens, latency_ms, ttft_ms, cost_usd, baseline_usd, privacy,
-                 fallback, prompt, response)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20)",
+                 fallback, prompt, response, sample)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)",
             )
             .map_err(pg)?;
         for r in recs {
@@ -136,6 +140,7 @@ impl Sink for PgLog {
                     &r.fallback,
                     &seal(&r.prompt)?,
                     &seal(&r.response)?,
+                    &seal(&r.sample)?,
                 ],
             )
             .map_err(pg)?;

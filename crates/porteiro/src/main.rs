@@ -4,6 +4,7 @@
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 mod bench;
+mod flywheel_cmd;
 mod lora_cmd;
 mod perplexity;
 mod privacy_cmd;
@@ -96,6 +97,10 @@ enum Cmd {
     /// The semantic router: train its scorer, calibrate, evaluate, measure decision latency.
     #[command(subcommand)]
     Router(router_cmd::RouterCmd),
+    /// The flywheel: curate the upstream answers collected by `serve` ([flywheel] collect = true)
+    /// and cluster them into task types.
+    #[command(subcommand)]
+    Flywheel(flywheel_cmd::FlywheelCmd),
     /// The privacy guard's detectors: scan a text, measure precision/recall on a labelled corpus, bench.
     Privacy(privacy_cmd::PrivacyArgs),
     /// FinOps report of a period from the request log: HTML (charts inline) and Markdown.
@@ -292,6 +297,7 @@ fn dispatch(cmd: Cmd) -> Result<()> {
         Cmd::Lora(c) => lora_cmd::run(&c),
         Cmd::Perplexity(a) => perplexity::run(&a),
         Cmd::Router(c) => router_cmd::run(&c),
+        Cmd::Flywheel(c) => flywheel_cmd::run(&c),
         Cmd::Privacy(c) => privacy_cmd::run_privacy(&c),
         Cmd::Audit(c) => privacy_cmd::run_audit(&c),
         Cmd::Report(a) => report_cmd::report(&a),

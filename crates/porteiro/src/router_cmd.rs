@@ -88,7 +88,7 @@ pub struct EncoderArgs {
 }
 
 impl EncoderArgs {
-    fn load(&self) -> Result<BertEncoder> {
+    pub(crate) fn load(&self) -> Result<BertEncoder> {
         let dir = fetch::resolve_model(&self.encoder, true)?;
         let threads = self
             .encoder_threads
@@ -107,7 +107,7 @@ fn config(path: Option<&Path>) -> Result<Config> {
     )?)
 }
 
-fn progress(n: usize, what: &str) -> indicatif::ProgressBar {
+pub(crate) fn progress(n: usize, what: &str) -> indicatif::ProgressBar {
     let pb = indicatif::ProgressBar::new(n as u64);
     pb.set_style(
         indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} ({eta})")

@@ -249,10 +249,15 @@ pub fn request_log_path(cfg: &Config) -> Option<PathBuf> {
 /// Pricing, live KPIs and the request log (opened and migrated here, so a bad path stops the start).
 pub(crate) fn telemetry(cfg: &Config) -> Result<porteiro_server::telemetry::Telemetry> {
     use porteiro_telemetry::log::{LogWriter, RequestLog, Sealer};
-    let sealer = if cfg.log.store_text {
+    let sealer = if cfg.log.store_text || cfg.flywheel.collect {
+        let what = if cfg.log.store_text {
+            "[log] store_text = true"
+        } else {
+            "[flywheel] collect = true"
+        };
         let key = std::env::var(&cfg.log.key_env).map_err(|_| {
             anyhow::anyhow!(
-                "[log] store_text = true needs the encryption key in ${} (texts are never stored in clear)",
+                "{what} needs the encryption key in ${} (texts are never stored in clear)",
                 cfg.log.key_env
             )
         })?;
