@@ -6,8 +6,7 @@ serve`, which passes them to a scripted teacher upstream answering with the data
 half of them streamed. Plus what curation must drop: a truncated answer, a chat with a person, an
 exact duplicate; and an e-mail the privacy guard must mask the same way in prompt and answer.
 
-Then `porteiro flywheel curate` and `porteiro flywheel clusters` (--json) and checks on what they
-wrote. Run by crates/porteiro/tests/flywheel_e2e.rs.
+Then `porteiro flywheel curate`, `clusters` and `select` (--json) and checks on what they wrote. Run by crates/porteiro/tests/flywheel_e2e.rs.
 """
 
 import argparse
@@ -216,4 +215,13 @@ check("the toolbox requests form one task", len(tools) == 1 and tools[0]["kind"]
 check("clusters are named and show exemplars", all(c["name"] and c["exemplars"] for c in cl),
       [(c["name"], c["exemplars"][:1]) for c in cl])
 print("clusters:", [(c["name"], c["kind"], len(c["members"])) for c in cl])
+
+sel = cli("select", "--models", args.model, "--max-test", "6", "--max-tokens", "64")["scores"]
+big = [c for c in cl if len(c["members"]) >= 8]
+check("every cluster big enough is scored zero- and few-shot",
+      sorted((s["cluster"], s["mode"]) for s in sel) == sorted((c["id"], m) for c in big for m in ["few-shot", "zero-shot"]),
+      [(s["cluster"], s["mode"]) for s in sel])
+check("scores hold their interval, on 3-6 test samples, without errors",
+      all(0 <= s["low"] <= s["rate"] <= s["high"] <= 1 and 3 <= s["n"] <= 6 and s["errors"] == 0 for s in sel), sel)
+print("select:", [(s["name"], s["mode"], s["agree"], s["n"]) for s in sel])
 finish("flywheel")

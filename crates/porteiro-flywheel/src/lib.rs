@@ -6,6 +6,7 @@
 pub mod cluster;
 pub mod curate;
 pub mod item;
+pub mod score;
 
 pub use cluster::{cluster, Cluster, ClusterOptions};
 pub use curate::{curate, CurateOptions, CurateReport};

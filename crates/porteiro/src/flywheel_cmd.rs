@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
+use futures_util::StreamExt;
 use porteiro_config::{Config, Overrides};
 use porteiro_flywheel::{Cluster, ClusterOptions, CurateOptions, Item};
 use porteiro_models::fetch;
@@ -22,6 +23,35 @@ pub enum FlywheelCmd {
     /// S3: group the curated samples into task types (structure, then k-means over the encoder's
     /// embeddings); writes clusters.json and prints size, share of traffic and spend, and an example.
     Clusters(ClustersArgs),
+    /// S4: per cluster, hold out a test split and score each candidate local model against the
+    /// teacher's answers, zero-shot and few-shot (the nearest training samples of the cluster as
+    /// earlier turns), each candidate served by `porteiro serve` exactly as it would serve the
+    /// traffic; agreement with a 95% Wilson interval; writes select.json.
+    Select(SelectArgs),
+}
+
+#[derive(Args)]
+pub struct SelectArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Candidate local models (catalog aliases or .gguf paths), comma-separated.
+    #[arg(long, default_value = "smollm2-135m,qwen2.5-0.5b")]
+    models: String,
+    /// Share of each cluster held out for the test (at least 3 samples).
+    #[arg(long, default_value_t = 0.3)]
+    test_share: f64,
+    /// Clusters smaller than this are not evaluated (too small to split).
+    #[arg(long, default_value_t = 8)]
+    min_cluster: usize,
+    /// Test samples scored per cluster at most (0: all).
+    #[arg(long, default_value_t = 50)]
+    max_test: usize,
+    /// Examples in a few-shot prompt (0: zero-shot only).
+    #[arg(long, default_value_t = 3)]
+    shots: usize,
+    /// Tokens a candidate may write per answer.
+    #[arg(long, default_value_t = 256)]
+    max_tokens: u32,
 }
 
 #[derive(Args)]
@@ -73,6 +103,7 @@ pub fn run(c: &FlywheelCmd) -> Result<()> {
     match c {
         FlywheelCmd::Curate(a) => curate(a),
         FlywheelCmd::Clusters(a) => clusters(a),
+        FlywheelCmd::Select(a) => select(a),
     }
 }
 
@@ -258,6 +289,313 @@ fn clusters(a: &ClustersArgs) -> Result<()> {
             c.share * 100.0,
             c.spend_share * 100.0,
             example.chars().take(70).collect::<String>()
+        );
+    }
+    println!("wrote {}", out.display());
+    Ok(())
+}
+
+/// Whether sample `id` is in the test split (a stable hash, so reruns and later stages agree).
+pub fn is_test(id: &str, share: f64) -> bool {
+    use sha2::{Digest, Sha256};
+    let h = Sha256::digest(id.as_bytes());
+    (u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as f64 / u32::MAX as f64) < share
+}
+
+/// A `porteiro serve` child on a loopback port, killed on drop.
+struct Child {
+    proc: std::process::Child,
+    base: String,
+    _cfg: tempfile::NamedTempFile,
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.proc.kill();
+        let _ = self.proc.wait();
+    }
+}
+
+fn spawn_server(model: &str) -> Result<Child> {
+    use std::io::{BufRead, Write};
+    let mut cfg = tempfile::NamedTempFile::new()?;
+    // Nothing but the model: no encoder, no privacy scan, no log (the evaluation stays off the books).
+    write!(
+        cfg,
+        "[embeddings]\nmodel = \"\"\n[privacy]\npolicy = \"allow\"\naudit_db = \"\"\n[log]\npath = \"\"\n"
+    )?;
+    let exe = std::env::current_exe()?;
+    let mut proc = std::process::Command::new(exe)
+        .args(["serve", "--port", "0", "--model", model, "--config"])
+        .arg(cfg.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("starting porteiro serve")?;
+    let mut line = String::new();
+    let out = proc.stdout.take().context("no stdout")?;
+    let mut reader = std::io::BufReader::new(out);
+    reader.read_line(&mut line)?;
+    let port = line
+        .trim()
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse::<u16>().ok())
+        .with_context(|| format!("porteiro serve said {line:?}"))?;
+    // Keep draining its stdout so it never blocks on a full pipe.
+    std::thread::spawn(move || {
+        let mut sink = String::new();
+        while reader.read_line(&mut sink).is_ok_and(|n| n > 0) {
+            sink.clear();
+        }
+    });
+    Ok(Child {
+        proc,
+        base: format!("http://127.0.0.1:{port}"),
+        _cfg: cfg,
+    })
+}
+
+async fn ready(client: &reqwest::Client, c: &mut Child) -> Result<()> {
+    let t0 = std::time::Instant::now();
+    loop {
+        if let Ok(r) = client.get(format!("{}/health", c.base)).send().await {
+            if r.status().is_success() {
+                return Ok(());
+            }
+        }
+        if let Some(s) = c.proc.try_wait()? {
+            bail!("porteiro serve exited with {s} while loading the model");
+        }
+        if t0.elapsed().as_secs() > 600 {
+            bail!("porteiro serve did not become ready in 600 s");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+/// The candidate's answer message to `request`, or an error message.
+async fn answer(
+    client: &reqwest::Client,
+    base: &str,
+    model: &str,
+    mut request: serde_json::Value,
+    max_tokens: u32,
+) -> std::result::Result<serde_json::Value, String> {
+    if let Some(o) = request.as_object_mut() {
+        o.insert("model".into(), model.into());
+        o.insert("temperature".into(), 0.into());
+        o.insert("max_tokens".into(), max_tokens.into());
+        for k in ["stream", "stream_options", "n", "seed", "top_p"] {
+            o.remove(k);
+        }
+    }
+    let r = client
+        .post(format!("{base}/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(request.to_string())
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = r.status();
+    let body: serde_json::Value = serde_json::from_str(&r.text().await.map_err(|e| e.to_string())?)
+        .map_err(|e| e.to_string())?;
+    if !status.is_success() {
+        return Err(body["error"]["message"]
+            .as_str()
+            .unwrap_or("error")
+            .to_string());
+    }
+    Ok(body["choices"][0]["message"].clone())
+}
+
+/// `item`'s request with `shots` (earlier requests of the task with the teacher's answers) as turns
+/// before its own last message.
+fn few_shot(item: &Item, shots: &[&Item]) -> serde_json::Value {
+    let mut req = item.request.clone();
+    let Some(msgs) = req["messages"].as_array_mut() else {
+        return req;
+    };
+    let at = msgs.len().saturating_sub(1);
+    let mut extra = Vec::new();
+    for s in shots {
+        extra.push(serde_json::json!({"role": "user", "content": s.query()}));
+        let mut a = s.answer.clone();
+        if let Some(o) = a.as_object_mut() {
+            o.insert("role".into(), "assistant".into());
+        }
+        extra.push(a);
+    }
+    msgs.splice(at..at, extra);
+    req
+}
+
+#[derive(serde::Serialize)]
+struct Score {
+    cluster: usize,
+    name: String,
+    kind: porteiro_flywheel::AnswerKind,
+    model: String,
+    mode: &'static str,
+    n: usize,
+    agree: usize,
+    errors: usize,
+    rate: f64,
+    low: f64,
+    high: f64,
+}
+
+fn select(a: &SelectArgs) -> Result<()> {
+    use porteiro_flywheel::score::{agrees, wilson};
+    let d = dir(&a.common)?;
+    let items = read_curated(&d.join("curated.jsonl"))?;
+    let text = std::fs::read_to_string(d.join("clusters.json"))
+        .context("reading clusters.json (run `porteiro flywheel clusters` first)")?;
+    let clusters: Vec<Cluster> = serde_json::from_str(&text).context("clusters.json")?;
+    if !(0.0..1.0).contains(&a.test_share) || a.test_share == 0.0 {
+        bail!("--test-share must be between 0 and 1");
+    }
+    let by_id: std::collections::HashMap<&str, &Item> =
+        items.iter().map(|i| (i.id.as_str(), i)).collect();
+    // The test split and the few-shot prompts of every cluster big enough to split.
+    let mut plans = Vec::new();
+    let enc = if a.shots > 0 {
+        Some(a.common.enc.load()?)
+    } else {
+        None
+    };
+    for c in &clusters {
+        if c.members.len() < a.min_cluster {
+            eprintln!(
+                "cluster {} `{}`: {} samples, fewer than --min-cluster {}: not evaluated",
+                c.id,
+                c.name,
+                c.members.len(),
+                a.min_cluster
+            );
+            continue;
+        }
+        let members: Vec<&Item> = c
+            .members
+            .iter()
+            .filter_map(|m| by_id.get(m.as_str()).copied())
+            .collect();
+        let (mut test, train): (Vec<&Item>, Vec<&Item>) =
+            members.iter().partition(|i| is_test(&i.id, a.test_share));
+        // At least 3 test samples, taken from the end of the training side when the hash gave fewer.
+        let mut train = train;
+        while test.len() < 3 && train.len() > 1 {
+            test.extend(train.pop());
+        }
+        if a.max_test > 0 {
+            test.truncate(a.max_test);
+        }
+        let zero: Vec<serde_json::Value> = test.iter().map(|i| i.request.clone()).collect();
+        let shots: Vec<serde_json::Value> = match &enc {
+            Some(e) if !train.is_empty() => {
+                let tv: Vec<Vec<f32>> = train.iter().map(|i| e.embed(&i.query()).vector).collect();
+                test.iter()
+                    .map(|i| {
+                        let q = e.embed(&i.query()).vector;
+                        let mut order: Vec<usize> = (0..train.len()).collect();
+                        let dot = |v: &[f32]| v.iter().zip(&q).map(|(x, y)| x * y).sum::<f32>();
+                        order.sort_by(|&x, &y| dot(&tv[y]).total_cmp(&dot(&tv[x])));
+                        let picked: Vec<&Item> =
+                            order.iter().take(a.shots).map(|&k| train[k]).collect();
+                        few_shot(i, &picked)
+                    })
+                    .collect()
+            }
+            _ => Vec::new(),
+        };
+        plans.push((c, test, zero, shots));
+    }
+    if plans.is_empty() {
+        bail!(
+            "no cluster has --min-cluster {} samples: collect more traffic first",
+            a.min_cluster
+        );
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(900))
+        .build()?;
+    let mut scores = Vec::new();
+    for model in a.models.split(',').map(str::trim).filter(|m| !m.is_empty()) {
+        let mut child = spawn_server(model)?;
+        rt.block_on(ready(&client, &mut child))?;
+        for (c, test, zero, shots) in &plans {
+            for (mode, reqs) in [("zero-shot", zero), ("few-shot", shots)] {
+                if reqs.is_empty() {
+                    continue;
+                }
+                let pb = progress(reqs.len(), &format!("{model} {mode} cluster {}", c.id));
+                let answers: Vec<_> = rt.block_on(async {
+                    let futs = reqs.iter().map(|r| {
+                        let (client, base, pb) = (&client, &child.base, &pb);
+                        async move {
+                            let a = answer(client, base, model, r.clone(), a.max_tokens).await;
+                            pb.inc(1);
+                            a
+                        }
+                    });
+                    futures_util::stream::iter(futs)
+                        .buffered(4)
+                        .collect::<Vec<_>>()
+                        .await
+                });
+                pb.finish_and_clear();
+                let errors = answers.iter().filter(|x| x.is_err()).count();
+                let agree = answers
+                    .iter()
+                    .zip(test)
+                    .filter(|(x, i)| x.as_ref().is_ok_and(|m| agrees(c.kind, &i.answer, m)))
+                    .count();
+                let (low, high) = wilson(agree, answers.len());
+                scores.push(Score {
+                    cluster: c.id,
+                    name: c.name.clone(),
+                    kind: c.kind,
+                    model: model.to_string(),
+                    mode,
+                    n: answers.len(),
+                    agree,
+                    errors,
+                    rate: agree as f64 / answers.len().max(1) as f64,
+                    low,
+                    high,
+                });
+            }
+        }
+    }
+    let out = d.join("select.json");
+    write_atomic(&out, &serde_json::to_string_pretty(&scores)?)?;
+    if a.common.json {
+        println!("{}", serde_json::json!({"scores": scores, "output": out}));
+        return Ok(());
+    }
+    println!(
+        "{:>3}  {:<30} {:<16} {:<9} {:>4}  agreement with the teacher (95% CI)",
+        "id", "cluster", "model", "mode", "n"
+    );
+    for s in &scores {
+        println!(
+            "{:>3}  {:<30} {:<16} {:<9} {:>4}  {:>5.1}% ({:.1}–{:.1}){}",
+            s.cluster,
+            s.name.chars().take(30).collect::<String>(),
+            s.model,
+            s.mode,
+            s.n,
+            s.rate * 100.0,
+            s.low * 100.0,
+            s.high * 100.0,
+            if s.errors > 0 {
+                format!("  {} errors", s.errors)
+            } else {
+                String::new()
+            }
         );
     }
     println!("wrote {}", out.display());
