@@ -6,7 +6,8 @@ serve`, which passes them to a scripted teacher upstream answering with the data
 half of them streamed. Plus what curation must drop: a truncated answer, a chat with a person, an
 exact duplicate; and an e-mail the privacy guard must mask the same way in prompt and answer.
 
-Then `porteiro flywheel curate`, `clusters` and `select` (--json) and checks on what they wrote. Run by crates/porteiro/tests/flywheel_e2e.rs.
+Then `porteiro flywheel curate`, `clusters`, `finetune` (one cluster, a few seconds' budget) and
+`select` (--json), and checks on what they wrote. Run by crates/porteiro/tests/flywheel_e2e.rs.
 """
 
 import argparse
@@ -216,11 +217,16 @@ check("clusters are named and show exemplars", all(c["name"] and c["exemplars"] 
       [(c["name"], c["exemplars"][:1]) for c in cl])
 print("clusters:", [(c["name"], c["kind"], len(c["members"])) for c in cl])
 
+ft = cli("finetune", "--model", args.model, "--cluster", "0", "--minutes", "0.1")["adapters"]
+check("finetune trains an adapter for the cluster within its budget, with loss and eval",
+      len(ft) == 1 and os.path.exists(ft[0]["adapter"]) and ft[0]["training"]["losses"] and ft[0]["training"]["evals"]
+      and ft[0]["train"] + ft[0]["test"] == len(cl[0]["members"]), ft)
+
 sel = cli("select", "--models", args.model, "--max-test", "6", "--max-tokens", "64")["scores"]
 big = [c for c in cl if len(c["members"]) >= 8]
-check("every cluster big enough is scored zero- and few-shot",
-      sorted((s["cluster"], s["mode"]) for s in sel) == sorted((c["id"], m) for c in big for m in ["few-shot", "zero-shot"]),
-      [(s["cluster"], s["mode"]) for s in sel])
+want = [(c["id"], m) for c in big for m in ["few-shot", "zero-shot"]] + [(0, "lora")]
+check("every cluster big enough is scored zero- and few-shot, the tuned one with its adapter too",
+      sorted((s["cluster"], s["mode"]) for s in sel) == sorted(want), [(s["cluster"], s["mode"]) for s in sel])
 check("scores hold their interval, on 3-6 test samples, without errors",
       all(0 <= s["low"] <= s["rate"] <= s["high"] <= 1 and 3 <= s["n"] <= 6 and s["errors"] == 0 for s in sel), sel)
 print("select:", [(s["name"], s["mode"], s["agree"], s["n"]) for s in sel])

@@ -73,6 +73,10 @@ pub enum Event {
     Interrupted {
         step: usize,
     },
+    /// The time budget ran out after `step` steps.
+    OutOfTime {
+        step: usize,
+    },
 }
 
 /// Optimizer steps of the whole run: per epoch the examples shuffled (seeded) and packed greedily up
@@ -251,6 +255,9 @@ pub struct Run<'a> {
     pub resume: bool,
     pub stop: &'a AtomicBool,
     pub trace: Option<Trace>,
+    /// A time budget: no step starts after it; the adapter is written with the steps done (and a
+    /// checkpoint, so `--resume` can go on), the eval run on it.
+    pub deadline: Option<Instant>,
 }
 
 /// Parses `attn,mlp` / `q,k,v,o,gate,up,down` (any mix).
@@ -354,7 +361,7 @@ impl Run<'_> {
             )
         };
         let mut grads = params.zeros_like();
-        let last = o.max_steps.map_or(total, |m| m.min(total));
+        let mut last = o.max_steps.map_or(total, |m| m.min(total));
         let mut interrupted = false;
         // Evaluated epochs: on resume, the one the checkpoint's step closed (if it closed one).
         let mut epoch_done = first
@@ -363,6 +370,19 @@ impl Run<'_> {
             .filter(|s| steps.get(first).is_none_or(|n| n.0 != s.0))
             .map(|s| s.0);
         for (si, (epoch, idx)) in steps.iter().enumerate().take(last).skip(first) {
+            if si > first && self.deadline.is_some_and(|d| Instant::now() >= d) {
+                last = si;
+                on(Event::OutOfTime { step: si });
+                if !self.eval.is_empty() && epoch_done != Some(*epoch) {
+                    let (l, n) = evaluate(&net, &params, self.eval, o.micro_tokens)?;
+                    on(Event::Eval {
+                        epoch: *epoch,
+                        loss: l,
+                        targets: n,
+                    });
+                }
+                break;
+            }
             let step = si + 1;
             let t0 = Instant::now();
             let seqs: Vec<&Seq> = idx.iter().map(|&i| &self.train[i].seq).collect();

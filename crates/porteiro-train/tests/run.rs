@@ -69,6 +69,7 @@ fn train(
         resume,
         stop: &stop,
         trace: None,
+        deadline: None,
     };
     let mut losses = Vec::new();
     let mut on = |e: Event| {
@@ -134,10 +135,49 @@ fn a_checkpoint_of_another_run_is_refused() {
         resume: true,
         stop: &stop,
         trace: None,
+        deadline: None,
     };
     let err = run
         .go(&mut |_| {})
         .expect_err("resume of a different run")
         .to_string();
     assert!(err.contains("different run"), "{err}");
+}
+
+#[test]
+fn a_spent_time_budget_writes_the_adapter_of_the_steps_done() {
+    let base = Base::tiny(Arch::Llama, 3);
+    let data = examples(base.cfg.vocab as u32);
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("a.gguf");
+    let stop = AtomicBool::new(false);
+    let run = Run {
+        base: &base,
+        arch: "llama",
+        model_path: std::path::Path::new("tiny"),
+        opts: opts(),
+        train: &data,
+        eval: &data[..4],
+        out: &out,
+        resume: false,
+        stop: &stop,
+        trace: None,
+        // Already spent: one step runs (a run always makes progress), then it stops.
+        deadline: Some(std::time::Instant::now()),
+    };
+    let (mut steps, mut out_of_time, mut evals) = (0, None, 0);
+    let (_, interrupted) = run
+        .go(&mut |e| match e {
+            Event::Step { .. } => steps += 1,
+            Event::OutOfTime { step } => out_of_time = Some(step),
+            Event::Eval { .. } => evals += 1,
+            _ => {}
+        })
+        .unwrap();
+    assert!(!interrupted);
+    assert_eq!((steps, out_of_time, evals), (1, Some(1), 1));
+    assert!(out.exists() && checkpoint_path(&out).exists());
+    // The checkpoint lets --resume finish the schedule.
+    let (_, interrupted, rest) = train(&base, &data, &out, true, None);
+    assert!(!interrupted && !rest.is_empty());
 }

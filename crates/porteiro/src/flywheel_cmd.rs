@@ -24,10 +24,39 @@ pub enum FlywheelCmd {
     /// embeddings); writes clusters.json and prints size, share of traffic and spend, and an example.
     Clusters(ClustersArgs),
     /// S4: per cluster, hold out a test split and score each candidate local model against the
-    /// teacher's answers, zero-shot and few-shot (the nearest training samples of the cluster as
-    /// earlier turns), each candidate served by `porteiro serve` exactly as it would serve the
-    /// traffic; agreement with a 95% Wilson interval; writes select.json.
+    /// teacher's answers, zero-shot, few-shot (the nearest training samples of the cluster as
+    /// earlier turns) and with the cluster's adapter when `finetune` trained one, each candidate
+    /// served by `porteiro serve` exactly as it would serve the traffic; agreement with a 95%
+    /// Wilson interval; writes select.json.
     Select(SelectArgs),
+    /// S5: a LoRA adapter per cluster on its training split (the teacher's answers), within a time
+    /// budget, evaluated on the held-out split; the adapter, its loss curve and eval go under
+    /// adapters/ in the flywheel folder.
+    Finetune(FinetuneArgs),
+}
+
+#[derive(Args)]
+pub struct FinetuneArgs {
+    #[command(flatten)]
+    common: Common,
+    /// The student model (catalog alias or .gguf path).
+    #[arg(long, default_value = "qwen2.5-0.5b")]
+    model: String,
+    /// Only this cluster (default: every cluster with --min-cluster samples).
+    #[arg(long)]
+    cluster: Option<usize>,
+    /// Share held out for the test, as in `select` (the same samples).
+    #[arg(long, default_value_t = 0.3)]
+    test_share: f64,
+    #[arg(long, default_value_t = 8)]
+    min_cluster: usize,
+    /// Minutes of training per cluster at most.
+    #[arg(long, default_value_t = 10.0)]
+    minutes: f64,
+    #[arg(long, default_value_t = 2)]
+    epochs: usize,
+    #[arg(long, default_value_t = 16)]
+    rank: usize,
 }
 
 #[derive(Args)]
@@ -104,6 +133,7 @@ pub fn run(c: &FlywheelCmd) -> Result<()> {
         FlywheelCmd::Curate(a) => curate(a),
         FlywheelCmd::Clusters(a) => clusters(a),
         FlywheelCmd::Select(a) => select(a),
+        FlywheelCmd::Finetune(a) => finetune(a),
     }
 }
 
@@ -316,7 +346,7 @@ impl Drop for Child {
     }
 }
 
-fn spawn_server(model: &str) -> Result<Child> {
+fn spawn_server(model: &str, adapters: &[(String, PathBuf)]) -> Result<Child> {
     use std::io::{BufRead, Write};
     let mut cfg = tempfile::NamedTempFile::new()?;
     // Nothing but the model: no encoder, no privacy scan, no log (the evaluation stays off the books).
@@ -328,6 +358,11 @@ fn spawn_server(model: &str) -> Result<Child> {
     let mut proc = std::process::Command::new(exe)
         .args(["serve", "--port", "0", "--model", model, "--config"])
         .arg(cfg.path())
+        .args(
+            adapters
+                .iter()
+                .flat_map(|(n, p)| ["--lora".to_string(), format!("{n}={}", p.display())]),
+        )
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -524,19 +559,41 @@ fn select(a: &SelectArgs) -> Result<()> {
         .build()?;
     let mut scores = Vec::new();
     for model in a.models.split(',').map(str::trim).filter(|m| !m.is_empty()) {
-        let mut child = spawn_server(model)?;
+        // The adapters `finetune` trained for this model, by cluster.
+        let stem = Path::new(model)
+            .file_stem()
+            .map_or(model.to_string(), |s| s.to_string_lossy().into_owned());
+        let adapters: Vec<(String, PathBuf)> = plans
+            .iter()
+            .map(|(c, ..)| {
+                (
+                    format!("cluster-{}", c.id),
+                    d.join("adapters")
+                        .join(format!("cluster-{}-{stem}.gguf", c.id)),
+                )
+            })
+            .filter(|(_, p)| p.exists())
+            .collect();
+        let mut child = spawn_server(model, &adapters)?;
         rt.block_on(ready(&client, &mut child))?;
         for (c, test, zero, shots) in &plans {
-            for (mode, reqs) in [("zero-shot", zero), ("few-shot", shots)] {
-                if reqs.is_empty() {
+            let tuned = format!("cluster-{}", c.id);
+            let has_adapter = adapters.iter().any(|(n, _)| *n == tuned);
+            for (mode, reqs) in [("zero-shot", zero), ("few-shot", shots), ("lora", zero)] {
+                if reqs.is_empty() || (mode == "lora" && !has_adapter) {
                     continue;
                 }
+                let served = if mode == "lora" {
+                    tuned.as_str()
+                } else {
+                    model
+                };
                 let pb = progress(reqs.len(), &format!("{model} {mode} cluster {}", c.id));
                 let answers: Vec<_> = rt.block_on(async {
                     let futs = reqs.iter().map(|r| {
                         let (client, base, pb) = (&client, &child.base, &pb);
                         async move {
-                            let a = answer(client, base, model, r.clone(), a.max_tokens).await;
+                            let a = answer(client, base, served, r.clone(), a.max_tokens).await;
                             pb.inc(1);
                             a
                         }
@@ -599,5 +656,158 @@ fn select(a: &SelectArgs) -> Result<()> {
         );
     }
     println!("wrote {}", out.display());
+    Ok(())
+}
+
+/// A sample as a line of OpenAI's chat fine-tuning format: its messages, the teacher's answer as the
+/// last assistant turn, its tools.
+fn training_line(i: &Item) -> serde_json::Value {
+    let mut msgs = i.messages().to_vec();
+    let mut a = i.answer.clone();
+    if let Some(o) = a.as_object_mut() {
+        o.insert("role".into(), "assistant".into());
+    }
+    msgs.push(a);
+    let mut line = serde_json::json!({ "messages": msgs });
+    for k in [
+        "tools",
+        "tool_choice",
+        "response_format",
+        "parallel_tool_calls",
+    ] {
+        if !i.request[k].is_null() {
+            line[k] = i.request[k].clone();
+        }
+    }
+    line
+}
+
+fn finetune(a: &FinetuneArgs) -> Result<()> {
+    let d = dir(&a.common)?;
+    let items = read_curated(&d.join("curated.jsonl"))?;
+    let text = std::fs::read_to_string(d.join("clusters.json"))
+        .context("reading clusters.json (run `porteiro flywheel clusters` first)")?;
+    let clusters: Vec<Cluster> = serde_json::from_str(&text).context("clusters.json")?;
+    if let Some(n) = a.cluster {
+        if !clusters.iter().any(|c| c.id == n) {
+            bail!(
+                "no cluster {n} in clusters.json ({} clusters)",
+                clusters.len()
+            );
+        }
+    }
+    let by_id: std::collections::HashMap<&str, &Item> =
+        items.iter().map(|i| (i.id.as_str(), i)).collect();
+    let out_dir = d.join("adapters");
+    std::fs::create_dir_all(&out_dir)?;
+    let stem = Path::new(&a.model)
+        .file_stem()
+        .map_or(a.model.clone(), |s| s.to_string_lossy().into_owned());
+    let mut results = Vec::new();
+    for c in clusters
+        .iter()
+        .filter(|c| a.cluster.is_none_or(|n| n == c.id))
+    {
+        if c.members.len() < a.min_cluster {
+            eprintln!(
+                "cluster {} `{}`: {} samples, too few to train on",
+                c.id,
+                c.name,
+                c.members.len()
+            );
+            continue;
+        }
+        let (test, train): (Vec<&Item>, Vec<&Item>) = c
+            .members
+            .iter()
+            .filter_map(|m| by_id.get(m.as_str()).copied())
+            .partition(|i| is_test(&i.id, a.test_share));
+        if train.is_empty() {
+            eprintln!(
+                "cluster {} `{}`: every sample is in the test split",
+                c.id, c.name
+            );
+            continue;
+        }
+        let write = |name: &str, rows: &[&Item]| -> Result<PathBuf> {
+            let p = out_dir.join(format!("cluster-{}-{name}.jsonl", c.id));
+            let text: String = rows
+                .iter()
+                .map(|i| training_line(i).to_string() + "\n")
+                .collect();
+            write_atomic(&p, &text)?;
+            Ok(p)
+        };
+        let train_p = write("train", &train)?;
+        let adapter = out_dir.join(format!("cluster-{}-{stem}.gguf", c.id));
+        let mut cmd = std::process::Command::new(std::env::current_exe()?);
+        cmd.args(["lora", "train", "--model", &a.model, "--data"])
+            .arg(&train_p)
+            .arg("--out")
+            .arg(&adapter)
+            .args([
+                "--epochs",
+                &a.epochs.to_string(),
+                "--rank",
+                &a.rank.to_string(),
+            ])
+            .args(["--minutes", &a.minutes.to_string(), "--skip-bad", "--json"]);
+        if !test.is_empty() {
+            cmd.arg("--eval").arg(write("test", &test)?);
+        }
+        eprintln!(
+            "cluster {} `{}`: training {stem} on {} samples ({} held out), at most {} min",
+            c.id,
+            c.name,
+            train.len(),
+            test.len(),
+            a.minutes
+        );
+        let out = cmd
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .context("running porteiro lora train")?;
+        if !out.status.success() {
+            // A failed run (diverged, bad data) leaves the other clusters and the routes alone.
+            eprintln!(
+                "cluster {}: training failed ({}); no adapter",
+                c.id, out.status
+            );
+            results.push(serde_json::json!({"cluster": c.id, "name": c.name, "error": out.status.to_string()}));
+            continue;
+        }
+        let summary: serde_json::Value = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .and_then(|l| serde_json::from_str(l).ok())
+            .unwrap_or_default();
+        let record = serde_json::json!({"cluster": c.id, "name": c.name, "model": a.model,
+            "adapter": adapter, "train": train.len(), "test": test.len(), "training": summary});
+        write_atomic(
+            &adapter.with_extension("json"),
+            &serde_json::to_string_pretty(&record)?,
+        )?;
+        results.push(record);
+    }
+    if results.is_empty() {
+        bail!(
+            "no cluster has --min-cluster {} samples to train on",
+            a.min_cluster
+        );
+    }
+    if a.common.json {
+        println!("{}", serde_json::json!({ "adapters": results }));
+    } else {
+        for r in &results {
+            println!(
+                "cluster {:>3}  {:<30} {}",
+                r["cluster"],
+                r["name"].as_str().unwrap_or(""),
+                r["adapter"]
+                    .as_str()
+                    .map_or_else(|| format!("failed: {}", r["error"]), str::to_string)
+            );
+        }
+    }
     Ok(())
 }

@@ -86,6 +86,10 @@ pub struct TrainArgs {
     /// Stop after this many updates (the schedule still spans the whole run).
     #[arg(long)]
     max_steps: Option<usize>,
+    /// Time budget in minutes: no update starts after it; the adapter holds the updates done (and a
+    /// checkpoint is kept, so --resume goes on). The schedule still spans the whole run.
+    #[arg(long)]
+    minutes: Option<f64>,
     /// Save a checkpoint (<out>.ckpt) every this many updates (0: only on Ctrl-C).
     #[arg(long, default_value_t = 50)]
     checkpoint_every: usize,
@@ -250,10 +254,16 @@ fn train(a: &TrainArgs) -> Result<()> {
         resume: a.resume,
         stop: &STOP,
         trace: a.trace.as_deref().map(Trace::create).transpose()?,
+        deadline: a
+            .minutes
+            .and_then(|m| std::time::Duration::try_from_secs_f64(m.max(0.0) * 60.0).ok())
+            .and_then(|d| Instant::now().checked_add(d)),
     };
     let pb = ProgressBar::hidden();
     let started = Instant::now();
     let mut done_tokens = 0usize;
+    // The loss curve and the evals, for the --json summary.
+    let (mut losses, mut evals) = (Vec::new(), Vec::new());
     // Steady-state speed: the steps after the first of this run (which pays page faults and warm-up).
     let (mut steady_tokens, mut steady_secs, mut seen) = (0usize, 0f64, 0usize);
     let mut logged = Instant::now();
@@ -305,6 +315,7 @@ fn train(a: &TrainArgs) -> Result<()> {
             steps,
         } => {
             done_tokens += tokens;
+            losses.push(loss);
             seen += 1;
             if seen > 1 {
                 steady_tokens += tokens;
@@ -326,16 +337,23 @@ fn train(a: &TrainArgs) -> Result<()> {
             epoch,
             loss,
             targets,
-        } => say(
-            &pb,
-            format!(
-                "epoch {}: eval loss {loss:.4} over {targets} target tokens",
-                epoch + 1
-            ),
-        ),
+        } => {
+            evals.push(serde_json::json!({"epoch": epoch, "loss": loss, "targets": targets}));
+            say(
+                &pb,
+                format!(
+                    "epoch {}: eval loss {loss:.4} over {targets} target tokens",
+                    epoch + 1
+                ),
+            );
+        }
         Event::Checkpoint { step, path } => {
             say(&pb, format!("step {step}: checkpoint {}", path.display()))
         }
+        Event::OutOfTime { step } => say(
+            &pb,
+            format!("time budget spent after step {step}: writing the adapter with the steps done"),
+        ),
         Event::Interrupted { step } => say(
             &pb,
             format!(
@@ -362,6 +380,7 @@ fn train(a: &TrainArgs) -> Result<()> {
             serde_json::json!({
                 "impl": "porteiro", "model": a.m.model, "steps": seen, "tokens": done_tokens,
                 "tokens_per_s": rate, "peak_rss_mib": rss, "threads": a.m.threads(), "rank": a.rank,
+                "losses": losses, "evals": evals,
             })
         );
     }
