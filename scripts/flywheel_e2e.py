@@ -230,4 +230,23 @@ check("every cluster big enough is scored zero- and few-shot, the tuned one with
 check("scores hold their interval, on 3-6 test samples, without errors",
       all(0 <= s["low"] <= s["rate"] <= s["high"] <= 1 and 3 <= s["n"] <= 6 and s["errors"] == 0 for s in sel), sel)
 print("select:", [(s["name"], s["mode"], s["agree"], s["n"]) for s in sel])
+
+
+def status(threshold):
+    p = subprocess.run([args.porteiro, "flywheel", "status", "--dir", os.path.join(work, "fw"), "--json",
+                        "--threshold", str(threshold)], capture_output=True, text=True, timeout=60)
+    check(f"flywheel status --threshold {threshold} exits 0", p.returncode == 0, p.stderr[-300:])
+    return json.loads(p.stdout)["clusters"] if p.returncode == 0 else []
+
+
+st = status(0.95)
+check("status lists every cluster with its stage", len(st) == len(cl) and all(r["stage"] for r in st), st)
+check("a few held-out samples never qualify at 0.95",
+      all(r["decision"]["promote"] is None for r in st), [r["decision"]["why"] for r in st])
+check("the tuned cluster shows its adapter", any(a.startswith("cluster-0-") for a in st[0]["adapters"]), st[0])
+st0 = status(0.0)
+check("at threshold 0 every evaluated cluster qualifies, zero-shot first",
+      all((r["stage"] == "qualifies") == (r["size"] >= 8) for r in st0)
+      and all(r["decision"]["promote"]["mode"] == "zero-shot" for r in st0 if r["decision"]["promote"]),
+      [(r["stage"], r["decision"]["why"]) for r in st0])
 finish("flywheel")

@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use futures_util::StreamExt;
 use porteiro_config::{Config, Overrides};
+use porteiro_flywheel::promote::{decide, Score};
 use porteiro_flywheel::{Cluster, ClusterOptions, CurateOptions, Item};
 use porteiro_models::fetch;
 use porteiro_telemetry::log::{RequestLog, Sealer};
@@ -33,6 +34,22 @@ pub enum FlywheelCmd {
     /// budget, evaluated on the held-out split; the adapter, its loss curve and eval go under
     /// adapters/ in the flywheel folder.
     Finetune(FinetuneArgs),
+    /// Where each cluster stands: its size and shares, its best candidates, and whether one
+    /// qualifies for promotion (lower bound of its agreement with the teacher ≥ --threshold).
+    Status(StatusArgs),
+}
+
+#[derive(Args)]
+pub struct StatusArgs {
+    /// Where the stages keep their outputs (default: $PORTEIRO_HOME/flywheel).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Least lower bound (95% Wilson) of a candidate's agreement with the teacher to promote it.
+    #[arg(long, default_value_t = 0.95)]
+    threshold: f64,
+    /// One JSON object on stdout instead of the table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -134,6 +151,7 @@ pub fn run(c: &FlywheelCmd) -> Result<()> {
         FlywheelCmd::Clusters(a) => clusters(a),
         FlywheelCmd::Select(a) => select(a),
         FlywheelCmd::Finetune(a) => finetune(a),
+        FlywheelCmd::Status(a) => status(a),
     }
 }
 
@@ -465,21 +483,6 @@ fn few_shot(item: &Item, shots: &[&Item]) -> serde_json::Value {
     req
 }
 
-#[derive(serde::Serialize)]
-struct Score {
-    cluster: usize,
-    name: String,
-    kind: porteiro_flywheel::AnswerKind,
-    model: String,
-    mode: &'static str,
-    n: usize,
-    agree: usize,
-    errors: usize,
-    rate: f64,
-    low: f64,
-    high: f64,
-}
-
 fn select(a: &SelectArgs) -> Result<()> {
     use porteiro_flywheel::score::{agrees, wilson};
     let d = dir(&a.common)?;
@@ -614,9 +617,8 @@ fn select(a: &SelectArgs) -> Result<()> {
                 scores.push(Score {
                     cluster: c.id,
                     name: c.name.clone(),
-                    kind: c.kind,
                     model: model.to_string(),
-                    mode,
+                    mode: mode.to_string(),
                     n: answers.len(),
                     agree,
                     errors,
@@ -801,13 +803,84 @@ fn finetune(a: &FinetuneArgs) -> Result<()> {
         for r in &results {
             println!(
                 "cluster {:>3}  {:<30} {}",
-                r["cluster"],
+                r["cluster"].as_u64().unwrap_or(0),
                 r["name"].as_str().unwrap_or(""),
                 r["adapter"]
                     .as_str()
                     .map_or_else(|| format!("failed: {}", r["error"]), str::to_string)
             );
         }
+    }
+    Ok(())
+}
+
+fn status(a: &StatusArgs) -> Result<()> {
+    if !(0.0..=1.0).contains(&a.threshold) {
+        bail!("--threshold must be between 0 and 1");
+    }
+    let d = a
+        .dir
+        .clone()
+        .unwrap_or_else(|| fetch::home_dir().join("flywheel"));
+    let text = std::fs::read_to_string(d.join("clusters.json")).with_context(|| {
+        format!(
+            "reading {} (run `porteiro flywheel curate` and `clusters` first)",
+            d.join("clusters.json").display()
+        )
+    })?;
+    let clusters: Vec<Cluster> = serde_json::from_str(&text).context("clusters.json")?;
+    let scores: Vec<Score> = match std::fs::read_to_string(d.join("select.json")) {
+        Ok(t) => serde_json::from_str(&t).context("select.json")?,
+        Err(_) => Vec::new(),
+    };
+    let rows: Vec<serde_json::Value> = clusters
+        .iter()
+        .map(|c| {
+            let dec = decide(c.id, &scores, a.threshold);
+            let adapters: Vec<String> = std::fs::read_dir(d.join("adapters"))
+                .into_iter()
+                .flatten()
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(&format!("cluster-{}-", c.id)) && n.ends_with(".gguf"))
+                .collect();
+            let stage = if dec.promote.is_some() {
+                "qualifies"
+            } else if scores.iter().any(|s| s.cluster == c.id) {
+                "evaluated"
+            } else if !adapters.is_empty() {
+                "tuned"
+            } else {
+                "clustered"
+            };
+            serde_json::json!({"cluster": c.id, "name": c.name, "size": c.members.len(), "share": c.share,
+                "spend_share": c.spend_share, "stage": stage, "adapters": adapters, "decision": dec})
+        })
+        .collect();
+    if a.json {
+        println!("{}", serde_json::json!({ "clusters": rows }));
+        return Ok(());
+    }
+    println!(
+        "{:>3}  {:<30} {:>6} {:>7} {:>7}  {:<10} why",
+        "id", "cluster", "size", "traffic", "spend", "stage"
+    );
+    for r in &rows {
+        println!(
+            "{:>3}  {:<30} {:>6} {:>6.1}% {:>6.1}%  {:<10} {}",
+            r["cluster"],
+            r["name"]
+                .as_str()
+                .unwrap_or("")
+                .chars()
+                .take(30)
+                .collect::<String>(),
+            r["size"],
+            r["share"].as_f64().unwrap_or(0.0) * 100.0,
+            r["spend_share"].as_f64().unwrap_or(0.0) * 100.0,
+            r["stage"].as_str().unwrap_or(""),
+            r["decision"]["why"].as_str().unwrap_or("")
+        );
     }
     Ok(())
 }
