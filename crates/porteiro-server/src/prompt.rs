@@ -304,7 +304,7 @@ mod tests {
         let p = chat_prompt(Some(&t), &req).unwrap();
         assert_eq!(
             p,
-            "<tools>get_weather;</tools><system>Be brief.<user>Rain in Oslo?<tool_call>{\"city\": \"Oslo\"}</tool_call><tool_response>rain</tool_response>"
+            "<tools>get_weather;</tools><system>Be brief.\n\nCall a function only when one of the functions provided does what the user asks. If none of them does, do not call any: answer in plain text.<user>Rain in Oslo?<tool_call>{\"city\": \"Oslo\"}</tool_call><tool_response>rain</tool_response>"
         );
         // tool_choice none: the tools are not shown.
         let mut none = req.clone();
