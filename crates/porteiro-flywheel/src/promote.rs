@@ -46,35 +46,32 @@ pub fn decide(cluster: usize, scores: &[Score], threshold: f64) -> Decision {
             .cmp(&cost_rank(&b.mode))
             .then(b.low.total_cmp(&a.low))
     });
+    let said = |s: &Score, cmp: &str| {
+        format!(
+            "{} {} at {}/{} held-out samples (lower bound {:.1}% {cmp} {:.1}%)",
+            s.model,
+            s.mode,
+            s.agree,
+            s.n,
+            s.low * 100.0,
+            threshold * 100.0
+        )
+    };
     match best {
         Some(s) => Decision {
             cluster,
             promote: Some((*s).clone()),
-            why: format!(
-                "{} {} agrees with the teacher on {}/{} held-out samples (lower bound {:.1}% ≥ {:.1}%)",
-                s.model,
-                s.mode,
-                s.agree,
-                s.n,
-                s.low * 100.0,
-                threshold * 100.0
-            ),
+            why: said(s, "≥"),
         },
         None => Decision {
             cluster,
             promote: None,
-            why: match mine.iter().max_by(|a, b| a.low.total_cmp(&b.low)) {
-                None => "not evaluated".into(),
-                Some(s) => format!(
-                    "best: {} {} at {}/{} (lower bound {:.1}% < {:.1}%)",
-                    s.model,
-                    s.mode,
-                    s.agree,
-                    s.n,
-                    s.low * 100.0,
-                    threshold * 100.0
-                ),
-            },
+            why: mine
+                .iter()
+                .max_by(|a, b| a.low.total_cmp(&b.low))
+                .map_or("not evaluated".into(), |s| {
+                    format!("best: {}", said(s, "<"))
+                }),
         },
     }
 }

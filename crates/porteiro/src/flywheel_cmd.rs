@@ -7,13 +7,12 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use futures_util::StreamExt;
-use porteiro_config::{Config, Overrides};
 use porteiro_flywheel::promote::{decide, Score};
 use porteiro_flywheel::{Cluster, ClusterOptions, CurateOptions, Item};
 use porteiro_models::fetch;
 use porteiro_telemetry::log::{RequestLog, Sealer};
 
-use crate::router_cmd::{progress, EncoderArgs};
+use crate::router_cmd::{config, progress, EncoderArgs};
 
 #[derive(Subcommand)]
 pub enum FlywheelCmd {
@@ -153,14 +152,6 @@ pub fn run(c: &FlywheelCmd) -> Result<()> {
         FlywheelCmd::Finetune(a) => finetune(a),
         FlywheelCmd::Status(a) => status(a),
     }
-}
-
-fn config(path: Option<&Path>) -> Result<Config> {
-    Ok(Config::load(
-        path,
-        &Overrides::default(),
-        crate::DEFAULT_MODEL,
-    )?)
 }
 
 fn dir(c: &Common) -> Result<PathBuf> {

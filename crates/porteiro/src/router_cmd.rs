@@ -99,7 +99,7 @@ impl EncoderArgs {
     }
 }
 
-fn config(path: Option<&Path>) -> Result<Config> {
+pub(crate) fn config(path: Option<&Path>) -> Result<Config> {
     Ok(Config::load(
         path,
         &Overrides::default(),
