@@ -26,6 +26,8 @@ done
 ./target/release/porteiro privacy --quasi-identifiers scan "warm-up" >/dev/null
 scripts/fetch-pii.sh >/dev/null
 python3 -m pip install --quiet --disable-pip-version-check openai prometheus-client
+# The flywheel test's real requests: SNIPS utterances and BFCL questions (sha256-checked, cached).
+python3 -c 'import sys; sys.path.insert(0, "scripts"); import lora_data as d; d.fetch("snips"); d.fetch("bfcl")'
 # The dashboard test: Debian's Chromium driven by playwright-core.
 if ! command -v chromium >/dev/null; then
   if [[ $(id -u) == 0 ]]; then SUDO=; else SUDO=sudo; fi
