@@ -36,6 +36,32 @@ pub enum FlywheelCmd {
     /// Where each cluster stands: its size and shares, its best candidates, and whether one
     /// qualifies for promotion (lower bound of its agreement with the teacher ≥ --threshold).
     Status(StatusArgs),
+    /// The whole loop once: curate, clusters, finetune (with --finetune), select, status.
+    Run(RunArgs),
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    common: Common,
+    /// The request log (default: `[log] path` from --config, else $PORTEIRO_HOME/requests.db).
+    #[arg(long)]
+    db: Option<PathBuf>,
+    /// Samples of this period, ending now: 30m, 24h, 30d …
+    #[arg(long, default_value = "30d")]
+    since: String,
+    /// Candidate local models for `select`, comma-separated.
+    #[arg(long, default_value = "smollm2-135m,qwen2.5-0.5b")]
+    models: String,
+    /// Train an adapter of this model per cluster before `select` (default: no fine-tuning).
+    #[arg(long)]
+    finetune: Option<String>,
+    /// Minutes of training per cluster at most (with --finetune).
+    #[arg(long, default_value_t = 10.0)]
+    minutes: f64,
+    /// Least lower bound of agreement with the teacher to promote a candidate.
+    #[arg(long, default_value_t = 0.95)]
+    threshold: f64,
 }
 
 #[derive(Args)]
@@ -73,6 +99,9 @@ pub struct FinetuneArgs {
     epochs: usize,
     #[arg(long, default_value_t = 16)]
     rank: usize,
+    /// Longest training sequence (agents' prompts carry their tool lists: 1000+ tokens is common).
+    #[arg(long, default_value_t = 4096)]
+    max_seq: usize,
 }
 
 #[derive(Args)]
@@ -99,7 +128,7 @@ pub struct SelectArgs {
     max_tokens: u32,
 }
 
-#[derive(Args)]
+#[derive(Args, Clone)]
 pub struct Common {
     /// The server's configuration (request log, its key, privacy settings).
     #[arg(long)]
@@ -151,6 +180,7 @@ pub fn run(c: &FlywheelCmd) -> Result<()> {
         FlywheelCmd::Select(a) => select(a),
         FlywheelCmd::Finetune(a) => finetune(a),
         FlywheelCmd::Status(a) => status(a),
+        FlywheelCmd::Run(a) => run_all(a),
     }
 }
 
@@ -744,6 +774,7 @@ fn finetune(a: &FinetuneArgs) -> Result<()> {
                 "--rank",
                 &a.rank.to_string(),
             ])
+            .args(["--max-seq", &a.max_seq.to_string()])
             .args(["--minutes", &a.minutes.to_string(), "--skip-bad", "--json"]);
         if !test.is_empty() {
             cmd.arg("--eval").arg(write("test", &test)?);
@@ -874,4 +905,52 @@ fn status(a: &StatusArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+fn run_all(a: &RunArgs) -> Result<()> {
+    let c = &a.common;
+    curate(&CurateArgs {
+        common: c.clone(),
+        db: a.db.clone(),
+        since: a.since.clone(),
+        near_cosine: 0.97,
+    })?;
+    clusters(&ClustersArgs {
+        common: c.clone(),
+        max_k: 8,
+        min_size: 5,
+        min_silhouette: 0.1,
+    })?;
+    if let Some(model) = &a.finetune {
+        finetune(&FinetuneArgs {
+            common: c.clone(),
+            model: model.clone(),
+            cluster: None,
+            test_share: 0.3,
+            min_cluster: 8,
+            minutes: a.minutes,
+            epochs: 2,
+            rank: 16,
+            max_seq: 4096,
+        })?;
+    }
+    let models = match &a.finetune {
+        // The tuned model is a candidate too (its adapters are scored as `lora`).
+        Some(m) if !a.models.split(',').any(|x| x.trim() == m) => format!("{},{m}", a.models),
+        _ => a.models.clone(),
+    };
+    select(&SelectArgs {
+        common: c.clone(),
+        models,
+        test_share: 0.3,
+        min_cluster: 8,
+        max_test: 50,
+        shots: 3,
+        max_tokens: 256,
+    })?;
+    status(&StatusArgs {
+        dir: c.dir.clone(),
+        threshold: a.threshold,
+        json: c.json,
+    })
 }
