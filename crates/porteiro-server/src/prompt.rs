@@ -71,12 +71,6 @@ fn bad_role(i: usize, other: &str) -> ApiError {
 /// The messages as OpenAI's JSON for a template that renders tools itself: call arguments parsed
 /// into objects (templates write them with `tojson`), `developer` as `system`.
 fn json_messages(msgs: &[ChatMessage]) -> Result<Vec<Value>, ApiError> {
-    if msgs.is_empty() {
-        return Err(ApiError::invalid(
-            "messages",
-            "`messages` must not be empty.",
-        ));
-    }
     msgs.iter()
         .enumerate()
         .map(|(i, m)| {
@@ -116,12 +110,6 @@ fn json_messages(msgs: &[ChatMessage]) -> Result<Vec<Value>, ApiError> {
 }
 
 fn chat_messages(msgs: &[ChatMessage]) -> Result<Vec<TemplateMessage>, ApiError> {
-    if msgs.is_empty() {
-        return Err(ApiError::invalid(
-            "messages",
-            "`messages` must not be empty.",
-        ));
-    }
     msgs.iter()
         .enumerate()
         .map(|(i, m)| {
@@ -146,20 +134,24 @@ fn chat_messages(msgs: &[ChatMessage]) -> Result<Vec<TemplateMessage>, ApiError>
         .collect()
 }
 
-/// The template messages of a request: its messages, plus `note` (what a constrained answer must
-/// look like) in the system message.
-pub fn prompt_messages(
-    msgs: &[ChatMessage],
+/// Adds `note` (what a constrained answer must look like) to the leading system message, or puts
+/// it in front as one: `system_text` is a message's text when it is a system message.
+fn add_note<M>(
+    msgs: &mut Vec<M>,
     note: Option<String>,
-) -> Result<Vec<TemplateMessage>, ApiError> {
-    let mut msgs = chat_messages(msgs)?;
-    if let Some(note) = note {
-        match msgs.first_mut() {
-            Some(m) if m.role == "system" => m.content = format!("{}\n\n{note}", m.content),
-            _ => msgs.insert(0, TemplateMessage::new("system", note)),
+    system_text: impl FnOnce(&mut M) -> Option<&mut String>,
+    system: impl FnOnce(String) -> M,
+) {
+    let Some(note) = note else {
+        return;
+    };
+    match msgs.first_mut().and_then(system_text) {
+        Some(t) => {
+            t.push_str("\n\n");
+            t.push_str(&note);
         }
+        None => msgs.insert(0, system(note)),
     }
-    Ok(msgs)
 }
 
 /// The instructions a constrained answer adds to the system message, if any.
@@ -178,19 +170,25 @@ pub fn build(
     tools: Option<&Value>,
     structured: Option<&Structured>,
 ) -> Result<String, ApiError> {
+    if msgs.is_empty() {
+        return Err(ApiError::invalid(
+            "messages",
+            "`messages` must not be empty.",
+        ));
+    }
     let failed = |e| ApiError::invalid("messages", format!("The chat template failed: {e}"));
     match (template, syntax(template)) {
         (Some(t), ToolSyntax::Tagged { .. }) => {
             let mut msgs = json_messages(msgs)?;
-            if let Some(note) = note(structured) {
-                match msgs.first_mut() {
-                    Some(m) if m["role"] == "system" => {
-                        let c = format!("{}\n\n{note}", m["content"].as_str().unwrap_or(""));
-                        m["content"] = Value::String(c);
-                    }
-                    _ => msgs.insert(0, json!({"role": "system", "content": note})),
-                }
-            }
+            add_note(
+                &mut msgs,
+                note(structured),
+                |m| match (m["role"] == "system", &mut m["content"]) {
+                    (true, Value::String(c)) => Some(c),
+                    _ => None,
+                },
+                |note| json!({"role": "system", "content": note}),
+            );
             let tools = match structured {
                 Some(Structured::Tools(_)) => tools,
                 _ => None,
@@ -198,7 +196,16 @@ pub fn build(
             t.render_json(&Value::Array(msgs), tools, true)
                 .map_err(failed)
         }
-        _ => render(template, &prompt_messages(msgs, note(structured))?),
+        _ => {
+            let mut msgs = chat_messages(msgs)?;
+            add_note(
+                &mut msgs,
+                note(structured),
+                |m| (m.role == "system").then_some(&mut m.content),
+                |note| TemplateMessage::new("system", note),
+            );
+            render(template, &msgs)
+        }
     }
 }
 
