@@ -312,6 +312,47 @@ fn read_curated(path: &Path) -> Result<Vec<Item>> {
         .collect()
 }
 
+fn read_clusters(d: &Path) -> Result<Vec<Cluster>> {
+    let p = d.join("clusters.json");
+    let text = std::fs::read_to_string(&p).with_context(|| {
+        format!(
+            "reading {} (run `porteiro flywheel curate` and `clusters` first)",
+            p.display()
+        )
+    })?;
+    serde_json::from_str(&text).with_context(|| p.display().to_string())
+}
+
+/// Where `finetune` writes the adapter of `model` for cluster `id`, and `select` looks for it.
+fn adapter_path(d: &Path, id: usize, model: &str) -> PathBuf {
+    let stem = Path::new(model)
+        .file_stem()
+        .map_or(model.to_string(), |s| s.to_string_lossy().into_owned());
+    d.join("adapters").join(format!("cluster-{id}-{stem}.gguf"))
+}
+
+/// A cluster's (test, train) samples: a stable hash of each id picks the test side, topped up to 3
+/// from the end of the training side when the hash gave fewer. `select` and `finetune` both split
+/// here, so an adapter is never scored on samples it trained on.
+fn split<'a>(
+    c: &Cluster,
+    by_id: &std::collections::HashMap<&str, &'a Item>,
+    share: f64,
+) -> Result<(Vec<&'a Item>, Vec<&'a Item>)> {
+    if !(0.0..1.0).contains(&share) || share == 0.0 {
+        bail!("--test-share must be between 0 and 1");
+    }
+    let (mut test, mut train): (Vec<&Item>, Vec<&Item>) = c
+        .members
+        .iter()
+        .filter_map(|m| by_id.get(m.as_str()).copied())
+        .partition(|i| is_test(&i.id, share));
+    while test.len() < 3 && train.len() > 1 {
+        test.extend(train.pop());
+    }
+    Ok((test, train))
+}
+
 fn clusters(a: &ClustersArgs) -> Result<()> {
     let d = dir(&a.common)?;
     let items = read_curated(&d.join("curated.jsonl"))?;
@@ -508,12 +549,7 @@ fn select(a: &SelectArgs) -> Result<()> {
     use porteiro_flywheel::score::{agrees, wilson};
     let d = dir(&a.common)?;
     let items = read_curated(&d.join("curated.jsonl"))?;
-    let text = std::fs::read_to_string(d.join("clusters.json"))
-        .context("reading clusters.json (run `porteiro flywheel clusters` first)")?;
-    let clusters: Vec<Cluster> = serde_json::from_str(&text).context("clusters.json")?;
-    if !(0.0..1.0).contains(&a.test_share) || a.test_share == 0.0 {
-        bail!("--test-share must be between 0 and 1");
-    }
+    let clusters = read_clusters(&d)?;
     let by_id: std::collections::HashMap<&str, &Item> =
         items.iter().map(|i| (i.id.as_str(), i)).collect();
     // The test split and the few-shot prompts of every cluster big enough to split.
@@ -534,18 +570,7 @@ fn select(a: &SelectArgs) -> Result<()> {
             );
             continue;
         }
-        let members: Vec<&Item> = c
-            .members
-            .iter()
-            .filter_map(|m| by_id.get(m.as_str()).copied())
-            .collect();
-        let (mut test, train): (Vec<&Item>, Vec<&Item>) =
-            members.iter().partition(|i| is_test(&i.id, a.test_share));
-        // At least 3 test samples, taken from the end of the training side when the hash gave fewer.
-        let mut train = train;
-        while test.len() < 3 && train.len() > 1 {
-            test.extend(train.pop());
-        }
+        let (mut test, train) = split(c, &by_id, a.test_share)?;
         if a.max_test > 0 {
             test.truncate(a.max_test);
         }
@@ -584,18 +609,9 @@ fn select(a: &SelectArgs) -> Result<()> {
     let mut scores = Vec::new();
     for model in a.models.split(',').map(str::trim).filter(|m| !m.is_empty()) {
         // The adapters `finetune` trained for this model, by cluster.
-        let stem = Path::new(model)
-            .file_stem()
-            .map_or(model.to_string(), |s| s.to_string_lossy().into_owned());
         let adapters: Vec<(String, PathBuf)> = plans
             .iter()
-            .map(|(c, ..)| {
-                (
-                    format!("cluster-{}", c.id),
-                    d.join("adapters")
-                        .join(format!("cluster-{}-{stem}.gguf", c.id)),
-                )
-            })
+            .map(|(c, ..)| (format!("cluster-{}", c.id), adapter_path(&d, c.id, model)))
             .filter(|(_, p)| p.exists())
             .collect();
         let mut child = spawn_server(model, &adapters)?;
@@ -708,9 +724,7 @@ fn training_line(i: &Item) -> serde_json::Value {
 fn finetune(a: &FinetuneArgs) -> Result<()> {
     let d = dir(&a.common)?;
     let items = read_curated(&d.join("curated.jsonl"))?;
-    let text = std::fs::read_to_string(d.join("clusters.json"))
-        .context("reading clusters.json (run `porteiro flywheel clusters` first)")?;
-    let clusters: Vec<Cluster> = serde_json::from_str(&text).context("clusters.json")?;
+    let clusters = read_clusters(&d)?;
     if let Some(n) = a.cluster {
         if !clusters.iter().any(|c| c.id == n) {
             bail!(
@@ -723,9 +737,6 @@ fn finetune(a: &FinetuneArgs) -> Result<()> {
         items.iter().map(|i| (i.id.as_str(), i)).collect();
     let out_dir = d.join("adapters");
     std::fs::create_dir_all(&out_dir)?;
-    let stem = Path::new(&a.model)
-        .file_stem()
-        .map_or(a.model.clone(), |s| s.to_string_lossy().into_owned());
     let mut results = Vec::new();
     for c in clusters
         .iter()
@@ -740,11 +751,7 @@ fn finetune(a: &FinetuneArgs) -> Result<()> {
             );
             continue;
         }
-        let (test, train): (Vec<&Item>, Vec<&Item>) = c
-            .members
-            .iter()
-            .filter_map(|m| by_id.get(m.as_str()).copied())
-            .partition(|i| is_test(&i.id, a.test_share));
+        let (test, train) = split(c, &by_id, a.test_share)?;
         if train.is_empty() {
             eprintln!(
                 "cluster {} `{}`: every sample is in the test split",
@@ -762,7 +769,7 @@ fn finetune(a: &FinetuneArgs) -> Result<()> {
             Ok(p)
         };
         let train_p = write("train", &train)?;
-        let adapter = out_dir.join(format!("cluster-{}-{stem}.gguf", c.id));
+        let adapter = adapter_path(&d, c.id, &a.model);
         let mut cmd = std::process::Command::new(std::env::current_exe()?);
         cmd.args(["lora", "train", "--model", &a.model, "--data"])
             .arg(&train_p)
@@ -780,9 +787,10 @@ fn finetune(a: &FinetuneArgs) -> Result<()> {
             cmd.arg("--eval").arg(write("test", &test)?);
         }
         eprintln!(
-            "cluster {} `{}`: training {stem} on {} samples ({} held out), at most {} min",
+            "cluster {} `{}`: training {} on {} samples ({} held out), at most {} min",
             c.id,
             c.name,
+            a.model,
             train.len(),
             test.len(),
             a.minutes
@@ -844,13 +852,7 @@ fn status(a: &StatusArgs) -> Result<()> {
         .dir
         .clone()
         .unwrap_or_else(|| fetch::home_dir().join("flywheel"));
-    let text = std::fs::read_to_string(d.join("clusters.json")).with_context(|| {
-        format!(
-            "reading {} (run `porteiro flywheel curate` and `clusters` first)",
-            d.join("clusters.json").display()
-        )
-    })?;
-    let clusters: Vec<Cluster> = serde_json::from_str(&text).context("clusters.json")?;
+    let clusters = read_clusters(&d)?;
     let scores: Vec<Score> = match std::fs::read_to_string(d.join("select.json")) {
         Ok(t) => serde_json::from_str(&t).context("select.json")?,
         Err(_) => Vec::new(),
