@@ -183,29 +183,38 @@ impl StreamUnmasker {
 }
 
 /// Every string of `values` masked by one [`Masker`], so a value gets the same placeholder
-/// wherever it appears (a request and its answer, for a student model to learn from). Strings
-/// that name rather than say something (`role`, `type`, `id`, `tool_call_id`, `name`) are left.
+/// wherever it appears (a request and its answer, for a student model to learn from). Identifiers
+/// are left: `role`, `type`, `id`, `tool_call_id`, and a function's `name` (in `tools`,
+/// `tool_calls`, `tool_choice`, a `tool` message); a message's `name` is a person's and is masked.
 pub fn mask_together(
     det: &Detector,
     values: &mut [&mut serde_json::Value],
 ) -> BTreeMap<Category, usize> {
     use serde_json::Value;
-    fn walk(v: &mut Value, key: &str, f: &mut dyn FnMut(&mut String)) {
+    fn walk(v: &mut Value, key: &str, names_function: bool, f: &mut dyn FnMut(&mut String)) {
         match v {
             Value::String(s)
-                if !matches!(key, "role" | "type" | "id" | "tool_call_id" | "name") =>
+                if !(matches!(key, "role" | "type" | "id" | "tool_call_id")
+                    || (key == "name" && names_function)) =>
             {
                 f(s)
             }
-            Value::Array(a) => a.iter_mut().for_each(|x| walk(x, key, f)),
-            Value::Object(o) => o.iter_mut().for_each(|(k, x)| walk(x, k, f)),
+            Value::Array(a) => a.iter_mut().for_each(|x| walk(x, key, false, f)),
+            Value::Object(o) => {
+                let function = key == "function"
+                    || matches!(
+                        o.get("role").and_then(Value::as_str),
+                        Some("tool" | "function")
+                    );
+                o.iter_mut().for_each(|(k, x)| walk(x, k, function, f))
+            }
             _ => {}
         }
     }
     let original: String = values.iter().map(|v| v.to_string()).collect();
     let mut m = Masker::new(det, &original);
     for v in values.iter_mut() {
-        walk(v, "", &mut |s| *s = m.mask(s));
+        walk(v, "", false, &mut |s| *s = m.mask(s));
     }
     m.counts
 }
@@ -243,6 +252,12 @@ mod tests {
             "{\"to\": \"[EMAIL_1]\"}"
         );
         assert_eq!(ans["tool_calls"][0]["function"]["name"], "send_mail");
+        // A message's `name` is the speaker's, not an identifier: masked like any text.
+        let mut req = serde_json::json!({"messages": [{"role": "user", "name": "ana@example.com", "content": "hi"}],
+            "tools": [{"type": "function", "function": {"name": "ana@example.com"}}]});
+        mask_together(&det, &mut [&mut req]);
+        assert_eq!(req["messages"][0]["name"], "[EMAIL_1]");
+        assert_eq!(req["tools"][0]["function"]["name"], "ana@example.com");
     }
 
     #[test]
