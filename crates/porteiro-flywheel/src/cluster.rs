@@ -317,18 +317,8 @@ mod tests {
             request["tools"] = json!([{"type": "function", "function": {"name": "get_weather"}}]);
         }
         Item {
-            id: format!("i{id}"),
-            ts_ms: 0,
-            tier: "big".into(),
-            model: "m".into(),
-            route: "auto".into(),
-            prompt_tokens: 1,
-            completion_tokens: 1,
-            latency_ms: 1.0,
             cost_usd: if tools { 3.0 } else { 1.0 },
-            request,
-            answer: json!({"content": "ok"}),
-            finish_reason: Some("stop".into()),
+            ..Item::test(&format!("i{id}"), request, json!({"content": "ok"}), "stop")
         }
     }
 

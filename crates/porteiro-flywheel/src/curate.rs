@@ -155,23 +155,6 @@ mod tests {
     use super::*;
     use serde_json::{json, Value};
 
-    fn item(id: &str, request: Value, answer: Value, finish: &str) -> Item {
-        Item {
-            id: id.into(),
-            ts_ms: 0,
-            tier: "big".into(),
-            model: "m".into(),
-            route: "auto".into(),
-            prompt_tokens: 1,
-            completion_tokens: 1,
-            latency_ms: 1.0,
-            cost_usd: 0.0,
-            request,
-            answer,
-            finish_reason: Some(finish.into()),
-        }
-    }
-
     fn user(q: &str) -> Value {
         json!({"messages": [{"role": "system", "content": "Classify."}, {"role": "user", "content": q}]})
     }
@@ -200,28 +183,28 @@ mod tests {
         let chat = json!({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
             {"role": "user", "content": "tell me a joke"}]});
         let items = vec![
-            item(
+            Item::test(
                 "ok",
                 user("Refund to ana@example.com please"),
                 json!({"content": "Sent to ana@example.com"}),
                 "stop",
             ),
-            item("cut", user("b"), a.clone(), "length"),
-            item("empty", user("c"), json!({"content": ""}), "stop"),
-            item("chat", chat, a.clone(), "stop"),
-            item(
+            Item::test("cut", user("b"), a.clone(), "length"),
+            Item::test("empty", user("c"), json!({"content": ""}), "stop"),
+            Item::test("chat", chat, a.clone(), "stop"),
+            Item::test(
                 "dup",
                 user("Refund to ana@example.com please"),
                 a.clone(),
                 "stop",
             ),
-            item(
+            Item::test(
                 "near",
                 user("refund to ANA@example.com please"),
                 a.clone(),
                 "stop",
             ),
-            item("other", user("Where is my parcel?"), a.clone(), "stop"),
+            Item::test("other", user("Where is my parcel?"), a.clone(), "stop"),
         ];
         let det = Detector::new();
         let (kept, r) = curate(items, &mut embed, Some(&det), &CurateOptions::default());
@@ -250,7 +233,7 @@ mod tests {
             {"role": "tool", "tool_call_id": "1", "content": "3C"}, {"role": "user", "content": "and Bergen?"}],
             "tools": [{"type": "function", "function": {"name": "w"}}]});
         assert_eq!(
-            unfit(&item("a", req, json!({"content": "4C"}), "stop")),
+            unfit(&Item::test("a", req, json!({"content": "4C"}), "stop")),
             None
         );
         let (kept, r) = curate(Vec::new(), &mut embed, None, &CurateOptions::default());

@@ -151,6 +151,27 @@ impl Item {
     }
 }
 
+#[cfg(test)]
+impl Item {
+    /// A sample for tests: the given request and answer, neutral figures.
+    pub(crate) fn test(id: &str, request: Value, answer: Value, finish: &str) -> Self {
+        Self {
+            id: id.into(),
+            ts_ms: 0,
+            tier: "big".into(),
+            model: "m".into(),
+            route: "auto".into(),
+            prompt_tokens: 1,
+            completion_tokens: 1,
+            latency_ms: 1.0,
+            cost_usd: 0.0,
+            request,
+            answer,
+            finish_reason: Some(finish.into()),
+        }
+    }
+}
+
 /// A message's text: a string, or its text parts joined.
 pub fn content_text(c: &Value) -> String {
     match c {
