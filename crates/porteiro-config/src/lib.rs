@@ -86,6 +86,17 @@
 //! [flywheel]                 # learning the upstream tiers' traffic (`porteiro flywheel`)
 //! collect = false            # keep each upstream-answered request with its answer in the request
 //!                            # log, sealed with the log's key (needs the log and its key)
+//! routes = "flywheel/routes.json"  # the learned routes `porteiro flywheel promote` writes; the
+//!                            # server reloads it when it changes (default $PORTEIRO_HOME/flywheel/routes.json)
+//! similarity_floor = 0.8     # a learned route matches only this close to one of its examples
+//! shadow_sample = 0.25       # share of a shadow cluster's requests the candidate also answers
+//! monitor_sample = 0.05      # share of a promoted cluster's requests the teacher also answers
+//! threshold = 0.95           # live agreement a shadow route needs to be promoted, and below
+//!                            # which a promoted one is rolled back
+//! min_live = 20              # comparisons before live agreement decides
+//! window = 50                # the last comparisons live agreement counts
+//! schedule = "24h"           # `serve` runs the whole loop (`porteiro flywheel run --promote`) this
+//!                            # often; unset: never
 //! ```
 
 use std::path::Path;
@@ -169,6 +180,14 @@ struct RawLog {
 #[serde(deny_unknown_fields)]
 struct RawFlywheel {
     collect: Option<bool>,
+    routes: Option<String>,
+    similarity_floor: Option<f64>,
+    shadow_sample: Option<f64>,
+    monitor_sample: Option<f64>,
+    threshold: Option<f64>,
+    min_live: Option<usize>,
+    window: Option<usize>,
+    schedule: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -290,11 +309,37 @@ pub struct LogConfig {
 }
 
 /// `[flywheel]`: learning from the upstream tiers' answers.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct FlywheelConfig {
     /// Keep every request an upstream tier answered, with its answer, in the request log (sealed
     /// with the log's key) for `porteiro flywheel`.
     pub collect: bool,
+    /// The learned routes file (None: `$PORTEIRO_HOME/flywheel/routes.json`, the binary's default).
+    pub routes: Option<String>,
+    pub similarity_floor: f64,
+    pub shadow_sample: f64,
+    pub monitor_sample: f64,
+    pub threshold: f64,
+    pub min_live: usize,
+    pub window: usize,
+    /// How often `serve` runs the loop (a period such as "24h"; parsed by the binary).
+    pub schedule: Option<String>,
+}
+
+impl Default for FlywheelConfig {
+    fn default() -> Self {
+        Self {
+            collect: false,
+            routes: None,
+            similarity_floor: 0.8,
+            shadow_sample: 0.25,
+            monitor_sample: 0.05,
+            threshold: 0.95,
+            min_live: 20,
+            window: 50,
+            schedule: None,
+        }
+    }
 }
 
 /// The privacy policies `[privacy]`, `[[upstreams]]` and `[[routes]]` accept.
@@ -676,9 +721,7 @@ impl Config {
                 .unwrap_or_else(|| "PORTEIRO_LOG_KEY".into()),
             postgres_env: lg.postgres_env.filter(|s| !s.is_empty()),
         };
-        let flywheel = FlywheelConfig {
-            collect: raw.flywheel.unwrap_or_default().collect.unwrap_or(false),
-        };
+        let flywheel = flywheel_config(raw.flywheel.unwrap_or_default())?;
         if flywheel.collect && log.path.as_deref() == Some("") {
             return Err(ConfigError::Invalid {
                 key: "flywheel.collect",
@@ -763,6 +806,39 @@ impl Config {
             prefill_chunk,
         })
     }
+}
+
+fn flywheel_config(f: RawFlywheel) -> Result<FlywheelConfig, ConfigError> {
+    let d = FlywheelConfig::default();
+    let invalid = |key, why: String| ConfigError::Invalid { key, why };
+    let unit = |key, v: Option<f64>, default: f64| match v {
+        None => Ok(default),
+        Some(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        Some(v) => Err(invalid(key, format!("must be between 0 and 1 (got {v})"))),
+    };
+    let count = |key, v: Option<usize>, default: usize| match v {
+        Some(0) => Err(invalid(key, "must be at least 1".into())),
+        v => Ok(v.unwrap_or(default)),
+    };
+    Ok(FlywheelConfig {
+        collect: f.collect.unwrap_or(false),
+        routes: f.routes.filter(|s| !s.is_empty()),
+        similarity_floor: unit(
+            "flywheel.similarity_floor",
+            f.similarity_floor,
+            d.similarity_floor,
+        )?,
+        shadow_sample: unit("flywheel.shadow_sample", f.shadow_sample, d.shadow_sample)?,
+        monitor_sample: unit(
+            "flywheel.monitor_sample",
+            f.monitor_sample,
+            d.monitor_sample,
+        )?,
+        threshold: unit("flywheel.threshold", f.threshold, d.threshold)?,
+        min_live: count("flywheel.min_live", f.min_live, d.min_live)?,
+        window: count("flywheel.window", f.window, d.window)?,
+        schedule: f.schedule.filter(|s| !s.trim().is_empty()),
+    })
 }
 
 fn validate_routing(
@@ -969,6 +1045,16 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("port"), "{e}");
+        let e = parse("[flywheel]\nthreshold = 1.5\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("flywheel.threshold"), "{e}");
+        let e = parse("[flywheel]\nmin_live = 0\n").unwrap_err().to_string();
+        assert!(e.contains("flywheel.min_live"), "{e}");
+        let c = parse("[flywheel]\nshadow_sample = 1.0\nroutes = \"r.json\"\n").unwrap();
+        assert_eq!(c.flywheel.shadow_sample, 1.0);
+        assert_eq!(c.flywheel.routes.as_deref(), Some("r.json"));
+        assert_eq!(c.flywheel.threshold, 0.95);
     }
 
     #[test]

@@ -65,45 +65,27 @@ impl Item {
     }
 
     pub fn messages(&self) -> &[Value] {
-        self.request["messages"]
-            .as_array()
-            .map_or(&[], Vec::as_slice)
-    }
-
-    fn texts_of(&self, roles: &[&str]) -> Vec<String> {
-        self.messages()
-            .iter()
-            .filter(|m| roles.contains(&m["role"].as_str().unwrap_or("")))
-            .map(|m| content_text(&m["content"]))
-            .collect()
+        messages(&self.request)
     }
 
     /// The system (or developer) prompt, joined.
     pub fn system(&self) -> String {
-        self.texts_of(&["system", "developer"]).join("\n")
+        texts_of(&self.request, &["system", "developer"]).join("\n")
     }
 
     /// How many turns a person (the `user` role) spoke.
     pub fn user_turns(&self) -> usize {
-        self.texts_of(&["user"]).len()
+        texts_of(&self.request, &["user"]).len()
     }
 
     /// What the task is about, for embedding and naming: the last user message.
     pub fn query(&self) -> String {
-        self.texts_of(&["user"]).pop().unwrap_or_default()
+        texts_of(&self.request, &["user"]).pop().unwrap_or_default()
     }
 
     /// Sorted names of the tools offered.
     pub fn tool_names(&self) -> Vec<String> {
-        let mut v: Vec<String> = self.request["tools"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|t| t["function"]["name"].as_str().map(str::to_string))
-            .collect();
-        v.sort();
-        v.dedup();
-        v
+        tool_names(&self.request)
     }
 
     /// Whether the answer is bound to a schema (`response_format` json_schema / json_object).
@@ -139,15 +121,7 @@ impl Item {
     /// The structure a task shares across its requests: the system prompt with its numbers and
     /// quoted values blanked (templates fill those per request), the tool set, the schema.
     pub fn structure(&self) -> String {
-        let schema = match &self.request["response_format"] {
-            Value::Null => String::new(),
-            v => v.to_string(),
-        };
-        format!(
-            "{}\u{1f}{}\u{1f}{schema}",
-            template_of(&self.system()),
-            self.tool_names().join(",")
-        )
+        structure_of(&self.request)
     }
 }
 
@@ -173,6 +147,44 @@ impl Item {
 }
 
 /// A message's text: a string, or its text parts joined.
+fn messages(request: &Value) -> &[Value] {
+    request["messages"].as_array().map_or(&[], Vec::as_slice)
+}
+
+fn texts_of(request: &Value, roles: &[&str]) -> Vec<String> {
+    messages(request)
+        .iter()
+        .filter(|m| roles.contains(&m["role"].as_str().unwrap_or("")))
+        .map(|m| content_text(&m["content"]))
+        .collect()
+}
+
+fn tool_names(request: &Value) -> Vec<String> {
+    let mut v: Vec<String> = request["tools"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|t| t["function"]["name"].as_str().map(str::to_string))
+        .collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
+/// A chat request's structure key (see [`Item::structure`]): the server matches live requests to
+/// promoted clusters with it.
+pub fn structure_of(request: &Value) -> String {
+    let schema = match &request["response_format"] {
+        Value::Null => String::new(),
+        v => v.to_string(),
+    };
+    format!(
+        "{}\u{1f}{}\u{1f}{schema}",
+        template_of(&texts_of(request, &["system", "developer"]).join("\n")),
+        tool_names(request).join(",")
+    )
+}
+
 pub fn content_text(c: &Value) -> String {
     match c {
         Value::String(s) => s.clone(),

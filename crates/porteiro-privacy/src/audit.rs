@@ -111,7 +111,6 @@ pub struct AuditLog {
     conn: Connection,
     path: String,
     key: Option<Vec<u8>>,
-    head: (i64, String),
 }
 
 const SCHEMA: &str = "
@@ -168,19 +167,20 @@ impl AuditLog {
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(db)?;
         conn.execute_batch(SCHEMA).map_err(db)?;
-        let head = conn
-            .query_row(
-                "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1",
-                [],
-                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)),
-            )
-            .unwrap_or((0, GENESIS.to_string()));
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(db)?;
         Ok(Self {
             conn,
             path: p,
             key: key.map(<[u8]>::to_vec),
-            head,
         })
+    }
+
+    /// The last sequence number written (0 for an empty trail).
+    fn head_seq(&self) -> i64 {
+        self.conn
+            .query_row("SELECT COALESCE(MAX(seq), 0) FROM audit", [], |r| r.get(0))
+            .unwrap_or(0)
     }
 
     fn err(&self, source: rusqlite::Error) -> AuditError {
@@ -212,8 +212,20 @@ impl AuditLog {
 
     /// Appends records in one transaction; returns the new head sequence number.
     pub fn append(&mut self, recs: &[AuditRecord]) -> Result<i64, AuditError> {
-        let (mut seq, mut prev) = self.head.clone();
-        let tx = self.conn.unchecked_transaction().map_err(|e| self.err(e))?;
+        // The head is read inside a write-locked transaction: another process (the server and
+        // `porteiro flywheel promote`) may have appended since this one opened the trail.
+        let tx = rusqlite::Transaction::new_unchecked(
+            &self.conn,
+            rusqlite::TransactionBehavior::Immediate,
+        )
+        .map_err(|e| self.err(e))?;
+        let (mut seq, mut prev) = tx
+            .query_row(
+                "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1",
+                [],
+                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)),
+            )
+            .unwrap_or((0, GENESIS.to_string()));
         for rec in recs {
             seq += 1;
             let hash = self.digest(seq, rec, &prev);
@@ -237,7 +249,6 @@ impl AuditLog {
             prev = hash;
         }
         tx.commit().map_err(|e| self.err(e))?;
-        self.head = (seq, prev);
         Ok(seq)
     }
 
@@ -377,7 +388,7 @@ impl AuditWriter {
         std::thread::Builder::new()
             .name("porteiro-audit".into())
             .spawn(move || {
-                let mut last: Result<i64, String> = Ok(log.head.0);
+                let mut last: Result<i64, String> = Ok(log.head_seq());
                 while let Ok(first) = rx.recv() {
                     let mut batch = Vec::new();
                     let mut flushes = Vec::new();
@@ -480,6 +491,19 @@ mod tests {
             .conn
             .execute("UPDATE audit SET tier = 'x' WHERE seq = 2", [])
             .is_err());
+    }
+
+    #[test]
+    fn two_writers_on_one_trail_keep_one_chain() {
+        // The server and `porteiro flywheel promote` both append to the same file.
+        let (_d, path) = trail(None);
+        let mut a = AuditLog::open(&path, None).unwrap();
+        let mut b = AuditLog::open(&path, None).unwrap();
+        assert_eq!(a.append(&[rec(7)]).unwrap(), 7);
+        assert_eq!(b.append(&[rec(8)]).unwrap(), 8);
+        assert_eq!(a.append(&[rec(9)]).unwrap(), 9);
+        let v = b.verify(None).unwrap();
+        assert!(v.problems.is_empty() && v.records == 9, "{v:?}");
     }
 
     #[test]

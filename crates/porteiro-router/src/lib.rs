@@ -8,6 +8,11 @@
 //!    features (length, code, math, non-ASCII share) giving P(the local answer is good enough). Tiers
 //!    are tried cheapest first; the first whose `min_score` the score reaches serves the request.
 //!
+//! Before both, the routes the flywheel learned ([`LearnedIndex`], reloaded at run time through
+//! [`Router::set_learned`]): a request with a promoted cluster's structure, close enough to one of its
+//! examples, is answered locally (with the cluster's adapter); a shadow cluster only marks the
+//! decision, so the server can have the candidate answer off the request path.
+//!
 //! Without a scorer and without a matching route, requests stay local (score unknown). Metrics for
 //! router evaluation (APGR, CPT) are in [`eval`]; training and calibration in [`train`].
 
@@ -65,6 +70,58 @@ impl RouteIndex {
     }
 }
 
+/// A route the flywheel learned: a cluster a local candidate took over (or shadows).
+pub struct LearnedIndex {
+    pub name: String,
+    /// The structure key a request must have (`porteiro_flywheel`'s); None matches any.
+    pub structure: Option<String>,
+    examples: Vec<Vec<f32>>,
+    /// Shadow only: the request still goes where the rest of the router sends it.
+    pub shadow: bool,
+    /// The adapter the local tier answers with (by its name on the server).
+    pub adapter: Option<String>,
+}
+
+impl LearnedIndex {
+    /// `examples`: normalised embeddings of the cluster's routing texts.
+    pub fn new(
+        name: String,
+        structure: Option<String>,
+        examples: Vec<Vec<f32>>,
+        shadow: bool,
+        adapter: Option<String>,
+    ) -> Self {
+        Self {
+            name,
+            structure,
+            examples,
+            shadow,
+            adapter,
+        }
+    }
+
+    fn similarity(&self, v: &[f32]) -> f32 {
+        self.examples
+            .iter()
+            .map(|e| dot(e, v))
+            .fold(f32::NEG_INFINITY, f32::max)
+    }
+}
+
+/// The learned route a request matched.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LearnedMatch {
+    pub name: String,
+    pub shadow: bool,
+    pub adapter: Option<String>,
+    pub similarity: f32,
+}
+
+struct Learned {
+    floor: f32,
+    routes: Vec<LearnedIndex>,
+}
+
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
@@ -105,6 +162,8 @@ pub struct Decision {
     /// The evidence says escalate, but the chosen tier is local (no upstream tier takes it): what
     /// the router would have escalated, for the record.
     pub would_escalate: bool,
+    /// The flywheel's route the request matched (promoted: it decided; shadow: it only watches).
+    pub learned: Option<LearnedMatch>,
     #[serde(skip)]
     pub elapsed: Duration,
 }
@@ -132,6 +191,7 @@ pub struct Router {
     floor: f32,
     tiers: Vec<TierRule>,
     scorer: Option<Scorer>,
+    learned: std::sync::RwLock<std::sync::Arc<Learned>>,
 }
 
 impl Router {
@@ -170,7 +230,28 @@ impl Router {
             floor: cfg.router.similarity_floor as f32,
             tiers,
             scorer,
+            learned: std::sync::RwLock::new(std::sync::Arc::new(Learned {
+                floor: 1.0,
+                routes: Vec::new(),
+            })),
         })
+    }
+
+    /// Replaces the learned routes (the server calls this when the flywheel's routes file changes);
+    /// one matches only at or above `floor` cosine to one of its examples.
+    pub fn set_learned(&self, routes: Vec<LearnedIndex>, floor: f32) {
+        let l = std::sync::Arc::new(Learned { floor, routes });
+        *self.learned.write().unwrap_or_else(|p| p.into_inner()) = l;
+    }
+
+    /// Names of the learned routes in use.
+    pub fn learned_names(&self) -> Vec<String> {
+        let l = self
+            .learned
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        l.routes.iter().map(|r| r.name.clone()).collect()
     }
 
     pub fn tiers(&self) -> &[TierRule] {
@@ -183,9 +264,28 @@ impl Router {
 
     /// Decides for one request text (for chat: the conversation's text, see `request_text`).
     pub fn decide(&self, text: &str) -> Decision {
+        self.decide_structured(text, None)
+    }
+
+    /// Decides for a chat request: its text and its structure key (learned routes match only
+    /// requests of their cluster's structure).
+    pub fn decide_structured(&self, text: &str, structure: Option<&str>) -> Decision {
         let t0 = Instant::now();
         let emb = self.encoder.embed(text);
         let mut d = self.decide_embedded(text, &emb.vector);
+        let learned = self
+            .learned
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        d.learned = learned_match(&learned, &emb.vector, structure);
+        if let Some(m) = d.learned.as_ref().filter(|m| !m.shadow) {
+            d.tier = LOCAL_TIER.to_string();
+            d.route.clone_from(&m.name);
+            d.basis = Basis::Route;
+            d.similarity = m.similarity;
+            d.would_escalate = false;
+        }
         d.tokens = emb.tokens;
         d.elapsed = t0.elapsed();
         d
@@ -228,9 +328,30 @@ impl Router {
             similarity,
             tokens: 0,
             would_escalate,
+            learned: None,
             elapsed: Duration::ZERO,
         }
     }
+}
+
+/// The nearest learned route of the request's structure at or above the floor.
+fn learned_match(l: &Learned, v: &[f32], structure: Option<&str>) -> Option<LearnedMatch> {
+    l.routes
+        .iter()
+        .filter(|r| match (&r.structure, structure) {
+            (None, _) => true,
+            (Some(want), Some(got)) => want == got,
+            (Some(_), None) => false,
+        })
+        .map(|r| (r, r.similarity(v)))
+        .filter(|(_, s)| *s >= l.floor)
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .map(|(r, s)| LearnedMatch {
+            name: r.name.clone(),
+            shadow: r.shadow,
+            adapter: r.adapter.clone(),
+            similarity: s,
+        })
 }
 
 /// The cheapest tier whose `min_score` the score reaches; the last tier catches everything.
@@ -289,6 +410,37 @@ mod tests {
         assert_eq!(pick_tier(&tiers, 0.5), "mid");
         assert_eq!(pick_tier(&tiers, 0.2), "big");
         assert_eq!(pick_tier(&tiers, 0.0), "big");
+    }
+
+    #[test]
+    fn learned_routes_match_by_structure_then_similarity() {
+        let unit = |x: f32, y: f32| {
+            let n = (x * x + y * y).sqrt();
+            vec![x / n, y / n]
+        };
+        let l = Learned {
+            floor: 0.9,
+            routes: vec![
+                LearnedIndex::new(
+                    "cluster-1".into(),
+                    Some("weather".into()),
+                    vec![unit(1.0, 0.0)],
+                    false,
+                    Some("fw-1".into()),
+                ),
+                LearnedIndex::new("cluster-2".into(), None, vec![unit(0.0, 1.0)], true, None),
+            ],
+        };
+        let m = learned_match(&l, &unit(1.0, 0.1), Some("weather")).unwrap();
+        assert_eq!((m.name.as_str(), m.shadow), ("cluster-1", false));
+        assert_eq!(m.adapter.as_deref(), Some("fw-1"));
+        // Same text, other structure: no match (cluster-2 is too far).
+        assert!(learned_match(&l, &unit(1.0, 0.1), Some("tickets")).is_none());
+        assert!(learned_match(&l, &unit(1.0, 0.1), None).is_none());
+        // Below the floor.
+        assert!(learned_match(&l, &unit(1.0, 1.0), Some("weather")).is_none());
+        let m = learned_match(&l, &unit(0.1, 1.0), Some("anything")).unwrap();
+        assert_eq!((m.name.as_str(), m.shadow), ("cluster-2", true));
     }
 
     #[test]

@@ -381,8 +381,9 @@ struct Observer {
     first: bool,
     /// The answer's text, when the request log keeps texts.
     text: Option<String>,
-    /// The whole answer message, when it may become a flywheel sample.
+    /// The whole answer message, when it may become a flywheel sample or is tapped.
     message: Option<Message>,
+    tap: Option<Tap>,
     prompt: u64,
     completion: u64,
     failed: bool,
@@ -483,7 +484,12 @@ impl Observer {
         self.trace.texts(None, self.text.take());
         if let Some(m) = self.message.take() {
             let (answer, finish) = m.json();
-            self.trace.sample_answer(answer, finish);
+            if let Some(tap) = self.tap.take() {
+                tap(answer.clone());
+            }
+            if self.trace.collects() {
+                self.trace.sample_answer(answer, finish);
+            }
         }
         self.st.metrics.generation_done(
             self.api.endpoint(),
@@ -494,9 +500,20 @@ impl Observer {
     }
 }
 
+/// Called with the whole answer message (choice 0) once an answer completed without error.
+pub type Tap = Box<dyn FnOnce(Value) + Send>;
+
 /// Feeds the trace (tokens, usage, texts, outcome) and the HTTP-level metrics (first token,
-/// generation done) from the chunks as they pass: every tier, every path, one place.
-pub fn observe(st: &AppState, chunks: Chunks, trace: &Trace, api: Api, t0: Instant) -> Chunks {
+/// generation done) from the chunks as they pass: every tier, every path, one place. `tap` gets the
+/// complete answer (the flywheel's comparisons).
+pub fn observe(
+    st: &AppState,
+    chunks: Chunks,
+    trace: &Trace,
+    api: Api,
+    t0: Instant,
+    tap: Option<Tap>,
+) -> Chunks {
     let obs = Observer {
         st: st.clone(),
         trace: trace.clone(),
@@ -504,7 +521,8 @@ pub fn observe(st: &AppState, chunks: Chunks, trace: &Trace, api: Api, t0: Insta
         t0,
         first: true,
         text: trace.stores_text().then(String::new),
-        message: (trace.collects() && api == Api::Chat).then(Message::default),
+        message: ((trace.collects() || tap.is_some()) && api == Api::Chat).then(Message::default),
+        tap,
         prompt: 0,
         completion: 0,
         failed: false,
@@ -525,4 +543,15 @@ pub fn observe(st: &AppState, chunks: Chunks, trace: &Trace, api: Api, t0: Insta
             }
         }
     }))
+}
+
+/// The answer message (choice 0) of a whole stream of chunks; None when the tier failed.
+pub async fn message(mut chunks: Chunks) -> Option<Value> {
+    let mut m = Message::default();
+    while let Some(c) = chunks.next().await {
+        for d in &c.ok()?.choices {
+            m.add(d);
+        }
+    }
+    Some(m.json().0)
 }

@@ -13,13 +13,12 @@ use serde_json::Value;
 
 use crate::answer;
 use crate::extract::{OpenAiJson, OpenAiJsonRaw};
-use crate::plan::{self, LocalIds, Plan, Target, TierRef};
+use crate::plan::{self, LocalIds, Plan, Target};
 use crate::privacy::{counts_list, Action, RequestCtx};
 use crate::respond::{self, Routed, Shape};
 use crate::state::unix_now;
 use crate::telemetry::Trace;
 use crate::tier::local::LocalTier;
-use crate::tier::upstream::UpstreamTier;
 use crate::tier::{Api, Body, Tier, TierError, TierRequest};
 use crate::{ApiError, AppState};
 
@@ -69,7 +68,6 @@ async fn chat_inner(
     // 1. The plan.
     let is_adapter = |m: &str| st.adapters.contains(m);
     let target = plan::target(&st.routing, &local_ids(st, &is_adapter), &req.model)?;
-    let adapter = st.adapters.get(&req.model);
     if target == Target::Local && st.generator().is_none() {
         return Err(ApiError::unavailable(
             "The model is still loading; retry shortly.",
@@ -78,11 +76,33 @@ async fn chat_inner(
     let decision = match (target, st.routing.router.clone()) {
         (Target::Auto, Some(router)) => {
             let text = plan::routing_text(&req);
-            tokio::task::spawn_blocking(move || router.decide(&text))
-                .await
-                .map(Some)
-                .map_err(|e| ApiError::internal(format!("routing: {e}")))?
+            // Learned routes match requests of their cluster's structure only.
+            let structure = st
+                .flywheel
+                .as_ref()
+                .map(|_| porteiro_flywheel::item::structure_of(&raw));
+            tokio::task::spawn_blocking(move || {
+                router.decide_structured(&text, structure.as_deref())
+            })
+            .await
+            .map(Some)
+            .map_err(|e| ApiError::internal(format!("routing: {e}")))?
         }
+        _ => None,
+    };
+    // A promoted learned route answers with its cluster's adapter; else the adapter the model names.
+    let adapter = match decision.as_ref().and_then(|d| d.learned.as_ref()) {
+        Some(m) if !m.shadow => m.adapter.as_deref().and_then(|a| st.adapters.get(a)),
+        _ => st.adapters.get(&req.model),
+    };
+    // A sample of a learned route's requests is compared with the other side after the answer.
+    let watch = match (&st.flywheel, &decision) {
+        (Some(fw), Some(d)) => fw.pick(
+            d.learned.as_ref().map(|m| m.name.as_str()),
+            !d.escalates(),
+            &req,
+            &raw,
+        ),
         _ => None,
     };
     let mut plan = plan::plan_chat(&st.routing, &st.privacy, target, decision, raw)?;
@@ -108,7 +128,11 @@ async fn chat_inner(
         stream,
         prefix: None,
     };
-    let tiers: Vec<Box<dyn Tier>> = plan.order.iter().map(|t| tier(st, *t)).collect();
+    let tiers: Vec<Box<dyn Tier>> = plan
+        .order
+        .iter()
+        .map(|t| crate::tier::build(st, *t))
+        .collect();
     let secs = plan
         .decision
         .as_ref()
@@ -131,7 +155,11 @@ async fn chat_inner(
         started.chunks
     };
     let chunks = answer::unmask(chunks, plan.privacy.unmasker.take());
-    let chunks = answer::observe(st, chunks, trace, Api::Chat, t0);
+    let tap = watch.map(|w| {
+        let st = st.clone();
+        Box::new(move |answer| crate::flywheel::compare(st, w, answer, upstream)) as answer::Tap
+    });
+    let chunks = answer::observe(st, chunks, trace, Api::Chat, t0, tap);
 
     // 4. The response.
     let shape = Shape::new(
@@ -196,13 +224,6 @@ fn include_usage(o: Option<&porteiro_protocol::StreamOptions>) -> bool {
     o.and_then(|o| o.include_usage).unwrap_or(false)
 }
 
-fn tier(st: &AppState, t: TierRef) -> Box<dyn Tier> {
-    match t {
-        TierRef::Local => Box::new(LocalTier::new(st.clone())),
-        TierRef::Upstream(i) => Box::new(UpstreamTier::new(st.routing.upstreams[i].clone())),
-    }
-}
-
 pub async fn completions(
     State(st): State<AppState>,
     Extension(ctx): Extension<RequestCtx>,
@@ -254,7 +275,7 @@ async fn completions_inner(
     let started = answer::first_answer(st, tiers, &treq, trace, &|_| {})
         .await
         .map_err(TierError::into_api)?;
-    let chunks = answer::observe(st, started.chunks, trace, Api::Completion, t0);
+    let chunks = answer::observe(st, started.chunks, trace, Api::Completion, t0, None);
     let shape = Shape::new(
         Api::Completion,
         st.new_id("cmpl"),

@@ -11,7 +11,8 @@
 //! (traces, live KPIs, the request log), `metrics` (Prometheus counters), `embeddings`,
 //! `dashboard`, `prompt` (a chat request as the model's prompt, shared with LoRA training),
 //! `structured` (`response_format` / `tools` for the local tier), `adapters`
-//! (LoRA adapters by name), `admin` (their endpoints), `error`.
+//! (LoRA adapters by name), `admin` (their endpoints), `learned` (the flywheel's routes as held: sampling, live agreement),
+//! `flywheel` (reloading them, shadow and monitor comparisons, rollback), `error`.
 //!
 //! Routes: `POST /v1/chat/completions`, `POST /v1/completions`, `POST /v1/embeddings`,
 //! `GET /v1/models[/{id}]`, `GET /health`, `GET /metrics`, `GET /`, `GET /api/dashboard`,
@@ -25,8 +26,10 @@ pub mod dashboard;
 pub mod embeddings;
 pub mod error;
 pub mod extract;
+pub mod flywheel;
 pub mod handlers;
 pub mod http;
+pub mod learned;
 pub mod metrics;
 pub mod plan;
 pub mod privacy;

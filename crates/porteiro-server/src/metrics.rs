@@ -29,6 +29,8 @@ pub mod names {
     pub const ROUTER_DECISION_DURATION: &str = "porteiro_router_decision_seconds";
     pub const UPSTREAM_FAILURES: &str = "porteiro_upstream_failures_total";
     pub const FALLBACKS: &str = "porteiro_fallbacks_total";
+    pub const FLYWHEEL_COMPARISONS: &str = "porteiro_flywheel_comparisons_total";
+    pub const FLYWHEEL_ROUTES_VERSION: &str = "porteiro_flywheel_routes_version";
     pub const PRIVACY_ACTIONS: &str = "porteiro_privacy_actions_total";
     pub const PII_FOUND: &str = "porteiro_pii_found_total";
     pub const TIER_REQUESTS: &str = "porteiro_tier_requests_total";
@@ -122,6 +124,8 @@ pub struct Metrics {
     completion_tokens: AtomicU64,
     embedding_inputs: AtomicU64,
     rejected: AtomicU64,
+    /// The version of the flywheel's routes file in use.
+    flywheel_version: AtomicU64,
     /// (wanted tier, served tier, route) -> decisions.
     decisions: Mutex<BTreeMap<(String, String, String), u64>>,
     decision_time: Mutex<Histogram>,
@@ -129,6 +133,8 @@ pub struct Metrics {
     upstream_failures: Mutex<BTreeMap<(String, String), u64>>,
     /// (upstream, when) -> answers the local tier took over.
     fallbacks: Mutex<BTreeMap<(String, String), u64>>,
+    /// (learned route, role, agreed) -> live comparisons with the teacher.
+    flywheel: Mutex<BTreeMap<(String, String, bool), u64>>,
     /// (tier, action) -> requests the privacy guard acted on.
     privacy_actions: Mutex<BTreeMap<(String, String), u64>>,
     /// category -> values found.
@@ -197,6 +203,18 @@ impl Metrics {
     pub fn fallback(&self, upstream: &str, when: &str) {
         *lock(&self.fallbacks)
             .entry((upstream.to_string(), when.to_string()))
+            .or_default() += 1;
+    }
+
+    /// The flywheel's routes file was (re)loaded at `version`.
+    pub fn flywheel_routes(&self, version: u64) {
+        self.flywheel_version.store(version, Ordering::Relaxed);
+    }
+
+    /// A learned route's candidate was compared with the teacher (`role`: shadow or monitor).
+    pub fn flywheel_comparison(&self, route: &str, role: &str, agreed: bool) {
+        *lock(&self.flywheel)
+            .entry((route.to_string(), role.to_string(), agreed))
             .or_default() += 1;
     }
 
@@ -374,6 +392,29 @@ impl Metrics {
         );
         for ((up, when), n) in lock(&self.fallbacks).iter() {
             let _ = writeln!(o, "{FALLBACKS}{{upstream=\"{up}\",when=\"{when}\"}} {n}");
+        }
+        head(
+            &mut o,
+            FLYWHEEL_ROUTES_VERSION,
+            "gauge",
+            "Version of the flywheel's routes file in use (0: none).",
+        );
+        let _ = writeln!(
+            o,
+            "{FLYWHEEL_ROUTES_VERSION} {}",
+            self.flywheel_version.load(Ordering::Relaxed)
+        );
+        head(
+            &mut o,
+            FLYWHEEL_COMPARISONS,
+            "counter",
+            "Live comparisons of a learned route's candidate with the teacher, by role and outcome.",
+        );
+        for ((route, role, agreed), n) in lock(&self.flywheel).iter() {
+            let _ = writeln!(
+                o,
+                "{FLYWHEEL_COMPARISONS}{{route=\"{route}\",role=\"{role}\",agreed=\"{agreed}\"}} {n}"
+            );
         }
         head(
             &mut o,

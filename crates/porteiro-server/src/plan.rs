@@ -301,6 +301,7 @@ mod tests {
             similarity: 0.9,
             tokens: 3,
             would_escalate,
+            learned: None,
             elapsed: Default::default(),
         }
     }

@@ -240,12 +240,34 @@ impl Guard {
         }
     }
 
+    /// A learned route changed stage (promoted, shadow, rolled back): one record in the trail.
+    pub fn audit_flywheel(&self, version: u64, c: &porteiro_flywheel::routes::Change) {
+        if let Some(a) = &self.audit {
+            a.record(flywheel_record(version, c));
+        }
+    }
+
     /// Waits for queued audit records to be committed (tests, shutdown).
     pub fn flush_audit(&self) -> Result<(), porteiro_privacy::audit::AuditError> {
         if let Some(a) = &self.audit {
             a.flush()?;
         }
         Ok(())
+    }
+}
+
+/// The audit record of a learned route's stage change (also written by `porteiro flywheel
+/// promote`): tier local, the route's name, the new stage as the policy, the routes file's version
+/// in the request id.
+pub fn flywheel_record(version: u64, c: &porteiro_flywheel::routes::Change) -> AuditRecord {
+    AuditRecord {
+        ts_ms: AuditRecord::now(),
+        request_id: format!("flywheel-routes-v{version}"),
+        key_id: "flywheel".into(),
+        tier: porteiro_config::LOCAL_TIER.into(),
+        route: c.route.clone(),
+        policy: format!("flywheel_{}", c.to.as_str()),
+        categories: Default::default(),
     }
 }
 

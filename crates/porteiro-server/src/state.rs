@@ -187,6 +187,8 @@ pub struct Inner {
     pub telemetry: Arc<Telemetry>,
     /// LoRA adapters of the model, by the names requests use.
     pub adapters: Adapters,
+    /// The flywheel's learned routes, when routing is on.
+    pub flywheel: Option<Arc<crate::learned::Flywheel>>,
     pub metrics: Metrics,
     draining: AtomicBool,
     created: u64,
@@ -217,9 +219,16 @@ pub struct StateBuilder {
     routing: Option<Routing>,
     privacy: Option<Guard>,
     telemetry: Option<Telemetry>,
+    flywheel: Option<crate::learned::Flywheel>,
 }
 
 impl StateBuilder {
+    /// The flywheel's learned routes (reloaded by `flywheel::watch`).
+    pub fn flywheel(mut self, f: crate::learned::Flywheel) -> Self {
+        self.flywheel = Some(f);
+        self
+    }
+
     pub fn embedder(mut self, e: Embedder) -> Self {
         self.embedder = Some(e);
         self
@@ -251,6 +260,7 @@ impl StateBuilder {
             privacy: Arc::new(self.privacy.unwrap_or_else(Guard::off)),
             telemetry: Arc::new(self.telemetry.unwrap_or_else(Telemetry::off)),
             adapters: Adapters::default(),
+            flywheel: self.flywheel.map(Arc::new),
             metrics: Metrics::default(),
             draining: AtomicBool::new(false),
             created: unix_now(),
@@ -267,6 +277,7 @@ impl AppState {
             routing: None,
             privacy: None,
             telemetry: None,
+            flywheel: None,
         }
     }
 

@@ -36,8 +36,31 @@ pub enum FlywheelCmd {
     /// Where each cluster stands: its size and shares, its best candidates, and whether one
     /// qualifies for promotion (lower bound of its agreement with the teacher ≥ --threshold).
     Status(StatusArgs),
-    /// The whole loop once: curate, clusters, finetune (with --finetune), select, status.
+    /// S6: each cluster whose best servable candidate (zero-shot, or its adapter) qualifies goes
+    /// into the routes file the server reloads: in shadow first (the candidate answers a sample of
+    /// the live traffic off the request path; live agreement then promotes or rolls it back), or
+    /// promoted at once with --no-shadow. Every change is a new version of the file and a record in
+    /// the audit trail.
+    Promote(PromoteArgs),
+    /// The whole loop once: curate, clusters, finetune (with --finetune), select, status, and
+    /// promote (with --promote).
     Run(RunArgs),
+}
+
+#[derive(Args)]
+pub struct PromoteArgs {
+    #[command(flatten)]
+    common: Common,
+    /// The routes file (default: `[flywheel] routes` from --config, else routes.json in the
+    /// flywheel folder).
+    #[arg(long)]
+    routes: Option<PathBuf>,
+    /// Least lower bound (95% Wilson) of a candidate's held-out agreement with the teacher.
+    #[arg(long, default_value_t = 0.95)]
+    threshold: f64,
+    /// Promote at once, without the shadow stage.
+    #[arg(long)]
+    no_shadow: bool,
 }
 
 #[derive(Args)]
@@ -62,6 +85,15 @@ pub struct RunArgs {
     /// Least lower bound of agreement with the teacher to promote a candidate.
     #[arg(long, default_value_t = 0.95)]
     threshold: f64,
+    /// Finish with `promote`: qualifying clusters go into the routes file, in shadow.
+    #[arg(long)]
+    promote: bool,
+    /// Fewest samples a cluster split from a task frame may have.
+    #[arg(long, default_value_t = 5)]
+    min_size: usize,
+    /// Held-out share of each cluster.
+    #[arg(long, default_value_t = 0.3)]
+    test_share: f64,
 }
 
 #[derive(Args)]
@@ -69,6 +101,9 @@ pub struct StatusArgs {
     /// Where the stages keep their outputs (default: $PORTEIRO_HOME/flywheel).
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// The routes file (default: routes.json in the flywheel folder).
+    #[arg(long)]
+    routes: Option<PathBuf>,
     /// Least lower bound (95% Wilson) of a candidate's agreement with the teacher to promote it.
     #[arg(long, default_value_t = 0.95)]
     threshold: f64,
@@ -117,8 +152,9 @@ pub struct SelectArgs {
     /// Clusters smaller than this are not evaluated (too small to split).
     #[arg(long, default_value_t = 8)]
     min_cluster: usize,
-    /// Test samples scored per cluster at most (0: all).
-    #[arg(long, default_value_t = 50)]
+    /// Test samples scored per cluster at most (0: all). A lower bound of 95% needs at least 59
+    /// samples, all agreeing.
+    #[arg(long, default_value_t = 200)]
     max_test: usize,
     /// Examples in a few-shot prompt (0: zero-shot only).
     #[arg(long, default_value_t = 3)]
@@ -180,6 +216,7 @@ pub fn run(c: &FlywheelCmd) -> Result<()> {
         FlywheelCmd::Select(a) => select(a),
         FlywheelCmd::Finetune(a) => finetune(a),
         FlywheelCmd::Status(a) => status(a),
+        FlywheelCmd::Promote(a) => promote(a),
         FlywheelCmd::Run(a) => run_all(a),
     }
 }
@@ -857,6 +894,9 @@ fn status(a: &StatusArgs) -> Result<()> {
         Ok(t) => serde_json::from_str(&t).context("select.json")?,
         Err(_) => Vec::new(),
     };
+    let rpath = a.routes.clone().unwrap_or_else(|| d.join("routes.json"));
+    let routes = porteiro_flywheel::routes::Routes::load(&rpath)?;
+    let shadow = std::fs::read_to_string(rpath.with_file_name("shadow.jsonl")).unwrap_or_default();
     let rows: Vec<serde_json::Value> = clusters
         .iter()
         .map(|c| {
@@ -868,7 +908,11 @@ fn status(a: &StatusArgs) -> Result<()> {
                 .map(|e| e.file_name().to_string_lossy().into_owned())
                 .filter(|n| n.starts_with(&format!("cluster-{}-", c.id)) && n.ends_with(".gguf"))
                 .collect();
-            let stage = if dec.promote.is_some() {
+            let route = routes.get(&format!("cluster-{}", c.id));
+            let live = route.map(|r| live_since(&shadow, &r.name, r.changed_ms));
+            let stage = if let Some(r) = route {
+                r.stage.as_str()
+            } else if dec.promote.is_some() {
                 "qualifies"
             } else if scores.iter().any(|s| s.cluster == c.id) {
                 "evaluated"
@@ -877,8 +921,16 @@ fn status(a: &StatusArgs) -> Result<()> {
             } else {
                 "clustered"
             };
+            let why = match (route, live) {
+                (Some(r), Some(l)) => format!(
+                    "{} {}: {}; live: {}/{} agree since",
+                    r.model, r.mode, r.why, l.agree, l.n
+                ),
+                _ => dec.why.clone(),
+            };
             serde_json::json!({"cluster": c.id, "name": c.name, "size": c.members.len(), "share": c.share,
-                "spend_share": c.spend_share, "stage": stage, "adapters": adapters, "decision": dec})
+                "spend_share": c.spend_share, "stage": stage, "adapters": adapters, "decision": dec,
+                "route": route, "live": live, "why": why})
         })
         .collect();
     if a.json {
@@ -903,10 +955,25 @@ fn status(a: &StatusArgs) -> Result<()> {
             r["share"].as_f64().unwrap_or(0.0) * 100.0,
             r["spend_share"].as_f64().unwrap_or(0.0) * 100.0,
             r["stage"].as_str().unwrap_or(""),
-            r["decision"]["why"].as_str().unwrap_or("")
+            r["why"].as_str().unwrap_or("")
         );
     }
     Ok(())
+}
+
+/// Live comparisons of route `name` in shadow.jsonl since `since_ms` (all of them, not a window).
+fn live_since(shadow: &str, name: &str, since_ms: i64) -> porteiro_flywheel::routes::Live {
+    let mut l = porteiro_flywheel::routes::Live::default();
+    for v in shadow
+        .lines()
+        .filter_map(|x| serde_json::from_str::<serde_json::Value>(x).ok())
+    {
+        if v["route"] == name && v["ts_ms"].as_i64().is_some_and(|t| t >= since_ms) {
+            l.n += 1;
+            l.agree += usize::from(v["agree"].as_bool() == Some(true));
+        }
+    }
+    l
 }
 
 fn run_all(a: &RunArgs) -> Result<()> {
@@ -920,7 +987,7 @@ fn run_all(a: &RunArgs) -> Result<()> {
     clusters(&ClustersArgs {
         common: c.clone(),
         max_k: 8,
-        min_size: 5,
+        min_size: a.min_size,
         min_silhouette: 0.1,
     })?;
     if let Some(model) = &a.finetune {
@@ -928,7 +995,7 @@ fn run_all(a: &RunArgs) -> Result<()> {
             common: c.clone(),
             model: model.clone(),
             cluster: None,
-            test_share: 0.3,
+            test_share: a.test_share,
             min_cluster: 8,
             minutes: a.minutes,
             epochs: 2,
@@ -944,15 +1011,188 @@ fn run_all(a: &RunArgs) -> Result<()> {
     select(&SelectArgs {
         common: c.clone(),
         models,
-        test_share: 0.3,
+        test_share: a.test_share,
         min_cluster: 8,
-        max_test: 50,
+        max_test: 200,
         shots: 3,
         max_tokens: 256,
     })?;
     status(&StatusArgs {
         dir: c.dir.clone(),
+        routes: None,
         threshold: a.threshold,
         json: c.json,
-    })
+    })?;
+    if a.promote {
+        promote(&PromoteArgs {
+            common: c.clone(),
+            routes: None,
+            threshold: a.threshold,
+            no_shadow: false,
+        })?;
+    }
+    Ok(())
+}
+
+/// The routes file: --routes, else `[flywheel] routes`, else routes.json in the flywheel folder.
+fn routes_path(flag: Option<&Path>, cfg: &porteiro_config::Config, d: &Path) -> PathBuf {
+    flag.map(Path::to_path_buf)
+        .or_else(|| cfg.flywheel.routes.as_ref().map(PathBuf::from))
+        .unwrap_or_else(|| d.join("routes.json"))
+}
+
+fn promote(a: &PromoteArgs) -> Result<()> {
+    use porteiro_flywheel::routes::{LearnedRoute, Routes, Stage};
+    if !(0.0..=1.0).contains(&a.threshold) {
+        bail!("--threshold must be between 0 and 1");
+    }
+    let cfg = config(a.common.config.as_deref())?;
+    let d = dir(&a.common)?;
+    let items = read_curated(&d.join("curated.jsonl"))?;
+    let clusters = read_clusters(&d)?;
+    let scores: Vec<Score> = serde_json::from_str(
+        &std::fs::read_to_string(d.join("select.json"))
+            .context("reading select.json (run `porteiro flywheel select` first)")?,
+    )
+    .context("select.json")?;
+    // Few-shot prompts carry examples the server does not add: scored, not served.
+    let servable: Vec<Score> = scores
+        .into_iter()
+        .filter(|s| s.mode == "zero-shot" || s.mode == "lora")
+        .collect();
+    let by_id: std::collections::HashMap<&str, &Item> =
+        items.iter().map(|i| (i.id.as_str(), i)).collect();
+    let to = if a.no_shadow {
+        Stage::Promoted
+    } else {
+        Stage::Shadow
+    };
+    let mut wanted = Vec::new();
+    let mut report = Vec::new();
+    for c in &clusters {
+        let dec = decide(c.id, &servable, a.threshold);
+        let Some(s) = dec.promote else {
+            report.push(serde_json::json!({"cluster": c.id, "name": c.name, "promoted": false, "why": dec.why}));
+            continue;
+        };
+        let members: Vec<&Item> = c
+            .members
+            .iter()
+            .filter_map(|m| by_id.get(m.as_str()).copied())
+            .collect();
+        let mut tiers: std::collections::BTreeMap<&str, usize> = Default::default();
+        for i in &members {
+            *tiers.entry(i.tier.as_str()).or_default() += 1;
+        }
+        let teacher = tiers
+            .into_iter()
+            .max_by_key(|(_, n)| *n)
+            .map_or(String::new(), |(t, _)| t.to_string());
+        // Exemplars (nearest the centre) first, then the rest: the server embeds the first ones.
+        let mut order: Vec<&Item> = c
+            .exemplars
+            .iter()
+            .filter_map(|m| by_id.get(m.as_str()).copied())
+            .collect();
+        order.extend(members.iter().filter(|i| !c.exemplars.contains(&i.id)));
+        let examples = order
+            .iter()
+            .map(|i| {
+                porteiro_router::request_text(i.messages().iter().map(|m| {
+                    (
+                        m["role"].as_str().unwrap_or(""),
+                        m["content"].as_str().unwrap_or(""),
+                    )
+                }))
+            })
+            .collect();
+        let adapter = if s.mode == "lora" {
+            let p = adapter_path(&d, c.id, &s.model);
+            Some(std::fs::canonicalize(&p).with_context(|| format!("{}", p.display()))?)
+        } else {
+            None
+        };
+        wanted.push(LearnedRoute {
+            name: format!("cluster-{}", c.id),
+            cluster: c.id,
+            title: c.name.clone(),
+            stage: to,
+            structure: c.structure.clone(),
+            kind: c.kind,
+            examples,
+            model: s.model.clone(),
+            teacher,
+            adapter,
+            mode: s.mode.clone(),
+            evidence: s.clone(),
+            changed_ms: 0,
+            why: String::new(),
+        });
+        report.push(serde_json::json!({"cluster": c.id, "name": c.name, "promoted": true, "stage": to.as_str(), "why": dec.why}));
+    }
+    let path = routes_path(a.routes.as_deref(), &cfg, &d);
+    let (routes, changes) = Routes::update(&path, |r| {
+        wanted
+            .into_iter()
+            .filter_map(|w| {
+                let why = format!(
+                    "held out: {}/{} agree with the teacher (lower bound {:.1}% ≥ {:.1}%)",
+                    w.evidence.agree,
+                    w.evidence.n,
+                    w.evidence.low * 100.0,
+                    a.threshold * 100.0
+                );
+                let name = w.name.clone();
+                r.set(&name, to, &why, Some(w))
+            })
+            .collect()
+    })?;
+    if let (Some(db), false) = (&cfg.privacy.audit_db, changes.is_empty()) {
+        let key = std::env::var(&cfg.privacy.audit_key_env).ok();
+        let mut log =
+            porteiro_privacy::AuditLog::open(Path::new(db), key.as_deref().map(str::as_bytes))?;
+        let recs: Vec<_> = changes
+            .iter()
+            .map(|c| porteiro_server::privacy::flywheel_record(routes.version, c))
+            .collect();
+        log.append(&recs)?;
+    }
+    if a.common.json {
+        println!(
+            "{}",
+            serde_json::json!({"routes": path, "version": routes.version, "changes": changes, "clusters": report})
+        );
+        return Ok(());
+    }
+    for r in &report {
+        println!(
+            "cluster {:>3}  {:<30} {}",
+            r["cluster"],
+            r["name"]
+                .as_str()
+                .unwrap_or("")
+                .chars()
+                .take(30)
+                .collect::<String>(),
+            if r["promoted"].as_bool() == Some(true) {
+                format!(
+                    "{}: {}",
+                    r["stage"].as_str().unwrap_or(""),
+                    r["why"].as_str().unwrap_or("")
+                )
+            } else {
+                format!(
+                    "stays with the teacher: {}",
+                    r["why"].as_str().unwrap_or("")
+                )
+            }
+        );
+    }
+    println!(
+        "{} (version {}): {} change(s)",
+        path.display(),
+        routes.version,
+        changes.len()
+    );
+    Ok(())
 }

@@ -86,10 +86,60 @@ pub fn run(a: &ServeArgs) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    rt.block_on(serve(cfg, model_path, embed_path))
+    let schedule = match &cfg.flywheel.schedule {
+        Some(p) => Some(
+            crate::report_cmd::parse_period(p)
+                .with_context(|| format!("[flywheel] schedule = {p:?}"))?,
+        ),
+        None => None,
+    };
+    rt.block_on(serve(
+        cfg,
+        model_path,
+        embed_path,
+        schedule.map(|p| (p, a.config.clone())),
+    ))
 }
 
-async fn serve(cfg: Config, model_path: PathBuf, embed_path: Option<PathBuf>) -> Result<()> {
+/// Runs `porteiro flywheel run --promote` every `period` (the first after one period), one at a
+/// time, its output on the server's stderr. The server reloads the routes file it writes.
+fn schedule_loop(period: Duration, config: Option<PathBuf>) {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(period).await;
+            let Ok(exe) = std::env::current_exe() else {
+                return;
+            };
+            let mut cmd = std::process::Command::new(exe);
+            cmd.args(["flywheel", "run", "--promote", "--since"])
+                .arg(format!("{}s", period.as_secs().max(60)));
+            if let Some(c) = &config {
+                cmd.arg("--config").arg(c);
+            }
+            eprintln!("porteiro: flywheel: the scheduled loop starts");
+            let status = tokio::task::spawn_blocking(move || {
+                cmd.stdout(std::process::Stdio::null()).status()
+            })
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|s| s);
+            match status {
+                Ok(s) if s.success() => eprintln!("porteiro: flywheel: the scheduled loop is done"),
+                Ok(s) => eprintln!(
+                    "porteiro: flywheel: the scheduled loop failed ({s}); routes unchanged"
+                ),
+                Err(e) => eprintln!("porteiro: flywheel: cannot start the scheduled loop: {e}"),
+            }
+        }
+    });
+}
+
+async fn serve(
+    cfg: Config,
+    model_path: PathBuf,
+    embed_path: Option<PathBuf>,
+    schedule: Option<(Duration, Option<PathBuf>)>,
+) -> Result<()> {
     let addr = format!("{}:{}", cfg.host, cfg.port);
     // Upstream clients first: a missing API key variable should stop the start, not the first request.
     let upstreams = cfg
@@ -120,6 +170,16 @@ async fn serve(cfg: Config, model_path: PathBuf, embed_path: Option<PathBuf>) ->
         .context("the loading task failed")??;
         router = Some(porteiro_router::Router::new(&cfg, e.encoder.clone())?);
         builder = builder.embedder(e);
+    }
+    if router.is_some() {
+        let path = cfg.flywheel.routes.as_ref().map_or_else(
+            || fetch::home_dir().join("flywheel").join("routes.json"),
+            PathBuf::from,
+        );
+        builder = builder.flywheel(porteiro_server::flywheel::Flywheel::new(
+            cfg.flywheel.clone(),
+            path,
+        ));
     }
     let state = builder
         .routing(porteiro_server::Routing::new(
@@ -156,6 +216,12 @@ async fn serve(cfg: Config, model_path: PathBuf, embed_path: Option<PathBuf>) ->
             return Err(e);
         }
     };
+    if state.flywheel.is_some() {
+        porteiro_server::flywheel::watch(state.clone());
+    }
+    if let Some((period, config)) = schedule {
+        schedule_loop(period, config);
+    }
 
     let host = if local.ip().is_unspecified() {
         "127.0.0.1".to_string()

@@ -1,7 +1,8 @@
 //! The flywheel's collect → curate → cluster stages on the real binary (scripts/flywheel_e2e.py):
 //! SNIPS and BFCL requests through the `openai` client to `porteiro serve`, answered by a scripted
-//! teacher upstream with the datasets' ground truth; then `porteiro flywheel curate` and
-//! `clusters`, checked against what was sent.
+//! teacher upstream with the datasets' ground truth; then `porteiro flywheel curate`, `clusters`,
+//! `finetune`, `select`, `status` and `promote`, and a gateway serving the routes file (shadow,
+//! promotion, monitoring, rollback, audit), checked against what was sent.
 //!
 //! Skipped with a message when the model, the encoder or python's `openai` are missing, unless
 //! PORTEIRO_REQUIRE_MODELS=1 (scripts/test-setup.sh installs them all).

@@ -189,3 +189,13 @@ pub trait Tier: Send + Sync {
     /// Starts answering; an error here means nothing was produced.
     fn answer<'a>(&'a self, req: &'a TierRequest) -> BoxFuture<'a, Result<Chunks, TierError>>;
 }
+
+/// The tier a plan names.
+pub fn build(st: &crate::AppState, t: crate::plan::TierRef) -> Box<dyn Tier> {
+    match t {
+        crate::plan::TierRef::Local => Box::new(local::LocalTier::new(st.clone())),
+        crate::plan::TierRef::Upstream(i) => {
+            Box::new(upstream::UpstreamTier::new(st.routing.upstreams[i].clone()))
+        }
+    }
+}
