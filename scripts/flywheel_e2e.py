@@ -348,6 +348,10 @@ DRIFT = True
 served = [auto(t) for t in texts[3:6]]
 check("a promoted route's requests are answered locally under its name",
       all(t == "local" and r == route for t, r in served), served)
+dash = json.loads(urllib.request.urlopen(base + "/api/dashboard", timeout=5).read())["flywheel"]
+check("the dashboard shows the learned routes with their stage and live agreement",
+      any(r["name"] == route and r["stage"] in ("promoted", "rolled_back") and r["evidence"]["n"] > 0
+          for r in dash["routes"]), dash)
 mon = [c for c in comparisons() if c["route"] == route and c["role"] == "monitor"]
 check("each was also asked of the teacher, which now disagrees", len(mon) == 3 and not any(c["agree"] for c in mon), mon)
 check("the rollback is a new version, in use at once", serving_version(4))

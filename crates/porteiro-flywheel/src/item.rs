@@ -101,21 +101,7 @@ impl Item {
     }
 
     pub fn kind(&self) -> AnswerKind {
-        if self.answer["tool_calls"]
-            .as_array()
-            .is_some_and(|c| !c.is_empty())
-        {
-            return AnswerKind::ToolCalls;
-        }
-        let t = self.answer_text();
-        let t = t.trim();
-        if self.schema_bound() || serde_json::from_str::<Value>(t).is_ok_and(|v| v.is_object()) {
-            AnswerKind::Json
-        } else if !t.is_empty() && t.split_whitespace().count() <= 4 && !t.contains('\n') {
-            AnswerKind::Label
-        } else {
-            AnswerKind::Text
-        }
+        kind_of(&self.request, &self.answer)
     }
 
     /// The structure a task shares across its requests: the system prompt with its numbers and
@@ -169,6 +155,31 @@ fn tool_names(request: &Value) -> Vec<String> {
     v.sort();
     v.dedup();
     v
+}
+
+/// The kind of `answer` (an assistant message) to `request`: tool calls, JSON (schema-bound or an
+/// object), a short label, or free text. Answers are compared by the teacher's answer's own kind
+/// (a pooled cluster mixes kinds).
+pub fn kind_of(request: &Value, answer: &Value) -> AnswerKind {
+    if answer["tool_calls"]
+        .as_array()
+        .is_some_and(|c| !c.is_empty())
+    {
+        return AnswerKind::ToolCalls;
+    }
+    let t = content_text(&answer["content"]);
+    let t = t.trim();
+    let schema_bound = matches!(
+        request["response_format"]["type"].as_str(),
+        Some("json_schema" | "json_object")
+    );
+    if schema_bound || serde_json::from_str::<Value>(t).is_ok_and(|v| v.is_object()) {
+        AnswerKind::Json
+    } else if !t.is_empty() && t.split_whitespace().count() <= 4 && !t.contains('\n') {
+        AnswerKind::Label
+    } else {
+        AnswerKind::Text
+    }
 }
 
 /// A chat request's structure key (see [`Item::structure`]): the server matches live requests to

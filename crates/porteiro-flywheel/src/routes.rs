@@ -47,7 +47,7 @@ pub struct LearnedRoute {
     /// The structure key requests must have (system-prompt template, tools, schema);
     /// [`crate::cluster::MIXED`] matches any.
     pub structure: String,
-    /// How answers are compared with the teacher's.
+    /// The cluster's main answer kind (each comparison goes by the teacher's answer's own kind).
     pub kind: AnswerKind,
     /// Routing texts of the cluster's training samples (system prompt and last user message).
     pub examples: Vec<String>,

@@ -5,7 +5,9 @@
 //!   spacing never matter; numbers compare by value, so `5` equals `5.0`), in any order;
 //! - JSON: the candidate parses to an object with the teacher's fields equal;
 //! - labels: equal after trimming, case folding and dropping trailing punctuation;
-//! - free text: token-set F1 ≥ 0.5 (a cheap similarity; an LLM judge is the upstream's job).
+//! - free text: token-set F1 ≥ 0.5 (a cheap similarity), or with a judge ([`judge_request`],
+//!   [`Verdict`]): an upstream model compares the two answers pairwise, in both orders; the
+//!   candidate agrees when it is not worse in either order.
 
 use serde_json::Value;
 
@@ -75,6 +77,56 @@ pub fn f1(a: &str, b: &str) -> f64 {
     }
     let (p, r) = (common / y.len() as f64, common / x.len() as f64);
     2.0 * p * r / (p + r)
+}
+
+const JUDGE_SYSTEM: &str = "You compare two answers to the same request. Judge correctness first, \
+then completeness and clarity; ignore length and style otherwise. Reply with exactly one word: \
+A if answer A is better, B if answer B is better, TIE if they are equally good.";
+
+/// The chat request (without `model`) asking a judge which of two answers to `question` is better:
+/// `first` is shown as answer A. Ask twice, swapping the answers, to cancel the judge's position bias.
+pub fn judge_request(question: &str, first: &str, second: &str) -> Value {
+    serde_json::json!({
+        "messages": [
+            {"role": "system", "content": JUDGE_SYSTEM},
+            {"role": "user", "content": format!(
+                "Request:\n{question}\n\n[Answer A]\n{first}\n[End of answer A]\n\n[Answer B]\n{second}\n[End of answer B]\n\nWhich is better: A, B or TIE?")}
+        ],
+        "temperature": 0,
+        "max_tokens": 4,
+    })
+}
+
+/// A judge's reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    A,
+    B,
+    Tie,
+}
+
+impl Verdict {
+    /// The verdict in a judge's reply (its first word), if it gave one.
+    pub fn parse(reply: &str) -> Option<Self> {
+        let w = reply
+            .trim()
+            .split(|c: char| !c.is_alphanumeric())
+            .find(|w| !w.is_empty())?;
+        match w.to_ascii_uppercase().as_str() {
+            "A" => Some(Self::A),
+            "B" => Some(Self::B),
+            "TIE" => Some(Self::Tie),
+            _ => None,
+        }
+    }
+}
+
+/// Whether the candidate agrees with the teacher by the judge: not worse in either order
+/// (`teacher_first`: the teacher was A; `candidate_first`: the candidate was A). A judge that gave no
+/// verdict counts as disagreement.
+pub fn judged(teacher_first: Option<Verdict>, candidate_first: Option<Verdict>) -> bool {
+    matches!(teacher_first, Some(Verdict::B | Verdict::Tie))
+        && matches!(candidate_first, Some(Verdict::A | Verdict::Tie))
 }
 
 /// Whether `candidate` (an assistant message) agrees with `teacher`'s answer of kind `kind`.
@@ -200,6 +252,24 @@ mod tests {
             &t,
             &json!({"content": "I cannot help with that."})
         ));
+    }
+
+    #[test]
+    fn the_judge_must_not_prefer_the_teacher_in_either_order() {
+        assert_eq!(Verdict::parse(" b."), Some(Verdict::B));
+        assert_eq!(Verdict::parse("TIE"), Some(Verdict::Tie));
+        assert_eq!(Verdict::parse("Answer"), None);
+        assert_eq!(Verdict::parse(""), None);
+        use Verdict::*;
+        assert!(judged(Some(Tie), Some(Tie)));
+        assert!(judged(Some(B), Some(A)));
+        // Position bias: "A" both times means the judge prefers whatever comes first.
+        assert!(!judged(Some(A), Some(A)));
+        assert!(!judged(Some(Tie), Some(B)));
+        assert!(!judged(None, Some(A)));
+        let r = judge_request("Say hi", "hello", "hi there");
+        let u = r["messages"][1]["content"].as_str().unwrap();
+        assert!(u.find("hello").unwrap() < u.find("hi there").unwrap());
     }
 
     #[test]

@@ -2,6 +2,8 @@
 //! drawn on canvas, no external assets) that polls `GET /api/dashboard` for the same snapshot
 //! `/metrics` renders, so the page and the metrics always agree. With API keys configured the
 //! data needs one (`Authorization: Bearer`, or `?key=` on the page's URL, which it passes on).
+//! With the flywheel's routes file in use, a card shows each learned route's stage, held-out
+//! evidence and live agreement.
 
 use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap};
@@ -48,11 +50,24 @@ pub async fn data(
     let tiers: Vec<String> = std::iter::once(porteiro_config::LOCAL_TIER.to_string())
         .chain(st.routing.upstreams.iter().map(|u| u.name().to_string()))
         .collect();
+    let flywheel = st.flywheel.as_ref().map(|fw| {
+        let routes: Vec<_> = fw
+            .live()
+            .into_iter()
+            .map(|(r, live)| {
+                json!({"name": r.name, "title": r.title, "stage": r.stage, "model": r.model,
+                    "mode": r.mode, "evidence": r.evidence, "live": live, "changed_ms": r.changed_ms,
+                    "why": r.why})
+            })
+            .collect();
+        json!({"version": fw.version(), "routes": routes})
+    });
     Ok(Json(json!({
         "model": st.settings.model_id,
         "ready": st.ready(),
         "tiers": tiers,
         "telemetry": snap,
+        "flywheel": flywheel,
     }))
     .into_response())
 }

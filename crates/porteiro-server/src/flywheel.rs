@@ -212,7 +212,9 @@ pub fn compare(st: AppState, w: Watch, served: Value, upstream: bool) {
             Role::Shadow => (&served, &other),
             Role::Monitor => (&other, &served),
         };
-        let agree = porteiro_flywheel::score::agrees(w.route.kind, teacher, cand);
+        // By the teacher's answer's own kind (a pooled cluster mixes kinds).
+        let kind = porteiro_flywheel::item::kind_of(&w.raw, teacher);
+        let agree = porteiro_flywheel::score::agrees(kind, teacher, cand);
         record(&st, &fw, &w.route.name, w.role, agree).await;
     });
 }

@@ -162,6 +162,11 @@ impl Flywheel {
             .and_then(|r| live_verdict(r.stage, live, self.cfg.threshold, self.cfg.min_live))
     }
 
+    /// The version of the routes file in use.
+    pub fn version(&self) -> u64 {
+        self.lock().routes.version
+    }
+
     /// Live agreement of every route (for `/api/dashboard` and the log line of a change).
     pub fn live(&self) -> Vec<(LearnedRoute, Live)> {
         let g = self.lock();

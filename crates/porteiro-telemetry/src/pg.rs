@@ -88,6 +88,52 @@ impl PgLog {
             .get(0))
     }
 
+    /// The flywheel's samples since `since_ms` (ms since the epoch), opened with `sealer`, oldest
+    /// first: the records `porteiro flywheel curate` reads.
+    pub fn samples(
+        &mut self,
+        since_ms: i64,
+        sealer: &Sealer,
+    ) -> Result<Vec<RequestRecord>, LogError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT id, ts_ms, key_id, endpoint, tier, model, route, status, error, stream,
+                 prompt_tokens, completion_tokens, latency_ms, ttft_ms, cost_usd, baseline_usd, privacy,
+                 fallback, sample FROM porteiro_requests
+                 WHERE ts_ms >= $1 AND sample IS NOT NULL ORDER BY ts_ms",
+                &[&since_ms],
+            )
+            .map_err(pg)?;
+        rows.iter()
+            .map(|r| {
+                let sample: Vec<u8> = r.get(18);
+                Ok(RequestRecord {
+                    id: r.get(0),
+                    ts_ms: r.get(1),
+                    key_id: r.get(2),
+                    endpoint: r.get(3),
+                    tier: r.get(4),
+                    model: r.get(5),
+                    route: r.get(6),
+                    status: r.get::<_, i32>(7) as u16,
+                    error: r.get(8),
+                    stream: r.get(9),
+                    prompt_tokens: r.get::<_, i64>(10) as u64,
+                    completion_tokens: r.get::<_, i64>(11) as u64,
+                    latency_ms: r.get(12),
+                    ttft_ms: r.get(13),
+                    cost_usd: r.get(14),
+                    baseline_usd: r.get(15),
+                    privacy: r.get(16),
+                    fallback: r.get(17),
+                    sample: Some(sealer.open(&sample)?),
+                    ..Default::default()
+                })
+            })
+            .collect()
+    }
+
     /// Sealed prompts as stored, oldest first (tests check they are not plaintext).
     pub fn prompts(&mut self) -> Result<Vec<Option<Vec<u8>>>, LogError> {
         Ok(self

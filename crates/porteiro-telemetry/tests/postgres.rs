@@ -120,6 +120,9 @@ fn rec(replica: usize, i: usize) -> RequestRecord {
         privacy: "none".into(),
         latency_ms: 5.0,
         prompt: Some(format!("plaintext prompt {i}")),
+        sample: i
+            .is_multiple_of(10)
+            .then(|| format!("{{\"request\": {i}}}")),
         ..Default::default()
     }
 }
@@ -167,6 +170,12 @@ fn two_replicas_share_one_postgres_table() {
         !b.windows(9).any(|w| w == b"plaintext")
             && sealer.open(b).unwrap().starts_with("plaintext prompt")
     }));
+    // The flywheel reads the samples back, opened.
+    let samples = reader.samples(0, &sealer).unwrap();
+    assert_eq!(samples.len(), 10);
+    assert!(samples.iter().all(
+        |r| r.sample.as_deref() == Some(&*format!("{{\"request\": {}}}", r.ts_ms - 1_000_000))
+    ));
     // Retention: rows at ts 1_000_000..1_000_049; a 10 ms TTL at 1_000_030 keeps 20 per replica.
     assert_eq!(
         reader.purge(Duration::from_millis(10), 1_000_030).unwrap(),

@@ -162,6 +162,10 @@ pub struct SelectArgs {
     /// Tokens a candidate may write per answer.
     #[arg(long, default_value_t = 256)]
     max_tokens: u32,
+    /// Judge free-text answers with this upstream tier of --config (pairwise against the teacher's,
+    /// both orders; the candidate agrees when not worse in either) instead of token-set F1.
+    #[arg(long)]
+    judge: Option<String>,
 }
 
 #[derive(Args, Clone)]
@@ -183,7 +187,8 @@ pub struct Common {
 pub struct CurateArgs {
     #[command(flatten)]
     common: Common,
-    /// The request log (default: `[log] path` from --config, else $PORTEIRO_HOME/requests.db).
+    /// The request log (default: the PostgreSQL sink when --config names one, else `[log] path`
+    /// from --config, else $PORTEIRO_HOME/requests.db).
     #[arg(long)]
     db: Option<PathBuf>,
     /// Samples of this period, ending now: 30m, 24h, 30d …
@@ -252,17 +257,6 @@ fn embed_queries(enc: &porteiro_encoder::bert::BertEncoder, qs: &[String]) -> Ve
 
 fn curate(a: &CurateArgs) -> Result<()> {
     let cfg = config(a.common.config.as_deref())?;
-    let db = match &a.db {
-        Some(p) => p.clone(),
-        None => crate::serve::request_log_path(&cfg)
-            .context("the request log is off in this configuration ([log] path = \"\")")?,
-    };
-    if !db.exists() {
-        bail!(
-            "{} does not exist: nothing collected yet (serve with [flywheel] collect = true)",
-            db.display()
-        );
-    }
     let key = std::env::var(&cfg.log.key_env).map_err(|_| {
         anyhow::anyhow!(
             "the samples are sealed: set ${} to the key the server collected them with",
@@ -272,13 +266,38 @@ fn curate(a: &CurateArgs) -> Result<()> {
     let sealer = Sealer::new(key.as_bytes());
     let since = porteiro_telemetry::now_ms()
         - crate::report_cmd::parse_period(&a.since)?.as_millis() as i64;
-    let recs = RequestLog::open(&db)?
-        .samples(since, &sealer)
-        .context("reading the samples (wrong key?)")?;
+    // The PostgreSQL sink when the configuration names one (replicas share it), else the SQLite log.
+    let (recs, source) = match (&a.db, &cfg.log.postgres_env) {
+        (None, Some(var)) => {
+            let conninfo = std::env::var(var).map_err(|_| {
+                anyhow::anyhow!("[log] postgres_env names ${var}, which is not set")
+            })?;
+            let recs = porteiro_telemetry::pg::PgLog::connect(&conninfo)?
+                .samples(since, &sealer)
+                .context("reading the samples from PostgreSQL (wrong key?)")?;
+            (recs, format!("PostgreSQL (${var})"))
+        }
+        _ => {
+            let db = match &a.db {
+                Some(p) => p.clone(),
+                None => crate::serve::request_log_path(&cfg)
+                    .context("the request log is off in this configuration ([log] path = \"\")")?,
+            };
+            if !db.exists() {
+                bail!(
+                    "{} does not exist: nothing collected yet (serve with [flywheel] collect = true)",
+                    db.display()
+                );
+            }
+            let recs = RequestLog::open(&db)?
+                .samples(since, &sealer)
+                .context("reading the samples (wrong key?)")?;
+            (recs, db.display().to_string())
+        }
+    };
     if recs.is_empty() {
         bail!(
-            "no samples in {} over the last {}: serve with [flywheel] collect = true and let an upstream tier answer some requests",
-            db.display(),
+            "no samples in {source} over the last {}: serve with [flywheel] collect = true and let an upstream tier answer some requests",
             a.since
         );
     }
@@ -561,6 +580,40 @@ async fn answer(
     Ok(body["choices"][0]["message"].clone())
 }
 
+/// Asks the judge tier twice (teacher first, then candidate first) whether the candidate's free-text
+/// answer is at least as good as the teacher's; a judge that fails or gives no verdict disagrees.
+async fn judge_agrees(
+    client: &reqwest::Client,
+    u: &porteiro_config::Upstream,
+    i: &Item,
+    candidate: &serde_json::Value,
+) -> bool {
+    use porteiro_flywheel::item::content_text;
+    use porteiro_flywheel::score::{judge_request, judged, Verdict};
+    let (t, c) = (
+        content_text(&i.answer["content"]),
+        content_text(&candidate["content"]),
+    );
+    let ask = |first: String, second: String| async move {
+        let mut req = judge_request(&i.query(), &first, &second);
+        req["model"] = u.model.clone().into();
+        let mut r = client
+            .post(format!(
+                "{}/chat/completions",
+                u.base_url.trim_end_matches('/')
+            ))
+            .json(&req);
+        if let Some(k) = u.api_key_env.as_ref().and_then(|v| std::env::var(v).ok()) {
+            r = r.bearer_auth(k);
+        }
+        let body: serde_json::Value = r.send().await.ok()?.json().await.ok()?;
+        Verdict::parse(body["choices"][0]["message"]["content"].as_str()?)
+    };
+    let teacher_first = ask(t.clone(), c.clone()).await;
+    let candidate_first = ask(c, t).await;
+    judged(teacher_first, candidate_first)
+}
+
 /// `item`'s request with `shots` (earlier requests of the task with the teacher's answers) as turns
 /// before its own last message.
 fn few_shot(item: &Item, shots: &[&Item]) -> serde_json::Value {
@@ -637,6 +690,21 @@ fn select(a: &SelectArgs) -> Result<()> {
             a.min_cluster
         );
     }
+    let judge = match &a.judge {
+        None => None,
+        Some(name) => {
+            let cfg = config(a.common.config.as_deref())?;
+            let u = cfg
+                .upstreams
+                .iter()
+                .find(|u| u.name == *name)
+                .cloned()
+                .with_context(|| {
+                    format!("--judge {name}: no upstream tier of that name in the configuration")
+                })?;
+            Some(u)
+        }
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -682,11 +750,25 @@ fn select(a: &SelectArgs) -> Result<()> {
                 });
                 pb.finish_and_clear();
                 let errors = answers.iter().filter(|x| x.is_err()).count();
-                let agree = answers
-                    .iter()
-                    .zip(test)
-                    .filter(|(x, i)| x.as_ref().is_ok_and(|m| agrees(c.kind, &i.answer, m)))
-                    .count();
+                let verdicts: Vec<bool> = rt.block_on(async {
+                    let futs = answers.iter().zip(test).map(|(x, i)| {
+                        let (client, judge) = (&client, judge.as_ref());
+                        async move {
+                            let Ok(m) = x else { return false };
+                            match (judge, i.kind()) {
+                                (Some(u), porteiro_flywheel::AnswerKind::Text) => {
+                                    judge_agrees(client, u, i, m).await
+                                }
+                                (_, kind) => agrees(kind, &i.answer, m),
+                            }
+                        }
+                    });
+                    futures_util::stream::iter(futs)
+                        .buffered(4)
+                        .collect::<Vec<_>>()
+                        .await
+                });
+                let agree = verdicts.iter().filter(|v| **v).count();
                 let (low, high) = wilson(agree, answers.len());
                 scores.push(Score {
                     cluster: c.id,
@@ -1016,6 +1098,7 @@ fn run_all(a: &RunArgs) -> Result<()> {
         max_test: 200,
         shots: 3,
         max_tokens: 256,
+        judge: None,
     })?;
     status(&StatusArgs {
         dir: c.dir.clone(),
