@@ -9,7 +9,17 @@ set -euo pipefail
 VER=0.3.36
 HOME_DIR=${PORTEIRO_HOME:-$HOME/.cache/porteiro}
 REF=${PORTEIRO_LLAMA_CPP:-$HOME_DIR/llama.cpp-$VER}
-if [[ -x $REF/bin/llama-bench && -x $REF/bin/llama-server && -x $REF/bin/llama_golden ]]; then echo "$REF"; exit 0; fi
+flags=" $(grep -m1 '^flags' /proc/cpuinfo | cut -d: -f2) "
+has() { [[ $flags == *" $1 "* ]] && echo ON || echo OFF; }
+simd="-DGGML_NATIVE=OFF -DGGML_AVX=$(has avx) -DGGML_AVX2=$(has avx2) -DGGML_FMA=$(has fma) -DGGML_F16C=$(has f16c) \
+-DGGML_BMI2=$(has bmi2) -DGGML_AVX_VNNI=$(has avx_vnni) -DGGML_AVX512=$(has avx512f) \
+-DGGML_AVX512_VBMI=$(has avx512vbmi) -DGGML_AVX512_VNNI=$(has avx512_vnni) -DGGML_AVX512_BF16=$(has avx512_bf16) \
+-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF"
+# A cached build is reused only when it was built for this CPU's SIMD (the cache may come from another
+# machine kind): its flags are kept beside it.
+if [[ -x $REF/bin/llama-bench && -x $REF/bin/llama-server && -x $REF/bin/llama_golden && -f $REF/simd-flags \
+      && $(cat "$REF/simd-flags") == "$simd" ]]; then echo "$REF"; exit 0; fi
+[[ -d $REF/bin ]] && echo "rebuilding $REF for this CPU's SIMD ($simd)" >&2
 command -v cmake >/dev/null || { echo "cmake missing: apt-get install -y cmake" >&2; exit 1; }
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -19,13 +29,8 @@ tarball="$pkgs/llama_cpp_python-$VER.tar.gz"
 [[ -f $tarball ]] || pip download --quiet --no-deps --no-binary :all: "llama-cpp-python==$VER" -d "$pkgs" >&2
 tar -xzf "$tarball" -C "$work"
 src="$work/llama_cpp_python-$VER"
-flags=" $(grep -m1 '^flags' /proc/cpuinfo | cut -d: -f2) "
-has() { [[ $flags == *" $1 "* ]] && echo ON || echo OFF; }
-cmake -S "$src/vendor/llama.cpp" -B "$work/build" -DCMAKE_BUILD_TYPE=Release \
-  -DGGML_NATIVE=OFF -DGGML_AVX="$(has avx)" -DGGML_AVX2="$(has avx2)" -DGGML_FMA="$(has fma)" -DGGML_F16C="$(has f16c)" \
-  -DGGML_BMI2="$(has bmi2)" -DGGML_AVX_VNNI="$(has avx_vnni)" -DGGML_AVX512="$(has avx512f)" \
-  -DGGML_AVX512_VBMI="$(has avx512vbmi)" -DGGML_AVX512_VNNI="$(has avx512_vnni)" -DGGML_AVX512_BF16="$(has avx512_bf16)" \
-  -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF \
+# shellcheck disable=SC2086 # $simd is a list of -D options
+cmake -S "$src/vendor/llama.cpp" -B "$work/build" -DCMAKE_BUILD_TYPE=Release $simd \
   -DBUILD_SHARED_LIBS=ON -DCMAKE_BUILD_RPATH="$REF/lib" -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_EXAMPLES=OFF >&2
 cmake --build "$work/build" -j"$(nproc)" --target llama-bench llama-perplexity llama-tokenize llama-server >&2
 mkdir -p "$REF/bin" "$REF/lib"
@@ -34,4 +39,5 @@ find "$work/build" -name '*.so*' -exec cp -P {} "$REF/lib/" \;
 here=$(cd "$(dirname "$0")" && pwd)
 g++ -O2 -std=c++17 -I"$src/vendor/llama.cpp/include" -I"$src/vendor/llama.cpp/ggml/include" "$here/golden/llama_golden.cpp" \
   -L"$REF/lib" -lllama -lggml -lggml-base -Wl,-rpath,"$REF/lib" -o "$REF/bin/llama_golden"
+echo "$simd" > "$REF/simd-flags"
 echo "$REF"

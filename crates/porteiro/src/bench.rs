@@ -192,6 +192,30 @@ fn llama_bench_path() -> Result<PathBuf> {
 }
 
 /// One llama-bench run: (pp tok/s, tg tok/s).
+/// Why a peer process failed: its exit status (a signal named, SIGILL explained) and the end of its
+/// stderr, so a reference built for another CPU is not a silent "failed:".
+fn peer_failure(what: &str, status: std::process::ExitStatus, stderr: &str) -> String {
+    #[cfg(unix)]
+    let how = {
+        use std::os::unix::process::ExitStatusExt;
+        match (status.code(), status.signal()) {
+            (Some(c), _) => format!("exit status {c}"),
+            (None, Some(4)) => "killed by SIGILL: it uses an instruction this CPU lacks; rebuild it here with scripts/build-llama-cpp.sh".to_string(),
+            (None, Some(sig)) => format!("killed by signal {sig}"),
+            (None, None) => status.to_string(),
+        }
+    };
+    #[cfg(not(unix))]
+    let how = status.to_string();
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    let tail = lines[lines.len().saturating_sub(12)..].join("\n");
+    if tail.is_empty() {
+        format!("{what} failed ({how}), nothing on stderr")
+    } else {
+        format!("{what} failed ({how}); its stderr ends with:\n{tail}")
+    }
+}
+
 fn llama_bench(bin: &Path, model: &Path, p: usize, n: usize, threads: usize) -> Result<(f64, f64)> {
     let lib = bin
         .parent()
@@ -215,11 +239,12 @@ fn llama_bench(bin: &Path, model: &Path, p: usize, n: usize, threads: usize) -> 
         .with_context(|| format!("running {}", bin.display()))?;
     if !out.status.success() {
         bail!(
-            "llama-bench failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-                .lines()
-                .last()
-                .unwrap_or("")
+            "{}",
+            peer_failure(
+                "llama-bench",
+                out.status,
+                &String::from_utf8_lossy(&out.stderr)
+            )
         );
     }
     let rows: Vec<serde_json::Value> =
@@ -371,4 +396,29 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         println!("batched decode x{b:<3} {t:>8.1} tok/s aggregate");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[cfg(unix)]
+    #[test]
+    fn a_failing_peer_says_how_it_failed() {
+        use std::os::unix::process::ExitStatusExt;
+        let ill = peer_failure("llama-bench", std::process::ExitStatus::from_raw(4), "");
+        assert!(
+            ill.contains("SIGILL") && ill.contains("nothing on stderr"),
+            "{ill}"
+        );
+        let code = peer_failure(
+            "llama-bench",
+            std::process::ExitStatus::from_raw(1 << 8),
+            "loading\nerror: model not found\n",
+        );
+        assert!(
+            code.contains("exit status 1") && code.ends_with("loading\nerror: model not found"),
+            "{code}"
+        );
+    }
 }

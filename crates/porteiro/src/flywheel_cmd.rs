@@ -381,9 +381,11 @@ fn read_clusters(d: &Path) -> Result<Vec<Cluster>> {
 
 /// Where `finetune` writes the adapter of `model` for cluster `id`, and `select` looks for it.
 fn adapter_path(d: &Path, id: usize, model: &str) -> PathBuf {
-    let stem = Path::new(model)
-        .file_stem()
-        .map_or(model.to_string(), |s| s.to_string_lossy().into_owned());
+    // A catalog alias ("qwen2.5-0.5b") is kept whole; a path gives its file name without ".gguf".
+    let stem = match Path::new(model).file_name() {
+        Some(f) => f.to_string_lossy().trim_end_matches(".gguf").to_string(),
+        None => model.to_string(),
+    };
     d.join("adapters").join(format!("cluster-{id}-{stem}.gguf"))
 }
 
