@@ -171,16 +171,23 @@ def summary(rows, db, since_ms):
         out[f"{kind}_quality"] = sum(r["ok"] for r in mine) / len(mine)
         out[f"{kind}_local"] = sum(r["tier"] == "local" for r in mine) / len(mine)
     con = sqlite3.connect(db)
-    cost = con.execute("SELECT COUNT(*), SUM(cost_usd), SUM(baseline_usd) FROM requests WHERE ts_ms >= ? "
-                       "AND endpoint = 'chat'", (since_ms,)).fetchone()
-    out["logged"] = cost[0]
-    out["cost_per_1000"] = 1000 * (cost[1] or 0) / max(cost[0], 1)
-    out["baseline_per_1000"] = 1000 * (cost[2] or 0) / max(cost[0], 1)
+    # Side requests of the flywheel (shadow / monitor comparisons) cost money but are no client's:
+    # their cost counts, their number does not.
+    side = "(route LIKE 'shadow:%' OR route LIKE 'monitor:%')"
+    n, = con.execute(f"SELECT COUNT(*) FROM requests WHERE ts_ms >= ? AND endpoint = 'chat' AND NOT {side}",
+                     (since_ms,)).fetchone()
+    cost, base, sides = con.execute(f"SELECT SUM(cost_usd), SUM(baseline_usd), SUM({side}) FROM requests "
+                                    "WHERE ts_ms >= ? AND endpoint = 'chat'", (since_ms,)).fetchone()
+    out["logged"], out["side_requests"] = n, sides or 0
+    out["cost_per_1000"] = 1000 * (cost or 0) / max(n, 1)
+    out["baseline_per_1000"] = 1000 * (base or 0) / max(n, 1)
     for tier in ("local", "teacher"):
         lat = sorted(r[0] for r in con.execute(
-            "SELECT latency_ms FROM requests WHERE ts_ms >= ? AND tier = ? AND endpoint = 'chat'", (since_ms, tier)))
+            f"SELECT latency_ms FROM requests WHERE ts_ms >= ? AND tier = ? AND endpoint = 'chat' AND NOT {side}",
+            (since_ms, tier)))
         if lat:
             out[f"p95_ms_{tier}"] = lat[min(len(lat) - 1, int(0.95 * len(lat)))]
+            out[f"p50_ms_{tier}"] = lat[len(lat) // 2]
     return out
 
 
