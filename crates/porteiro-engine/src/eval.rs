@@ -27,6 +27,32 @@ pub fn perplexity(
     perplexity_with(model, None, tokens, ctx, chunks, bos, progress)
 }
 
+/// Window `c` of `ctx` tokens (its first token BOS when the model uses one) and its batch, with
+/// logits at the scored positions: the second half, but the last (whose next token is outside).
+fn scored_window(
+    tokens: &[u32],
+    c: usize,
+    ctx: usize,
+    bos: Option<u32>,
+) -> (Vec<u32>, Vec<BatchToken>) {
+    let mut chunk = tokens[c * ctx..(c + 1) * ctx].to_vec();
+    if let Some(b) = bos {
+        chunk[0] = b;
+    }
+    let first = ctx / 2;
+    let batch = chunk
+        .iter()
+        .enumerate()
+        .map(|(pos, &token)| BatchToken {
+            token,
+            seq: 0,
+            pos,
+            logits: pos >= first && pos + 1 < ctx,
+        })
+        .collect();
+    (chunk, batch)
+}
+
 /// [`perplexity`] of the model with a LoRA adapter applied.
 pub fn perplexity_with(
     model: &Model,
@@ -48,21 +74,8 @@ pub fn perplexity_with(
     let mut s = Scratch::default();
     let mut kv = model.new_cache(ctx);
     for c in 0..n_chunks {
-        let mut chunk = tokens[c * ctx..(c + 1) * ctx].to_vec();
-        if let Some(b) = bos {
-            chunk[0] = b;
-        }
+        let (chunk, batch) = scored_window(tokens, c, ctx, bos);
         kv.truncate(0);
-        let batch: Vec<BatchToken> = chunk
-            .iter()
-            .enumerate()
-            .map(|(pos, &token)| BatchToken {
-                token,
-                seq: 0,
-                pos,
-                logits: pos >= first && pos + 1 < ctx,
-            })
-            .collect();
         model.forward_lora(&batch, &rows, &mut [&mut kv], &mut s)?;
         let v = model.cfg.vocab;
         for (j, pos) in (first..ctx - 1).enumerate() {
@@ -76,6 +89,134 @@ pub fn perplexity_with(
         ppl: (nll / count.max(1) as f64).exp(),
         nll,
         scored_tokens: count,
+        chunks: n_chunks,
+    })
+}
+
+/// How far a model (`quant`) is from a reference (`base`) on the same text: the statistics
+/// `llama-perplexity --kl-divergence` prints, computed the same way over the same windows.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Comparison {
+    pub ppl_base: f64,
+    pub ppl: f64,
+    /// exp(mean ln(PPL(Q)/PPL(base))) = ppl / ppl_base.
+    pub ppl_ratio: f64,
+    pub mean_kld: f64,
+    pub max_kld: f64,
+    pub kld_p999: f64,
+    pub kld_p99: f64,
+    pub kld_p95: f64,
+    pub kld_p90: f64,
+    pub kld_median: f64,
+    /// Mean of p_quant(next token) − p_base(next token).
+    pub mean_dp: f64,
+    /// Root mean square of that difference.
+    pub rms_dp: f64,
+    /// Share of positions where both models' most likely token is the same.
+    pub same_top1: f64,
+    pub scored_tokens: usize,
+    pub chunks: usize,
+}
+
+/// Linear interpolation between the sorted values around `fraction` (llama.cpp's definition).
+fn percentile(sorted: &[f64], fraction: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let p = fraction.clamp(0.0, 1.0) * (sorted.len() - 1) as f64;
+    let i = p as usize;
+    let w = p - i as f64;
+    (1.0 - w) * sorted[i] + w * sorted[(i + 1).min(sorted.len() - 1)]
+}
+
+fn median(sorted: &[f64]) -> f64 {
+    let n = sorted.len();
+    match n {
+        0 => f64::NAN,
+        _ if n.is_multiple_of(2) => 0.5 * (sorted[n / 2] + sorted[n / 2 - 1]),
+        _ => sorted[n / 2],
+    }
+}
+
+/// Per-token statistics of one scored position, from the two models' log-probabilities.
+struct TokenStats {
+    nll_base: f64,
+    nll: f64,
+    kld: f64,
+    same_top: bool,
+}
+
+fn token_stats(base: &[f32], quant: &[f32], next: usize) -> TokenStats {
+    // As llama.cpp: base log-probabilities at or below -16 add nothing (e^-16 ≈ 1e-7).
+    let mut kld = 0f64;
+    for (&b, &q) in base.iter().zip(quant) {
+        if b > -16.0 {
+            kld += f64::from(b).exp() * f64::from(b - q);
+        }
+    }
+    TokenStats {
+        nll_base: -f64::from(base[next]),
+        nll: -f64::from(quant[next]),
+        kld,
+        same_top: argmax(base) == argmax(quant),
+    }
+}
+
+/// Compares `quant` with `base` over `chunks` windows of `ctx` tokens (the second half of each
+/// scored, as [`perplexity`]). The models must share a vocabulary.
+pub fn compare(
+    base: &Model,
+    quant: &Model,
+    tokens: &[u32],
+    ctx: usize,
+    chunks: usize,
+    bos: Option<u32>,
+    progress: &mut dyn FnMut(usize, f64),
+) -> Result<Comparison, ForwardError> {
+    let v = base.cfg.vocab;
+    let n_chunks = chunks.min(tokens.len() / ctx.max(2));
+    let first = ctx / 2;
+    let mut stats = Vec::new();
+    let mut s = Scratch::default();
+    let (mut kv_b, mut kv_q) = (base.new_cache(ctx), quant.new_cache(ctx));
+    for c in 0..n_chunks {
+        let (chunk, batch) = scored_window(tokens, c, ctx, bos);
+        kv_b.truncate(0);
+        base.forward(&batch, &mut [&mut kv_b], &mut s)?;
+        let base_lp: Vec<Vec<f32>> = (first..ctx - 1)
+            .enumerate()
+            .map(|(j, _)| log_softmax(&s.logits[j * v..(j + 1) * v]))
+            .collect();
+        kv_q.truncate(0);
+        quant.forward(&batch, &mut [&mut kv_q], &mut s)?;
+        for (j, pos) in (first..ctx - 1).enumerate() {
+            let q = log_softmax(&s.logits[j * v..(j + 1) * v]);
+            stats.push(token_stats(&base_lp[j], &q, chunk[pos + 1] as usize));
+        }
+        let kld = stats.iter().map(|t| t.kld).sum::<f64>() / stats.len() as f64;
+        progress(c + 1, kld);
+    }
+    let n = stats.len().max(1) as f64;
+    let mean = |f: &dyn Fn(&TokenStats) -> f64| stats.iter().map(f).sum::<f64>() / n;
+    let (nll_b, nll_q) = (mean(&|t| t.nll_base), mean(&|t| t.nll));
+    let dp = |t: &TokenStats| (-t.nll).exp() - (-t.nll_base).exp();
+    let mut klds: Vec<f64> = stats.iter().map(|t| t.kld).collect();
+    klds.sort_by(f64::total_cmp);
+    Ok(Comparison {
+        ppl_base: nll_b.exp(),
+        ppl: nll_q.exp(),
+        ppl_ratio: (nll_q - nll_b).exp(),
+        mean_kld: mean(&|t| t.kld),
+        max_kld: klds.last().copied().unwrap_or(f64::NAN),
+        kld_p999: percentile(&klds, 0.999),
+        kld_p99: percentile(&klds, 0.99),
+        kld_p95: percentile(&klds, 0.95),
+        kld_p90: percentile(&klds, 0.90),
+        kld_median: median(&klds),
+        mean_dp: mean(&dp),
+        rms_dp: mean(&|t| dp(t).powi(2)).sqrt(),
+        same_top1: mean(&|t| f64::from(u8::from(t.same_top))),
+        scored_tokens: stats.len(),
         chunks: n_chunks,
     })
 }
@@ -159,4 +300,32 @@ pub fn greedy_ids(model: &Model, prompt: &[u32], n: usize) -> Result<Vec<u32>, F
         logits.copy_from_slice(&s.logits[..model.cfg.vocab]);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_interpolate_as_llama_cpp() {
+        let v = [0.0, 1.0, 2.0, 3.0];
+        assert_eq!(percentile(&v, 0.5), 1.5);
+        assert!((percentile(&v, 0.99) - 2.97).abs() < 1e-12);
+        assert_eq!(percentile(&v, 1.0), 3.0);
+        assert_eq!(median(&v), 1.5);
+        assert_eq!(median(&v[..3]), 1.0);
+    }
+
+    #[test]
+    fn kld_is_zero_for_equal_distributions_and_the_textbook_value_otherwise() {
+        let p = log_softmax(&[1.0, 2.0, 0.5]);
+        let t = token_stats(&p, &p, 1);
+        assert!(t.kld.abs() < 1e-12 && t.same_top);
+        // KL([0.5, 0.5] || [0.9, 0.1]) = 0.5 ln(0.5/0.9) + 0.5 ln(0.5/0.1) = 0.5108256…
+        let b = [0.5f32.ln(), 0.5f32.ln()];
+        let q = [0.9f32.ln(), 0.1f32.ln()];
+        let t = token_stats(&b, &q, 0);
+        assert!((t.kld - 0.510_825_6).abs() < 1e-6, "{}", t.kld);
+        assert!((t.nll - -(0.9f64.ln())).abs() < 1e-6);
+    }
 }

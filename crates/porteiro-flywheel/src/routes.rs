@@ -165,11 +165,17 @@ impl Routes {
         add: Option<LearnedRoute>,
     ) -> Option<Change> {
         let now = now_ms();
+        let change = |from| Change {
+            route: name.into(),
+            from,
+            to,
+            why: why.into(),
+        };
         match (self.routes.iter().position(|r| r.name == name), add) {
             (Some(i), Some(new)) => {
                 // A fresh qualification replaces the old route (new evidence, maybe a new adapter).
                 let from = self.routes[i].stage;
-                if self.routes[i].stage == to && self.routes[i].evidence == new.evidence {
+                if from == to && self.routes[i].evidence == new.evidence {
                     return None;
                 }
                 self.routes[i] = LearnedRoute {
@@ -178,28 +184,18 @@ impl Routes {
                     why: why.to_string(),
                     ..new
                 };
-                Some(Change {
-                    route: name.into(),
-                    from: Some(from),
-                    to,
-                    why: why.into(),
-                })
+                Some(change(Some(from)))
             }
             (Some(i), None) => {
                 let r = &mut self.routes[i];
-                if r.stage == to {
+                let from = r.stage;
+                if from == to {
                     return None;
                 }
-                let from = r.stage;
                 r.stage = to;
                 r.changed_ms = now;
                 r.why = why.to_string();
-                Some(Change {
-                    route: name.into(),
-                    from: Some(from),
-                    to,
-                    why: why.into(),
-                })
+                Some(change(Some(from)))
             }
             (None, Some(new)) => {
                 self.routes.push(LearnedRoute {
@@ -208,12 +204,7 @@ impl Routes {
                     why: why.to_string(),
                     ..new
                 });
-                Some(Change {
-                    route: name.into(),
-                    from: None,
-                    to,
-                    why: why.into(),
-                })
+                Some(change(None))
             }
             (None, None) => None,
         }

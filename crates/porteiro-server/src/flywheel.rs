@@ -219,16 +219,6 @@ pub fn compare(st: AppState, w: Watch, served: Value, upstream: bool) {
     });
 }
 
-fn side_trace(st: &AppState, w: &Watch, model: &str) -> Trace {
-    let ctx = RequestCtx {
-        id: st.new_id("flywheel"),
-        key_id: "flywheel".into(),
-    };
-    let t = Trace::new(&st.telemetry, &st.privacy, &ctx, "chat", model, false);
-    t.route(&format!("{}:{}", w.role.as_str(), w.route.name));
-    t
-}
-
 /// The candidate's answer (the local model with the route's adapter).
 async fn candidate(st: &AppState, w: &Watch) -> Option<Value> {
     let adapter = w
@@ -239,26 +229,7 @@ async fn candidate(st: &AppState, w: &Watch) -> Option<Value> {
     if w.route.adapter.is_some() && adapter.is_none() {
         return None;
     }
-    let treq = TierRequest {
-        adapter,
-        body: Body::Chat(Box::new(w.req.clone())),
-        passthrough: Mutex::new(None),
-        stream: false,
-        prefix: None,
-    };
-    let trace = side_trace(st, w, &st.settings.model_id);
-    let tier = crate::tier::build(st, TierRef::Local);
-    trace.served(tier.name(), tier.model());
-    let chunks = tier.answer(&treq).await.ok()?;
-    let chunks = crate::answer::observe(
-        st,
-        chunks,
-        &trace,
-        Api::Chat,
-        std::time::Instant::now(),
-        None,
-    );
-    crate::answer::message(chunks).await
+    side_answer(st, w, TierRef::Local, adapter, None, None).await
 }
 
 /// The teacher's answer: the upstream the route's traffic came from (else the last, most capable
@@ -280,18 +251,44 @@ async fn teacher(st: &AppState, w: &Watch) -> Option<Value> {
     if plan.order.first() != Some(&TierRef::Upstream(i)) {
         return None;
     }
+    let (passthrough, unmasker) = (plan.passthrough.take(), plan.privacy.unmasker.take());
+    side_answer(st, w, TierRef::Upstream(i), None, passthrough, unmasker).await
+}
+
+/// One tier's whole answer to the watched request, off the request path, recorded in the request
+/// log like any answer (under the route `shadow:…` / `monitor:…`).
+async fn side_answer(
+    st: &AppState,
+    w: &Watch,
+    at: TierRef,
+    adapter: Option<Arc<porteiro_engine::lora::Adapter>>,
+    passthrough: Option<Value>,
+    unmasker: Option<porteiro_privacy::Unmasker>,
+) -> Option<Value> {
     let treq = TierRequest {
-        adapter: None,
+        adapter,
         body: Body::Chat(Box::new(w.req.clone())),
-        passthrough: Mutex::new(plan.passthrough.take()),
+        passthrough: Mutex::new(passthrough),
         stream: false,
         prefix: None,
     };
-    let trace = side_trace(st, w, &ups[i].config().model);
-    let tier = crate::tier::build(st, TierRef::Upstream(i));
+    let tier = crate::tier::build(st, at);
+    let ctx = RequestCtx {
+        id: st.new_id("flywheel"),
+        key_id: "flywheel".into(),
+    };
+    let trace = Trace::new(
+        &st.telemetry,
+        &st.privacy,
+        &ctx,
+        "chat",
+        tier.model(),
+        false,
+    );
+    trace.route(&format!("{}:{}", w.role.as_str(), w.route.name));
     trace.served(tier.name(), tier.model());
     let chunks = tier.answer(&treq).await.ok()?;
-    let chunks = crate::answer::unmask(chunks, plan.privacy.unmasker.take());
+    let chunks = crate::answer::unmask(chunks, unmasker);
     let chunks = crate::answer::observe(
         st,
         chunks,

@@ -1029,12 +1029,7 @@ fn status(a: &StatusArgs) -> Result<()> {
         println!(
             "{:>3}  {:<30} {:>6} {:>6.1}% {:>6.1}%  {:<10} {}",
             r["cluster"],
-            r["name"]
-                .as_str()
-                .unwrap_or("")
-                .chars()
-                .take(30)
-                .collect::<String>(),
+            short(&r["name"], 30),
             r["size"],
             r["share"].as_f64().unwrap_or(0.0) * 100.0,
             r["spend_share"].as_f64().unwrap_or(0.0) * 100.0,
@@ -1043,6 +1038,11 @@ fn status(a: &StatusArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// A JSON string cut to `n` characters (table cells).
+fn short(v: &serde_json::Value, n: usize) -> String {
+    v.as_str().unwrap_or("").chars().take(n).collect()
 }
 
 /// Live comparisons of route `name` in shadow.jsonl since `since_ms` (all of them, not a window).
@@ -1253,12 +1253,7 @@ fn promote(a: &PromoteArgs) -> Result<()> {
         println!(
             "cluster {:>3}  {:<30} {}",
             r["cluster"],
-            r["name"]
-                .as_str()
-                .unwrap_or("")
-                .chars()
-                .take(30)
-                .collect::<String>(),
+            short(&r["name"], 30),
             if r["promoted"].as_bool() == Some(true) {
                 format!(
                     "{}: {}",

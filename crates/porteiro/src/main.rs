@@ -4,6 +4,7 @@
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 mod bench;
+mod compare;
 mod flywheel_cmd;
 mod lora_cmd;
 mod perplexity;
@@ -94,6 +95,9 @@ enum Cmd {
     Bench(bench::BenchArgs),
     /// Perplexity of a model on a text file, computed the way llama-perplexity does.
     Perplexity(perplexity::PplArgs),
+    /// How far a (quantized) model is from its reference on a text: PPL of both and their ratio,
+    /// KL divergence (mean, percentiles), RMS Δp, same top-1, as llama-perplexity --kl-divergence.
+    Compare(compare::CompareArgs),
     /// The semantic router: train its scorer, calibrate, evaluate, measure decision latency.
     #[command(subcommand)]
     Router(router_cmd::RouterCmd),
@@ -296,6 +300,7 @@ fn dispatch(cmd: Cmd) -> Result<()> {
         Cmd::Bench(a) => bench::run(&a),
         Cmd::Lora(c) => lora_cmd::run(&c),
         Cmd::Perplexity(a) => perplexity::run(&a),
+        Cmd::Compare(a) => compare::run(&a),
         Cmd::Router(c) => router_cmd::run(&c),
         Cmd::Flywheel(c) => flywheel_cmd::run(&c),
         Cmd::Privacy(c) => privacy_cmd::run_privacy(&c),

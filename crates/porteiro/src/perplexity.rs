@@ -4,6 +4,10 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
+use std::path::Path;
+
+use porteiro_models::tokenizer::Tokenizer;
+
 use crate::ModelArgs;
 
 #[derive(Args)]
@@ -30,6 +34,43 @@ pub struct PplArgs {
     json: bool,
 }
 
+/// The text's token ids (at least two windows of them) and how many windows to score.
+pub fn windows(
+    tok: &Tokenizer,
+    text: &str,
+    file: &Path,
+    window: usize,
+    chunks: usize,
+) -> Result<(Vec<u32>, usize)> {
+    let ids = tok.encode(text, true, false);
+    if ids.len() < 2 * window {
+        bail!(
+            "{} tokenizes to {} tokens; need at least {} for a window of {}",
+            file.display(),
+            ids.len(),
+            2 * window,
+            window
+        );
+    }
+    let n = chunks.min(ids.len() / window);
+    Ok((ids, n))
+}
+
+/// The progress bar over `n` windows.
+pub fn window_bar(n: usize) -> ProgressBar {
+    let pb = ProgressBar::new(n as u64);
+    pb.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} windows  {msg}  eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    pb
+}
+
+/// The token each window starts with, when the model adds one.
+pub fn bos(tok: &Tokenizer) -> Option<u32> {
+    tok.adds_bos().then(|| tok.bos_id()).flatten()
+}
+
 pub fn run(a: &PplArgs) -> Result<()> {
     let text = std::fs::read_to_string(&a.file)
         .with_context(|| format!("reading {}", a.file.display()))?;
@@ -42,27 +83,9 @@ pub fn run(a: &PplArgs) -> Result<()> {
         )?),
         None => None,
     };
-    let ids = lm.tokenizer.encode(&text, true, false);
-    if ids.len() < 2 * a.window {
-        bail!(
-            "{} tokenizes to {} tokens; need at least {} for a window of {}",
-            a.file.display(),
-            ids.len(),
-            2 * a.window,
-            a.window
-        );
-    }
-    let n = a.chunks.min(ids.len() / a.window);
-    let pb = ProgressBar::new(n as u64);
-    pb.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} windows  {msg}  eta {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    let bos = lm
-        .tokenizer
-        .adds_bos()
-        .then(|| lm.tokenizer.bos_id())
-        .flatten();
+    let (ids, n) = windows(&lm.tokenizer, &text, &a.file, a.window, a.chunks)?;
+    let pb = window_bar(n);
+    let bos = bos(&lm.tokenizer);
     let r = porteiro_engine::eval::perplexity_with(
         &lm.model,
         adapter.as_ref(),

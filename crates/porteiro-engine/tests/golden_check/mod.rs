@@ -21,7 +21,7 @@ fn golden(alias: &str) -> Value {
     .unwrap()
 }
 
-fn load(alias: &str) -> Option<(Model, Tokenizer)> {
+pub fn load(alias: &str) -> Option<(Model, Tokenizer)> {
     let path = match porteiro_models::fetch::resolve_model(alias, false) {
         Ok(p) => p,
         Err(e) => {
@@ -47,7 +47,7 @@ fn ids(v: &Value) -> Vec<u32> {
         .collect()
 }
 
-fn wiki_text() -> Option<String> {
+pub fn wiki_text() -> Option<String> {
     let p = porteiro_models::fetch::home_dir().join("data/wiki.txt");
     match std::fs::read_to_string(&p) {
         Ok(t) => Some(t),
