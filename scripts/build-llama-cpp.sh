@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the reference llama.cpp (vendored in the llama-cpp-python source package) for golden tests and
-# benchmarks. Never part of the porteiro binary. Output: $REF/bin/{llama-bench,llama-perplexity,llama-tokenize,llama-server},
+# benchmarks. Never part of the porteiro binary. Output: $REF/bin/{llama-bench,llama-perplexity,llama-tokenize,llama-server,llama-quantize},
 # $REF/lib/libllama.so and $REF/bin/llama_golden (our driver in scripts/golden/, used by scripts/golden_model.py).
 # Flags: the SIMD this CPU reports in /proc/cpuinfo, spelled out instead of -march=native, because
 # native also turns on AMX, which some CPUs advertise but virtual machines fault on. (A fixed list once
@@ -17,7 +17,7 @@ simd="-DGGML_NATIVE=OFF -DGGML_AVX=$(has avx) -DGGML_AVX2=$(has avx2) -DGGML_FMA
 -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF"
 # A cached build is reused only when it was built for this CPU's SIMD (the cache may come from another
 # machine kind): its flags are kept beside it.
-if [[ -x $REF/bin/llama-bench && -x $REF/bin/llama-server && -x $REF/bin/llama_golden && -f $REF/simd-flags \
+if [[ -x $REF/bin/llama-bench && -x $REF/bin/llama-server && -x $REF/bin/llama-quantize && -x $REF/bin/llama_golden && -f $REF/simd-flags \
       && $(cat "$REF/simd-flags") == "$simd" ]]; then echo "$REF"; exit 0; fi
 [[ -d $REF/bin ]] && echo "rebuilding $REF for this CPU's SIMD ($simd)" >&2
 command -v cmake >/dev/null || { echo "cmake missing: apt-get install -y cmake" >&2; exit 1; }
@@ -26,15 +26,16 @@ trap 'rm -rf "$work"' EXIT
 pkgs="$HOME_DIR/pkgs"
 mkdir -p "$pkgs"
 tarball="$pkgs/llama_cpp_python-$VER.tar.gz"
-[[ -f $tarball ]] || pip download --quiet --no-deps --no-binary :all: "llama-cpp-python==$VER" -d "$pkgs" >&2
+# --no-binary for this package only: with :all: pip also builds its build tools (cmake) from source.
+[[ -f $tarball ]] || pip download --quiet --no-deps --no-binary llama-cpp-python "llama-cpp-python==$VER" -d "$pkgs" >&2
 tar -xzf "$tarball" -C "$work"
 src="$work/llama_cpp_python-$VER"
 # shellcheck disable=SC2086 # $simd is a list of -D options
 cmake -S "$src/vendor/llama.cpp" -B "$work/build" -DCMAKE_BUILD_TYPE=Release $simd \
   -DBUILD_SHARED_LIBS=ON -DCMAKE_BUILD_RPATH="$REF/lib" -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_EXAMPLES=OFF >&2
-cmake --build "$work/build" -j"$(nproc)" --target llama-bench llama-perplexity llama-tokenize llama-server >&2
+cmake --build "$work/build" -j"$(nproc)" --target llama-bench llama-perplexity llama-tokenize llama-server llama-quantize >&2
 mkdir -p "$REF/bin" "$REF/lib"
-cp "$work"/build/bin/llama-bench "$work"/build/bin/llama-perplexity "$work"/build/bin/llama-tokenize "$work"/build/bin/llama-server "$REF/bin/"
+cp "$work"/build/bin/llama-{bench,perplexity,tokenize,server,quantize} "$REF/bin/"
 find "$work/build" -name '*.so*' -exec cp -P {} "$REF/lib/" \;
 here=$(cd "$(dirname "$0")" && pwd)
 g++ -O2 -std=c++17 -I"$src/vendor/llama.cpp/include" -I"$src/vendor/llama.cpp/ggml/include" "$here/golden/llama_golden.cpp" \

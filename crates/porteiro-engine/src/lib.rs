@@ -9,8 +9,10 @@
 pub mod eval;
 pub mod generate;
 pub mod lora;
+pub mod mix;
 pub mod model;
 pub mod quant;
+pub mod quantize;
 pub mod repack;
 pub mod sampler;
 pub mod scheduler;

@@ -240,6 +240,8 @@ pub struct GgufFile {
     mmap: Bytes,
     pub version: u32,
     pub metadata: BTreeMap<String, Value>,
+    /// Metadata keys in file order (a rewritten file, e.g. by `porteiro quantize`, keeps it).
+    pub key_order: Vec<String>,
     pub tensors: Vec<TensorInfo>,
     index: HashMap<String, usize>,
 }
@@ -414,8 +416,10 @@ impl GgufFile {
         let n_tensors = c.u64()?;
         let n_kv = c.u64()?;
         let mut metadata = BTreeMap::new();
+        let mut key_order = Vec::new();
         for _ in 0..n_kv {
             let key = c.string()?;
+            key_order.push(key.clone());
             let ty = c.u32()?;
             let v = c.value(ty, 0)?;
             metadata.insert(key, v);
@@ -483,6 +487,7 @@ impl GgufFile {
             mmap,
             version,
             metadata,
+            key_order,
             tensors,
             index,
         })

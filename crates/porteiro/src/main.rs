@@ -9,6 +9,7 @@ mod flywheel_cmd;
 mod lora_cmd;
 mod perplexity;
 mod privacy_cmd;
+mod quantize;
 mod report_cmd;
 mod router_cmd;
 mod serve;
@@ -98,6 +99,9 @@ enum Cmd {
     /// How far a (quantized) model is from its reference on a text: PPL of both and their ratio,
     /// KL divergence (mean, percentiles), RMS Δp, same top-1, as llama-perplexity --kl-divergence.
     Compare(compare::CompareArgs),
+    /// Rewrite a model at another precision (Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, F16, …) with
+    /// llama.cpp's mixtures and reference quantizers: the same bytes llama-quantize writes.
+    Quantize(quantize::QuantizeArgs),
     /// The semantic router: train its scorer, calibrate, evaluate, measure decision latency.
     #[command(subcommand)]
     Router(router_cmd::RouterCmd),
@@ -301,6 +305,7 @@ fn dispatch(cmd: Cmd) -> Result<()> {
         Cmd::Lora(c) => lora_cmd::run(&c),
         Cmd::Perplexity(a) => perplexity::run(&a),
         Cmd::Compare(a) => compare::run(&a),
+        Cmd::Quantize(a) => quantize::run(&a),
         Cmd::Router(c) => router_cmd::run(&c),
         Cmd::Flywheel(c) => flywheel_cmd::run(&c),
         Cmd::Privacy(c) => privacy_cmd::run_privacy(&c),

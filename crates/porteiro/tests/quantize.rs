@@ -1,0 +1,173 @@
+//! `porteiro quantize` against `llama-quantize` (golden/quantize.json, scripts/golden_quantize.py):
+//! from the same F16 input, every file type's file is byte-identical to llama.cpp's; the F16 input
+//! itself, converted from the catalog's Q4_1 smollm2, too. Then the engine runs what we wrote, and
+//! bad input gets a clear refusal.
+//!
+//! Skipped with a message when the model is missing, unless PORTEIRO_REQUIRE_MODELS=1.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::print_stdout,
+    clippy::print_stderr
+)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use sha2::{Digest, Sha256};
+
+fn porteiro(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_porteiro"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn sha256(p: &Path) -> String {
+    let mut h = Sha256::new();
+    let mut f = std::fs::File::open(p).unwrap();
+    std::io::copy(&mut f, &mut h).unwrap();
+    format!("{:x}", h.finalize())
+}
+
+fn golden() -> serde_json::Value {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden/quantize.json");
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+fn model_cached(alias: &str) -> bool {
+    match porteiro_models::fetch::resolve_model(alias, false) {
+        Ok(_) => true,
+        Err(e) => {
+            assert!(
+                std::env::var("PORTEIRO_REQUIRE_MODELS").is_err(),
+                "{alias} required but not cached: {e}"
+            );
+            eprintln!("skipping: {e}");
+            false
+        }
+    }
+}
+
+fn ok(o: &Output, what: &str) {
+    assert!(
+        o.status.success(),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+#[test]
+fn files_are_byte_identical_to_llama_quantize() {
+    let g = golden();
+    let alias = g["model"].as_str().unwrap();
+    if !model_cached(alias) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let f16 = dir.path().join("f16.gguf");
+    let o = porteiro(&["quantize", alias, f16.to_str().unwrap(), "--type", "F16"]);
+    ok(&o, "F16 conversion");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("dequantized to f32 first"),
+        "requantizing must say so"
+    );
+    assert_eq!(
+        sha256(&f16),
+        g["f16_sha256"],
+        "F16 conversion differs from llama-quantize's"
+    );
+    for (ty, want) in g["files"].as_object().unwrap() {
+        let out = dir.path().join(format!("{ty}.gguf"));
+        ok(
+            &porteiro(&[
+                "quantize",
+                f16.to_str().unwrap(),
+                out.to_str().unwrap(),
+                "--type",
+                ty,
+            ]),
+            ty,
+        );
+        assert_eq!(
+            std::fs::metadata(&out).unwrap().len(),
+            want["bytes"].as_u64().unwrap(),
+            "{ty}: size"
+        );
+        assert_eq!(
+            sha256(&out),
+            want["sha256"],
+            "{ty}: bytes differ from llama-quantize's"
+        );
+        if ty == "Q4_K_M" {
+            runs_in_the_engine(&f16, &out);
+        }
+        std::fs::remove_file(&out).unwrap();
+    }
+}
+
+/// The quantized file loads and predicts like its F16 original on a few sentences: mostly the same
+/// top token, small KL divergence, perplexity within 20%.
+fn runs_in_the_engine(f16: &Path, quant: &Path) {
+    use porteiro_engine::LocalModel;
+    let a = LocalModel::open(f16, 2).unwrap();
+    let b = LocalModel::open(quant, 2).unwrap();
+    let ids = a.tokenizer.encode(
+        "The quick brown fox jumps over the lazy dog. The capital of France is Paris, and the \
+         capital of Italy is Rome. One, two, three, four, five, six, seven, eight",
+        true,
+        false,
+    );
+    let bos = a
+        .tokenizer
+        .adds_bos()
+        .then(|| a.tokenizer.bos_id())
+        .flatten();
+    let r =
+        porteiro_engine::eval::compare(&a.model, &b.model, &ids, ids.len(), 1, bos, &mut |_, _| {})
+            .unwrap();
+    eprintln!("Q4_K_M vs F16: {r:?}");
+    assert!(
+        r.same_top1 >= 0.8 && r.mean_kld < 0.2 && (r.ppl_ratio - 1.0).abs() < 0.2,
+        "Q4_K_M strays from its F16 original: {r:?}"
+    );
+}
+
+#[test]
+fn bad_requests_are_refused_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("o.gguf");
+    let o = out.to_str().unwrap();
+    let err = |args: &[&str]| {
+        let r = porteiro(args);
+        assert!(!r.status.success(), "{args:?} should fail");
+        String::from_utf8_lossy(&r.stderr).into_owned()
+    };
+    assert!(err(&["quantize", "x.gguf", o, "--type", "Q3_K_M"]).contains("no kernels"));
+    assert!(err(&[
+        "quantize",
+        "x.gguf",
+        o,
+        "--type",
+        "Q4_K_M",
+        "--tensor-type",
+        "ffn"
+    ])
+    .contains("REGEX=TYPE"));
+    assert!(err(&[
+        "quantize",
+        "x.gguf",
+        o,
+        "--type",
+        "Q4_K_M",
+        "--tensor-type",
+        "ffn=Q2_K"
+    ])
+    .contains("unsupported tensor type `Q2_K`"));
+    assert!(err(&["quantize", "/nonexistent.gguf", o, "--type", "Q8_0"]).contains("nonexistent"));
+    if model_cached("smollm2-135m") {
+        std::fs::write(&out, b"keep me").unwrap();
+        assert!(err(&["quantize", "smollm2-135m", o, "--type", "Q8_0"]).contains("--force"));
+        assert_eq!(std::fs::read(&out).unwrap(), b"keep me");
+    }
+}
