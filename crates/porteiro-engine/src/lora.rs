@@ -460,6 +460,12 @@ impl Adapter {
         })
     }
 
+    /// The pair adapting the base tensor `name` (`blk.N.<stem>.weight`), if any.
+    pub fn pair_for(&self, name: &str) -> Option<&Matrices> {
+        let (layer, p) = parse_target(name, self.layers.len())?;
+        self.pair(layer, p)
+    }
+
     pub fn pair(&self, layer: usize, p: Proj) -> Option<&Matrices> {
         self.layers.get(layer).and_then(|l| l[p.index()].as_ref())
     }

@@ -160,11 +160,16 @@ pub fn dequantize_row(t: GgmlType, row: &[u8], out: &mut [f32]) {
             let bs = if t == GgmlType::Q4_0 { 18 } else { 20 };
             for (b, o) in row.chunks_exact(bs).zip(out.chunks_exact_mut(QK)) {
                 let d = f16_at(b, 0);
-                let (m, qs) = if t == GgmlType::Q4_0 {
-                    (-8.0 * d, &b[2..18])
-                } else {
-                    (f16_at(b, 2), &b[4..20])
-                };
+                // Q4_0 as ggml computes it, (q - 8)·d, not q·d - 8d: the same value except
+                // that a zero keeps d's sign, which a byte-exact F16 conversion must reproduce.
+                if t == GgmlType::Q4_0 {
+                    for j in 0..16 {
+                        o[j] = ((b[2 + j] & 0xF) as i32 - 8) as f32 * d;
+                        o[j + 16] = ((b[2 + j] >> 4) as i32 - 8) as f32 * d;
+                    }
+                    continue;
+                }
+                let (m, qs) = (f16_at(b, 2), &b[4..20]);
                 for j in 0..16 {
                     o[j] = (qs[j] & 0xF) as f32 * d + m;
                     o[j + 16] = (qs[j] >> 4) as f32 * d + m;
@@ -175,8 +180,9 @@ pub fn dequantize_row(t: GgmlType, row: &[u8], out: &mut [f32]) {
             let bs = if t == GgmlType::Q5_0 { 22 } else { 24 };
             for (b, o) in row.chunks_exact(bs).zip(out.chunks_exact_mut(QK)) {
                 let d = f16_at(b, 0);
-                let (m, rest) = if t == GgmlType::Q5_0 {
-                    (-16.0 * d, &b[2..])
+                let q5 = t == GgmlType::Q5_0;
+                let (m, rest) = if q5 {
+                    (0.0, &b[2..])
                 } else {
                     (f16_at(b, 2), &b[4..])
                 };
@@ -185,8 +191,14 @@ pub fn dequantize_row(t: GgmlType, row: &[u8], out: &mut [f32]) {
                 for j in 0..16 {
                     let lo = (qs[j] & 0xF) as u32 | ((qh >> j) & 1) << 4;
                     let hi = (qs[j] >> 4) as u32 | ((qh >> (j + 16)) & 1) << 4;
-                    o[j] = lo as f32 * d + m;
-                    o[j + 16] = hi as f32 * d + m;
+                    if q5 {
+                        // (q - 16)·d as ggml computes it (see Q4_0).
+                        o[j] = (lo as i32 - 16) as f32 * d;
+                        o[j + 16] = (hi as i32 - 16) as f32 * d;
+                    } else {
+                        o[j] = lo as f32 * d + m;
+                        o[j + 16] = hi as f32 * d + m;
+                    }
                 }
             }
         }

@@ -33,6 +33,35 @@ pub enum LoraCmd {
     /// Train an adapter on chat data (OpenAI's fine-tuning JSONL: one {"messages": [...],
     /// "tools": [...]} per line; the loss falls on assistant turns) over the frozen quantized model.
     Train(Box<TrainArgs>),
+    /// Merge an adapter into its base model: every adapted matrix becomes W + s·B·A (s =
+    /// scale·alpha/rank), the base dequantized first; written at --type (F16 by default), so a
+    /// fine-tuned model can be quantized and measured (`porteiro quantize`, `porteiro compare`).
+    Merge(MergeArgs),
+}
+
+#[derive(Args)]
+pub struct MergeArgs {
+    /// The base model the adapter was trained on (catalog alias or .gguf path).
+    #[arg(long, short)]
+    model: String,
+    /// The adapter (GGUF, as `porteiro lora train` writes it).
+    #[arg(long)]
+    adapter: PathBuf,
+    /// The merged model to write.
+    #[arg(long)]
+    out: PathBuf,
+    /// File type of the result (as `porteiro quantize --type`).
+    #[arg(long = "type", default_value = "F16")]
+    ftype: String,
+    /// Multiplier of the adapter's update (as `--lora-scale` when serving).
+    #[arg(long, default_value_t = 1.0)]
+    scale: f32,
+    /// Replace OUT if it exists.
+    #[arg(long)]
+    force: bool,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
 }
 
 #[derive(Args)]
@@ -140,7 +169,64 @@ pub fn run(c: &LoraCmd) -> Result<()> {
     match c {
         LoraCmd::Bench(a) => bench(a),
         LoraCmd::Train(a) => train(a),
+        LoraCmd::Merge(a) => merge(a),
     }
+}
+
+struct AdapterMerge(Adapter);
+
+impl crate::quantize::Merge for AdapterMerge {
+    fn adapts(&self, name: &str) -> bool {
+        self.0.pair_for(name).is_some()
+    }
+
+    fn apply(&self, name: &str, w: &mut [f32], cols: usize) {
+        let Some(m) = self.0.pair_for(name) else {
+            return;
+        };
+        let (a, b, r) = (m.a(), m.b(), m.rank);
+        let s = self.0.effective_scale(r);
+        // Row o of W (one output, `cols` inputs) gains s·Σ_j B[o][j]·A[j].
+        for (o, row) in w.chunks_exact_mut(cols).enumerate() {
+            for j in 0..r {
+                let c = s * b[o * r + j];
+                for (x, av) in row.iter_mut().zip(&a[j * cols..(j + 1) * cols]) {
+                    *x += c * av;
+                }
+            }
+        }
+    }
+}
+
+fn merge(a: &MergeArgs) -> Result<()> {
+    let ftype = porteiro_engine::mix::Ftype::parse(&a.ftype).ok_or_else(|| {
+        anyhow::anyhow!(
+            "unknown file type `{}`: one of {}",
+            a.ftype,
+            porteiro_engine::mix::Ftype::ALL
+                .map(|f| f.name())
+                .join(", ")
+        )
+    })?;
+    let (path, src) = crate::quantize::open_model(&a.model)?;
+    let cfg = porteiro_engine::model::Config::from_gguf(&src)?;
+    let adapter = Adapter::open(&a.adapter, &cfg, a.scale)?;
+    let n = adapter.pairs().count();
+    eprintln!(
+        "merging {} ({n} matrices) into {}",
+        a.adapter.display(),
+        path.display()
+    );
+    let opts = porteiro_engine::mix::Options {
+        ftype: Some(ftype),
+        ..Default::default()
+    };
+    let out = crate::quantize::Output {
+        path: &a.out,
+        force: a.force,
+        threads: a.threads,
+    };
+    crate::quantize::rewrite(&path, &src, &out, &opts, Some(&AdapterMerge(adapter)))
 }
 
 /// Training data rendered by the server's own prompt code.

@@ -111,19 +111,54 @@ fn human(bytes: u64) -> String {
 
 pub fn run(a: &QuantizeArgs) -> Result<()> {
     let opts = options(a)?;
-    let ftype = opts.ftype.unwrap_or(Ftype::Q8_0);
-    let path = fetch::resolve_model(&a.input, true)?;
+    let (path, src) = open_model(&a.input)?;
+    let out = Output {
+        path: &a.output,
+        force: a.force,
+        threads: a.threads,
+    };
+    rewrite(&path, &src, &out, &opts, None)
+}
+
+/// A generative GGUF model by catalog alias or path.
+pub fn open_model(name: &str) -> Result<(PathBuf, GgufFile)> {
+    let path = fetch::resolve_model(name, true)?;
     if path.is_dir() {
-        bail!(
-            "{} is an encoder model; quantize takes generative GGUF models",
-            a.input
-        );
+        bail!("{name} is an encoder model; this takes generative GGUF models");
     }
     let src = GgufFile::open(&path).with_context(|| format!("opening {}", path.display()))?;
-    if a.output.exists() && !a.force {
-        bail!("{} exists; pass --force to replace it", a.output.display());
+    Ok((path, src))
+}
+
+pub struct Output<'a> {
+    pub path: &'a Path,
+    pub force: bool,
+    pub threads: Option<usize>,
+}
+
+/// Changes some tensors' values before they are written (`lora merge` adds B·A to the adapted
+/// matrices).
+pub trait Merge {
+    fn adapts(&self, name: &str) -> bool;
+    /// `w`: the tensor in f32, rows of `cols` values.
+    fn apply(&self, name: &str, w: &mut [f32], cols: usize);
+}
+
+/// Writes `src` at the types `opts` plans. A tensor `merge` adapts is re-quantized even at its
+/// own type.
+pub fn rewrite(
+    path: &Path,
+    src: &GgufFile,
+    out: &Output,
+    opts: &Options,
+    merge: Option<&dyn Merge>,
+) -> Result<()> {
+    let ftype = opts.ftype.unwrap_or(Ftype::Q8_0);
+    let output = out.path;
+    if output.exists() && !out.force {
+        bail!("{} exists; pass --force to replace it", output.display());
     }
-    if a.output.canonicalize().ok() == path.canonicalize().ok() {
+    if output.canonicalize().ok() == path.canonicalize().ok() {
         bail!("the output would overwrite the input");
     }
     let n_layer = src
@@ -143,7 +178,7 @@ pub fn run(a: &QuantizeArgs) -> Result<()> {
             }
         })
         .collect();
-    let plan = mix::plan(&tensors, &opts, n_layer);
+    let plan = mix::plan(&tensors, opts, n_layer);
 
     let mut specs = Vec::with_capacity(plan.len());
     let mut requantized = std::collections::BTreeSet::new();
@@ -221,18 +256,18 @@ pub fn run(a: &QuantizeArgs) -> Result<()> {
     meta.push(("general.file_type", Value::U32(ftype.code())));
 
     let total = gguf_write::file_size(&meta, &specs)?;
-    if let Some(free) = free_space(&a.output) {
+    if let Some(free) = free_space(output) {
         if free < total {
             bail!(
                 "{} needs {} but only {} is free there",
-                a.output.display(),
+                output.display(),
                 human(total),
                 human(free)
             );
         }
     }
 
-    let threads = a
+    let threads = out
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
         .max(1);
@@ -245,18 +280,36 @@ pub fn run(a: &QuantizeArgs) -> Result<()> {
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let start = Instant::now();
-    let mut w = Writer::create(&a.output, &meta, specs.clone())?;
+    let mut w = Writer::create(output, &meta, specs.clone())?;
     let mut by_type: std::collections::BTreeMap<String, (usize, u64)> = Default::default();
     for (&i, spec) in idx.iter().zip(&specs) {
         let t = &src.tensors()[i];
         pb.set_message(format!("{} → {}", t.name, spec.dtype.name()));
         let data = src.data(t);
         let n: u64 = t.dims.iter().product();
-        if spec.dtype == t.dtype {
+        let cols = t.dims[0] as usize;
+        let merged = merge.filter(|m| m.adapts(&t.name)).and_then(|m| {
+            let in_row = row_bytes(t.dtype, cols)?;
+            let mut x = vec![0f32; n as usize];
+            for (r, o) in data.chunks_exact(in_row).zip(x.chunks_exact_mut(cols)) {
+                dequantize_row(t.dtype, r, o);
+            }
+            m.apply(&t.name, &mut x, cols);
+            Some(x)
+        });
+        if let Some(x) = merged {
+            let f32_bytes: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
+            w.push(&convert(
+                &f32_bytes,
+                GgmlType::F32,
+                spec.dtype,
+                cols,
+                threads,
+            ))?;
+        } else if spec.dtype == t.dtype {
             w.push(data)?;
         } else {
-            let out = convert(data, t.dtype, spec.dtype, t.dims[0] as usize, threads);
-            w.push(&out)?;
+            w.push(&convert(data, t.dtype, spec.dtype, cols, threads))?;
         }
         src.release(t);
         let e = by_type.entry(spec.dtype.name()).or_default();
@@ -265,7 +318,7 @@ pub fn run(a: &QuantizeArgs) -> Result<()> {
         pb.inc(n);
     }
     w.finish()
-        .with_context(|| format!("writing {}", a.output.display()))?;
+        .with_context(|| format!("writing {}", output.display()))?;
     pb.finish_and_clear();
 
     let weights: u64 = by_type.values().map(|v| v.1).sum();
@@ -273,7 +326,7 @@ pub fn run(a: &QuantizeArgs) -> Result<()> {
     println!(
         "{} → {} ({}): {} in {:.1} s, {:.2} bits per weight",
         path.display(),
-        a.output.display(),
+        output.display(),
         ftype.name(),
         human(total),
         start.elapsed().as_secs_f64(),

@@ -171,3 +171,83 @@ fn bad_requests_are_refused_clearly() {
         assert_eq!(std::fs::read(&out).unwrap(), b"keep me");
     }
 }
+
+/// `porteiro lora merge`: the merged F16 model predicts as the F16 base with the adapter applied at
+/// run time (the same perplexity within 0.5%), and the adapter is strong enough that skipping the
+/// merge would show (perplexity moved by more than 5%).
+#[test]
+fn merged_adapter_predicts_like_the_adapter_served() {
+    use porteiro_engine::eval::{perplexity, perplexity_with};
+    use porteiro_engine::lora::{Adapter, Proj};
+    use porteiro_engine::LocalModel;
+    if !model_cached("smollm2-135m") {
+        return;
+    }
+    let path = porteiro_models::fetch::resolve_model("smollm2-135m", false).unwrap();
+    let base = LocalModel::open(&path, 2).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ad = dir.path().join("a.gguf");
+    Adapter::random(&base.model.cfg, 8, &Proj::ALL, 0.1, 16.0, 7)
+        .write(&ad, base.model.cfg.arch.name())
+        .unwrap();
+    let merged = dir.path().join("merged.gguf");
+    let o = porteiro(&[
+        "lora",
+        "merge",
+        "--model",
+        "smollm2-135m",
+        "--adapter",
+        ad.to_str().unwrap(),
+        "--out",
+        merged.to_str().unwrap(),
+    ]);
+    ok(&o, "lora merge");
+    let m = LocalModel::open(&merged, 2).unwrap();
+    let f16 = dir.path().join("f16.gguf");
+    ok(
+        &porteiro(&[
+            "quantize",
+            "smollm2-135m",
+            f16.to_str().unwrap(),
+            "--type",
+            "F16",
+        ]),
+        "F16",
+    );
+    let f16 = LocalModel::open(&f16, 2).unwrap();
+    let text =
+        "The history of the city begins with a small fishing village on the river. Over the \
+        centuries it grew into a market town, then a port, and finally the capital of a province. \
+        Its cathedral was built in the twelfth century and rebuilt after a fire in 1540. Today the \
+        old town is known for its narrow streets, its university and its annual music festival, \
+        which draws visitors from across the country every summer.";
+    let ids = base.tokenizer.encode(text, true, false);
+    let bos = base
+        .tokenizer
+        .adds_bos()
+        .then(|| base.tokenizer.bos_id())
+        .flatten();
+    let ctx = ids.len() & !1;
+    let served = Adapter::open(&ad, &base.model.cfg, 1.0).unwrap();
+    let p = |model, adapter| {
+        perplexity_with(model, adapter, &ids, ctx, 1, bos, &mut |_, _| {})
+            .unwrap()
+            .ppl
+    };
+    let (plain, runtime) = (p(&base.model, None), p(&base.model, Some(&served)));
+    let merged_ppl = perplexity(&m.model, &ids, ctx, 1, bos, &mut |_, _| {})
+        .unwrap()
+        .ppl;
+    let f16_ppl = p(&f16.model, None);
+    let f16_runtime = p(&f16.model, Some(&served));
+    eprintln!("ppl: base {plain:.3}, adapter at run time {runtime:.3}, merged {merged_ppl:.3}, base F16 {f16_ppl:.3}, F16 + adapter {f16_runtime:.3}");
+    assert!(
+        (runtime / plain - 1.0).abs() > 0.05,
+        "the adapter should matter"
+    );
+    // Against the same weights at run time (the F16 base): only the f16 rounding of W + s·B·A.
+    assert!(
+        (merged_ppl / f16_runtime - 1.0).abs() < 0.005,
+        "merged {merged_ppl} vs served on the F16 base {f16_runtime}"
+    );
+}
