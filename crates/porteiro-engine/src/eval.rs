@@ -221,6 +221,66 @@ pub fn compare(
     })
 }
 
+/// A reference model's log-probabilities over the scored positions of some windows, kept so
+/// that many variants of another model can be scored against it (per-tensor sensitivity).
+pub struct Reference {
+    windows: Vec<(Vec<u32>, Vec<BatchToken>)>,
+    ctx: usize,
+    lp: Vec<Vec<f32>>,
+}
+
+impl Reference {
+    pub fn new(
+        model: &Model,
+        tokens: &[u32],
+        ctx: usize,
+        chunks: usize,
+        bos: Option<u32>,
+    ) -> Result<Self, ForwardError> {
+        let v = model.cfg.vocab;
+        let n_chunks = chunks.min(tokens.len() / ctx.max(2));
+        let mut s = Scratch::default();
+        let mut kv = model.new_cache(ctx);
+        let (mut windows, mut lp) = (Vec::new(), Vec::new());
+        for c in 0..n_chunks {
+            let w = scored_window(tokens, c, ctx, bos);
+            kv.truncate(0);
+            model.forward(&w.1, &mut [&mut kv], &mut s)?;
+            let scored = ctx - 1 - ctx / 2;
+            lp.extend((0..scored).map(|j| log_softmax(&s.logits[j * v..(j + 1) * v])));
+            windows.push(w);
+        }
+        Ok(Self { windows, ctx, lp })
+    }
+
+    /// Scored positions.
+    pub fn len(&self) -> usize {
+        self.lp.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lp.is_empty()
+    }
+
+    /// Mean KL divergence of `model` from the reference over the same positions.
+    pub fn mean_kld(&self, model: &Model) -> Result<f64, ForwardError> {
+        let v = model.cfg.vocab;
+        let mut s = Scratch::default();
+        let mut kv = model.new_cache(self.ctx);
+        let (mut sum, mut i) = (0f64, 0usize);
+        for (chunk, batch) in &self.windows {
+            kv.truncate(0);
+            model.forward(batch, &mut [&mut kv], &mut s)?;
+            for (j, pos) in (self.ctx / 2..self.ctx - 1).enumerate() {
+                let q = log_softmax(&s.logits[j * v..(j + 1) * v]);
+                sum += token_stats(&self.lp[i], &q, chunk[pos + 1] as usize).kld;
+                i += 1;
+            }
+        }
+        Ok(sum / i.max(1) as f64)
+    }
+}
+
 /// Runs one window from a fresh cache with logits at every position (left in `s.logits`).
 fn forward_all(model: &Model, ids: &[u32], s: &mut Scratch) -> Result<(), ForwardError> {
     let mut kv = model.new_cache(ids.len());

@@ -6,6 +6,7 @@
 // Kernels walk several parallel arrays (blocks, scales, sums) with one index; iterator chains hide that.
 #![allow(clippy::needless_range_loop)]
 
+pub mod budget;
 pub mod eval;
 pub mod generate;
 pub mod lora;

@@ -215,7 +215,7 @@ pub fn quantizable(name: &str, dims: &[u64]) -> bool {
 }
 
 /// llama.cpp's fallback for a row length that is not a whole number of the type's blocks.
-fn fallback(ncols: u64, t: GgmlType) -> GgmlType {
+pub fn fallback(ncols: u64, t: GgmlType) -> GgmlType {
     let fits = |t: GgmlType| {
         t.block_layout()
             .is_some_and(|(bs, _)| ncols.is_multiple_of(bs as u64))

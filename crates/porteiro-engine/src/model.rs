@@ -191,10 +191,13 @@ pub struct QMatrix {
     /// and shape allow it; the blocks at `data` are then not read again.
     fast: Option<Repacked>,
     _file: Arc<GgufFile>,
+    /// Weights held in memory instead of the file's ([`Model::swap_matrix`]); `data` points here.
+    _owned: Option<Arc<[u8]>>,
 }
 
 // SAFETY: the raw `data` is the only field that is not Send; it points into the GGUF file's bytes,
-// which `_file` (an Arc, itself Send + Sync) keeps alive and which nothing ever writes.
+// which `_file` (an Arc, itself Send + Sync) keeps alive, or into `_owned` (likewise); nothing ever
+// writes either.
 unsafe impl Send for QMatrix {}
 // SAFETY: as for Send: shared access only ever reads through `data`, from bytes nothing writes.
 unsafe impl Sync for QMatrix {}
@@ -235,6 +238,55 @@ impl QMatrix {
             act,
             fast: None,
             _file: file.clone(),
+            _owned: None,
+        })
+    }
+
+    /// The same matrix with other weights, `bytes` of type `dtype` held in memory (repacked where
+    /// the CPU runs the repacked kernels).
+    fn with_bytes(&self, dtype: GgmlType, bytes: Arc<[u8]>) -> Result<Self, ModelError> {
+        let bad = |why: String| ModelError::BadShape {
+            name: format!("{} ({why})", self.name),
+            found: vec![bytes.len() as u64],
+            expected: vec![self.rows as u64, self.cols as u64],
+        };
+        let unsupported = || ModelError::UnsupportedType {
+            name: self.name.clone(),
+            dtype: dtype.name(),
+            supported: quant::SUPPORTED_TYPES,
+        };
+        let act = act_type(dtype).ok_or_else(unsupported)?;
+        let kernel = simd::kernel(dtype).ok_or_else(unsupported)?;
+        let (bs, ts) = dtype.block_layout().ok_or_else(unsupported)?;
+        if !self.cols.is_multiple_of(bs)
+            || (matches!(act, ActType::Q8K) && !self.cols.is_multiple_of(quant::QK_K))
+        {
+            return Err(bad(format!("rows are not whole {} blocks", dtype.name())));
+        }
+        let row_bytes = self.cols / bs * ts;
+        if bytes.len() != row_bytes * self.rows {
+            return Err(bad(format!("{} bytes", bytes.len())));
+        }
+        let fast = if Repacked::available() && self.fast.is_some() {
+            Repacked::new(dtype, &bytes, self.rows, self.cols)
+        } else {
+            None
+        };
+        Ok(Self {
+            name: self.name.clone(),
+            dtype,
+            rows: self.rows,
+            cols: self.cols,
+            row_bytes,
+            data: bytes.as_ptr(),
+            kernel,
+            kernel4: simd::kernel4(dtype),
+            tile4: simd::tile4(dtype),
+            tile8: simd::tile8(dtype),
+            act,
+            fast,
+            _file: self._file.clone(),
+            _owned: Some(bytes),
         })
     }
 
@@ -466,6 +518,53 @@ impl Model {
             layers,
             pool: ThreadPool::new(threads).map_err(ModelError::Threads)?,
         })
+    }
+
+    /// Replaces every use of matrix `name` (the token embedding and a tied output projection are
+    /// one tensor) by `bytes` of type `dtype`, same shape; returns what it replaced, for
+    /// [`Model::restore_matrix`]. Sensitivity measurements swap one tensor at a time this way.
+    pub fn swap_matrix(
+        &mut self,
+        name: &str,
+        dtype: GgmlType,
+        bytes: Vec<u8>,
+    ) -> Result<Vec<QMatrix>, ModelError> {
+        let bytes: Arc<[u8]> = bytes.into();
+        let mut slots: Vec<&mut QMatrix> = std::iter::once(&mut self.tok_embd)
+            .chain(std::iter::once(&mut self.output))
+            .chain(self.layers.iter_mut().flat_map(Layer::matrices_mut))
+            .filter(|m| m.name == name)
+            .collect();
+        if slots.is_empty() {
+            return Err(ModelError::MissingTensor(name.to_string()));
+        }
+        let new: Vec<QMatrix> = slots
+            .iter()
+            .map(|m| m.with_bytes(dtype, bytes.clone()))
+            .collect::<Result<_, _>>()?;
+        Ok(slots
+            .iter_mut()
+            .zip(new)
+            .map(|(slot, n)| std::mem::replace(&mut **slot, n))
+            .collect())
+    }
+
+    /// Puts back what [`Model::swap_matrix`] took out.
+    pub fn restore_matrix(&mut self, old: Vec<QMatrix>) {
+        let mut old = old.into_iter();
+        let slots = std::iter::once(&mut self.tok_embd)
+            .chain(std::iter::once(&mut self.output))
+            .chain(self.layers.iter_mut().flat_map(Layer::matrices_mut));
+        let mut next = old.next();
+        for slot in slots {
+            match next.take() {
+                Some(m) if m.name == slot.name => {
+                    *slot = m;
+                    next = old.next();
+                }
+                n => next = n,
+            }
+        }
     }
 
     pub fn threads(&self) -> usize {

@@ -225,6 +225,7 @@ fn merge(a: &MergeArgs) -> Result<()> {
         path: &a.out,
         force: a.force,
         threads: a.threads,
+        quiet: false,
     };
     crate::quantize::rewrite(&path, &src, &out, &opts, Some(&AdapterMerge(adapter)))
 }

@@ -38,6 +38,31 @@ pub struct QuantizeArgs {
     /// Type of the token embedding.
     #[arg(long)]
     token_embedding_type: Option<String>,
+    /// Fit the types to a size (e.g. 300MB, 1.2GiB, or bytes): each quantizable tensor's loss is
+    /// measured at every candidate type on --calib text, then the types with the least total loss
+    /// that fit are chosen (--type then only names the file type recorded).
+    #[arg(long, value_name = "SIZE", conflicts_with = "bpw", requires = "calib")]
+    budget: Option<String>,
+    /// As --budget, in bits per weight over the whole model.
+    #[arg(long, requires = "calib")]
+    bpw: Option<f64>,
+    /// Calibration text for --budget/--bpw (measure the result on other text).
+    #[arg(long)]
+    calib: Option<PathBuf>,
+    /// Calibration window in tokens (the second half of each is scored).
+    #[arg(long, default_value_t = 256)]
+    calib_window: usize,
+    /// Calibration windows.
+    #[arg(long, default_value_t = 2)]
+    calib_chunks: usize,
+    /// Types the budget may choose from (each falls back as llama.cpp does where rows are not
+    /// whole 256-blocks).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "Q4_0,Q4_K,Q5_K,Q6_K,Q8_0"
+    )]
+    candidates: Vec<String>,
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -116,7 +141,11 @@ pub fn run(a: &QuantizeArgs) -> Result<()> {
         path: &a.output,
         force: a.force,
         threads: a.threads,
+        quiet: false,
     };
+    if a.budget.is_some() || a.bpw.is_some() {
+        return fit_budget(a, &path, &src, &out, &opts);
+    }
     rewrite(&path, &src, &out, &opts, None)
 }
 
@@ -134,6 +163,8 @@ pub struct Output<'a> {
     pub path: &'a Path,
     pub force: bool,
     pub threads: Option<usize>,
+    /// No notes, progress or summary (a working copy).
+    pub quiet: bool,
 }
 
 /// Changes some tensors' values before they are written (`lora merge` adds B·A to the adapted
@@ -215,7 +246,7 @@ pub fn rewrite(
             size,
         });
     }
-    if !requantized.is_empty() {
+    if !requantized.is_empty() && !out.quiet {
         eprintln!(
             "note: {} holds {} tensors; they are dequantized to f32 first, so the result carries \
              both roundings (an F16/BF16 original gives a better file)",
@@ -223,7 +254,7 @@ pub fn rewrite(
             requantized.into_iter().collect::<Vec<_>>().join("/")
         );
     }
-    for (t, c) in tensors.iter().zip(&plan) {
+    for (t, c) in tensors.iter().zip(&plan).filter(|_| !out.quiet) {
         if let Some(w) = c.wanted {
             eprintln!(
                 "note: {}: {} columns are not whole {} blocks; {} instead",
@@ -272,7 +303,11 @@ pub fn rewrite(
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
         .max(1);
     let elements: u64 = tensors.iter().map(|t| t.dims.iter().product::<u64>()).sum();
-    let pb = ProgressBar::new(elements);
+    let pb = if out.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(elements)
+    };
     pb.set_style(
         ProgressStyle::with_template(
             "{spinner} quantizing [{bar:30}] {percent}% {msg} ({elapsed}, ~{eta} left)",
@@ -321,6 +356,9 @@ pub fn rewrite(
         .with_context(|| format!("writing {}", output.display()))?;
     pb.finish_and_clear();
 
+    if out.quiet {
+        return Ok(());
+    }
     let weights: u64 = by_type.values().map(|v| v.1).sum();
     let bytes: usize = by_type.values().map(|v| v.0).sum();
     println!(
@@ -360,4 +398,241 @@ fn convert(data: &[u8], from: GgmlType, to: GgmlType, cols: usize, threads: usiz
         }
     });
     out
+}
+
+/// "300MB", "1.2GiB", "123456789" → bytes.
+fn parse_size(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| anyhow!("--budget `{s}`: expected a size such as 300MB or 1.2GiB"))?;
+    let mult = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        u => bail!("--budget `{s}`: unknown unit `{u}` (B, KB, MB, GB, KiB, MiB, GiB)"),
+    };
+    if n <= 0.0 {
+        bail!("--budget must be positive");
+    }
+    Ok((n * mult) as u64)
+}
+
+fn dequantized(src: &GgufFile, name: &str) -> Vec<f32> {
+    let Some(t) = src.tensor(name) else {
+        return Vec::new();
+    };
+    let cols = t.dims[0] as usize;
+    let mut x = vec![0f32; t.n_elements() as usize];
+    if let Some(rb) = row_bytes(t.dtype, cols) {
+        for (r, o) in src.data(t).chunks_exact(rb).zip(x.chunks_exact_mut(cols)) {
+            dequantize_row(t.dtype, r, o);
+        }
+    }
+    x
+}
+
+/// `--budget` / `--bpw`: measure, allocate, write, and measure what was written.
+fn fit_budget(
+    a: &QuantizeArgs,
+    path: &Path,
+    src: &GgufFile,
+    out: &Output,
+    opts: &Options,
+) -> Result<()> {
+    use porteiro_engine::budget;
+    use porteiro_engine::eval::Reference;
+    use porteiro_engine::Model;
+    use std::sync::Arc;
+
+    if out.path.exists() && !out.force {
+        bail!("{} exists; pass --force to replace it", out.path.display());
+    }
+    let Some(calib) = &a.calib else {
+        bail!("--budget and --bpw need --calib TEXT");
+    };
+    let text =
+        std::fs::read_to_string(calib).with_context(|| format!("reading {}", calib.display()))?;
+    let types: Vec<GgmlType> = a
+        .candidates
+        .iter()
+        .map(|t| ty(t, "--candidates"))
+        .collect::<Result<_>>()?;
+    let threads = out
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .max(1);
+    let weights: u64 = src.tensors().iter().map(|t| t.n_elements()).sum();
+    let header = src
+        .file_size()
+        .saturating_sub(src.tensors().iter().map(|t| t.size_bytes).sum());
+    let target = match (&a.budget, a.bpw) {
+        (Some(b), _) => parse_size(b)?,
+        (None, Some(bpw)) if bpw > 0.0 => (bpw * weights as f64 / 8.0) as u64,
+        _ => bail!("--bpw must be positive"),
+    };
+    let decide: Vec<(String, usize)> = src
+        .tensors()
+        .iter()
+        .filter(|t| mix::quantizable(&t.name, &t.dims))
+        .map(|t| (t.name.clone(), t.dims[0] as usize))
+        .collect();
+    let fixed: usize = src
+        .tensors()
+        .iter()
+        .filter(|t| !mix::quantizable(&t.name, &t.dims))
+        .map(|t| t.size_bytes.next_multiple_of(32))
+        .sum();
+    let room = (target as usize)
+        .checked_sub(fixed + header)
+        .ok_or_else(|| {
+            anyhow!(
+                "the budget {} does not even hold the unquantized tensors",
+                human(target)
+            )
+        })?;
+
+    // Refused up front when even the smallest candidates do not fit.
+    let smallest: usize = src
+        .tensors()
+        .iter()
+        .filter(|t| mix::quantizable(&t.name, &t.dims))
+        .map(|t| {
+            let cols = t.dims[0] as usize;
+            let rows = (t.n_elements() / t.dims[0]) as usize;
+            budget::candidates(cols, &types)
+                .first()
+                .and_then(|&c| row_bytes(c, cols))
+                .map_or(t.size_bytes, |r| r * rows)
+                .next_multiple_of(32)
+        })
+        .sum();
+    if smallest > room {
+        bail!(
+            "the budget {} is below the smallest file the candidate types give (about {})",
+            human(target),
+            human((smallest + fixed + header) as u64)
+        );
+    }
+
+    // The reference: the input's own predictions on the calibration text.
+    let tok = porteiro_models::tokenizer::Tokenizer::from_gguf(src)?;
+    let (ids, chunks) =
+        crate::perplexity::windows(&tok, &text, calib, a.calib_window, a.calib_chunks)?;
+    let bos = crate::perplexity::bos(&tok);
+    eprintln!(
+        "budget {}: measuring the reference on {chunks} windows of {} tokens",
+        human(target),
+        a.calib_window
+    );
+    let reference = {
+        let m = Model::load(Arc::new(GgufFile::open(path)?), threads)?;
+        Reference::new(&m, &ids, a.calib_window, chunks, bos)?
+    };
+
+    // A working copy with every quantizable tensor at Q8_0, the starting point of each measurement.
+    let work = out.path.with_file_name(format!(
+        ".{}.q8_0.partial",
+        out.path
+            .file_name()
+            .map_or("out".into(), |n| n.to_string_lossy())
+    ));
+    let q8 = Options {
+        ftype: Some(Ftype::Q8_0),
+        pure: true,
+        ..Default::default()
+    };
+    let w = Output {
+        path: &work,
+        force: true,
+        threads: out.threads,
+        quiet: true,
+    };
+    rewrite(path, src, &w, &q8, None)?;
+    let measured = (|| -> Result<_> {
+        let mut model = Model::load(Arc::new(GgufFile::open(&work)?), threads)?;
+        let total: usize = decide
+            .iter()
+            .map(|(_, c)| budget::candidates(*c, &types).len())
+            .sum();
+        let pb = ProgressBar::new(total as u64);
+        pb.set_style(
+            ProgressStyle::with_template(
+                "{spinner} measuring each tensor at each type [{bar:30}] {pos}/{len} ({elapsed}, ~{eta} left)",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        let r = budget::measure(
+            &mut model,
+            &reference,
+            &decide,
+            &types,
+            &|name| dequantized(src, name),
+            &mut |done, _| pb.set_position(done as u64),
+        )?;
+        pb.finish_and_clear();
+        Ok(r)
+    })();
+    let _ = std::fs::remove_file(&work);
+    let (base, sens) = measured?;
+    let pick = budget::allocate(&sens, room).map_err(|e| {
+        anyhow!(
+            "{e}; the smallest candidate types give a file of about {}",
+            human((fixed + header + sens.iter().map(|s| s.choices[0].bytes).sum::<usize>()) as u64)
+        )
+    })?;
+
+    let overrides = sens
+        .iter()
+        .zip(&pick)
+        .map(|(s, &i)| {
+            let re = regex::Regex::new(&format!("^{}$", regex::escape(&s.name)))?;
+            Ok((re, s.choices[i].dtype))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let chosen = Options {
+        ftype: opts.ftype,
+        pure: true,
+        overrides,
+        output: None,
+        token_embd: None,
+    };
+    rewrite(path, src, out, &chosen, None)?;
+
+    let predicted = base
+        + sens
+            .iter()
+            .zip(&pick)
+            .map(|(s, &i)| s.choices[i].dkld)
+            .sum::<f64>();
+    let got = {
+        let m = Model::load(Arc::new(GgufFile::open(out.path)?), threads)?;
+        reference.mean_kld(&m)?
+    };
+    let size = std::fs::metadata(out.path)?.len();
+    println!("tensor types chosen (ΔKLD: that tensor alone at that type, all others at Q8_0):");
+    for (s, &i) in sens.iter().zip(&pick) {
+        let c = &s.choices[i];
+        println!(
+            "  {:<32} {:>5} {:>10}  ΔKLD {:+.6}",
+            s.name,
+            c.dtype.name(),
+            human(c.bytes as u64),
+            c.dkld
+        );
+    }
+    println!(
+        "budget {}, file {} ({:.2} bits per weight); calibration KLD: predicted {predicted:.6}, measured {got:.6} (all Q8_0: {base:.6})",
+        human(target),
+        human(size),
+        8.0 * size as f64 / weights as f64
+    );
+    Ok(())
 }

@@ -251,3 +251,96 @@ fn merged_adapter_predicts_like_the_adapter_served() {
         "merged {merged_ppl} vs served on the F16 base {f16_runtime}"
     );
 }
+
+/// `--budget`: every quantizable tensor measured (here at Q4_0 against Q8_0 only, on one short
+/// window, to keep the test short), a file that fits the budget, mixing both types, with the
+/// predicted and measured calibration KLD printed.
+#[test]
+fn budget_fits_types_to_a_size() {
+    if !model_cached("smollm2-135m") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let f16 = dir.path().join("f16.gguf");
+    ok(
+        &porteiro(&[
+            "quantize",
+            "smollm2-135m",
+            f16.to_str().unwrap(),
+            "--type",
+            "F16",
+        ]),
+        "F16",
+    );
+    let size = |t: &str| {
+        let out = dir.path().join(format!("{t}.gguf"));
+        ok(
+            &porteiro(&[
+                "quantize",
+                f16.to_str().unwrap(),
+                out.to_str().unwrap(),
+                "--type",
+                t,
+                "--pure",
+            ]),
+            t,
+        );
+        std::fs::metadata(&out).unwrap().len()
+    };
+    let (small, large) = (size("Q4_0"), size("Q8_0"));
+    let budget = (small + large) / 2;
+    let calib = dir.path().join("calib.txt");
+    std::fs::write(
+        &calib,
+        "The river flows through the old town, past the market and the cathedral, and on to the \
+         sea. Fishermen have worked its mouth for centuries; their boats still leave before dawn \
+         and come back at noon with the catch, which is sold on the quay to cooks and traders. "
+            .repeat(8),
+    )
+    .unwrap();
+    let out = dir.path().join("fit.gguf");
+    let o = porteiro(&[
+        "quantize",
+        f16.to_str().unwrap(),
+        out.to_str().unwrap(),
+        "--type",
+        "Q4_0",
+        "--budget",
+        &budget.to_string(),
+        "--calib",
+        calib.to_str().unwrap(),
+        "--calib-window",
+        "64",
+        "--calib-chunks",
+        "1",
+        "--candidates",
+        "Q4_0,Q8_0",
+    ]);
+    ok(&o, "budget");
+    let text = String::from_utf8_lossy(&o.stdout);
+    let got = std::fs::metadata(&out).unwrap().len();
+    assert!(
+        got <= budget && got > small,
+        "{small} < {got} <= {budget}\n{text}"
+    );
+    assert!(
+        text.contains("predicted") && text.contains("measured"),
+        "{text}"
+    );
+    assert!(text.contains(" Q4_0 ") && text.contains(" Q8_0 "), "{text}");
+    assert!(!dir.path().join(".fit.gguf.q8_0.partial").exists());
+    // Too small a budget is refused before anything is written.
+    let tiny = porteiro(&[
+        "quantize",
+        f16.to_str().unwrap(),
+        dir.path().join("tiny.gguf").to_str().unwrap(),
+        "--type",
+        "Q4_0",
+        "--budget",
+        "10MB",
+        "--calib",
+        calib.to_str().unwrap(),
+    ]);
+    assert!(!tiny.status.success());
+    assert!(String::from_utf8_lossy(&tiny.stderr).contains("budget"));
+}

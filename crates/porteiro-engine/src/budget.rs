@@ -1,0 +1,282 @@
+//! Types per tensor fitted to a byte budget from measured loss.
+//!
+//! Each tensor's sensitivity is measured, not guessed: starting from the model with every tensor
+//! at Q8_0, that tensor alone is quantized to each candidate type and the mean KL divergence from
+//! the original's predictions on calibration text is measured ([`measure`]). Treating the losses
+//! as additive, [`allocate`] then picks one type per tensor to minimise their sum under the
+//! budget: a Lagrangian sweep over the price of a byte, then the best remaining upgrades by loss
+//! saved per byte.
+
+use porteiro_models::gguf::GgmlType;
+
+use crate::eval::Reference;
+use crate::model::{ForwardError, Model, ModelError};
+use crate::quantize::{quantize_row, row_bytes};
+
+/// One type a tensor may take.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Choice {
+    pub dtype: GgmlType,
+    pub bytes: usize,
+    /// Mean KLD added by this tensor alone at this type (against all tensors at Q8_0).
+    pub dkld: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Sensitivity {
+    pub name: String,
+    /// Ascending in bytes.
+    pub choices: Vec<Choice>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BudgetError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Forward(#[from] ForwardError),
+    #[error("{0}")]
+    Infeasible(String),
+}
+
+/// The candidate types a row of `cols` values can take, each through llama.cpp's fallback for
+/// rows that are not whole 256-blocks, without repeats; ascending in size.
+pub fn candidates(cols: usize, types: &[GgmlType]) -> Vec<GgmlType> {
+    let mut out: Vec<GgmlType> = Vec::new();
+    for &t in types {
+        let t = crate::mix::fallback(cols as u64, t);
+        if row_bytes(t, cols).is_some() && !out.contains(&t) {
+            out.push(t);
+        }
+    }
+    out.sort_by_key(|&t| row_bytes(t, cols));
+    out
+}
+
+/// Quantizes `x` (rows of `cols`) to `t`.
+pub fn quantize_tensor(t: GgmlType, x: &[f32], cols: usize) -> Vec<u8> {
+    let rb = row_bytes(t, cols).unwrap_or(0);
+    let mut out = vec![0u8; x.len() / cols.max(1) * rb];
+    for (r, o) in x.chunks_exact(cols).zip(out.chunks_exact_mut(rb)) {
+        quantize_row(t, r, o);
+    }
+    out
+}
+
+/// Measures every tensor in `tensors` (name, row length) at each of `types` on `model`, a model
+/// with all of them at Q8_0: `weights(name)` gives a tensor's original values in f32. Q8_0 itself
+/// costs nothing by definition. `progress(done, total)` after each measurement.
+pub fn measure(
+    model: &mut Model,
+    reference: &Reference,
+    tensors: &[(String, usize)],
+    types: &[GgmlType],
+    weights: &dyn Fn(&str) -> Vec<f32>,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<(f64, Vec<Sensitivity>), BudgetError> {
+    let base = reference.mean_kld(model)?;
+    let total: usize = tensors
+        .iter()
+        .map(|(_, c)| candidates(*c, types).len())
+        .sum();
+    let mut done = 0;
+    let mut out = Vec::with_capacity(tensors.len());
+    for (name, cols) in tensors {
+        let x = weights(name);
+        let mut choices = Vec::new();
+        for t in candidates(*cols, types) {
+            let bytes = quantize_tensor(t, &x, *cols);
+            let size = bytes.len();
+            let dkld = if t == GgmlType::Q8_0 {
+                0.0
+            } else {
+                let old = model.swap_matrix(name, t, bytes)?;
+                let kld = reference.mean_kld(model);
+                model.restore_matrix(old);
+                kld? - base
+            };
+            choices.push(Choice {
+                dtype: t,
+                bytes: size,
+                dkld,
+            });
+            done += 1;
+            progress(done, total);
+        }
+        out.push(Sensitivity {
+            name: name.clone(),
+            choices,
+        });
+    }
+    Ok((base, out))
+}
+
+/// One choice index per tensor whose bytes sum to at most `budget`, at the least total loss the
+/// sweep finds. Infeasible when even the smallest choices exceed the budget.
+pub fn allocate(sens: &[Sensitivity], budget: usize) -> Result<Vec<usize>, BudgetError> {
+    let bytes = |pick: &[usize]| -> usize {
+        sens.iter()
+            .zip(pick)
+            .map(|(s, &i)| s.choices[i].bytes)
+            .sum()
+    };
+    let at = |lambda: f64| -> Vec<usize> {
+        sens.iter()
+            .map(|s| {
+                (0..s.choices.len())
+                    .min_by(|&a, &b| {
+                        let cost =
+                            |i: usize| s.choices[i].dkld + lambda * s.choices[i].bytes as f64;
+                        cost(a).total_cmp(&cost(b)).then(a.cmp(&b))
+                    })
+                    .unwrap_or(0)
+            })
+            .collect()
+    };
+    let smallest: Vec<usize> = vec![0; sens.len()];
+    if bytes(&smallest) > budget {
+        return Err(BudgetError::Infeasible(format!(
+            "even the smallest types take {} bytes, over the budget of {budget}",
+            bytes(&smallest)
+        )));
+    }
+    // Price of a byte: 0 buys the least-loss choice everywhere; raise it until the plan fits.
+    let mut pick = at(0.0);
+    if bytes(&pick) > budget {
+        let (mut lo, mut hi) = (0.0f64, 1e-12f64);
+        while bytes(&at(hi)) > budget {
+            hi *= 4.0;
+            if hi > 1e6 {
+                pick = smallest.clone();
+                break;
+            }
+        }
+        if bytes(&pick) > budget {
+            for _ in 0..100 {
+                let mid = 0.5 * (lo + hi);
+                if bytes(&at(mid)) > budget {
+                    lo = mid;
+                } else {
+                    hi = mid;
+                }
+            }
+            pick = at(hi);
+        }
+    }
+    // Spend what is left on the upgrades that save the most loss per byte.
+    loop {
+        let left = budget - bytes(&pick);
+        let best = sens
+            .iter()
+            .enumerate()
+            .flat_map(|(t, s)| {
+                let cur = &s.choices[pick[t]];
+                s.choices.iter().enumerate().filter_map(move |(i, c)| {
+                    let extra = c.bytes.checked_sub(cur.bytes)?;
+                    let saved = cur.dkld - c.dkld;
+                    (extra > 0 && extra <= left && saved > 0.0).then_some((
+                        t,
+                        i,
+                        saved / extra as f64,
+                    ))
+                })
+            })
+            .max_by(|a, b| a.2.total_cmp(&b.2));
+        match best {
+            Some((t, i, _)) => pick[t] = i,
+            None => break,
+        }
+    }
+    Ok(pick)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(name: &str, opts: &[(usize, f64)]) -> Sensitivity {
+        Sensitivity {
+            name: name.into(),
+            choices: opts
+                .iter()
+                .map(|&(bytes, dkld)| Choice {
+                    dtype: GgmlType::Q4_0,
+                    bytes,
+                    dkld,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn bits_go_where_they_save_most() {
+        // Tensor a is sensitive, b is not: with room for one upgrade, a gets it.
+        let sens = [
+            s("a", &[(100, 0.5), (150, 0.1), (200, 0.0)]),
+            s("b", &[(100, 0.01), (150, 0.005), (200, 0.0)]),
+        ];
+        assert_eq!(allocate(&sens, 250).unwrap(), [1, 0]);
+        assert_eq!(allocate(&sens, 300).unwrap(), [2, 0]);
+        assert_eq!(allocate(&sens, 400).unwrap(), [2, 2]);
+        assert!(allocate(&sens, 199).is_err());
+    }
+
+    #[test]
+    fn the_budget_is_never_exceeded_and_is_used() {
+        let sens: Vec<Sensitivity> = (0..20)
+            .map(|i| {
+                let w = 1.0 + (i * 7 % 5) as f64;
+                s(
+                    "t",
+                    &[(40, 0.3 * w), (55, 0.1 * w), (66, 0.03 * w), (85, 0.0)],
+                )
+            })
+            .collect();
+        for budget in [800, 900, 1000, 1200, 1500, 1700] {
+            let pick = allocate(&sens, budget).unwrap();
+            let used: usize = sens
+                .iter()
+                .zip(&pick)
+                .map(|(s, &i)| s.choices[i].bytes)
+                .sum();
+            assert!(used <= budget, "{used} > {budget}");
+            // No single upgrade still fits and helps.
+            let left = budget - used;
+            for (s, &i) in sens.iter().zip(&pick) {
+                for c in &s.choices[i + 1..] {
+                    assert!(c.bytes - s.choices[i].bytes > left || c.dkld >= s.choices[i].dkld);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn candidates_fall_back_like_llama_cpp() {
+        let all = [
+            GgmlType::Q4_0,
+            GgmlType::Q4_K,
+            GgmlType::Q5_K,
+            GgmlType::Q6_K,
+            GgmlType::Q8_0,
+        ];
+        assert_eq!(
+            candidates(896, &all),
+            [
+                GgmlType::Q4_0,
+                GgmlType::Q5_0,
+                GgmlType::Q5_1,
+                GgmlType::Q8_0
+            ]
+        );
+        assert_eq!(
+            candidates(1536, &all),
+            [
+                GgmlType::Q4_0,
+                GgmlType::Q4_K,
+                GgmlType::Q5_K,
+                GgmlType::Q6_K,
+                GgmlType::Q8_0
+            ]
+        );
+    }
+}
