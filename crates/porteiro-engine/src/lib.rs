@@ -9,6 +9,7 @@
 pub mod budget;
 pub mod eval;
 pub mod generate;
+pub mod imatrix;
 pub mod lora;
 pub mod mix;
 pub mod model;

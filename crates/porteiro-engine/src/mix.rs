@@ -112,6 +112,8 @@ pub struct Options {
     pub overrides: Vec<(Regex, GgmlType)>,
     pub output: Option<GgmlType>,
     pub token_embd: Option<GgmlType>,
+    /// Quantizing with an importance matrix (llama.cpp then gives Q4_0's first ffn_down layers Q4_1).
+    pub imatrix: bool,
 }
 
 /// One tensor as the plan sees it.
@@ -326,6 +328,7 @@ pub fn plan(tensors: &[Tensor], opts: &Options, n_layer: usize) -> Vec<Choice> {
                     match ftype {
                         Ftype::Q4_K_M | Ftype::Q5_K_M if more_bits(i, n) => ty = GgmlType::Q6_K,
                         Ftype::Q4_K_S if i < n / 8 => ty = GgmlType::Q5_K,
+                        Ftype::Q4_0 if opts.imatrix && i < n / 8 => ty = GgmlType::Q4_1,
                         _ => {}
                     }
                     i_ffn_down += 1;

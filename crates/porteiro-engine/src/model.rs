@@ -673,6 +673,8 @@ struct MatmulBufs {
     acts: [Vec<u8>; 4],
     /// Activations for the repacked kernels.
     fast: Acts,
+    /// When set, every matrix's inputs are summed here (an importance matrix).
+    imatrix: Option<Box<crate::imatrix::Collector>>,
 }
 
 /// Reusable buffers; grows to the largest batch seen.
@@ -688,6 +690,18 @@ pub struct Scratch {
     hb2: Vec<f32>,
     mm: MatmulBufs,
     pub logits: Vec<f32>,
+}
+
+impl Scratch {
+    /// From now on, sum every matrix's squared inputs (see [`crate::imatrix`]).
+    pub fn collect_imatrix(&mut self) {
+        self.mm.imatrix.get_or_insert_with(Default::default);
+    }
+
+    /// The sums collected since [`Scratch::collect_imatrix`]; collection stops.
+    pub fn take_imatrix(&mut self) -> Option<crate::imatrix::Collector> {
+        self.mm.imatrix.take().map(|b| *b)
+    }
 }
 
 fn grow<T: Default + Clone>(v: &mut Vec<T>, n: usize) {
@@ -866,6 +880,12 @@ impl Model {
         n: usize,
         s: &mut MatmulBufs,
     ) {
+        if let Some(c) = s.imatrix.as_mut() {
+            // As llama-imatrix: the output projection is not collected (it is quantized without).
+            for (w, _) in jobs.iter().filter(|(w, _)| !std::ptr::eq(*w, &self.output)) {
+                c.add(&w.name, x, n);
+            }
+        }
         let mut fast: Vec<(&Repacked, &mut [f32], Option<&Delta>)> = Vec::new();
         let mut slow: Vec<(&QMatrix, &mut [f32], Option<&Delta>)> = Vec::new();
         for (i, (w, y)) in jobs.iter_mut().enumerate() {

@@ -16,12 +16,13 @@ const QK_K: usize = 256;
 const GROUP_MAX_EPS: f32 = 1e-15;
 
 /// The types [`quantize_row`] writes.
-pub const WRITABLE: [GgmlType; 10] = [
+pub const WRITABLE: [GgmlType; 11] = [
     GgmlType::F32,
     GgmlType::F16,
     GgmlType::BF16,
     GgmlType::Q8_0,
     GgmlType::Q4_0,
+    GgmlType::Q4_1,
     GgmlType::Q5_0,
     GgmlType::Q5_1,
     GgmlType::Q4_K,
@@ -62,6 +63,7 @@ pub fn quantize_row(t: GgmlType, x: &[f32], out: &mut [u8]) {
         }
         GgmlType::Q8_0 => blocks(x, out, QK, 34, q8_0),
         GgmlType::Q4_0 => blocks(x, out, QK, 18, q4_0),
+        GgmlType::Q4_1 => blocks(x, out, QK, 20, q4_1),
         GgmlType::Q5_0 => blocks(x, out, QK, 22, q5_0),
         GgmlType::Q5_1 => blocks(x, out, QK, 24, q5_1),
         GgmlType::Q4_K => blocks(x, out, QK_K, 144, |x, y| qk_min(x, y, 15)),
@@ -124,6 +126,27 @@ fn q4_0(x: &[f32], y: &mut [u8]) {
         let a = ((x[j] * id + 8.5) as i8).min(15) as u8;
         let b = ((x[j + 16] * id + 8.5) as i8).min(15) as u8;
         y[2 + j] = a | (b << 4);
+    }
+}
+
+fn q4_1(x: &[f32], y: &mut [u8]) {
+    let (mut min, mut max) = (f32::MAX, -f32::MAX);
+    for &v in x {
+        if v < min {
+            min = v;
+        }
+        if v > max {
+            max = v;
+        }
+    }
+    let d = (max - min) / 15.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    put_f16(y, 0, d);
+    put_f16(y, 2, min);
+    for j in 0..16 {
+        let a = (((x[j] - min) * id + 0.5) as i8).min(15) as u8;
+        let b = (((x[j + 16] - min) * id + 0.5) as i8).min(15) as u8;
+        y[4 + j] = a | (b << 4);
     }
 }
 
@@ -297,6 +320,11 @@ fn qk_min(x: &[f32], y: &mut [u8], nmax: i32) {
     put_f16(y, 0, max_scale / 63.0);
     put_f16(y, 2, max_min / 63.0);
     y[4..16].copy_from_slice(sc);
+    finish_qk_min(x, y, &mut l, nmax, sc);
+}
+
+/// The levels against the stored (rounded) scales and mins, packed: shared by both fits.
+fn finish_qk_min(x: &[f32], y: &mut [u8], l: &mut [u8; QK_K], nmax: i32, sc: &[u8; 12]) {
     let (d_all, m_all) = (get_f16(y, 0), get_f16(y, 2));
     for j in 0..8 {
         let (s, m) = crate::quant::k4_scale_min(j, sc);
@@ -339,7 +367,8 @@ fn qk_min(x: &[f32], y: &mut [u8], nmax: i32) {
 /// Symmetric levels in [-nmax, nmax) for one group, weighted by x² (ggml's rmse_type 1): the
 /// max-magnitude fit, then 18 nearby scales, keeping the best weighted least-squares fit. Returns
 /// the scale; `l` gets levels offset by `nmax`.
-fn fit_symmetric(x: &[f32], nmax: i32, l: &mut [i8]) -> f32 {
+fn fit_symmetric(x: &[f32], nmax: i32, l: &mut [i8], qw: Option<&[f32]>) -> f32 {
+    let weight = |i: usize, v: f32| qw.map_or(v * v, |q| q[i]);
     let (amax, max) = signed_max(x);
     if amax < GROUP_MAX_EPS {
         l.fill(0);
@@ -351,7 +380,7 @@ fn fit_symmetric(x: &[f32], nmax: i32, l: &mut [i8]) -> f32 {
     for (i, &v) in x.iter().enumerate() {
         let q = level(iscale, v);
         l[i] = (q + nmax) as i8;
-        let w = v * v;
+        let w = weight(i, v);
         sumlx += w * v * q as f32;
         suml2 += w * q as f32 * q as f32;
     }
@@ -363,9 +392,9 @@ fn fit_symmetric(x: &[f32], nmax: i32, l: &mut [i8]) -> f32 {
         }
         iscale = -(nmax as f32 + 0.1 * is as f32) / max;
         let (mut slx, mut sl2) = (0.0f32, 0.0f32);
-        for &v in x {
+        for (i, &v) in x.iter().enumerate() {
             let q = level(iscale, v) as f32;
-            let w = v * v;
+            let w = weight(i, v);
             slx += w * v * q;
             sl2 += w * q * q;
         }
@@ -380,13 +409,19 @@ fn fit_symmetric(x: &[f32], nmax: i32, l: &mut [i8]) -> f32 {
     scale
 }
 
-/// Q6_K: sixteen groups of 16 with signed 8-bit scales under one f16 factor.
 fn q6_k(x: &[f32], y: &mut [u8]) {
+    q6_k_weighted(x, y, None);
+}
+
+/// Q6_K: sixteen groups of 16 with signed 8-bit scales under one f16 factor; with importance
+/// weights (`qw`, one per value of the block) each group's fit weighs its values by them.
+fn q6_k_weighted(x: &[f32], y: &mut [u8], qw: Option<&[f32]>) {
     let mut l = [0i8; QK_K];
     let mut scales = [0.0f32; 16];
     let (mut max_scale, mut max_abs) = (0.0f32, 0.0f32);
     for ib in 0..16 {
-        let s = fit_symmetric(&x[16 * ib..16 * ib + 16], 32, &mut l[16 * ib..16 * ib + 16]);
+        let g = 16 * ib..16 * ib + 16;
+        let s = fit_symmetric(&x[g.clone()], 32, &mut l[g.clone()], qw.map(|q| &q[g]));
         scales[ib] = s;
         if s.abs() > max_abs {
             max_abs = s.abs();
@@ -422,6 +457,318 @@ fn q6_k(x: &[f32], y: &mut [u8]) {
             y[qh + i] = (q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4) | ((q4 >> 4) << 6);
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// With importance weights (an imatrix: mean squared activation per input column), as ggml's
+// `quantize_row_*_impl`: each value's error counts by how much its column matters.
+
+/// Quantizes one row with importance weights `qw` (one per column); None as [`quantize_row`].
+/// Types without a weighted form (Q8_0, F16, …) ignore them, as ggml does.
+pub fn quantize_row_weighted(t: GgmlType, x: &[f32], out: &mut [u8], qw: Option<&[f32]>) {
+    let Some(qw) = qw.filter(|q| q.len() == x.len()) else {
+        return quantize_row(t, x, out);
+    };
+    assert_eq!(Some(out.len()), row_bytes(t, x.len()), "{t:?} row");
+    let sigma2 = || {
+        let mut s = 0.0f32;
+        for v in x {
+            s += v * v;
+        }
+        s / x.len() as f32
+    };
+    // Weight of value j of block b: qw · sqrt(σ² + x²).
+    let block_weights = |xb: &[f32], qb: &[f32], s2: f32| -> [f32; 32] {
+        let mut w = [0.0f32; 32];
+        for j in 0..32 {
+            w[j] = qb[j] * (s2 + xb[j] * xb[j]).sqrt();
+        }
+        w
+    };
+    match t {
+        GgmlType::Q4_0 | GgmlType::Q5_0 => {
+            let (nmax, bytes) = if t == GgmlType::Q4_0 {
+                (8, 18)
+            } else {
+                (16, 22)
+            };
+            let s2 = sigma2();
+            for ((xb, qb), y) in x
+                .chunks_exact(QK)
+                .zip(qw.chunks_exact(QK))
+                .zip(out.chunks_exact_mut(bytes))
+            {
+                let w = block_weights(xb, qb, s2);
+                let mut l = [0i8; 32];
+                let d = fit_symmetric(xb, nmax, &mut l, Some(&w));
+                put_f16(y, 0, d);
+                let l = l.map(|v| v as u8);
+                if t == GgmlType::Q4_0 {
+                    for j in 0..16 {
+                        y[2 + j] = l[j] | (l[j + 16] << 4);
+                    }
+                } else {
+                    pack_q5(&l, &mut y[2..]);
+                }
+            }
+        }
+        GgmlType::Q4_1 | GgmlType::Q5_1 => {
+            let (nmax, bytes) = if t == GgmlType::Q4_1 {
+                (15, 20)
+            } else {
+                (31, 24)
+            };
+            let s2 = sigma2();
+            for ((xb, qb), y) in x
+                .chunks_exact(QK)
+                .zip(qw.chunks_exact(QK))
+                .zip(out.chunks_exact_mut(bytes))
+            {
+                let w = block_weights(xb, qb, s2);
+                let mut l = [0u8; 32];
+                let (d, min) = fit_scale_min_weighted(xb, &w, nmax, &mut l);
+                put_f16(y, 0, d);
+                put_f16(y, 2, -min);
+                if t == GgmlType::Q4_1 {
+                    for j in 0..16 {
+                        y[4 + j] = l[j] | (l[j + 16] << 4);
+                    }
+                } else {
+                    pack_q5(&l, &mut y[4..]);
+                }
+            }
+        }
+        GgmlType::Q4_K | GgmlType::Q5_K => {
+            let (nmax, bytes) = if t == GgmlType::Q4_K {
+                (15, 144)
+            } else {
+                (31, 176)
+            };
+            for ((xb, qb), y) in x
+                .chunks_exact(QK_K)
+                .zip(qw.chunks_exact(QK_K))
+                .zip(out.chunks_exact_mut(bytes))
+            {
+                qk_min_weighted(xb, qb, y, nmax);
+            }
+        }
+        GgmlType::Q6_K => {
+            for ((xb, qb), y) in x
+                .chunks_exact(QK_K)
+                .zip(qw.chunks_exact(QK_K))
+                .zip(out.chunks_exact_mut(210))
+            {
+                q6_k_weighted(xb, y, Some(qb));
+            }
+        }
+        _ => quantize_row(t, x, out),
+    }
+}
+
+/// Q5_0/Q5_1's layout: 32 five-bit levels as four high bits (a u32) then 16 bytes of low nibbles.
+fn pack_q5(l: &[u8; 32], y: &mut [u8]) {
+    let mut qh = 0u32;
+    for j in 0..16 {
+        let (a, b) = (l[j], l[j + 16]);
+        y[4 + j] = (a & 0xF) | ((b & 0xF) << 4);
+        qh |= (((a & 0x10) >> 4) as u32) << j;
+        qh |= (((b & 0x10) >> 4) as u32) << (j + 16);
+    }
+    y[..4].copy_from_slice(&qh.to_le_bytes());
+}
+
+/// [`fit_scale_min`] with explicit weights and ggml's imatrix search (make_qkx3_quants: 37
+/// scales from nmax − 0.9 in steps of 0.05). Returns (scale, -min).
+fn fit_scale_min_weighted(x: &[f32], w: &[f32], nmax: i32, l: &mut [u8]) -> (f32, f32) {
+    let n = x.len();
+    let (mut min, mut max) = (x[0], x[0]);
+    let mut sum_w = w[0];
+    let mut sum_x = sum_w * x[0];
+    for i in 1..n {
+        if x[i] < min {
+            min = x[i];
+        }
+        if x[i] > max {
+            max = x[i];
+        }
+        sum_w += w[i];
+        sum_x += w[i] * x[i];
+    }
+    if min > 0.0 {
+        min = 0.0;
+    }
+    if max <= min {
+        l[..n].fill(0);
+        return (0.0, -min);
+    }
+    let mut iscale = nmax as f32 / (max - min);
+    let mut scale = 1.0 / iscale;
+    let mut best = 0.0f32;
+    for i in 0..n {
+        l[i] = nearest_int(iscale * (x[i] - min)).clamp(0, nmax) as u8;
+        let diff = scale * l[i] as f32 + min - x[i];
+        best += w[i] * (diff * diff);
+    }
+    let mut aux = [0u8; 32];
+    for is in 0..=36 {
+        iscale = (-0.9 + 0.05 * is as f32 + nmax as f32) / (max - min);
+        let (mut sum_l, mut sum_l2, mut sum_xl) = (0.0f32, 0.0f32, 0.0f32);
+        for i in 0..n {
+            let q = nearest_int(iscale * (x[i] - min)).clamp(0, nmax);
+            aux[i] = q as u8;
+            let lf = q as f32;
+            sum_l += w[i] * lf;
+            sum_l2 += w[i] * lf * lf;
+            sum_xl += w[i] * lf * x[i];
+        }
+        let det = sum_w * sum_l2 - sum_l * sum_l;
+        if det > 0.0 {
+            let mut this_scale = (sum_w * sum_xl - sum_x * sum_l) / det;
+            let mut this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det;
+            if this_min > 0.0 {
+                this_min = 0.0;
+                this_scale = sum_xl / sum_l2;
+            }
+            let mut err = 0.0f32;
+            for i in 0..n {
+                let diff = this_scale * aux[i] as f32 + this_min - x[i];
+                err += w[i] * (diff * diff);
+            }
+            if err < best {
+                l[..n].copy_from_slice(&aux[..n]);
+                best = err;
+                scale = this_scale;
+                min = this_min;
+            }
+        }
+    }
+    (scale, -min)
+}
+
+/// The super-block's 6-bit scales (or mins) for its eight groups, fitted by weighted least
+/// squares (make_qp_quants): levels in [0, nmax], the weights each group's summed weight.
+fn fit_positive(x: &[f32; 8], nmax: i32, l: &mut [u8; 8], qw: &[f32; 8]) -> f32 {
+    let mut max = 0.0f32;
+    for &v in x {
+        max = max.max(v);
+    }
+    if max < GROUP_MAX_EPS {
+        l.fill(0);
+        return 0.0;
+    }
+    let mut iscale = nmax as f32 / max;
+    for i in 0..8 {
+        l[i] = nearest_int(iscale * x[i]) as u8;
+    }
+    let scale = 1.0 / iscale;
+    let mut best = 0.0f32;
+    for i in 0..8 {
+        let diff = x[i] - scale * l[i] as f32;
+        best += qw[i] * diff * diff;
+    }
+    for is in -4..=4 {
+        if is == 0 {
+            continue;
+        }
+        let iscale_is = (0.1 * is as f32 + nmax as f32) / max;
+        let scale_is = 1.0 / iscale_is;
+        let mut mse = 0.0f32;
+        for i in 0..8 {
+            let q = nearest_int(iscale_is * x[i]).min(nmax);
+            let diff = x[i] - scale_is * q as f32;
+            mse += qw[i] * diff * diff;
+        }
+        if mse < best {
+            best = mse;
+            iscale = iscale_is;
+        }
+    }
+    let (mut sumlx, mut suml2) = (0.0f32, 0.0f32);
+    let mut li = [0i32; 8];
+    for i in 0..8 {
+        li[i] = nearest_int(iscale * x[i]).min(nmax);
+        let lf = li[i] as f32;
+        sumlx += qw[i] * x[i] * lf;
+        suml2 += qw[i] * lf * lf;
+    }
+    for _ in 0..5 {
+        let mut changed = 0;
+        for i in 0..8 {
+            let w = qw[i];
+            let lf = li[i] as f32;
+            let mut slx = sumlx - w * x[i] * lf;
+            let mut sl2 = suml2 - w * lf * lf;
+            if slx > 0.0 && sl2 > 0.0 {
+                let new_l = nearest_int(x[i] * sl2 / slx).min(nmax);
+                if new_l != li[i] {
+                    let nf = new_l as f32;
+                    slx += w * x[i] * nf;
+                    sl2 += w * nf * nf;
+                    if slx * slx * suml2 > sumlx * sumlx * sl2 {
+                        li[i] = new_l;
+                        sumlx = slx;
+                        suml2 = sl2;
+                        changed += 1;
+                    }
+                }
+            }
+        }
+        if changed == 0 {
+            break;
+        }
+    }
+    for i in 0..8 {
+        l[i] = li[i] as u8;
+    }
+    if suml2 > 0.0 {
+        sumlx / suml2
+    } else {
+        0.0
+    }
+}
+
+/// Q4_K/Q5_K with importance weights.
+fn qk_min_weighted(x: &[f32], qw: &[f32], y: &mut [u8], nmax: i32) {
+    let mut sum_x2 = 0.0f32;
+    for v in x {
+        sum_x2 += v * v;
+    }
+    let sigma2 = 2.0 * sum_x2 / QK_K as f32;
+    let mut l = [0u8; QK_K];
+    let (mut scales, mut mins, mut sw) = ([0.0f32; 8], [0.0f32; 8], [0.0f32; 8]);
+    for j in 0..8 {
+        let g = 32 * j..32 * j + 32;
+        let mut w = [0.0f32; 32];
+        for (i, wi) in w.iter_mut().enumerate() {
+            let v = x[32 * j + i];
+            *wi = qw[32 * j + i] * (sigma2 + v * v).sqrt();
+        }
+        let mut sumw = 0.0f32;
+        for wi in &w {
+            sumw += wi;
+        }
+        sw[j] = sumw;
+        (scales[j], mins[j]) = fit_scale_min_weighted(&x[g.clone()], &w, nmax, &mut l[g]);
+    }
+    let (mut ls, mut lm) = ([0u8; 8], [0u8; 8]);
+    let d_block = fit_positive(&scales, 63, &mut ls, &sw);
+    let m_block = fit_positive(&mins, 63, &mut lm, &sw);
+    let mut sc = [0u8; 12];
+    for j in 0..8 {
+        let (a, b) = (ls[j], lm[j]);
+        if j < 4 {
+            sc[j] = a;
+            sc[j + 4] = b;
+        } else {
+            sc[j + 4] = (a & 0xF) | ((b & 0xF) << 4);
+            sc[j - 4] |= (a >> 4) << 6;
+            sc[j] |= (b >> 4) << 6;
+        }
+    }
+    put_f16(y, 0, d_block);
+    put_f16(y, 2, m_block);
+    y[4..16].copy_from_slice(&sc);
+    finish_qk_min(x, y, &mut l, nmax, &sc);
 }
 
 #[cfg(test)]

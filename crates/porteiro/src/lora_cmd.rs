@@ -222,6 +222,8 @@ fn merge(a: &MergeArgs) -> Result<()> {
         ..Default::default()
     };
     let out = crate::quantize::Output {
+        imatrix: None,
+        extra_meta: Vec::new(),
         path: &a.out,
         force: a.force,
         threads: a.threads,

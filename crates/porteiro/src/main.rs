@@ -6,6 +6,7 @@
 mod bench;
 mod compare;
 mod flywheel_cmd;
+mod imatrix_cmd;
 mod lora_cmd;
 mod perplexity;
 mod privacy_cmd;
@@ -102,6 +103,9 @@ enum Cmd {
     /// Rewrite a model at another precision (Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, F16, …) with
     /// llama.cpp's mixtures and reference quantizers: the same bytes llama-quantize writes.
     Quantize(quantize::QuantizeArgs),
+    /// Importance matrix of a model on calibration text (llama.cpp's imatrix format), for
+    /// `quantize --imatrix`.
+    Imatrix(imatrix_cmd::ImatrixArgs),
     /// The semantic router: train its scorer, calibrate, evaluate, measure decision latency.
     #[command(subcommand)]
     Router(router_cmd::RouterCmd),
@@ -306,6 +310,7 @@ fn dispatch(cmd: Cmd) -> Result<()> {
         Cmd::Perplexity(a) => perplexity::run(&a),
         Cmd::Compare(a) => compare::run(&a),
         Cmd::Quantize(a) => quantize::run(&a),
+        Cmd::Imatrix(a) => imatrix_cmd::run(&a),
         Cmd::Router(c) => router_cmd::run(&c),
         Cmd::Flywheel(c) => flywheel_cmd::run(&c),
         Cmd::Privacy(c) => privacy_cmd::run_privacy(&c),

@@ -10,7 +10,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use porteiro_engine::mix::{self, Ftype, Options};
 use porteiro_engine::quant::dequantize_row;
-use porteiro_engine::quantize::{quantize_row, row_bytes};
+use porteiro_engine::quantize::{quantize_row_weighted, row_bytes};
 use porteiro_models::fetch;
 use porteiro_models::gguf::{GgmlType, GgufFile, Value};
 use porteiro_models::gguf_write::{self, TensorSpec, Writer};
@@ -63,6 +63,10 @@ pub struct QuantizeArgs {
         default_value = "Q4_0,Q4_K,Q5_K,Q6_K,Q8_0"
     )]
     candidates: Vec<String>,
+    /// Importance matrix (`porteiro imatrix` or llama-imatrix, GGUF format): quantization errors
+    /// weighted by how much each input column matters, as llama-quantize --imatrix.
+    #[arg(long)]
+    imatrix: Option<PathBuf>,
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -113,6 +117,7 @@ fn options(a: &QuantizeArgs) -> Result<Options> {
             .as_deref()
             .map(|t| ty(t, "--token-embedding-type"))
             .transpose()?,
+        imatrix: a.imatrix.is_some(),
     })
 }
 
@@ -137,7 +142,42 @@ fn human(bytes: u64) -> String {
 pub fn run(a: &QuantizeArgs) -> Result<()> {
     let opts = options(a)?;
     let (path, src) = open_model(&a.input)?;
+    let imatrix = a
+        .imatrix
+        .as_deref()
+        .map(porteiro_engine::imatrix::load)
+        .transpose()?;
+    let mut extra_meta = Vec::new();
+    if let (Some(m), Some(file)) = (&imatrix, &a.imatrix) {
+        eprintln!("importance matrix: {} matrices", m.data.len());
+        // The keys llama-quantize writes, in its order (strings cut at 127 bytes as it does).
+        let cut = |s: &str| {
+            s.char_indices()
+                .take_while(|(i, c)| i + c.len_utf8() <= 127)
+                .map(|(_, c)| c)
+                .collect::<String>()
+        };
+        extra_meta.push((
+            "quantize.imatrix.file",
+            Value::String(cut(&file.to_string_lossy())),
+        ));
+        if let Some(d) = m.datasets.first() {
+            extra_meta.push(("quantize.imatrix.dataset", Value::String(cut(d))));
+        }
+        extra_meta.push((
+            "quantize.imatrix.entries_count",
+            Value::U32(m.data.len() as u32),
+        ));
+        if m.chunk_count > 0 {
+            extra_meta.push((
+                "quantize.imatrix.chunks_count",
+                Value::U32(m.chunk_count as u32),
+            ));
+        }
+    }
     let out = Output {
+        imatrix: imatrix.as_ref().map(|m| &m.data),
+        extra_meta,
         path: &a.output,
         force: a.force,
         threads: a.threads,
@@ -161,6 +201,10 @@ pub fn open_model(name: &str) -> Result<(PathBuf, GgufFile)> {
 
 pub struct Output<'a> {
     pub path: &'a Path,
+    /// Importance per matrix name (mean squared input per column).
+    pub imatrix: Option<&'a std::collections::HashMap<String, Vec<f32>>>,
+    /// Metadata appended after the file type (llama-quantize records the imatrix it used).
+    pub extra_meta: Vec<(&'static str, Value)>,
     pub force: bool,
     pub threads: Option<usize>,
     /// No notes, progress or summary (a working copy).
@@ -271,6 +315,7 @@ pub fn rewrite(
     let mut meta: Vec<(&str, Value)> = src
         .key_order
         .iter()
+        .filter(|k| !out.extra_meta.iter().any(|(e, _)| e == k))
         .filter(|k| {
             !matches!(
                 k.as_str(),
@@ -285,6 +330,10 @@ pub fn rewrite(
         .collect();
     meta.push(("general.quantization_version", Value::U32(2)));
     meta.push(("general.file_type", Value::U32(ftype.code())));
+    for (k, v) in &out.extra_meta {
+        meta.retain(|(m, _)| m != k);
+        meta.push((k, v.clone()));
+    }
 
     let total = gguf_write::file_size(&meta, &specs)?;
     if let Some(free) = free_space(output) {
@@ -323,6 +372,11 @@ pub fn rewrite(
         let data = src.data(t);
         let n: u64 = t.dims.iter().product();
         let cols = t.dims[0] as usize;
+        let qw = out
+            .imatrix
+            .and_then(|m| m.get(&t.name))
+            .filter(|q| q.len() == cols)
+            .map(Vec::as_slice);
         let merged = merge.filter(|m| m.adapts(&t.name)).and_then(|m| {
             let in_row = row_bytes(t.dtype, cols)?;
             let mut x = vec![0f32; n as usize];
@@ -340,11 +394,12 @@ pub fn rewrite(
                 spec.dtype,
                 cols,
                 threads,
+                qw,
             ))?;
         } else if spec.dtype == t.dtype {
             w.push(data)?;
         } else {
-            w.push(&convert(data, t.dtype, spec.dtype, cols, threads))?;
+            w.push(&convert(data, t.dtype, spec.dtype, cols, threads, qw))?;
         }
         src.release(t);
         let e = by_type.entry(spec.dtype.name()).or_default();
@@ -378,7 +433,14 @@ pub fn rewrite(
 
 /// A tensor from one type to another, rows split across threads (each row is quantized on its
 /// own, so the bytes do not depend on the split).
-fn convert(data: &[u8], from: GgmlType, to: GgmlType, cols: usize, threads: usize) -> Vec<u8> {
+fn convert(
+    data: &[u8],
+    from: GgmlType,
+    to: GgmlType,
+    cols: usize,
+    threads: usize,
+    qw: Option<&[f32]>,
+) -> Vec<u8> {
     let (in_row, out_row) = (
         row_bytes(from, cols).unwrap_or(0),
         row_bytes(to, cols).unwrap_or(0),
@@ -392,7 +454,7 @@ fn convert(data: &[u8], from: GgmlType, to: GgmlType, cols: usize, threads: usiz
                 let mut f = vec![0f32; cols];
                 for (r, o) in src.chunks_exact(in_row).zip(dst.chunks_exact_mut(out_row)) {
                     dequantize_row(from, r, &mut f);
-                    quantize_row(to, &f, o);
+                    quantize_row_weighted(to, &f, o, qw);
                 }
             });
         }
@@ -550,6 +612,8 @@ fn fit_budget(
         ..Default::default()
     };
     let w = Output {
+        imatrix: None,
+        extra_meta: Vec::new(),
         path: &work,
         force: true,
         threads: out.threads,
@@ -603,6 +667,7 @@ fn fit_budget(
         overrides,
         output: None,
         token_embd: None,
+        imatrix: out.imatrix.is_some(),
     };
     rewrite(path, src, out, &chosen, None)?;
 

@@ -1,6 +1,6 @@
 //! `porteiro quantize` against `llama-quantize` (golden/quantize.json, scripts/golden_quantize.py):
-//! from the same F16 input, every file type's file is byte-identical to llama.cpp's; the F16 input
-//! itself, converted from the catalog's Q4_1 smollm2, too. Then the engine runs what we wrote, and
+//! from the same F16 input, every file type's file is byte-identical to llama.cpp's, without and
+//! with an importance matrix; the F16 input itself, converted from the catalog's Q4_1 smollm2, too. Then the engine runs what we wrote, and
 //! bad input gets a clear refusal.
 //!
 //! Skipped with a message when the model is missing, unless PORTEIRO_REQUIRE_MODELS=1.
@@ -103,6 +103,47 @@ fn files_are_byte_identical_to_llama_quantize() {
             runs_in_the_engine(&f16, &out);
         }
         std::fs::remove_file(&out).unwrap();
+    }
+    with_an_importance_matrix(&g, dir.path());
+}
+
+/// The importance of column i of `name` (scripts/golden_quantize.py computes the same).
+fn synthetic_importance(name: &str, cols: usize) -> Vec<f64> {
+    (0..cols)
+        .map(|i| 1.0 + ((i * 37 + name.len() * 11) % 101) as f64 / 64.0)
+        .collect()
+}
+
+/// With an importance matrix (a synthetic one, as the golden script's), the files are
+/// llama-quantize --imatrix's, byte for byte: the weighted quantizers, Q4_0's Q4_1 layers and the
+/// metadata recording the imatrix.
+fn with_an_importance_matrix(g: &serde_json::Value, dir: &Path) {
+    let f16 = porteiro_models::gguf::GgufFile::open(dir.join("f16.gguf")).unwrap();
+    let mut c = porteiro_engine::imatrix::Collector::default();
+    for t in f16.tensors() {
+        if t.name.starts_with("blk.") && t.dims.len() >= 2 && t.dims[1] > 1 {
+            let cols = t.dims[0] as usize;
+            c.sums
+                .insert(t.name.clone(), (synthetic_importance(&t.name, cols), 1));
+        }
+    }
+    c.save(&dir.join("synthetic.imatrix.gguf"), "synthetic", 1, 512)
+        .unwrap();
+    for (ty, want) in g["files_imatrix"].as_object().unwrap() {
+        let out = format!("{ty}.im.gguf");
+        let o = Command::new(env!("CARGO_BIN_EXE_porteiro"))
+            .current_dir(dir)
+            .args(["quantize", "f16.gguf", &out, "--type", ty])
+            .args(["--imatrix", "synthetic.imatrix.gguf"])
+            .output()
+            .unwrap();
+        ok(&o, ty);
+        assert_eq!(
+            sha256(&dir.join(&out)),
+            want["sha256"],
+            "{ty} with an imatrix: bytes differ from llama-quantize's"
+        );
+        std::fs::remove_file(dir.join(&out)).unwrap();
     }
 }
 
@@ -343,4 +384,64 @@ fn budget_fits_types_to_a_size() {
     ]);
     assert!(!tiny.status.success());
     assert!(String::from_utf8_lossy(&tiny.stderr).contains("budget"));
+}
+
+/// `porteiro imatrix` on a model and text: every layer matrix gets positive mean squared inputs,
+/// and the file feeds `quantize --imatrix`, which records it in the output's metadata.
+#[test]
+fn imatrix_from_text_feeds_quantize() {
+    if !model_cached("smollm2-135m") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("t.txt");
+    std::fs::write(
+        &text,
+        "A calibration text: the model reads it and we record how large each input column is. "
+            .repeat(30),
+    )
+    .unwrap();
+    let im = dir.path().join("im.gguf");
+    let o = porteiro(&[
+        "imatrix",
+        "-m",
+        "smollm2-135m",
+        "-f",
+        text.to_str().unwrap(),
+        "-o",
+        im.to_str().unwrap(),
+        "-c",
+        "64",
+        "--chunks",
+        "4",
+    ]);
+    ok(&o, "imatrix");
+    let m = porteiro_engine::imatrix::load(&im).unwrap();
+    // 30 layers × 7 matrices; the output projection is not collected.
+    assert_eq!(
+        m.data.len(),
+        210,
+        "{:?}",
+        m.data.keys().take(3).collect::<Vec<_>>()
+    );
+    assert_eq!(m.chunk_count, 4);
+    assert!(m
+        .data
+        .values()
+        .all(|v| v.iter().all(|x| *x >= 0.0) && v.iter().any(|x| *x > 0.0)));
+    let out = dir.path().join("q.gguf");
+    ok(
+        &porteiro(&[
+            "quantize",
+            "smollm2-135m",
+            out.to_str().unwrap(),
+            "--type",
+            "Q4_K_M",
+            "--imatrix",
+            im.to_str().unwrap(),
+        ]),
+        "quantize --imatrix",
+    );
+    let q = porteiro_models::gguf::GgufFile::open(&out).unwrap();
+    assert_eq!(q.get_u64("quantize.imatrix.entries_count").unwrap(), 210);
 }

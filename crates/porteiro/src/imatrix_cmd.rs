@@ -1,0 +1,104 @@
+//! `porteiro imatrix -m MODEL -f TEXT -o FILE`: the importance matrix of a model on calibration
+//! text — per weight matrix, the sum of squared inputs per column — in llama.cpp's imatrix format,
+//! for `porteiro quantize --imatrix` and `llama-quantize --imatrix` alike.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use porteiro_engine::{BatchToken, LocalModel, Scratch};
+use porteiro_models::fetch;
+
+#[derive(Args)]
+pub struct ImatrixArgs {
+    /// The model (catalog alias or .gguf path); the one to be quantized, in its best precision.
+    #[arg(short, long)]
+    model: String,
+    /// Calibration text (pick text like the traffic the model will serve; measure on other text).
+    #[arg(short, long)]
+    file: PathBuf,
+    /// The imatrix file to write.
+    #[arg(short, long)]
+    out: PathBuf,
+    /// Tokens per window (as llama-imatrix's -c).
+    #[arg(short = 'c', long = "window", default_value_t = 512)]
+    window: usize,
+    /// Windows to run (at most what the text holds).
+    #[arg(long, default_value_t = 32)]
+    chunks: usize,
+    /// Worker threads (default: all cores).
+    #[arg(short, long)]
+    threads: Option<usize>,
+}
+
+pub fn run(a: &ImatrixArgs) -> Result<()> {
+    if a.window < 2 || a.chunks == 0 {
+        bail!("--window must be at least 2 and --chunks at least 1");
+    }
+    let text = std::fs::read_to_string(&a.file)
+        .with_context(|| format!("reading {}", a.file.display()))?;
+    let threads = a
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let path = fetch::resolve_model(&a.model, true)?;
+    if path.is_dir() {
+        bail!(
+            "{} is an encoder model; imatrix takes generative GGUF models",
+            a.model
+        );
+    }
+    let m =
+        LocalModel::open(&path, threads).with_context(|| format!("loading {}", path.display()))?;
+    let ids = m.tokenizer.encode(&text, true, false);
+    let n = a.chunks.min(ids.len() / a.window);
+    if n == 0 {
+        bail!(
+            "{} tokenizes to {} tokens, less than one window of {}",
+            a.file.display(),
+            ids.len(),
+            a.window
+        );
+    }
+    let bos = crate::perplexity::bos(&m.tokenizer);
+    let pb = crate::perplexity::window_bar(n);
+    let mut s = Scratch::default();
+    s.collect_imatrix();
+    let mut kv = m.model.new_cache(a.window);
+    for c in 0..n {
+        let mut chunk = ids[c * a.window..(c + 1) * a.window].to_vec();
+        if let Some(b) = bos {
+            chunk[0] = b;
+        }
+        let batch: Vec<BatchToken> = chunk
+            .iter()
+            .enumerate()
+            .map(|(pos, &token)| BatchToken {
+                token,
+                seq: 0,
+                pos,
+                logits: pos + 1 == chunk.len(),
+            })
+            .collect();
+        kv.truncate(0);
+        m.model.forward(&batch, &mut [&mut kv], &mut s)?;
+        pb.set_position(c as u64 + 1);
+    }
+    pb.finish_and_clear();
+    let Some(sums) = s.take_imatrix() else {
+        bail!("nothing was collected");
+    };
+    let dataset = a.file.file_name().map_or_else(
+        || a.file.display().to_string(),
+        |f| f.to_string_lossy().into_owned(),
+    );
+    sums.save(&a.out, &dataset, n, a.window)
+        .with_context(|| format!("writing {}", a.out.display()))?;
+    println!(
+        "{}: {} matrices over {n} windows of {} tokens ({} tokens)",
+        a.out.display(),
+        sums.sums.len(),
+        a.window,
+        n * a.window
+    );
+    Ok(())
+}
