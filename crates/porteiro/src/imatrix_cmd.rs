@@ -15,8 +15,18 @@ pub struct ImatrixArgs {
     #[arg(short, long)]
     model: String,
     /// Calibration text (pick text like the traffic the model will serve; measure on other text).
-    #[arg(short, long)]
-    file: PathBuf,
+    #[arg(
+        short,
+        long,
+        required_unless_present = "from_log",
+        conflicts_with = "from_log"
+    )]
+    file: Option<PathBuf>,
+    /// Calibrate on served traffic instead: chat JSONL (OpenAI's fine-tuning format), e.g. a
+    /// flywheel cluster's `cluster-N-*.jsonl`; each conversation is rendered with the model's own
+    /// chat template, answer included, as the server renders it.
+    #[arg(long, value_name = "JSONL")]
+    from_log: Option<PathBuf>,
     /// The imatrix file to write.
     #[arg(short, long)]
     out: PathBuf,
@@ -35,8 +45,6 @@ pub fn run(a: &ImatrixArgs) -> Result<()> {
     if a.window < 2 || a.chunks == 0 {
         bail!("--window must be at least 2 and --chunks at least 1");
     }
-    let text = std::fs::read_to_string(&a.file)
-        .with_context(|| format!("reading {}", a.file.display()))?;
     let threads = a
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
@@ -47,14 +55,38 @@ pub fn run(a: &ImatrixArgs) -> Result<()> {
             a.model
         );
     }
-    let m =
+    let mut m =
         LocalModel::open(&path, threads).with_context(|| format!("loading {}", path.display()))?;
-    let ids = m.tokenizer.encode(&text, true, false);
+    let (ids, source) = match (&a.file, &a.from_log) {
+        (Some(f), _) => {
+            let text =
+                std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+            (m.tokenizer.encode(&text, true, false), f)
+        }
+        (None, Some(log)) => {
+            let render = crate::lora_cmd::ServerRender(m.template.take());
+            let loaded = porteiro_train::data::load(log, &m.tokenizer, &render, 1 << 20, true)?;
+            if !loaded.skipped.is_empty() {
+                eprintln!(
+                    "skipped {} lines of {} (not chat requests with an answer)",
+                    loaded.skipped.len(),
+                    log.display()
+                );
+            }
+            let ids: Vec<u32> = loaded
+                .examples
+                .iter()
+                .flat_map(|e| e.seq.tokens.iter().copied())
+                .collect();
+            (ids, log)
+        }
+        (None, None) => bail!("give -f TEXT or --from-log JSONL"),
+    };
     let n = a.chunks.min(ids.len() / a.window);
     if n == 0 {
         bail!(
-            "{} tokenizes to {} tokens, less than one window of {}",
-            a.file.display(),
+            "{} gives {} tokens, less than one window of {}",
+            source.display(),
             ids.len(),
             a.window
         );
@@ -87,8 +119,8 @@ pub fn run(a: &ImatrixArgs) -> Result<()> {
     let Some(sums) = s.take_imatrix() else {
         bail!("nothing was collected");
     };
-    let dataset = a.file.file_name().map_or_else(
-        || a.file.display().to_string(),
+    let dataset = source.file_name().map_or_else(
+        || source.display().to_string(),
         |f| f.to_string_lossy().into_owned(),
     );
     sums.save(&a.out, &dataset, n, a.window)

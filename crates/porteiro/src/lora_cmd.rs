@@ -233,7 +233,7 @@ fn merge(a: &MergeArgs) -> Result<()> {
 }
 
 /// Training data rendered by the server's own prompt code.
-struct ServerRender(Option<ChatTemplate>);
+pub(crate) struct ServerRender(pub(crate) Option<ChatTemplate>);
 
 impl Render for ServerRender {
     fn prompt(&self, request: &serde_json::Value) -> Result<String, String> {

@@ -444,4 +444,36 @@ fn imatrix_from_text_feeds_quantize() {
     );
     let q = porteiro_models::gguf::GgufFile::open(&out).unwrap();
     assert_eq!(q.get_u64("quantize.imatrix.entries_count").unwrap(), 210);
+
+    // From served traffic: chat requests with their answers, rendered with the model's template.
+    let log = dir.path().join("cluster-0-intent.jsonl");
+    let line = |i: usize| {
+        serde_json::json!({"messages": [
+            {"role": "system", "content": "Classify the request into one intent label."},
+            {"role": "user", "content": format!("play song number {i} by the band from the radio")},
+            {"role": "assistant", "content": "PlayMusic"}
+        ]})
+        .to_string()
+    };
+    let body: Vec<String> = (0..40).map(line).collect();
+    std::fs::write(&log, body.join("\n")).unwrap();
+    let im2 = dir.path().join("im2.gguf");
+    let o = porteiro(&[
+        "imatrix",
+        "-m",
+        "smollm2-135m",
+        "--from-log",
+        log.to_str().unwrap(),
+        "-o",
+        im2.to_str().unwrap(),
+        "-c",
+        "64",
+        "--chunks",
+        "4",
+    ]);
+    ok(&o, "imatrix --from-log");
+    let m2 = porteiro_engine::imatrix::load(&im2).unwrap();
+    assert_eq!((m2.data.len(), m2.chunk_count), (210, 4));
+    assert_eq!(m2.datasets, ["cluster-0-intent.jsonl"]);
+    assert_ne!(m2.data, m.data, "traffic and text calibrate differently");
 }
