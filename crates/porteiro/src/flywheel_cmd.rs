@@ -471,9 +471,9 @@ pub fn is_test(id: &str, share: f64) -> bool {
 }
 
 /// A `porteiro serve` child on a loopback port, killed on drop.
-struct Child {
+pub(crate) struct Child {
     proc: std::process::Child,
-    base: String,
+    pub(crate) base: String,
     _cfg: tempfile::NamedTempFile,
 }
 
@@ -484,7 +484,7 @@ impl Drop for Child {
     }
 }
 
-fn spawn_server(model: &str, adapters: &[(String, PathBuf)]) -> Result<Child> {
+pub(crate) fn spawn_server(model: &str, adapters: &[(String, PathBuf)]) -> Result<Child> {
     use std::io::{BufRead, Write};
     let mut cfg = tempfile::NamedTempFile::new()?;
     // Nothing but the model: no encoder, no privacy scan, no log (the evaluation stays off the books).
@@ -529,7 +529,7 @@ fn spawn_server(model: &str, adapters: &[(String, PathBuf)]) -> Result<Child> {
     })
 }
 
-async fn ready(client: &reqwest::Client, c: &mut Child) -> Result<()> {
+pub(crate) async fn ready(client: &reqwest::Client, c: &mut Child) -> Result<()> {
     let t0 = std::time::Instant::now();
     loop {
         if let Ok(r) = client.get(format!("{}/health", c.base)).send().await {
@@ -548,7 +548,7 @@ async fn ready(client: &reqwest::Client, c: &mut Child) -> Result<()> {
 }
 
 /// The candidate's answer message to `request`, or an error message.
-async fn answer(
+pub(crate) async fn answer(
     client: &reqwest::Client,
     base: &str,
     model: &str,

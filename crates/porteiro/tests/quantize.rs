@@ -477,3 +477,56 @@ fn imatrix_from_text_feeds_quantize() {
     assert_eq!(m2.datasets, ["cluster-0-intent.jsonl"]);
     assert_ne!(m2.data, m.data, "traffic and text calibrate differently");
 }
+
+/// `compare --tasks`: both models answer every task through `porteiro serve`; a model against
+/// itself answers alike everywhere and scores the same; expected labels are matched exactly.
+#[test]
+fn compare_tasks_scores_both_models() {
+    if !model_cached("smollm2-135m") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let tasks = dir.path().join("t.jsonl");
+    let line = |u: &str, label: &str| {
+        serde_json::json!({"messages": [
+            {"role": "system", "content": "Answer with one word: the colour named."},
+            {"role": "user", "content": u},
+            {"role": "assistant", "content": label}
+        ]})
+        .to_string()
+    };
+    let body = [
+        line("The sky is blue.", "blue"),
+        line("Grass is green.", "green"),
+        line("Snow is white.", "white"),
+    ]
+    .join("\n");
+    std::fs::write(&tasks, body).unwrap();
+    let o = porteiro(&[
+        "compare",
+        "smollm2-135m",
+        "smollm2-135m",
+        "--tasks",
+        tasks.to_str().unwrap(),
+        "--max-tokens",
+        "8",
+        "--json",
+    ]);
+    ok(&o, "compare --tasks");
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["base"]["tasks"], 3, "{r}");
+    assert_eq!(r["base"]["correct"], r["quant"]["correct"], "{r}");
+    assert_eq!(r["agree"], 1.0, "{r}");
+    assert_eq!(r["base"]["errors"], 0, "{r}");
+    // A task file without the expected answer is refused, naming the line.
+    std::fs::write(&tasks, r#"{"messages":[{"role":"user","content":"hi"}]}"#).unwrap();
+    let bad = porteiro(&[
+        "compare",
+        "smollm2-135m",
+        "smollm2-135m",
+        "--tasks",
+        tasks.to_str().unwrap(),
+    ]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains(":1: the last message"));
+}
