@@ -298,16 +298,22 @@ pub fn rewrite(
             requantized.into_iter().collect::<Vec<_>>().join("/")
         );
     }
-    for (t, c) in tensors.iter().zip(&plan).filter(|_| !out.quiet) {
+    // Rows that are not whole blocks of the wanted type: one line per substitution.
+    let mut fell: std::collections::BTreeMap<(String, String), Vec<&str>> = Default::default();
+    for (t, c) in tensors.iter().zip(&plan) {
         if let Some(w) = c.wanted {
-            eprintln!(
-                "note: {}: {} columns are not whole {} blocks; {} instead",
-                t.name,
-                t.dims[0],
-                w.name(),
-                c.dtype.name()
-            );
+            fell.entry((w.name(), c.dtype.name()))
+                .or_default()
+                .push(t.name);
         }
+    }
+    for ((w, got), names) in fell.iter().filter(|_| !out.quiet) {
+        eprintln!(
+            "note: {} tensors ({}{}) have rows that are not whole {w} blocks: {got} instead",
+            names.len(),
+            names[0],
+            if names.len() > 1 { ", …" } else { "" }
+        );
     }
 
     // Metadata in the input's order; the quantization version and file type moved to the end, as
