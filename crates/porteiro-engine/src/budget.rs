@@ -103,12 +103,23 @@ pub fn measure(
             done += 1;
             progress(done, total);
         }
+        monotone(&mut choices);
         out.push(Sensitivity {
             name: name.clone(),
             choices,
         });
     }
     Ok((base, out))
+}
+
+/// More bits never lose more: a measured loss below that of a larger choice (calibration noise,
+/// at a few hundred scored tokens) is raised to it, so that noise cannot buy bytes back.
+pub fn monotone(choices: &mut [Choice]) {
+    let mut floor = 0.0f64;
+    for c in choices.iter_mut().rev() {
+        floor = floor.max(c.dkld);
+        c.dkld = floor;
+    }
 }
 
 /// One choice index per tensor whose bytes sum to at most `budget`, at the least total loss the
@@ -248,6 +259,14 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn noise_cannot_make_fewer_bits_better() {
+        let mut c = s("t", &[(40, 0.2), (55, -0.01), (66, 0.03), (85, 0.0)]).choices;
+        monotone(&mut c);
+        let d: Vec<f64> = c.iter().map(|c| c.dkld).collect();
+        assert_eq!(d, [0.2, 0.03, 0.03, 0.0]);
     }
 
     #[test]
