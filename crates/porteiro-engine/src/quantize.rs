@@ -577,72 +577,10 @@ fn pack_q5(l: &[u8; 32], y: &mut [u8]) {
     y[..4].copy_from_slice(&qh.to_le_bytes());
 }
 
-/// [`fit_scale_min`] with explicit weights and ggml's imatrix search (make_qkx3_quants: 37
-/// scales from nmax − 0.9 in steps of 0.05). Returns (scale, -min).
+/// [`fit_scale_min`] with ggml's imatrix search (make_qkx3_quants: 37 scales from nmax − 0.9 in
+/// steps of 0.05; its `max <= min` test is qkx2's `max == min`, as min ≤ max after the clamp).
 fn fit_scale_min_weighted(x: &[f32], w: &[f32], nmax: i32, l: &mut [u8]) -> (f32, f32) {
-    let n = x.len();
-    let (mut min, mut max) = (x[0], x[0]);
-    let mut sum_w = w[0];
-    let mut sum_x = sum_w * x[0];
-    for i in 1..n {
-        if x[i] < min {
-            min = x[i];
-        }
-        if x[i] > max {
-            max = x[i];
-        }
-        sum_w += w[i];
-        sum_x += w[i] * x[i];
-    }
-    if min > 0.0 {
-        min = 0.0;
-    }
-    if max <= min {
-        l[..n].fill(0);
-        return (0.0, -min);
-    }
-    let mut iscale = nmax as f32 / (max - min);
-    let mut scale = 1.0 / iscale;
-    let mut best = 0.0f32;
-    for i in 0..n {
-        l[i] = nearest_int(iscale * (x[i] - min)).clamp(0, nmax) as u8;
-        let diff = scale * l[i] as f32 + min - x[i];
-        best += w[i] * (diff * diff);
-    }
-    let mut aux = [0u8; 32];
-    for is in 0..=36 {
-        iscale = (-0.9 + 0.05 * is as f32 + nmax as f32) / (max - min);
-        let (mut sum_l, mut sum_l2, mut sum_xl) = (0.0f32, 0.0f32, 0.0f32);
-        for i in 0..n {
-            let q = nearest_int(iscale * (x[i] - min)).clamp(0, nmax);
-            aux[i] = q as u8;
-            let lf = q as f32;
-            sum_l += w[i] * lf;
-            sum_l2 += w[i] * lf * lf;
-            sum_xl += w[i] * lf * x[i];
-        }
-        let det = sum_w * sum_l2 - sum_l * sum_l;
-        if det > 0.0 {
-            let mut this_scale = (sum_w * sum_xl - sum_x * sum_l) / det;
-            let mut this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det;
-            if this_min > 0.0 {
-                this_min = 0.0;
-                this_scale = sum_xl / sum_l2;
-            }
-            let mut err = 0.0f32;
-            for i in 0..n {
-                let diff = this_scale * aux[i] as f32 + this_min - x[i];
-                err += w[i] * (diff * diff);
-            }
-            if err < best {
-                l[..n].copy_from_slice(&aux[..n]);
-                best = err;
-                scale = this_scale;
-                min = this_min;
-            }
-        }
-    }
-    (scale, -min)
+    fit_scale_min(x, w, nmax, l, -0.9, 0.05, 36)
 }
 
 /// The super-block's 6-bit scales (or mins) for its eight groups, fitted by weighted least
