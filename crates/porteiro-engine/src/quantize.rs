@@ -129,7 +129,8 @@ fn q4_0(x: &[f32], y: &mut [u8]) {
     }
 }
 
-fn q4_1(x: &[f32], y: &mut [u8]) {
+/// The block's smallest and largest value (ggml's scan, from ±FLT_MAX).
+fn min_max(x: &[f32]) -> (f32, f32) {
     let (mut min, mut max) = (f32::MAX, -f32::MAX);
     for &v in x {
         if v < min {
@@ -139,6 +140,11 @@ fn q4_1(x: &[f32], y: &mut [u8]) {
             max = v;
         }
     }
+    (min, max)
+}
+
+fn q4_1(x: &[f32], y: &mut [u8]) {
+    let (min, max) = min_max(x);
     let d = (max - min) / 15.0;
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     put_f16(y, 0, d);
@@ -155,40 +161,18 @@ fn q5_0(x: &[f32], y: &mut [u8]) {
     let d = max / -16.0;
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     put_f16(y, 0, d);
-    let mut qh = 0u32;
-    for j in 0..16 {
-        let a = ((x[j] * id + 16.5) as i8).min(31) as u8;
-        let b = ((x[j + 16] * id + 16.5) as i8).min(31) as u8;
-        y[6 + j] = (a & 0xF) | ((b & 0xF) << 4);
-        qh |= (((a & 0x10) >> 4) as u32) << j;
-        qh |= (((b & 0x10) >> 4) as u32) << (j + 16);
-    }
-    y[2..6].copy_from_slice(&qh.to_le_bytes());
+    let l: [u8; 32] = std::array::from_fn(|j| ((x[j] * id + 16.5) as i8).min(31) as u8);
+    pack_q5(&l, &mut y[2..]);
 }
 
 fn q5_1(x: &[f32], y: &mut [u8]) {
-    let (mut min, mut max) = (f32::MAX, -f32::MAX);
-    for &v in x {
-        if v < min {
-            min = v;
-        }
-        if v > max {
-            max = v;
-        }
-    }
+    let (min, max) = min_max(x);
     let d = (max - min) / 31.0;
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     put_f16(y, 0, d);
     put_f16(y, 2, min);
-    let mut qh = 0u32;
-    for j in 0..16 {
-        let a = ((x[j] - min) * id + 0.5) as u8;
-        let b = ((x[j + 16] - min) * id + 0.5) as u8;
-        y[8 + j] = (a & 0xF) | ((b & 0xF) << 4);
-        qh |= (((a & 0x10) >> 4) as u32) << j;
-        qh |= (((b & 0x10) >> 4) as u32) << (j + 16);
-    }
-    y[4..8].copy_from_slice(&qh.to_le_bytes());
+    let l: [u8; 32] = std::array::from_fn(|j| ((x[j] - min) * id + 0.5) as u8);
+    pack_q5(&l, &mut y[4..]);
 }
 
 /// Scale and min for one group of a K-quant with a minimum (Q4_K, Q5_K): start from the min–max

@@ -92,7 +92,6 @@ fn read_tasks(path: &std::path::Path) -> Result<Vec<(serde_json::Value, serde_js
 /// Each model's share of tasks answered as expected (Wilson 95% interval), and how often the two
 /// agree with each other.
 fn task_accuracy(a: &CompareArgs, tasks: &[(serde_json::Value, serde_json::Value)]) -> Result<()> {
-    use futures_util::StreamExt;
     use porteiro_flywheel::item::kind_of;
     use porteiro_flywheel::score::{agrees, wilson};
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -101,6 +100,7 @@ fn task_accuracy(a: &CompareArgs, tasks: &[(serde_json::Value, serde_json::Value
     let client = reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(900))
         .build()?;
+    let requests: Vec<serde_json::Value> = tasks.iter().map(|(r, _)| r.clone()).collect();
     let mut answers = Vec::new();
     for model in [&a.base, &a.quant] {
         let mut child = crate::flywheel_cmd::spawn_server(model, &[])?;
@@ -119,29 +119,15 @@ fn task_accuracy(a: &CompareArgs, tasks: &[(serde_json::Value, serde_json::Value
             .unwrap_or(model)
             .to_string();
         let served = served.as_str();
-        let pb = indicatif::ProgressBar::new(tasks.len() as u64);
-        pb.set_message(format!("{model}: tasks"));
-        let got: Vec<_> = rt.block_on(async {
-            let futs = tasks.iter().map(|(req, _)| {
-                let (client, base, pb) = (&client, &child.base, &pb);
-                async move {
-                    let r = crate::flywheel_cmd::answer(
-                        client,
-                        base,
-                        served,
-                        req.clone(),
-                        a.max_tokens,
-                    )
-                    .await;
-                    pb.inc(1);
-                    r
-                }
-            });
-            futures_util::stream::iter(futs)
-                .buffered(4)
-                .collect::<Vec<_>>()
-                .await
-        });
+        let pb = crate::router_cmd::progress(tasks.len(), &format!("{model}: tasks"));
+        let got = rt.block_on(crate::flywheel_cmd::answer_all(
+            &client,
+            &child.base,
+            served,
+            &requests,
+            a.max_tokens,
+            &pb,
+        ));
         pb.finish_and_clear();
         answers.push(got);
     }

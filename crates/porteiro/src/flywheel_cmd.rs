@@ -582,6 +582,26 @@ pub(crate) async fn answer(
     Ok(body["choices"][0]["message"].clone())
 }
 
+/// Every request's answer from `served`, in order, four in flight; `pb` counts them.
+pub(crate) async fn answer_all(
+    client: &reqwest::Client,
+    base: &str,
+    served: &str,
+    reqs: &[serde_json::Value],
+    max_tokens: u32,
+    pb: &indicatif::ProgressBar,
+) -> Vec<std::result::Result<serde_json::Value, String>> {
+    let futs = reqs.iter().map(|r| async move {
+        let a = answer(client, base, served, r.clone(), max_tokens).await;
+        pb.inc(1);
+        a
+    });
+    futures_util::stream::iter(futs)
+        .buffered(4)
+        .collect::<Vec<_>>()
+        .await
+}
+
 /// Asks the judge tier twice (teacher first, then candidate first) whether the candidate's free-text
 /// answer is at least as good as the teacher's; a judge that fails or gives no verdict disagrees.
 async fn judge_agrees(
@@ -736,20 +756,14 @@ fn select(a: &SelectArgs) -> Result<()> {
                     model
                 };
                 let pb = progress(reqs.len(), &format!("{model} {mode} cluster {}", c.id));
-                let answers: Vec<_> = rt.block_on(async {
-                    let futs = reqs.iter().map(|r| {
-                        let (client, base, pb) = (&client, &child.base, &pb);
-                        async move {
-                            let a = answer(client, base, served, r.clone(), a.max_tokens).await;
-                            pb.inc(1);
-                            a
-                        }
-                    });
-                    futures_util::stream::iter(futs)
-                        .buffered(4)
-                        .collect::<Vec<_>>()
-                        .await
-                });
+                let answers = rt.block_on(answer_all(
+                    &client,
+                    &child.base,
+                    served,
+                    reqs,
+                    a.max_tokens,
+                    &pb,
+                ));
                 pb.finish_and_clear();
                 let errors = answers.iter().filter(|x| x.is_err()).count();
                 let verdicts: Vec<bool> = rt.block_on(async {

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use porteiro_engine::{BatchToken, LocalModel, Scratch};
+use porteiro_engine::{LocalModel, Scratch};
 use porteiro_models::fetch;
 
 #[derive(Args)]
@@ -101,18 +101,9 @@ pub fn run(a: &ImatrixArgs) -> Result<()> {
         if let Some(b) = bos {
             chunk[0] = b;
         }
-        let batch: Vec<BatchToken> = chunk
-            .iter()
-            .enumerate()
-            .map(|(pos, &token)| BatchToken {
-                token,
-                seq: 0,
-                pos,
-                logits: pos + 1 == chunk.len(),
-            })
-            .collect();
+        // One pass over the window (logits only at its end: the sums are what is wanted).
         kv.truncate(0);
-        m.model.forward(&batch, &mut [&mut kv], &mut s)?;
+        porteiro_engine::generate::prefill(&m.model, &chunk, &mut kv, &mut s, chunk.len())?;
         pb.set_position(c as u64 + 1);
     }
     pb.finish_and_clear();
