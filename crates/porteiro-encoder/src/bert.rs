@@ -4,9 +4,9 @@
 //! sentence vector is the mean of the last hidden states over the tokens, L2-normalised.
 //!
 //! Weights are copied out of the file once, except the word embeddings (30522×384), whose rows are read
-//! from the memory map as needed. On CPUs with AMX the matrix products (the six linear layers and both
-//! halves of attention) run in bf16 on the tiles (see `amx`), with the residual stream, LayerNorm,
-//! softmax and GELU kept in f32; elsewhere an f32 GEMM does them.
+//! from the memory map as needed. On CPUs with AMX or AVX-512 BF16 the matrix products (the six linear
+//! layers and both halves of attention) run in bf16 (see `bf16`), with the residual stream,
+//! LayerNorm, softmax and GELU kept in f32; elsewhere an f32 GEMM does them.
 
 // A kernel module: AVX-512 variants of the elementwise steps, the memory map, and row views
 // shared by the pool's threads.
@@ -21,7 +21,7 @@ use safetensors::{Dtype, SafeTensors};
 use std::ops::Range;
 use std::sync::Mutex;
 
-use crate::amx::{self, PackedA, PackedB};
+use crate::bf16::{self, Kernel, PackedA, PackedB};
 use crate::wordpiece::{WordPiece, WordPieceError};
 
 /// `$wide`: the method `$body` compiled for AVX-512, so the elementwise loops inlined into it
@@ -73,24 +73,32 @@ struct Linear {
     w: Vec<f32>,
     b: Vec<f32>,
     n_in: usize,
-    /// The weights as AMX tiles (bf16), when the encoder runs on AMX.
+    /// The weights packed as bf16 tiles, when the encoder runs in bf16.
     packed: Option<PackedB>,
 }
 
 impl Linear {
-    /// y[t][out] = x[t][in] · Wᵀ + b for `n` tokens; `xa` is `x` packed for AMX (used when the weights
-    /// are packed). `y` holds at least `n` rows of `out`; `tmp` is scratch.
+    /// y[t][out] = x[t][in] · Wᵀ + b for `n` tokens; `xa` is `x` packed as bf16 (used when the
+    /// weights are packed, on `kernel`). `y` holds at least `n` rows of `out`; `tmp` is scratch.
     #[inline(always)]
-    fn forward(&self, x: &[f32], xa: &PackedA, n: usize, y: &mut [f32], tmp: &mut Vec<f32>) {
+    fn forward(
+        &self,
+        kernel: Kernel,
+        x: &[f32],
+        xa: &PackedA,
+        n: usize,
+        y: &mut [f32],
+        tmp: &mut Vec<f32>,
+    ) {
         let out = self.b.len();
         let y = &mut y[..n * out];
         if let Some(pb) = &self.packed {
             let ld = pb.cols_padded();
             if ld == out && y.len() == xa.rows_padded() * out {
-                amx::gemm(xa, pb, y, ld);
+                bf16::gemm_with(kernel, xa, pb, y, ld);
             } else {
                 grow(tmp, xa.rows_padded() * ld);
-                amx::gemm(xa, pb, tmp, ld);
+                bf16::gemm_with(kernel, xa, pb, tmp, ld);
                 for (dst, src) in y.chunks_exact_mut(out).zip(tmp.chunks_exact(ld)) {
                     dst.copy_from_slice(&src[..out]);
                 }
@@ -109,7 +117,7 @@ impl Linear {
         );
     }
 
-    /// Moves the weights into AMX tiles.
+    /// Moves the weights into bf16 tiles.
     fn pack(&mut self) {
         let mut pb = PackedB::default();
         pb.pack(&self.w, self.n_in, self.b.len(), self.n_in, 1);
@@ -165,8 +173,10 @@ pub struct BertEncoder {
     type_emb: Vec<f32>,
     emb_ln: LayerNorm,
     layers: Vec<Layer>,
-    /// Whether the matrix products run on AMX tiles.
-    amx: bool,
+    /// The bf16 kernel the matrix products run on; `None`: f32.
+    kernel: Option<Kernel>,
+    /// `kernel`, or the scalar one where the products run in f32 (never called then).
+    k16: Kernel,
     /// Whether the CPU has AVX-512 (the elementwise work then runs 16 wide).
     avx512: bool,
     /// Threads a pass is split over (by tokens), when more than one.
@@ -195,9 +205,10 @@ fn read_json(path: &Path) -> Result<serde_json::Value, BertError> {
 
 impl BertEncoder {
     /// Opens a sentence-transformers folder. Anything unexpected (another pooling, a missing tensor, a
-    /// dtype other than F32) is an error naming what is wrong. Uses AMX where `amx::available()`.
+    /// dtype other than F32) is an error naming what is wrong. Runs in bf16 where the CPU has a
+    /// kernel for it (`Kernel::best`).
     pub fn open(dir: &Path) -> Result<Self, BertError> {
-        Self::open_with(dir, amx::available(), Self::default_threads())
+        Self::open_with(dir, Kernel::best(), Self::default_threads())
     }
 
     /// Threads a pass uses by default: all cores.
@@ -205,10 +216,14 @@ impl BertEncoder {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     }
 
-    /// `open`, choosing the AMX path (`use_amx`, honoured only where AMX is available) or the f32 one,
-    /// and how many threads share a pass (split by tokens; the vectors do not depend on it).
-    pub fn open_with(dir: &Path, use_amx: bool, threads: usize) -> Result<Self, BertError> {
-        let use_amx = use_amx && amx::available();
+    /// `open`, choosing the bf16 kernel (`None`, or one this CPU cannot run: f32) and how many
+    /// threads share a pass (split by tokens; the vectors do not depend on it).
+    pub fn open_with(
+        dir: &Path,
+        kernel: Option<Kernel>,
+        threads: usize,
+    ) -> Result<Self, BertError> {
+        let kernel = kernel.filter(|k| k.runs_here());
         let c = read_json(&dir.join("config.json"))?;
         let get = |k: &str| {
             c[k].as_u64()
@@ -317,7 +332,7 @@ impl BertEncoder {
             (at, vocab, (pos, typ, emb_ln, layers))
         };
         let (pos_emb, type_emb, emb_ln, mut layers) = weights;
-        if use_amx {
+        if kernel.is_some() {
             for l in &mut layers {
                 for lin in [
                     &mut l.q,
@@ -349,7 +364,8 @@ impl BertEncoder {
             type_emb,
             emb_ln,
             layers,
-            amx: use_amx,
+            kernel,
+            k16: kernel.unwrap_or(Kernel::Scalar),
             #[cfg(target_arch = "x86_64")]
             avx512: is_x86_feature_detected!("avx512f")
                 && is_x86_feature_detected!("avx512bw")
@@ -370,9 +386,14 @@ impl BertEncoder {
         self.pool.as_ref().map_or(1, |p| p.threads())
     }
 
-    /// Whether this encoder runs its matrix products on AMX tiles.
-    pub fn uses_amx(&self) -> bool {
-        self.amx
+    /// The bf16 kernel this encoder's matrix products run on (`None`: f32).
+    pub fn kernel(&self) -> Option<Kernel> {
+        self.kernel
+    }
+
+    /// How the matrix products run, for reports: the bf16 kernel's name, or "f32".
+    pub fn path_name(&self) -> &'static str {
+        self.kernel.map_or("f32", Kernel::name)
     }
 
     pub fn dim(&self) -> usize {
@@ -445,7 +466,7 @@ impl BertEncoder {
         // two passes over each thread's tokens with the heads' K/V packing between them.
         for l in &self.layers {
             self.parallel(&|t, nt| {
-                let rows = pool::split(n, t, nt, 2 * amx::TILE);
+                let rows = pool::split(n, t, nt, 2 * bf16::TILE);
                 let mut s = scratch[t].lock().unwrap_or_else(|e| e.into_inner());
                 // SAFETY: each thread takes its own rows of x, q, k and v.
                 let (x, q, k, v) = unsafe {
@@ -465,7 +486,7 @@ impl BertEncoder {
                 }
                 self.project_qkv(l, &mut s, x, q, k, v, m);
             });
-            if self.amx {
+            if self.kernel.is_some() {
                 self.parallel(&|t, nt| {
                     // SAFETY: k and v are only read in this pass.
                     let (k, v) = unsafe { (ks.rows(0..n), vs.rows(0..n)) };
@@ -479,7 +500,7 @@ impl BertEncoder {
                 });
             }
             self.parallel(&|t, nt| {
-                let rows = pool::split(n, t, nt, 2 * amx::TILE);
+                let rows = pool::split(n, t, nt, 2 * bf16::TILE);
                 let mut s = scratch[t].lock().unwrap_or_else(|e| e.into_inner());
                 // SAFETY: each thread writes its own rows of x and reads its rows of q; k and v are
                 // only read in this pass.
@@ -564,12 +585,12 @@ impl BertEncoder {
             return;
         }
         let h = self.cfg.hidden;
-        if self.amx {
+        if self.kernel.is_some() {
             s.xa.pack(x, m, h, h);
         }
-        l.q.forward(x, &s.xa, m, q, &mut s.tmp);
-        l.k.forward(x, &s.xa, m, k, &mut s.tmp);
-        l.v.forward(x, &s.xa, m, v, &mut s.tmp);
+        l.q.forward(self.k16, x, &s.xa, m, q, &mut s.tmp);
+        l.k.forward(self.k16, x, &s.xa, m, k, &mut s.tmp);
+        l.v.forward(self.k16, x, &s.xa, m, v, &mut s.tmp);
     }
 
     /// The rest of a layer for one thread's tokens: attention of its queries over all `n` keys, the
@@ -597,13 +618,13 @@ impl BertEncoder {
         grow(&mut s.ctx, m * h);
         for head in 0..c.heads {
             let off = head * hd;
-            if self.amx {
+            if self.kernel.is_some() {
                 let kv = heads[head].lock().unwrap_or_else(|e| e.into_inner());
                 // scores = Q_h·K_hᵀ, then P·V_h.
                 s.qa.pack(&q[off..], m, hd, h);
                 let ld = kv.kb.cols_padded();
                 grow(&mut s.scores, s.qa.rows_padded() * ld);
-                amx::gemm(&s.qa, &kv.kb, &mut s.scores, ld);
+                bf16::gemm_with(self.k16, &s.qa, &kv.kb, &mut s.scores, ld);
                 // e^((s − max)·scale) is computed while packing P to bf16, and the rows' 1/sum is
                 // applied to P·V instead of P: the scores are read once after the max, never
                 // written back.
@@ -616,12 +637,12 @@ impl BertEncoder {
                 s.sums.resize(m, 0.0);
                 let (row_max, sums, avx512) = (&s.row_max, &mut s.sums, self.avx512);
                 s.pa.pack_map(&s.scores, m, n, ld, |r, c0, vals| {
-                    let valid = (n - c0).min(amx::TILE_K);
+                    let valid = (n - c0).min(bf16::TILE_K);
                     sums[r] += exp_chunk(vals, row_max[r], scale, valid, avx512);
                 });
                 let ldo = kv.vb.cols_padded();
                 grow(&mut s.head_out, s.pa.rows_padded() * ldo);
-                amx::gemm(&s.pa, &kv.vb, &mut s.head_out, ldo);
+                bf16::gemm_with(self.k16, &s.pa, &kv.vb, &mut s.head_out, ldo);
                 for (t, &sum) in s.sums.iter().enumerate() {
                     let inv = 1.0 / sum;
                     for (c, o) in s.ctx[t * h + off..t * h + off + hd]
@@ -679,14 +700,14 @@ impl BertEncoder {
             out,
             ..
         } = s;
-        if self.amx {
+        if self.kernel.is_some() {
             xa.pack(ctx, m, h, h);
         }
         grow(out, m * h);
-        l.o.forward(ctx, xa, m, out, tmp);
+        l.o.forward(self.k16, ctx, xa, m, out, tmp);
         x.iter_mut().zip(out.iter()).for_each(|(a, b)| *a += b);
         l.ln1.apply(x, c.eps);
-        if self.amx {
+        if self.kernel.is_some() {
             xa.pack(x, m, h, h);
         }
         if let Some(up) = &l.up.packed {
@@ -694,17 +715,17 @@ impl BertEncoder {
             // applied on the way: the f32 activations are read once, never written back.
             let ld = up.cols_padded();
             grow(tmp, xa.rows_padded() * ld);
-            amx::gemm(xa, up, tmp, ld);
+            bf16::gemm_with(self.k16, xa, up, tmp, ld);
             let (bias, avx512) = (&l.up.b, self.avx512);
             xa.pack_map(tmp, m, inter, ld, |_, c0, vals| {
                 gelu_chunk(vals, &bias[c0..], avx512)
             });
         } else {
             grow(ff, m * inter);
-            l.up.forward(x, xa, m, ff, tmp);
+            l.up.forward(self.k16, x, xa, m, ff, tmp);
             ff[..m * inter].iter_mut().for_each(|g| *g = gelu_erf(*g));
         }
-        l.down.forward(ff, xa, m, out, tmp);
+        l.down.forward(self.k16, ff, xa, m, out, tmp);
         x.iter_mut().zip(out.iter()).for_each(|(a, b)| *a += b);
         l.ln2.apply(x, c.eps);
     }
@@ -798,7 +819,7 @@ impl Rows {
 /// rounding of x·log2 e); the results are rounded to bf16 next.
 #[inline(always)]
 fn exp_chunk(
-    vals: &mut [f32; amx::TILE_K],
+    vals: &mut [f32; bf16::TILE_K],
     max: f32,
     scale: f32,
     valid: usize,
@@ -821,9 +842,9 @@ fn exp_chunk(
 
 /// v ← GELU(v + bias) over a chunk (as far as `bias` reaches), before its rounding to bf16.
 #[inline(always)]
-fn gelu_chunk(vals: &mut [f32; amx::TILE_K], bias: &[f32], avx512: bool) {
+fn gelu_chunk(vals: &mut [f32; bf16::TILE_K], bias: &[f32], avx512: bool) {
     #[cfg(target_arch = "x86_64")]
-    if avx512 && bias.len() >= amx::TILE_K {
+    if avx512 && bias.len() >= bf16::TILE_K {
         // SAFETY: the caller runs this only where the CPU has AVX-512 (`avx512`); bias has 32 values.
         unsafe { wide::gelu_chunk(vals, bias) };
         return;
@@ -1130,7 +1151,7 @@ mod tests {
         let avx512 = cfg!(target_arch = "x86_64") && std::arch::is_x86_feature_detected!("avx512f");
         for wide in [false, avx512] {
             for start in (0..4000).map(|i| -100.0 + i as f32 * 0.025) {
-                let mut vals: [f32; amx::TILE_K] =
+                let mut vals: [f32; bf16::TILE_K] =
                     std::array::from_fn(|i| start + i as f32 * 0.0008);
                 let orig = vals;
                 let (max, scale, valid) = (0.5, 1.25, if start < -50.0 { 32 } else { 21 });
@@ -1152,7 +1173,7 @@ mod tests {
                 }
                 assert!((sum as f64 - want_sum).abs() <= 4e-6 * want_sum);
                 let bias: Vec<f32> = (0..32).map(|i| (i as f32 - 16.0) * 0.01).collect();
-                let mut g: [f32; amx::TILE_K] =
+                let mut g: [f32; bf16::TILE_K] =
                     std::array::from_fn(|i| start * 0.08 + i as f32 * 0.001);
                 let x = g;
                 gelu_chunk(&mut g, &bias, wide);

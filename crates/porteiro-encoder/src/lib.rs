@@ -1,9 +1,9 @@
 //! The sentence encoder: a BERT forward pass (MiniLM-L6 from the catalog) over safetensors weights
-//! (`bert`), BERT's WordPiece tokenizer (`wordpiece`) and the bf16 matrix multiply on Intel AMX tiles
-//! it uses where the CPU has them (`amx`). It shares only the thread pool (`porteiro-pool`) with the
+//! (`bert`), BERT's WordPiece tokenizer (`wordpiece`) and the bf16 matrix multiply it uses where the
+//! CPU has AMX tiles or AVX-512 BF16 (`bf16`). It shares only the thread pool (`porteiro-pool`) with the
 //! decoder in `porteiro-engine`.
 //!
-//! Unsafe code is confined to `amx` (the tile GEMM and AVX512-BF16 packing) and, in `bert`, the
+//! Unsafe code is confined to `bf16` (the tile and AVX-512 BF16 GEMMs and packing) and, in `bert`, the
 //! AVX-512 variants, the memory map and the row views its threads share; every unsafe block says
 //! why it is sound (`// SAFETY:`). Library code neither panics on a fallible `unwrap`/`expect` nor
 //! prints.
@@ -11,8 +11,8 @@
 // Kernels walk several parallel arrays (heads, rows, scales) with one index; iterator chains hide that.
 #![allow(clippy::needless_range_loop)]
 
-pub mod amx;
 pub mod bert;
+pub mod bf16;
 pub mod wordpiece;
 
 pub use bert::{BertEncoder, BertError};

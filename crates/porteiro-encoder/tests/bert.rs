@@ -14,15 +14,16 @@
 )]
 
 use porteiro_encoder::bert::BertEncoder;
+use porteiro_encoder::bf16::Kernel;
 
 fn encoder() -> Option<BertEncoder> {
-    encoder_with(porteiro_encoder::amx::available(), 2)
+    encoder_with(Kernel::best(), 2)
 }
 
-/// The encoder on the AMX path (bf16 tiles) or the f32 one, over `threads` threads.
-fn encoder_with(amx: bool, threads: usize) -> Option<BertEncoder> {
+/// The encoder on a bf16 kernel or (`None`) in f32, over `threads` threads.
+fn encoder_with(kernel: Option<Kernel>, threads: usize) -> Option<BertEncoder> {
     match porteiro_models::fetch::resolve_model("minilm-l6", false) {
-        Ok(dir) => Some(BertEncoder::open_with(&dir, amx, threads).unwrap()),
+        Ok(dir) => Some(BertEncoder::open_with(&dir, kernel, threads).unwrap()),
         Err(e) => {
             assert!(
                 std::env::var("PORTEIRO_REQUIRE_MODELS").is_err(),
@@ -87,33 +88,46 @@ fn minilm_vectors_do_not_depend_on_thread_count() {
     let mut texts = vec!["short one".to_string()];
     texts.push("word ".repeat(60));
     texts.push("The parcel was supposed to arrive on Tuesday. ".repeat(40));
-    for amx in [false, true] {
-        let (Some(one), Some(two)) = (encoder_with(amx, 1), encoder_with(amx, 2)) else {
+    for kernel in paths() {
+        let (Some(one), Some(two)) = (encoder_with(kernel, 1), encoder_with(kernel, 2)) else {
             return;
         };
         assert_eq!((one.threads(), two.threads()), (1, 2));
         for t in &texts {
             let (a, b) = (one.embed(t), two.embed(t));
-            assert_eq!(a.vector, b.vector, "amx {amx}, {} tokens", a.tokens);
+            assert_eq!(
+                a.vector,
+                b.vector,
+                "{}, {} tokens",
+                one.path_name(),
+                a.tokens
+            );
         }
     }
 }
 
-/// Both paths where the CPU has AMX (bf16 tiles, and f32); the f32 one elsewhere.
+/// f32 and every bf16 kernel this CPU runs (AMX, AVX-512 BF16); the scalar bf16 kernel is checked
+/// against them in the unit tests, not here (it is only a reference).
+fn paths() -> Vec<Option<Kernel>> {
+    let mut paths = vec![None];
+    for k in [Kernel::Amx, Kernel::Avx512Bf16] {
+        if k.runs_here() {
+            paths.push(Some(k));
+        } else {
+            eprintln!("{} cannot run here: not checked", k.name());
+        }
+    }
+    paths
+}
+
 #[test]
 fn minilm_matches_sentence_transformers() {
-    let mut paths = vec![false];
-    if porteiro_encoder::amx::available() {
-        paths.push(true);
-    } else {
-        eprintln!("AMX is not available here: only the f32 path is checked");
-    }
-    for amx in paths {
-        let Some(enc) = encoder_with(amx, 2) else {
+    for kernel in paths() {
+        let Some(enc) = encoder_with(kernel, 2) else {
             return;
         };
-        assert_eq!(enc.uses_amx(), amx);
-        check_against_reference(&enc, if amx { "AMX bf16" } else { "f32" });
+        assert_eq!(enc.kernel(), kernel);
+        check_against_reference(&enc, enc.path_name());
     }
 }
 

@@ -94,7 +94,7 @@ impl EncoderArgs {
             .encoder_threads
             .unwrap_or_else(BertEncoder::default_threads)
             .max(1);
-        BertEncoder::open_with(&dir, porteiro_encoder::amx::available(), threads)
+        BertEncoder::open_with(&dir, porteiro_encoder::bf16::Kernel::best(), threads)
             .with_context(|| format!("loading {}", dir.display()))
     }
 }
@@ -349,7 +349,7 @@ pub fn run(cmd: &RouterCmd) -> Result<()> {
                 cfg.routes.len(),
                 n,
                 enc.threads(),
-                if enc.uses_amx() { "AMX bf16" } else { "f32" }
+                enc.path_name()
             );
             println!(
                 "p50 {:.2} ms   p95 {:.2} ms   p99 {:.2} ms   max {:.2} ms",
