@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use porteiro_config::{Config, Overrides};
 use porteiro_encoder::bert::BertEncoder;
+use porteiro_encoder::bf16::Kernel;
 use porteiro_models::fetch;
 use porteiro_router::eval::{self, Summary};
 use porteiro_router::train::{self, Labelled};
@@ -62,6 +63,18 @@ pub enum RouterCmd {
         #[command(flatten)]
         enc: EncoderArgs,
     },
+    /// Whether the bf16 encoder decides as the f32 one does: every row's decision (tier and route,
+    /// with the routes and scorer of --config) on both paths, the share identical, and how far the
+    /// vectors and scores moved.
+    Parity {
+        /// Rows to decide: labelled rows (JSON lines with a "prompt"; the labels are not used).
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        enc: EncoderArgs,
+    },
     /// Decision latency (encode + decide) for prompts of a given length, with the routes of --config.
     Bench {
         /// Encoder tokens per prompt.
@@ -89,12 +102,17 @@ pub struct EncoderArgs {
 
 impl EncoderArgs {
     pub(crate) fn load(&self) -> Result<BertEncoder> {
+        self.load_with(Kernel::best())
+    }
+
+    /// The encoder on a given bf16 kernel (`None`: f32).
+    fn load_with(&self, kernel: Option<Kernel>) -> Result<BertEncoder> {
         let dir = fetch::resolve_model(&self.encoder, true)?;
         let threads = self
             .encoder_threads
             .unwrap_or_else(BertEncoder::default_threads)
             .max(1);
-        BertEncoder::open_with(&dir, porteiro_encoder::bf16::Kernel::best(), threads)
+        BertEncoder::open_with(&dir, kernel, threads)
             .with_context(|| format!("loading {}", dir.display()))
     }
 }
@@ -318,6 +336,73 @@ pub fn run(cmd: &RouterCmd) -> Result<()> {
                 std::fs::write(p, eval::svg(&title, &[router, random, oracle]))
                     .with_context(|| format!("writing {}", p.display()))?;
                 println!("curve written to {}", p.display());
+            }
+            Ok(())
+        }
+        RouterCmd::Parity {
+            data,
+            config: cfg_path,
+            enc,
+        } => {
+            let Some(kernel) = Kernel::best() else {
+                bail!("this CPU has no bf16 kernel (AMX or AVX-512 BF16), or PORTEIRO_BF16=0: the encoder runs in f32 only, so there is nothing to compare");
+            };
+            let rows = read(data)?;
+            let cfg = config(cfg_path.as_deref())?;
+            let f32_enc = std::sync::Arc::new(enc.load_with(None)?);
+            let b16_enc = std::sync::Arc::new(enc.load_with(Some(kernel))?);
+            let (f32_router, b16_router) = (
+                Router::new(&cfg, f32_enc.clone())?,
+                Router::new(&cfg, b16_enc.clone())?,
+            );
+            let pb = progress(rows.len(), "deciding on both paths");
+            let (mut same, mut min_cos, mut max_dscore) = (0usize, 1f32, 0f32);
+            let mut differing = Vec::new();
+            for r in &rows {
+                let (a, b) = (f32_enc.embed(&r.prompt), b16_enc.embed(&r.prompt));
+                let cos: f32 = a.vector.iter().zip(&b.vector).map(|(x, y)| x * y).sum();
+                min_cos = min_cos.min(cos);
+                let (da, db) = (
+                    f32_router.decide_embedded(&r.prompt, &a.vector),
+                    b16_router.decide_embedded(&r.prompt, &b.vector),
+                );
+                if let (Some(x), Some(y)) = (da.score, db.score) {
+                    max_dscore = max_dscore.max((x - y).abs());
+                }
+                if (&da.tier, &da.route) == (&db.tier, &db.route) {
+                    same += 1;
+                } else {
+                    differing.push((r.prompt.clone(), da, db));
+                }
+                pb.inc(1);
+            }
+            pb.finish_and_clear();
+            println!(
+                "{} rows from {}: {} ({:.2}%) decided alike by f32 and {}; lowest cosine between their vectors {min_cos:.6}{}",
+                rows.len(),
+                data.display(),
+                same,
+                100.0 * same as f64 / rows.len() as f64,
+                kernel.name(),
+                if cfg.router.scorer.is_some() {
+                    format!("; largest scorer difference {max_dscore:.5}")
+                } else {
+                    String::new()
+                }
+            );
+            for (prompt, a, b) in differing.iter().take(10) {
+                println!(
+                    "  differs: f32 {}/{} (sim {:.4}, score {:?}) vs {}/{} (sim {:.4}, score {:?}): {}",
+                    a.tier,
+                    a.route,
+                    a.similarity,
+                    a.score,
+                    b.tier,
+                    b.route,
+                    b.similarity,
+                    b.score,
+                    prompt.chars().take(80).collect::<String>()
+                );
             }
             Ok(())
         }
