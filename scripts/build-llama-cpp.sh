@@ -5,12 +5,19 @@
 # Flags: the SIMD this CPU reports in /proc/cpuinfo, spelled out instead of -march=native, because
 # native also turns on AMX, which some CPUs advertise but virtual machines fault on. (A fixed list once
 # named AVX-VNNI, which AMD EPYC lacks: the reference died with SIGILL there.)
+# PORTEIRO_LLAMA_ISA=avx2 builds the peer of `PORTEIRO_ISA=avx2` instead: AVX2/FMA/F16C only (no
+# AVX-512, no AVX-VNNI), into its own folder (…-avx2), as an AVX2-only CPU would have it.
 set -euo pipefail
 VER=0.3.36
 HOME_DIR=${PORTEIRO_HOME:-$HOME/.cache/porteiro}
-REF=${PORTEIRO_LLAMA_CPP:-$HOME_DIR/llama.cpp-$VER}
+cap=${PORTEIRO_LLAMA_ISA:-}
+[[ -z $cap || $cap == avx2 ]] || { echo "PORTEIRO_LLAMA_ISA=$cap: only avx2 is known" >&2; exit 1; }
+REF=${PORTEIRO_LLAMA_CPP:-$HOME_DIR/llama.cpp-$VER${cap:+-$cap}}
 flags=" $(grep -m1 '^flags' /proc/cpuinfo | cut -d: -f2) "
-has() { [[ $flags == *" $1 "* ]] && echo ON || echo OFF; }
+has() {
+  if [[ $cap == avx2 && ( $1 == avx512* || $1 == avx_vnni ) ]]; then echo OFF; return; fi
+  [[ $flags == *" $1 "* ]] && echo ON || echo OFF
+}
 simd="-DGGML_NATIVE=OFF -DGGML_AVX=$(has avx) -DGGML_AVX2=$(has avx2) -DGGML_FMA=$(has fma) -DGGML_F16C=$(has f16c) \
 -DGGML_BMI2=$(has bmi2) -DGGML_AVX_VNNI=$(has avx_vnni) -DGGML_AVX512=$(has avx512f) \
 -DGGML_AVX512_VBMI=$(has avx512vbmi) -DGGML_AVX512_VNNI=$(has avx512_vnni) -DGGML_AVX512_BF16=$(has avx512_bf16) \

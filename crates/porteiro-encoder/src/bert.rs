@@ -22,6 +22,7 @@ use std::ops::Range;
 use std::sync::Mutex;
 
 use crate::bf16::{self, Kernel, PackedA, PackedB};
+use crate::int8::{self, PackedA8, PackedB8};
 use crate::wordpiece::{WordPiece, WordPieceError};
 
 /// `$wide`: the method `$body` compiled for AVX-512, so the elementwise loops inlined into it
@@ -75,23 +76,31 @@ struct Linear {
     n_in: usize,
     /// The weights packed as bf16 tiles, when the encoder runs in bf16.
     packed: Option<PackedB>,
+    /// The weights as int8, when the linear layers run on VNNI.
+    packed8: Option<PackedB8>,
 }
 
 impl Linear {
     /// y[t][out] = x[t][in] · Wᵀ + b for `n` tokens; `xa` is `x` packed as bf16 (used when the
     /// weights are packed, on `kernel`). `y` holds at least `n` rows of `out`; `tmp` is scratch.
     #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
         kernel: Kernel,
         x: &[f32],
         xa: &PackedA,
+        xq: &PackedA8,
         n: usize,
         y: &mut [f32],
         tmp: &mut Vec<f32>,
     ) {
         let out = self.b.len();
         let y = &mut y[..n * out];
+        if let Some(p8) = &self.packed8 {
+            int8::gemm(xq, p8, Some(&self.b), y, out);
+            return;
+        }
         if let Some(pb) = &self.packed {
             let ld = pb.cols_padded();
             if ld == out && y.len() == xa.rows_padded() * out {
@@ -115,6 +124,12 @@ impl Linear {
         sgemm(
             n, self.n_in, out, x, self.n_in, 1, &self.w, 1, self.n_in, y, out, 1.0,
         );
+    }
+
+    /// Moves the weights into int8 columns.
+    fn pack8(&mut self) {
+        self.packed8 = Some(PackedB8::pack(&self.w, self.n_in, self.b.len()));
+        self.w = Vec::new();
     }
 
     /// Moves the weights into bf16 tiles.
@@ -177,6 +192,8 @@ pub struct BertEncoder {
     kernel: Option<Kernel>,
     /// `kernel`, or the scalar one where the products run in f32 (never called then).
     k16: Kernel,
+    /// Whether the linear layers run in int8 (VNNI); attention then stays on `kernel` or f32.
+    int8: bool,
     /// Whether the CPU has AVX-512 (the elementwise work then runs 16 wide).
     avx512: bool,
     /// Threads a pass is split over (by tokens), when more than one.
@@ -217,13 +234,28 @@ impl BertEncoder {
     }
 
     /// `open`, choosing the bf16 kernel (`None`, or one this CPU cannot run: f32) and how many
-    /// threads share a pass (split by tokens; the vectors do not depend on it).
+    /// threads share a pass (split by tokens; the vectors do not depend on it). The linear layers
+    /// run in int8 where the CPU has AVX-512 VNNI but no AMX.
     pub fn open_with(
         dir: &Path,
         kernel: Option<Kernel>,
         threads: usize,
     ) -> Result<Self, BertError> {
+        // On AMX the tiles' bf16 is both faster and closer to f32 than int8 on VNNI.
+        let int8 = int8::available() && kernel != Some(Kernel::Amx);
+        Self::open_opts(dir, kernel, int8, threads)
+    }
+
+    /// `open_with`, also choosing whether the linear layers run in int8 (`int8`, honoured only where
+    /// the CPU has AVX-512 VNNI).
+    pub fn open_opts(
+        dir: &Path,
+        kernel: Option<Kernel>,
+        int8: bool,
+        threads: usize,
+    ) -> Result<Self, BertError> {
         let kernel = kernel.filter(|k| k.runs_here());
+        let int8 = int8 && int8::available();
         let c = read_json(&dir.join("config.json"))?;
         let get = |k: &str| {
             c[k].as_u64()
@@ -297,6 +329,7 @@ impl BertEncoder {
                     b: tensor(&format!("{name}.bias"), &[n_out])?,
                     n_in,
                     packed: None,
+                    packed8: None,
                 })
             };
             let norm = |name: &str| -> Result<LayerNorm, BertError> {
@@ -332,7 +365,7 @@ impl BertEncoder {
             (at, vocab, (pos, typ, emb_ln, layers))
         };
         let (pos_emb, type_emb, emb_ln, mut layers) = weights;
-        if kernel.is_some() {
+        if kernel.is_some() || int8 {
             for l in &mut layers {
                 for lin in [
                     &mut l.q,
@@ -342,7 +375,11 @@ impl BertEncoder {
                     &mut l.up,
                     &mut l.down,
                 ] {
-                    lin.pack();
+                    if int8 {
+                        lin.pack8();
+                    } else {
+                        lin.pack();
+                    }
                 }
             }
         }
@@ -366,8 +403,10 @@ impl BertEncoder {
             layers,
             kernel,
             k16: kernel.unwrap_or(Kernel::Scalar),
+            int8,
             #[cfg(target_arch = "x86_64")]
-            avx512: is_x86_feature_detected!("avx512f")
+            avx512: bf16::wide_allowed()
+                && is_x86_feature_detected!("avx512f")
                 && is_x86_feature_detected!("avx512bw")
                 && is_x86_feature_detected!("avx512vl")
                 && is_x86_feature_detected!("fma"),
@@ -391,9 +430,20 @@ impl BertEncoder {
         self.kernel
     }
 
-    /// How the matrix products run, for reports: the bf16 kernel's name, or "f32".
-    pub fn path_name(&self) -> &'static str {
-        self.kernel.map_or("f32", Kernel::name)
+    /// Whether the linear layers run in int8 on VNNI.
+    pub fn int8(&self) -> bool {
+        self.int8
+    }
+
+    /// How the matrix products run, for reports: "int8 VNNI" for the linear layers if so, then the
+    /// bf16 kernel's name or "f32".
+    pub fn path_name(&self) -> String {
+        let rest = self.kernel.map_or("f32", Kernel::name);
+        if self.int8 {
+            format!("int8 VNNI + {rest} attention")
+        } else {
+            rest.to_string()
+        }
     }
 
     pub fn dim(&self) -> usize {
@@ -585,12 +635,14 @@ impl BertEncoder {
             return;
         }
         let h = self.cfg.hidden;
-        if self.kernel.is_some() {
+        if self.int8 {
+            s.xq.pack(x, m, h, h);
+        } else if self.kernel.is_some() {
             s.xa.pack(x, m, h, h);
         }
-        l.q.forward(self.k16, x, &s.xa, m, q, &mut s.tmp);
-        l.k.forward(self.k16, x, &s.xa, m, k, &mut s.tmp);
-        l.v.forward(self.k16, x, &s.xa, m, v, &mut s.tmp);
+        l.q.forward(self.k16, x, &s.xa, &s.xq, m, q, &mut s.tmp);
+        l.k.forward(self.k16, x, &s.xa, &s.xq, m, k, &mut s.tmp);
+        l.v.forward(self.k16, x, &s.xa, &s.xq, m, v, &mut s.tmp);
     }
 
     /// The rest of a layer for one thread's tokens: attention of its queries over all `n` keys, the
@@ -694,23 +746,47 @@ impl BertEncoder {
         }
         let Scratch {
             xa,
+            xq,
             tmp,
             ctx,
             ff,
             out,
             ..
         } = s;
-        if self.kernel.is_some() {
+        if self.int8 {
+            xq.pack(ctx, m, h, h);
+        } else if self.kernel.is_some() {
             xa.pack(ctx, m, h, h);
         }
         grow(out, m * h);
-        l.o.forward(self.k16, ctx, xa, m, out, tmp);
+        l.o.forward(self.k16, ctx, xa, xq, m, out, tmp);
         x.iter_mut().zip(out.iter()).for_each(|(a, b)| *a += b);
         l.ln1.apply(x, c.eps);
-        if self.kernel.is_some() {
+        if self.int8 {
+            xq.pack(x, m, h, h);
+        } else if self.kernel.is_some() {
             xa.pack(x, m, h, h);
         }
-        if let Some(up) = &l.up.packed {
+        if let Some(up8) = &l.up.packed8 {
+            // Bias and GELU applied in 32-wide chunks (the vector versions), then the hidden layer
+            // quantized for the down projection.
+            grow(ff, m * inter);
+            int8::gemm(xq, up8, None, &mut ff[..m * inter], inter);
+            let avx512 = self.avx512;
+            for row in ff[..m * inter].chunks_exact_mut(inter) {
+                let mut chunks = row.chunks_exact_mut(bf16::TILE_K);
+                for (i, chunk) in chunks.by_ref().enumerate() {
+                    if let Ok(vals) = <&mut [f32; bf16::TILE_K]>::try_from(chunk) {
+                        gelu_chunk(vals, &l.up.b[i * bf16::TILE_K..], avx512);
+                    }
+                }
+                let done = inter - chunks.into_remainder().len();
+                for (v, b) in row[done..].iter_mut().zip(&l.up.b[done..]) {
+                    *v = gelu_erf(*v + b);
+                }
+            }
+            xq.pack(ff, m, inter, inter);
+        } else if let Some(up) = &l.up.packed {
             // The products go straight from the tiles into the next packing with bias and GELU
             // applied on the way: the f32 activations are read once, never written back.
             let ld = up.cols_padded();
@@ -722,10 +798,10 @@ impl BertEncoder {
             });
         } else {
             grow(ff, m * inter);
-            l.up.forward(self.k16, x, xa, m, ff, tmp);
+            l.up.forward(self.k16, x, xa, xq, m, ff, tmp);
             ff[..m * inter].iter_mut().for_each(|g| *g = gelu_erf(*g));
         }
-        l.down.forward(self.k16, ff, xa, m, out, tmp);
+        l.down.forward(self.k16, ff, xa, xq, m, out, tmp);
         x.iter_mut().zip(out.iter()).for_each(|(a, b)| *a += b);
         l.ln2.apply(x, c.eps);
     }
@@ -745,6 +821,7 @@ struct Buffers {
 #[derive(Default)]
 struct Scratch {
     xa: PackedA,
+    xq: PackedA8,
     qa: PackedA,
     pa: PackedA,
     scores: Vec<f32>,

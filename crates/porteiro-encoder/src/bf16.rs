@@ -42,12 +42,13 @@ pub enum Kernel {
 
 impl Kernel {
     /// The fastest kernel this process may use, or `None` where only the scalar one exists (the
-    /// encoder then keeps f32, which is faster than a scalar bf16 product). Honours `PORTEIRO_BF16=0`
-    /// and `PORTEIRO_AMX=0`.
+    /// encoder then keeps f32, which is faster than a scalar bf16 product). Honours `PORTEIRO_BF16=0`,
+    /// `PORTEIRO_AMX=0`, and `PORTEIRO_ISA` set to `avx2`, `avx2vnni` or `scalar` (the engine's cap,
+    /// which stands for a CPU without AVX-512 or AMX: f32).
     pub fn best() -> Option<Kernel> {
         static BEST: OnceLock<Option<Kernel>> = OnceLock::new();
         *BEST.get_or_init(|| {
-            if std::env::var("PORTEIRO_BF16").as_deref() == Ok("0") {
+            if std::env::var("PORTEIRO_BF16").as_deref() == Ok("0") || !wide_allowed() {
                 None
             } else if available() {
                 Some(Kernel::Amx)
@@ -78,6 +79,15 @@ impl Kernel {
             Kernel::Scalar => "scalar bf16",
         }
     }
+}
+
+/// Whether `PORTEIRO_ISA` leaves AVX-512 (and AMX) to this process: unset, or none of the engine's
+/// caps below AVX-512.
+pub fn wide_allowed() -> bool {
+    !matches!(
+        std::env::var("PORTEIRO_ISA").as_deref(),
+        Ok("avx2" | "avx2vnni" | "scalar")
+    )
 }
 
 /// Whether AMX-BF16 can be used in this process (CPU support, kernel permission, not disabled).

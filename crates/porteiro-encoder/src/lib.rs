@@ -3,7 +3,8 @@
 //! CPU has AMX tiles or AVX-512 BF16 (`bf16`). It shares only the thread pool (`porteiro-pool`) with the
 //! decoder in `porteiro-engine`.
 //!
-//! Unsafe code is confined to `bf16` (the tile and AVX-512 BF16 GEMMs and packing) and, in `bert`, the
+//! Unsafe code is confined to `bf16` (the tile and AVX-512 BF16 GEMMs and packing), `int8` (the VNNI
+//! GEMM) and, in `bert`, the
 //! AVX-512 variants, the memory map and the row views its threads share; every unsafe block says
 //! why it is sound (`// SAFETY:`). Library code neither panics on a fallible `unwrap`/`expect` nor
 //! prints.
@@ -13,6 +14,7 @@
 
 pub mod bert;
 pub mod bf16;
+pub mod int8;
 pub mod wordpiece;
 
 pub use bert::{BertEncoder, BertError};

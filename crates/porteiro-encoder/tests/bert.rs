@@ -17,13 +17,26 @@ use porteiro_encoder::bert::BertEncoder;
 use porteiro_encoder::bf16::Kernel;
 
 fn encoder() -> Option<BertEncoder> {
-    encoder_with(Kernel::best(), 2)
+    encoder_with(
+        Path {
+            kernel: Kernel::best(),
+            int8: porteiro_encoder::int8::available(),
+        },
+        2,
+    )
 }
 
-/// The encoder on a bf16 kernel or (`None`) in f32, over `threads` threads.
-fn encoder_with(kernel: Option<Kernel>, threads: usize) -> Option<BertEncoder> {
+/// How the products run: a bf16 kernel or (`None`) f32, and the linear layers in int8 or not.
+#[derive(Clone, Copy, Debug)]
+struct Path {
+    kernel: Option<Kernel>,
+    int8: bool,
+}
+
+/// The encoder on `path`, over `threads` threads.
+fn encoder_with(path: Path, threads: usize) -> Option<BertEncoder> {
     match porteiro_models::fetch::resolve_model("minilm-l6", false) {
-        Ok(dir) => Some(BertEncoder::open_with(&dir, kernel, threads).unwrap()),
+        Ok(dir) => Some(BertEncoder::open_opts(&dir, path.kernel, path.int8, threads).unwrap()),
         Err(e) => {
             assert!(
                 std::env::var("PORTEIRO_REQUIRE_MODELS").is_err(),
@@ -88,8 +101,8 @@ fn minilm_vectors_do_not_depend_on_thread_count() {
     let mut texts = vec!["short one".to_string()];
     texts.push("word ".repeat(60));
     texts.push("The parcel was supposed to arrive on Tuesday. ".repeat(40));
-    for kernel in paths() {
-        let (Some(one), Some(two)) = (encoder_with(kernel, 1), encoder_with(kernel, 2)) else {
+    for path in paths() {
+        let (Some(one), Some(two)) = (encoder_with(path, 1), encoder_with(path, 2)) else {
             return;
         };
         assert_eq!((one.threads(), two.threads()), (1, 2));
@@ -106,15 +119,30 @@ fn minilm_vectors_do_not_depend_on_thread_count() {
     }
 }
 
-/// f32 and every bf16 kernel this CPU runs (AMX, AVX-512 BF16); the scalar bf16 kernel is checked
-/// against them in the unit tests, not here (it is only a reference).
-fn paths() -> Vec<Option<Kernel>> {
-    let mut paths = vec![None];
+/// f32 and every bf16 kernel this CPU runs (AMX, AVX-512 BF16), each with the linear layers in int8
+/// too where the CPU has VNNI; the scalar kernels are checked against them in the unit tests, not
+/// here (they are only references).
+fn paths() -> Vec<Path> {
+    let mut kernels = vec![None];
     for k in [Kernel::Amx, Kernel::Avx512Bf16] {
         if k.runs_here() {
-            paths.push(Some(k));
+            kernels.push(Some(k));
         } else {
             eprintln!("{} cannot run here: not checked", k.name());
+        }
+    }
+    let int8 = porteiro_encoder::int8::available();
+    if !int8 {
+        eprintln!("no AVX-512 VNNI here: the int8 path is not checked");
+    }
+    let mut paths = Vec::new();
+    for kernel in kernels {
+        paths.push(Path {
+            kernel,
+            int8: false,
+        });
+        if int8 {
+            paths.push(Path { kernel, int8: true });
         }
     }
     paths
@@ -122,16 +150,20 @@ fn paths() -> Vec<Option<Kernel>> {
 
 #[test]
 fn minilm_matches_sentence_transformers() {
-    for kernel in paths() {
-        let Some(enc) = encoder_with(kernel, 2) else {
+    for path in paths() {
+        let Some(enc) = encoder_with(path, 2) else {
             return;
         };
-        assert_eq!(enc.kernel(), kernel);
-        check_against_reference(&enc, enc.path_name());
+        assert_eq!((enc.kernel(), enc.int8()), (path.kernel, path.int8));
+        // int8 activations (8 bits per token over its own range) move a 3-token input's mean vector
+        // by up to ~0.8% (0.9923 measured for "ok"); routing decisions are what must hold, and
+        // `porteiro router parity` measures those. f32 and bf16 stay within 1e-3.
+        let tolerance = if path.int8 { 1e-2 } else { 1e-3 };
+        check_against_reference(&enc, &enc.path_name(), tolerance);
     }
 }
 
-fn check_against_reference(enc: &BertEncoder, path_name: &str) {
+fn check_against_reference(enc: &BertEncoder, path_name: &str, tolerance: f32) {
     let path = porteiro_models::fetch::home_dir().join("data/minilm-reference.json");
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
@@ -172,7 +204,7 @@ fn check_against_reference(enc: &BertEncoder, path_name: &str) {
         sentences.len()
     );
     assert!(
-        worst >= 1.0 - 1e-3,
+        worst >= 1.0 - tolerance,
         "{path_name}, sentence {worst_at}: cosine {worst} to the sentence-transformers vector"
     );
 }

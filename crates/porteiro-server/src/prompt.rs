@@ -248,6 +248,11 @@ pub fn assistant_text(
     message: &Value,
 ) -> Result<String, ApiError> {
     match (&message["content"], &message["tool_calls"]) {
+        // Text before the calls (the model wrote it, then opened a call): both, as the model
+        // produced them; the text alone would teach a student to stop before calling.
+        (Value::String(s), Value::Array(calls)) if !s.is_empty() && !calls.is_empty() => {
+            Ok(format!("{s}\n{}", calls_text(calls, &syntax(template))))
+        }
         (Value::String(s), _) if !s.is_empty() => Ok(s.clone()),
         (_, Value::Array(calls)) if !calls.is_empty() => Ok(calls_text(calls, &syntax(template))),
         _ => Err(ApiError::invalid(
@@ -289,6 +294,12 @@ mod tests {
             r#"{"name":"get_weather","arguments":{"city":"Oslo"}}"#
         );
         assert!(assistant_text(Some(&t), &serde_json::json!({"role": "assistant"})).is_err());
+        // Text and a call: the text, then the call (a trained student must still call).
+        let both = serde_json::json!({"role": "assistant", "content": "Checking.", "tool_calls": call["tool_calls"]});
+        assert_eq!(
+            assistant_text(Some(&t), &both).unwrap(),
+            "Checking.\n{\"name\":\"get_weather\",\"arguments\":{\"city\":\"Oslo\"}}"
+        );
     }
 
     #[test]

@@ -63,7 +63,7 @@ pub enum RouterCmd {
         #[command(flatten)]
         enc: EncoderArgs,
     },
-    /// Whether the bf16 encoder decides as the f32 one does: every row's decision (tier and route,
+    /// Whether the encoder's fast path (bf16, int8) decides as its f32 path does: every row's decision (tier and route,
     /// with the routes and scorer of --config) on both paths, the share identical, and how far the
     /// vectors and scores moved.
     Parity {
@@ -102,18 +102,24 @@ pub struct EncoderArgs {
 
 impl EncoderArgs {
     pub(crate) fn load(&self) -> Result<BertEncoder> {
-        self.load_with(Kernel::best())
+        self.open(|dir, threads| BertEncoder::open_with(dir, Kernel::best(), threads))
     }
 
-    /// The encoder on a given bf16 kernel (`None`: f32).
-    fn load_with(&self, kernel: Option<Kernel>) -> Result<BertEncoder> {
+    /// The encoder on its f32 path (the reference `router parity` compares against).
+    fn load_f32(&self) -> Result<BertEncoder> {
+        self.open(|dir, threads| BertEncoder::open_opts(dir, None, false, threads))
+    }
+
+    fn open(
+        &self,
+        how: impl Fn(&Path, usize) -> Result<BertEncoder, porteiro_encoder::BertError>,
+    ) -> Result<BertEncoder> {
         let dir = fetch::resolve_model(&self.encoder, true)?;
         let threads = self
             .encoder_threads
             .unwrap_or_else(BertEncoder::default_threads)
             .max(1);
-        BertEncoder::open_with(&dir, kernel, threads)
-            .with_context(|| format!("loading {}", dir.display()))
+        how(&dir, threads).with_context(|| format!("loading {}", dir.display()))
     }
 }
 
@@ -344,19 +350,20 @@ pub fn run(cmd: &RouterCmd) -> Result<()> {
             config: cfg_path,
             enc,
         } => {
-            let Some(kernel) = Kernel::best() else {
-                bail!("this CPU has no bf16 kernel (AMX or AVX-512 BF16), or PORTEIRO_BF16=0: the encoder runs in f32 only, so there is nothing to compare");
-            };
+            let b16_enc = std::sync::Arc::new(enc.load()?);
+            if b16_enc.kernel().is_none() && !b16_enc.int8() {
+                bail!("the encoder runs in f32 here (no AMX, AVX-512 BF16 or VNNI, or turned off by PORTEIRO_BF16=0 / PORTEIRO_INT8=0 / PORTEIRO_ISA): there is nothing to compare");
+            }
             let rows = read(data)?;
             let cfg = config(cfg_path.as_deref())?;
-            let f32_enc = std::sync::Arc::new(enc.load_with(None)?);
-            let b16_enc = std::sync::Arc::new(enc.load_with(Some(kernel))?);
+            let f32_enc = std::sync::Arc::new(enc.load_f32()?);
             let (f32_router, b16_router) = (
                 Router::new(&cfg, f32_enc.clone())?,
                 Router::new(&cfg, b16_enc.clone())?,
             );
             let pb = progress(rows.len(), "deciding on both paths");
-            let (mut same, mut min_cos, mut max_dscore) = (0usize, 1f32, 0f32);
+            let (mut same, mut same_tier, mut min_cos, mut max_dscore) =
+                (0usize, 0usize, 1f32, 0f32);
             let mut differing = Vec::new();
             for r in &rows {
                 let (a, b) = (f32_enc.embed(&r.prompt), b16_enc.embed(&r.prompt));
@@ -369,6 +376,7 @@ pub fn run(cmd: &RouterCmd) -> Result<()> {
                 if let (Some(x), Some(y)) = (da.score, db.score) {
                     max_dscore = max_dscore.max((x - y).abs());
                 }
+                same_tier += usize::from(da.tier == db.tier);
                 if (&da.tier, &da.route) == (&db.tier, &db.route) {
                     same += 1;
                 } else {
@@ -378,12 +386,13 @@ pub fn run(cmd: &RouterCmd) -> Result<()> {
             }
             pb.finish_and_clear();
             println!(
-                "{} rows from {}: {} ({:.2}%) decided alike by f32 and {}; lowest cosine between their vectors {min_cos:.6}{}",
+                "{} rows from {}: {} ({:.2}%) decided alike (tier and route; the tier alone: {:.2}%) by f32 and {}; lowest cosine between their vectors {min_cos:.6}{}",
                 rows.len(),
                 data.display(),
                 same,
                 100.0 * same as f64 / rows.len() as f64,
-                kernel.name(),
+                100.0 * same_tier as f64 / rows.len() as f64,
+                b16_enc.path_name(),
                 if cfg.router.scorer.is_some() {
                     format!("; largest scorer difference {max_dscore:.5}")
                 } else {

@@ -1,0 +1,441 @@
+//! int8 products for the encoder's linear layers with AVX-512 VNNI (`vpdpbusd`: 64 multiply-adds of
+//! u8 × i8 into 16 i32 lanes per instruction, twice `vdpbf16ps`'s work and four times an f32 FMA's).
+//!
+//! Weights are quantized once, symmetrically per output column (scale = max |w| / 127). Activations
+//! are quantized as they arrive, per token and per group of 128 K values, asymmetrically over the
+//! group's own range into u8 (the operand `vpdpbusd` takes unsigned): x ≈ lo + s·u with
+//! s = (max − lo) / 255, which spends every level on the values present (GELU's outputs barely go
+//! below zero), and keeps a token's few outlier channels from coarsening all its other values
+//! (one scale per token cost 0.8% of cosine on a 3-token input). The offset comes back out through
+//! each column's sum of weights over the group: Σx·w ≈ s_w·Σ_g (s_g·Σu·q + lo_g·Σq). A group's i32
+//! sum is exact, and the f32 steps run in one fixed order, so the AVX-512 kernel and the scalar
+//! reference agree bit for bit; only the rounding of the operands differs from f32, and routing decisions are what
+//! that must not move (`porteiro router parity`). Attention's products stay in bf16 or f32.
+//!
+//! `PORTEIRO_INT8=0` turns the path off.
+
+// A kernel module: AVX-512 VNNI intrinsics over buffers whose sizes the callers check.
+#![allow(unsafe_code)]
+
+use std::sync::OnceLock;
+
+/// Output columns per block (one zmm of i32) and K values per quad (one i32 lane of bytes).
+const NB: usize = 16;
+const KG: usize = 4;
+/// K values per activation scale.
+pub const GROUP: usize = 128;
+/// Rows and column blocks of C one call of the micro-kernel holds in registers (12 i32 sums of the
+/// group in flight and 12 f32 totals).
+const MR: usize = 4;
+const NR: usize = 3;
+
+/// Whether this CPU runs the VNNI kernel and the path is not turned off (`PORTEIRO_INT8=0`, or
+/// `PORTEIRO_ISA` capped below AVX-512).
+pub fn available() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| {
+        std::env::var("PORTEIRO_INT8").as_deref() != Ok("0")
+            && crate::bf16::wide_allowed()
+            && vnni()
+    })
+}
+
+fn vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+fn round_up(x: usize, to: usize) -> usize {
+    x.div_ceil(to) * to
+}
+
+/// A weight matrix [n][k] (out × in) as i8 in the kernel's order: for each block of 16 columns and
+/// each quad of K values, 16 × 4 bytes (one zmm). Padded with zeros to 48 columns and 4 K values.
+#[derive(Default)]
+pub struct PackedB8 {
+    data: Vec<i8>,
+    /// Per column: the dequantization scale.
+    scale: Vec<f32>,
+    /// Per activation group, per column: the sum of the column's quantized weights in the group.
+    colsum: Vec<f32>,
+    n: usize,
+    n_pad: usize,
+    k_pad: usize,
+}
+
+impl PackedB8 {
+    /// Packs W(col, kk) = w[col * k + kk].
+    pub fn pack(w: &[f32], k: usize, n: usize) -> Self {
+        assert!(w.len() >= n * k);
+        let (n_pad, k_pad) = (round_up(n.max(1), NB * NR), round_up(k.max(1), KG));
+        let quads = k_pad / KG;
+        let mut data = vec![0i8; n_pad * k_pad];
+        let mut scale = vec![0f32; n_pad];
+        let mut colsum = vec![0f32; k_pad.div_ceil(GROUP) * n_pad];
+        for col in 0..n {
+            let row = &w[col * k..(col + 1) * k];
+            let max = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let s = max / 127.0;
+            let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
+            scale[col] = s;
+            let base = (col / NB) * quads * NB * KG + (col % NB) * KG;
+            for (kk, v) in row.iter().enumerate() {
+                let q = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
+                data[base + (kk / KG) * NB * KG + kk % KG] = q;
+                colsum[(kk / GROUP) * n_pad + col] += f32::from(q);
+            }
+        }
+        Self {
+            data,
+            scale,
+            colsum,
+            n,
+            n_pad,
+            k_pad,
+        }
+    }
+
+    pub fn cols(&self) -> usize {
+        self.n
+    }
+}
+
+/// Activations [m][k] quantized per row and group into u8 (x ≈ lo + scale·u), rows padded to a
+/// multiple of 4 and K to a multiple of 4 (padding meets zero weights, so its value does not
+/// matter).
+#[derive(Default)]
+pub struct PackedA8 {
+    data: Vec<u8>,
+    /// Per row, per group.
+    scale: Vec<f32>,
+    lo: Vec<f32>,
+    m: usize,
+    k_pad: usize,
+    groups: usize,
+}
+
+impl PackedA8 {
+    /// Quantizes A(r, c) = src[r * row_stride + c] for r < m, c < k. Reuses the buffers.
+    pub fn pack(&mut self, src: &[f32], m: usize, k: usize, row_stride: usize) {
+        assert!(m == 0 || (m - 1) * row_stride + k <= src.len());
+        #[cfg(target_arch = "x86_64")]
+        if vnni() {
+            // SAFETY: the CPU has AVX-512 F/BW (vnni()); the body is plain Rust compiled wide.
+            unsafe { self.pack_wide(src, m, k, row_stride) };
+            return;
+        }
+        self.pack_rows(src, m, k, row_stride, |_, _| None);
+    }
+
+    /// `pack_rows` with each whole group's range and rounding done 16 lanes at a time (the same
+    /// values: min and max are exact, and the conversion rounds to nearest even as the scalar
+    /// code does).
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F and BW.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn pack_wide(&mut self, src: &[f32], m: usize, k: usize, row_stride: usize) {
+        use std::arch::x86_64::*;
+        self.pack_rows(src, m, k, row_stride, |part, dst| {
+            if part.len() != GROUP {
+                return None;
+            }
+            // SAFETY: `part` holds GROUP values and `dst` as many bytes; AVX-512 F/BW are enabled
+            // in the enclosing function, which only runs where the CPU has them.
+            unsafe {
+                let p = part.as_ptr();
+                let (mut lo, mut hi) = (_mm512_loadu_ps(p), _mm512_loadu_ps(p));
+                for i in 1..GROUP / 16 {
+                    let v = _mm512_loadu_ps(p.add(16 * i));
+                    (lo, hi) = (_mm512_min_ps(lo, v), _mm512_max_ps(hi, v));
+                }
+                let (lo, hi) = (_mm512_reduce_min_ps(lo), _mm512_reduce_max_ps(hi));
+                let s = (hi - lo) / 255.0;
+                let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
+                let (lov, invv) = (_mm512_set1_ps(lo), _mm512_set1_ps(inv));
+                for i in 0..GROUP / 16 {
+                    let v = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(p.add(16 * i)), lov), invv);
+                    let q = _mm512_max_epi32(_mm512_cvtps_epi32(v), _mm512_setzero_si512());
+                    _mm_storeu_si128(
+                        dst.as_mut_ptr().add(16 * i).cast(),
+                        _mm512_cvtusepi32_epi8(q),
+                    );
+                }
+                Some((s, lo))
+            }
+        })
+    }
+
+    /// Quantizes every row group by group; `wide(group, dst)` may do a group itself (returning its
+    /// scale and offset), else the scalar code does.
+    #[inline(always)]
+    fn pack_rows(
+        &mut self,
+        src: &[f32],
+        m: usize,
+        k: usize,
+        row_stride: usize,
+        wide: impl Fn(&[f32], &mut [u8]) -> Option<(f32, f32)>,
+    ) {
+        let (m_pad, k_pad) = (round_up(m.max(1), MR), round_up(k.max(1), KG));
+        let groups = k_pad.div_ceil(GROUP);
+        self.data.clear();
+        self.data.resize(m_pad * k_pad, 0);
+        for v in [&mut self.scale, &mut self.lo] {
+            v.clear();
+            v.resize(m_pad * groups, 0.0);
+        }
+        (self.m, self.k_pad, self.groups) = (m, k_pad, groups);
+        for r in 0..m {
+            let row = &src[r * row_stride..r * row_stride + k];
+            for (g, part) in row.chunks(GROUP).enumerate() {
+                let at = r * k_pad + g * GROUP;
+                let dst = &mut self.data[at..at + part.len()];
+                let (s, lo) = wide(part, dst).unwrap_or_else(|| {
+                    let (lo, hi) = part
+                        .iter()
+                        .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
+                            (a.min(v), b.max(v))
+                        });
+                    let s = (hi - lo) / 255.0;
+                    let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
+                    for (d, v) in dst.iter_mut().zip(part) {
+                        *d = ((v - lo) * inv).round_ties_even().clamp(0.0, 255.0) as u8;
+                    }
+                    (s, lo)
+                });
+                (self.scale[r * groups + g], self.lo[r * groups + g]) = (s, lo);
+            }
+        }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.m
+    }
+}
+
+/// C(r, col) = Σ A(r, ·)·W(col, ·) (+ bias[col]) for the rows of `a` and the columns of `b`, into
+/// `c` (row stride `ldc` ≥ `b.cols()`); nothing outside those rows and columns is written. Runs the
+/// VNNI kernel where the CPU has it, else the scalar reference (the same bits).
+pub fn gemm(a: &PackedA8, b: &PackedB8, bias: Option<&[f32]>, c: &mut [f32], ldc: usize) {
+    gemm_on(vnni(), a, b, bias, c, ldc)
+}
+
+/// `gemm` on the VNNI kernel (`wide`, which the CPU must have) or the scalar reference.
+pub fn gemm_on(
+    wide: bool,
+    a: &PackedA8,
+    b: &PackedB8,
+    bias: Option<&[f32]>,
+    c: &mut [f32],
+    ldc: usize,
+) {
+    assert_eq!(a.k_pad, b.k_pad, "A and B disagree on K");
+    assert!(ldc >= b.n && (a.m == 0 || c.len() >= (a.m - 1) * ldc + b.n));
+    assert!(bias.is_none_or(|v| v.len() >= b.n));
+    assert!(!wide || vnni(), "the VNNI kernel cannot run here");
+    #[cfg(target_arch = "x86_64")]
+    if wide {
+        // SAFETY: the CPU has AVX-512 F/BW/VNNI (checked); the shapes were just checked.
+        unsafe { gemm_vnni(a, b, bias, c, ldc) };
+        return;
+    }
+    gemm_scalar(a, b, bias, c, ldc);
+}
+
+/// The reference, in the kernel's order of f32 steps: per group, total += sum·s_g, then
+/// total += lo_g·colsum_g; at the end total·s_w + bias (no fused multiply-adds).
+fn gemm_scalar(a: &PackedA8, b: &PackedB8, bias: Option<&[f32]>, c: &mut [f32], ldc: usize) {
+    let quads = b.k_pad / KG;
+    for r in 0..a.m {
+        let ar = &a.data[r * a.k_pad..(r + 1) * a.k_pad];
+        for col in 0..b.n {
+            let base = (col / NB) * quads * NB * KG + (col % NB) * KG;
+            let mut total = 0f32;
+            for g in 0..a.groups {
+                let mut sum = 0i32;
+                for q in g * GROUP / KG..((g + 1) * GROUP / KG).min(quads) {
+                    for j in 0..KG {
+                        let w = b.data[base + q * NB * KG + j];
+                        sum += i32::from(ar[q * KG + j]) * i32::from(w);
+                    }
+                }
+                total += sum as f32 * a.scale[r * a.groups + g];
+                total += a.lo[r * a.groups + g] * b.colsum[g * b.n_pad + col];
+            }
+            c[r * ldc + col] = total * b.scale[col] + bias.map_or(0.0, |v| v[col]);
+        }
+    }
+}
+
+/// 4 rows × 48 columns per call: per group, 12 zmm of i32 sums (per quad of K, three weight
+/// vectors loaded and each row's 4 bytes broadcast), folded into 12 zmm of f32 totals with the
+/// group's scales. Columns outer: a 48-column weight panel (K·48 bytes, 72 KB at K = 1536) stays
+/// in L2 while the rows stream past it.
+///
+/// # Safety
+/// The CPU must have AVX-512 F, BW and VNNI, and the shapes must agree as `gemm_on` checks.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn gemm_vnni(a: &PackedA8, b: &PackedB8, bias: Option<&[f32]>, c: &mut [f32], ldc: usize) {
+    use std::arch::x86_64::*;
+    let quads = b.k_pad / KG;
+    let (ap, bp, cp) = (a.data.as_ptr(), b.data.as_ptr(), c.as_mut_ptr());
+    for nb in (0..b.n_pad / NB).step_by(NR) {
+        let c0 = nb * NB;
+        let mut bias_t = [0f32; NB * NR];
+        if let Some(v) = bias {
+            for (t, i) in bias_t.iter_mut().zip(c0..b.n) {
+                *t = v[i];
+            }
+        }
+        let bias_v: [__m512; NR] =
+            std::array::from_fn(|j| _mm512_loadu_ps(bias_t.as_ptr().add(j * NB)));
+        let sw: [__m512; NR] =
+            std::array::from_fn(|j| _mm512_loadu_ps(b.scale.as_ptr().add(c0 + j * NB)));
+        let masks: [__mmask16; NR] = std::array::from_fn(|j| {
+            let valid = b.n.saturating_sub(c0 + j * NB).min(NB);
+            ((1u32 << valid) - 1) as __mmask16
+        });
+        let b0 = bp.add(nb * quads * NB * KG);
+        for r0 in (0..a.m).step_by(MR) {
+            let mut total = [[_mm512_setzero_ps(); NR]; MR];
+            let a0 = ap.add(r0 * a.k_pad);
+            for g in 0..a.groups {
+                let mut acc = [[_mm512_setzero_si512(); NR]; MR];
+                for q in g * GROUP / KG..((g + 1) * GROUP / KG).min(quads) {
+                    let bv: [__m512i; NR] = std::array::from_fn(|j| {
+                        _mm512_loadu_si512(b0.add((j * quads + q) * NB * KG).cast())
+                    });
+                    for (i, row) in acc.iter_mut().enumerate() {
+                        let quad = a0.add(i * a.k_pad + q * KG).cast::<i32>().read_unaligned();
+                        let av = _mm512_set1_epi32(quad);
+                        for (o, w) in row.iter_mut().zip(&bv) {
+                            *o = _mm512_dpbusd_epi32(*o, av, *w);
+                        }
+                    }
+                }
+                let cs: [__m512; NR] = std::array::from_fn(|j| {
+                    _mm512_loadu_ps(b.colsum.as_ptr().add(g * b.n_pad + c0 + j * NB))
+                });
+                for (i, (t_row, a_row)) in total.iter_mut().zip(&acc).enumerate() {
+                    // Rows past m hold padding; their scales are zeros.
+                    let at = (r0 + i) * a.groups + g;
+                    let s = _mm512_set1_ps(a.scale[at]);
+                    let lo = _mm512_set1_ps(a.lo[at]);
+                    for j in 0..NR {
+                        let t =
+                            _mm512_add_ps(t_row[j], _mm512_mul_ps(_mm512_cvtepi32_ps(a_row[j]), s));
+                        t_row[j] = _mm512_add_ps(t, _mm512_mul_ps(lo, cs[j]));
+                    }
+                }
+            }
+            for (i, row) in total.iter().enumerate().take(a.m - r0) {
+                let r = r0 + i;
+                for j in 0..NR {
+                    let v = _mm512_add_ps(_mm512_mul_ps(row[j], sw[j]), bias_v[j]);
+                    _mm512_mask_storeu_ps(cp.add(r * ldc + c0 + j * NB), masks[j], v);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rand(seed: &mut u64) -> f32 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+
+    /// The VNNI kernel gives the scalar reference's bits, and both stay within the quantization error
+    /// of an f64 product, over shapes with row, column and K tails, with and without a bias.
+    #[test]
+    fn gemm_matches_reference_on_odd_shapes() {
+        let mut seed = 9;
+        for &(m, k, n) in &[
+            (1, 4, 1),
+            (13, 70, 37),
+            (8, 384, 32),
+            (33, 1536, 384),
+            (5, 3, 48),
+            (6, 200, 50),
+        ] {
+            let x: Vec<f32> = (0..m * k).map(|_| rand(&mut seed) * 3.0).collect();
+            let w: Vec<f32> = (0..n * k).map(|_| rand(&mut seed) * 0.2).collect();
+            let bias: Vec<f32> = (0..n).map(|_| rand(&mut seed)).collect();
+            let b = PackedB8::pack(&w, k, n);
+            let mut a = PackedA8::default();
+            a.pack(&vec![7.0; 64 * 2000], 64, 2000, 2000); // a stale, larger buffer first
+            a.pack(&x, m, k, k);
+            for bias in [None, Some(&bias[..])] {
+                let mut want = vec![f32::NAN; m * n + 3];
+                gemm_on(false, &a, &b, bias, &mut want, n);
+                assert!(want[m * n..].iter().all(|v| v.is_nan()), "wrote past C");
+                for r in 0..m {
+                    for col in 0..n {
+                        let exact: f64 = (0..k)
+                            .map(|kk| x[r * k + kk] as f64 * w[col * k + kk] as f64)
+                            .sum::<f64>()
+                            + bias.map_or(0.0, |v| v[col] as f64);
+                        // Each operand is off by at most half a step; the errors add like a random walk.
+                        let xs = (0..k).fold(0f32, |s, kk| s.max(x[r * k + kk].abs())) as f64 * 2.0;
+                        let ws = (0..k).fold(0f32, |s, kk| s.max(w[col * k + kk].abs())) as f64;
+                        let tol = 2.0 * (xs * ws / 127.0) * (k as f64).sqrt() + 1e-5;
+                        let got = want[r * n + col] as f64;
+                        assert!(
+                            (got - exact).abs() <= tol,
+                            "{m}x{k}x{n} ({r},{col}): {got} vs {exact}"
+                        );
+                    }
+                }
+                if !vnni() {
+                    eprintln!("no AVX-512 VNNI here: only the scalar reference is checked");
+                    continue;
+                }
+                let mut got = vec![f32::NAN; m * n + 3];
+                gemm_on(true, &a, &b, bias, &mut got, n);
+                for i in 0..m * n {
+                    assert_eq!(got[i].to_bits(), want[i].to_bits(), "{m}x{k}x{n} at {i}");
+                }
+                assert!(got[m * n..].iter().all(|v| v.is_nan()), "wrote past C");
+            }
+        }
+    }
+
+    /// The AVX-512 quantization of whole groups gives the scalar code's bytes, scales and offsets.
+    #[test]
+    fn wide_packing_matches_scalar() {
+        let mut seed = 5;
+        let (m, k) = (7, 3 * GROUP + 40);
+        let x: Vec<f32> = (0..m * k).map(|_| rand(&mut seed) * 4.0 - 0.5).collect();
+        let mut want = PackedA8::default();
+        want.pack_rows(&x, m, k, k, |_, _| None);
+        let mut got = PackedA8::default();
+        got.pack(&x, m, k, k);
+        assert_eq!(got.data, want.data);
+        assert_eq!(got.scale, want.scale);
+        assert_eq!(got.lo, want.lo);
+    }
+
+    #[test]
+    fn zero_rows_and_columns_quantize_to_zero() {
+        let b = PackedB8::pack(&[0.0; 8], 4, 2);
+        let mut a = PackedA8::default();
+        a.pack(&[0.0, 0.0, 0.0, 0.0, 1.0, -2.0, 0.5, 0.0], 2, 4, 4);
+        let mut c = [f32::NAN; 4];
+        gemm(&a, &b, Some(&[0.25, -1.0]), &mut c, 2);
+        assert_eq!(c, [0.25, -1.0, 0.25, -1.0]);
+    }
+}
