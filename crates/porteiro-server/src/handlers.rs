@@ -197,6 +197,7 @@ async fn chat_inner(
                 .as_ref()
                 .map_or("explicit", |d| d.route.as_str()),
             score,
+            decision_ms: secs * 1e3,
             fallback: started.fallback,
             privacy,
         },

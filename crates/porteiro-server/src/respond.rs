@@ -392,6 +392,8 @@ pub struct Routed<'a> {
     pub tier: &'a str,
     pub route: &'a str,
     pub score: String,
+    /// How long the routing decision took (encoder pass included), in milliseconds.
+    pub decision_ms: f64,
     pub fallback: Option<&'a str>,
     pub privacy: Option<&'a str>,
 }
@@ -400,6 +402,11 @@ pub fn decorate(mut resp: Response, r: &Routed) -> Response {
     header(&mut resp, "x-porteiro-tier", r.tier);
     header(&mut resp, "x-porteiro-route", r.route);
     header(&mut resp, "x-porteiro-score", &r.score);
+    header(
+        &mut resp,
+        "x-porteiro-decision-ms",
+        &format!("{:.2}", r.decision_ms),
+    );
     if let Some(f) = r.fallback {
         header(&mut resp, "x-porteiro-fallback", f);
     }
