@@ -235,7 +235,7 @@ impl BertEncoder {
 
     /// `open`, choosing the bf16 kernel (`None`, or one this CPU cannot run: f32) and how many
     /// threads share a pass (split by tokens; the vectors do not depend on it). The linear layers
-    /// run in int8 where the CPU has AVX-512 VNNI but no AMX.
+    /// run in int8 where the CPU has no AMX (on AVX-512 VNNI, else AVX2).
     pub fn open_with(
         dir: &Path,
         kernel: Option<Kernel>,
@@ -247,7 +247,7 @@ impl BertEncoder {
     }
 
     /// `open_with`, also choosing whether the linear layers run in int8 (`int8`, honoured only where
-    /// the CPU has AVX-512 VNNI).
+    /// the CPU has AVX-512 VNNI or AVX2).
     pub fn open_opts(
         dir: &Path,
         kernel: Option<Kernel>,
@@ -430,7 +430,7 @@ impl BertEncoder {
         self.kernel
     }
 
-    /// Whether the linear layers run in int8 on VNNI.
+    /// Whether the linear layers run in int8 (VNNI or AVX2).
     pub fn int8(&self) -> bool {
         self.int8
     }
@@ -440,7 +440,8 @@ impl BertEncoder {
     pub fn path_name(&self) -> String {
         let rest = self.kernel.map_or("f32", Kernel::name);
         if self.int8 {
-            format!("int8 VNNI + {rest} attention")
+            let k = int8::kernel().unwrap_or(int8::Int8Kernel::Scalar);
+            format!("{} + {rest} attention", k.name())
         } else {
             rest.to_string()
         }

@@ -12,7 +12,9 @@
 //! reference agree bit for bit; only the rounding of the operands differs from f32, and routing decisions are what
 //! that must not move (`porteiro router parity`). Attention's products stay in bf16 or f32.
 //!
-//! `PORTEIRO_INT8=0` turns the path off.
+//! On CPUs without AVX-512 the same quantized operands run through AVX2's `vpmaddwd` (pairs of u8
+//! and i8 widened to i16: 16 multiply-adds per instruction, twice an AVX2 f32 FMA's), with the same
+//! sums and the same bits. `PORTEIRO_INT8=0` turns the path off.
 
 // A kernel module: AVX-512 VNNI intrinsics over buffers whose sizes the callers check.
 #![allow(unsafe_code)]
@@ -29,15 +31,66 @@ pub const GROUP: usize = 128;
 const MR: usize = 4;
 const NR: usize = 3;
 
-/// Whether this CPU runs the VNNI kernel and the path is not turned off (`PORTEIRO_INT8=0`, or
-/// `PORTEIRO_ISA` capped below AVX-512).
-pub fn available() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| {
-        std::env::var("PORTEIRO_INT8").as_deref() != Ok("0")
-            && crate::bf16::wide_allowed()
-            && vnni()
+/// The instructions an int8 product runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Int8Kernel {
+    /// AVX-512 VNNI `vpdpbusd`.
+    Vnni,
+    /// AVX2 `vpmaddwd` on operands widened to i16.
+    Avx2,
+    /// Plain Rust: the reference.
+    Scalar,
+}
+
+impl Int8Kernel {
+    pub fn runs_here(self) -> bool {
+        match self {
+            Int8Kernel::Vnni => vnni(),
+            Int8Kernel::Avx2 => avx2(),
+            Int8Kernel::Scalar => true,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Int8Kernel::Vnni => "int8 VNNI",
+            Int8Kernel::Avx2 => "int8 AVX2",
+            Int8Kernel::Scalar => "int8 scalar",
+        }
+    }
+}
+
+/// The int8 kernel this process uses for the encoder's linear layers: VNNI where the CPU has it and
+/// `PORTEIRO_ISA` leaves AVX-512, else AVX2; `None` with `PORTEIRO_INT8=0`, `PORTEIRO_ISA=scalar`
+/// or neither instruction set.
+pub fn kernel() -> Option<Int8Kernel> {
+    static K: OnceLock<Option<Int8Kernel>> = OnceLock::new();
+    *K.get_or_init(|| {
+        let isa = std::env::var("PORTEIRO_ISA").unwrap_or_default();
+        if std::env::var("PORTEIRO_INT8").as_deref() == Ok("0") || isa == "scalar" {
+            None
+        } else if crate::bf16::wide_allowed() && vnni() {
+            Some(Int8Kernel::Vnni)
+        } else if avx2() {
+            Some(Int8Kernel::Avx2)
+        } else {
+            None
+        }
     })
+}
+
+/// Whether the linear layers can run in int8 here (`kernel()` is some).
+pub fn available() -> bool {
+    kernel().is_some()
+}
+
+fn avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 fn vnni() -> bool {
@@ -64,14 +117,22 @@ pub struct PackedB8 {
     scale: Vec<f32>,
     /// Per activation group, per column: the sum of the column's quantized weights in the group.
     colsum: Vec<f32>,
+    /// The AVX2 kernel's copy, widened to i16: per block of 8 columns and pair of K values, 8 × 2
+    /// values (one ymm). Empty unless packed for that kernel.
+    wide16: Vec<i16>,
     n: usize,
     n_pad: usize,
     k_pad: usize,
 }
 
 impl PackedB8 {
-    /// Packs W(col, kk) = w[col * k + kk].
+    /// Packs W(col, kk) = w[col * k + kk] for the kernel this process uses.
     pub fn pack(w: &[f32], k: usize, n: usize) -> Self {
+        Self::pack_for(w, k, n, kernel().unwrap_or(Int8Kernel::Scalar))
+    }
+
+    /// Packs for `kernel` (the AVX2 one needs its widened copy).
+    pub fn pack_for(w: &[f32], k: usize, n: usize, kernel: Int8Kernel) -> Self {
         assert!(w.len() >= n * k);
         let (n_pad, k_pad) = (round_up(n.max(1), NB * NR), round_up(k.max(1), KG));
         let quads = k_pad / KG;
@@ -91,10 +152,24 @@ impl PackedB8 {
                 colsum[(kk / GROUP) * n_pad + col] += f32::from(q);
             }
         }
+        let mut wide16 = Vec::new();
+        if kernel == Int8Kernel::Avx2 {
+            let pairs = k_pad / 2;
+            wide16 = vec![0i16; n_pad * k_pad];
+            for col in 0..n {
+                let base = (col / NB) * quads * NB * KG + (col % NB) * KG;
+                for kk in 0..k {
+                    let q = data[base + (kk / KG) * NB * KG + kk % KG];
+                    wide16[((col / 8) * pairs + kk / 2) * 16 + (col % 8) * 2 + kk % 2] =
+                        i16::from(q);
+                }
+            }
+        }
         Self {
             data,
             scale,
             colsum,
+            wide16,
             n,
             n_pad,
             k_pad,
@@ -112,6 +187,8 @@ impl PackedB8 {
 #[derive(Default)]
 pub struct PackedA8 {
     data: Vec<u8>,
+    /// For the AVX2 kernel: each pair of K values widened to two i16 in one u32, ready to broadcast.
+    pairs: Vec<u32>,
     /// Per row, per group.
     scale: Vec<f32>,
     lo: Vec<f32>,
@@ -125,12 +202,42 @@ impl PackedA8 {
     pub fn pack(&mut self, src: &[f32], m: usize, k: usize, row_stride: usize) {
         assert!(m == 0 || (m - 1) * row_stride + k <= src.len());
         #[cfg(target_arch = "x86_64")]
-        if vnni() {
-            // SAFETY: the CPU has AVX-512 F/BW (vnni()); the body is plain Rust compiled wide.
-            unsafe { self.pack_wide(src, m, k, row_stride) };
-            return;
+        match kernel() {
+            Some(Int8Kernel::Vnni) => {
+                // SAFETY: the CPU has AVX-512 F/BW (the VNNI kernel is in use).
+                unsafe { self.pack_wide(src, m, k, row_stride) };
+                return;
+            }
+            Some(Int8Kernel::Avx2) => {
+                // SAFETY: the CPU has AVX2 (the AVX2 kernel is in use).
+                unsafe { self.pack_avx2(src, m, k, row_stride) };
+                return;
+            }
+            _ => {}
         }
         self.pack_rows(src, m, k, row_stride, |_, _| None);
+    }
+
+    /// `pack_rows` compiled for AVX2 (the rounding becomes one instruction, not a libm call), plus
+    /// the widened pairs the AVX2 kernel broadcasts.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn pack_avx2(&mut self, src: &[f32], m: usize, k: usize, row_stride: usize) {
+        self.pack_rows(src, m, k, row_stride, |_, _| None);
+        self.widen_pairs();
+    }
+
+    /// Fills `pairs` from `data`.
+    fn widen_pairs(&mut self) {
+        self.pairs.clear();
+        self.pairs.extend(
+            self.data
+                .chunks_exact(2)
+                .map(|p| u32::from(p[0]) | (u32::from(p[1]) << 16)),
+        );
     }
 
     /// `pack_rows` with each whole group's range and rounding done 16 lanes at a time (the same
@@ -222,15 +329,19 @@ impl PackedA8 {
 }
 
 /// C(r, col) = Σ A(r, ·)·W(col, ·) (+ bias[col]) for the rows of `a` and the columns of `b`, into
-/// `c` (row stride `ldc` ≥ `b.cols()`); nothing outside those rows and columns is written. Runs the
-/// VNNI kernel where the CPU has it, else the scalar reference (the same bits).
+/// `c` (row stride `ldc` ≥ `b.cols()`); nothing outside those rows and columns is written. Runs on
+/// `kernel()` (the scalar reference where there is none: the same bits).
 pub fn gemm(a: &PackedA8, b: &PackedB8, bias: Option<&[f32]>, c: &mut [f32], ldc: usize) {
-    gemm_on(vnni(), a, b, bias, c, ldc)
+    let k = match kernel() {
+        Some(Int8Kernel::Avx2) if b.wide16.is_empty() => Int8Kernel::Scalar,
+        k => k.unwrap_or(Int8Kernel::Scalar),
+    };
+    gemm_on(k, a, b, bias, c, ldc)
 }
 
-/// `gemm` on the VNNI kernel (`wide`, which the CPU must have) or the scalar reference.
+/// `gemm` on a given kernel, which the CPU must run (and for AVX2, `b` packed for it).
 pub fn gemm_on(
-    wide: bool,
+    kernel: Int8Kernel,
     a: &PackedA8,
     b: &PackedB8,
     bias: Option<&[f32]>,
@@ -240,14 +351,24 @@ pub fn gemm_on(
     assert_eq!(a.k_pad, b.k_pad, "A and B disagree on K");
     assert!(ldc >= b.n && (a.m == 0 || c.len() >= (a.m - 1) * ldc + b.n));
     assert!(bias.is_none_or(|v| v.len() >= b.n));
-    assert!(!wide || vnni(), "the VNNI kernel cannot run here");
-    #[cfg(target_arch = "x86_64")]
-    if wide {
+    assert!(kernel.runs_here(), "{} cannot run here", kernel.name());
+    match kernel {
         // SAFETY: the CPU has AVX-512 F/BW/VNNI (checked); the shapes were just checked.
-        unsafe { gemm_vnni(a, b, bias, c, ldc) };
-        return;
+        #[cfg(target_arch = "x86_64")]
+        Int8Kernel::Vnni => unsafe { gemm_vnni(a, b, bias, c, ldc) },
+        #[cfg(target_arch = "x86_64")]
+        Int8Kernel::Avx2 => {
+            assert_eq!(
+                b.wide16.len(),
+                b.n_pad * b.k_pad,
+                "B is not packed for AVX2"
+            );
+            assert_eq!(a.pairs.len(), a.data.len() / 2, "A is not packed for AVX2");
+            // SAFETY: the CPU has AVX2 (checked); the shapes and the widened copy were checked.
+            unsafe { gemm_avx2(a, b, bias, c, ldc) }
+        }
+        _ => gemm_scalar(a, b, bias, c, ldc),
     }
-    gemm_scalar(a, b, bias, c, ldc);
 }
 
 /// The reference, in the kernel's order of f32 steps: per group, total += sum·s_g, then
@@ -348,6 +469,79 @@ unsafe fn gemm_vnni(a: &PackedA8, b: &PackedB8, bias: Option<&[f32]>, c: &mut [f
     }
 }
 
+/// 4 rows × 16 columns per call: per group, 8 ymm of i32 sums (per pair of K values, two widened
+/// weight vectors loaded and each row's two activations broadcast as i16, `vpmaddwd` then `vpaddd`),
+/// folded into f32 totals kept in L1 with the group's scales, in the scalar reference's order.
+///
+/// # Safety
+/// The CPU must have AVX2, `b.wide16` must be packed, and the shapes must agree as `gemm_on`
+/// checks.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn gemm_avx2(a: &PackedA8, b: &PackedB8, bias: Option<&[f32]>, c: &mut [f32], ldc: usize) {
+    use std::arch::x86_64::*;
+    const W: usize = 8;
+    const R: usize = 4;
+    const J: usize = 2;
+    let pairs = b.k_pad / 2;
+    let (ap, bp, cp) = (a.pairs.as_ptr(), b.wide16.as_ptr(), c.as_mut_ptr());
+    for cb in (0..b.n_pad / W).step_by(J) {
+        let c0 = cb * W;
+        let mut bias_t = [0f32; W * J];
+        if let Some(v) = bias {
+            for (t, i) in bias_t.iter_mut().zip(c0..b.n) {
+                *t = v[i];
+            }
+        }
+        for r0 in (0..a.m).step_by(R) {
+            let mut total = [[0f32; W * J]; R];
+            for g in 0..a.groups {
+                let mut acc = [[_mm256_setzero_si256(); J]; R];
+                for p in g * GROUP / 2..((g + 1) * GROUP / 2).min(pairs) {
+                    let bv: [__m256i; J] = std::array::from_fn(|j| {
+                        _mm256_loadu_si256(bp.add(((cb + j) * pairs + p) * 16).cast())
+                    });
+                    for (i, row) in acc.iter_mut().enumerate() {
+                        let av = _mm256_set1_epi32(*ap.add((r0 + i) * pairs + p) as i32);
+                        for (o, w) in row.iter_mut().zip(&bv) {
+                            *o = _mm256_add_epi32(*o, _mm256_madd_epi16(av, *w));
+                        }
+                    }
+                }
+                for (i, (t_row, a_row)) in total.iter_mut().zip(&acc).enumerate() {
+                    // Rows past m are padding; their scales are zeros.
+                    let at = (r0 + i) * a.groups + g;
+                    let (s, lo) = (_mm256_set1_ps(a.scale[at]), _mm256_set1_ps(a.lo[at]));
+                    for j in 0..J {
+                        let cs = _mm256_loadu_ps(b.colsum.as_ptr().add(g * b.n_pad + c0 + j * W));
+                        let tp = t_row.as_mut_ptr().add(j * W);
+                        let t = _mm256_add_ps(
+                            _mm256_loadu_ps(tp),
+                            _mm256_mul_ps(_mm256_cvtepi32_ps(a_row[j]), s),
+                        );
+                        _mm256_storeu_ps(tp, _mm256_add_ps(t, _mm256_mul_ps(lo, cs)));
+                    }
+                }
+            }
+            for (i, row) in total.iter().enumerate().take(a.m - r0) {
+                let mut out = [0f32; W * J];
+                for j in 0..J {
+                    let v = _mm256_add_ps(
+                        _mm256_mul_ps(
+                            _mm256_loadu_ps(row.as_ptr().add(j * W)),
+                            _mm256_loadu_ps(b.scale.as_ptr().add(c0 + j * W)),
+                        ),
+                        _mm256_loadu_ps(bias_t.as_ptr().add(j * W)),
+                    );
+                    _mm256_storeu_ps(out.as_mut_ptr().add(j * W), v);
+                }
+                let valid = b.n.saturating_sub(c0).min(W * J);
+                std::ptr::copy_nonoverlapping(out.as_ptr(), cp.add((r0 + i) * ldc + c0), valid);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -375,13 +569,14 @@ mod tests {
             let x: Vec<f32> = (0..m * k).map(|_| rand(&mut seed) * 3.0).collect();
             let w: Vec<f32> = (0..n * k).map(|_| rand(&mut seed) * 0.2).collect();
             let bias: Vec<f32> = (0..n).map(|_| rand(&mut seed)).collect();
-            let b = PackedB8::pack(&w, k, n);
+            let b = PackedB8::pack_for(&w, k, n, Int8Kernel::Avx2);
             let mut a = PackedA8::default();
             a.pack(&vec![7.0; 64 * 2000], 64, 2000, 2000); // a stale, larger buffer first
             a.pack(&x, m, k, k);
+            a.widen_pairs(); // the AVX2 kernel's operand, whichever kernel `pack` prepared for
             for bias in [None, Some(&bias[..])] {
                 let mut want = vec![f32::NAN; m * n + 3];
-                gemm_on(false, &a, &b, bias, &mut want, n);
+                gemm_on(Int8Kernel::Scalar, &a, &b, bias, &mut want, n);
                 assert!(want[m * n..].iter().all(|v| v.is_nan()), "wrote past C");
                 for r in 0..m {
                     for col in 0..n {
@@ -400,16 +595,23 @@ mod tests {
                         );
                     }
                 }
-                if !vnni() {
-                    eprintln!("no AVX-512 VNNI here: only the scalar reference is checked");
-                    continue;
+                for kernel in [Int8Kernel::Vnni, Int8Kernel::Avx2] {
+                    if !kernel.runs_here() {
+                        eprintln!("{} cannot run here: not checked", kernel.name());
+                        continue;
+                    }
+                    let mut got = vec![f32::NAN; m * n + 3];
+                    gemm_on(kernel, &a, &b, bias, &mut got, n);
+                    for i in 0..m * n {
+                        assert_eq!(
+                            got[i].to_bits(),
+                            want[i].to_bits(),
+                            "{} {m}x{k}x{n} at {i}",
+                            kernel.name()
+                        );
+                    }
+                    assert!(got[m * n..].iter().all(|v| v.is_nan()), "wrote past C");
                 }
-                let mut got = vec![f32::NAN; m * n + 3];
-                gemm_on(true, &a, &b, bias, &mut got, n);
-                for i in 0..m * n {
-                    assert_eq!(got[i].to_bits(), want[i].to_bits(), "{m}x{k}x{n} at {i}");
-                }
-                assert!(got[m * n..].iter().all(|v| v.is_nan()), "wrote past C");
             }
         }
     }
@@ -422,6 +624,10 @@ mod tests {
         let x: Vec<f32> = (0..m * k).map(|_| rand(&mut seed) * 4.0 - 0.5).collect();
         let mut want = PackedA8::default();
         want.pack_rows(&x, m, k, k, |_, _| None);
+        if kernel() != Some(Int8Kernel::Vnni) {
+            eprintln!("the AVX-512 group quantizer is not in use here: not checked");
+            return;
+        }
         let mut got = PackedA8::default();
         got.pack(&x, m, k, k);
         assert_eq!(got.data, want.data);

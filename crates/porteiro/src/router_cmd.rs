@@ -352,7 +352,7 @@ pub fn run(cmd: &RouterCmd) -> Result<()> {
         } => {
             let b16_enc = std::sync::Arc::new(enc.load()?);
             if b16_enc.kernel().is_none() && !b16_enc.int8() {
-                bail!("the encoder runs in f32 here (no AMX, AVX-512 BF16 or VNNI, or turned off by PORTEIRO_BF16=0 / PORTEIRO_INT8=0 / PORTEIRO_ISA): there is nothing to compare");
+                bail!("the encoder runs in f32 here (no AMX, AVX-512 BF16, VNNI or AVX2, or turned off by PORTEIRO_BF16=0 / PORTEIRO_INT8=0 / PORTEIRO_ISA=scalar): there is nothing to compare");
             }
             let rows = read(data)?;
             let cfg = config(cfg_path.as_deref())?;
