@@ -9,14 +9,15 @@
 //! (one scale per token cost 0.8% of cosine on a 3-token input). The offset comes back out through
 //! each column's sum of weights over the group: Σx·w ≈ s_w·Σ_g (s_g·Σu·q + lo_g·Σq). A group's i32
 //! sum is exact, and the f32 steps run in one fixed order, so the AVX-512 kernel and the scalar
-//! reference agree bit for bit; only the rounding of the operands differs from f32, and routing decisions are what
-//! that must not move (`porteiro router parity`). Attention's products stay in bf16 or f32.
+//! reference agree bit for bit; only the rounding of the operands differs from f32, and routing
+//! decisions are what that must not move (`porteiro router parity`). Attention's products stay in
+//! bf16 or f32.
 //!
 //! On CPUs without AVX-512 the same quantized operands run through AVX2's `vpmaddwd` (pairs of u8
 //! and i8 widened to i16: 16 multiply-adds per instruction, twice an AVX2 f32 FMA's), with the same
 //! sums and the same bits. `PORTEIRO_INT8=0` turns the path off.
 
-// A kernel module: AVX-512 VNNI intrinsics over buffers whose sizes the callers check.
+// A kernel module: AVX-512 VNNI and AVX2 intrinsics over buffers whose sizes the callers check.
 #![allow(unsafe_code)]
 
 use std::sync::OnceLock;
@@ -26,8 +27,8 @@ const NB: usize = 16;
 const KG: usize = 4;
 /// K values per activation scale.
 pub const GROUP: usize = 128;
-/// Rows and column blocks of C one call of the micro-kernel holds in registers (12 i32 sums of the
-/// group in flight and 12 f32 totals).
+/// Rows and column blocks of C one call of the VNNI micro-kernel holds in registers (12 i32 sums of
+/// the group in flight and 12 f32 totals); rows are padded to a multiple of MR for both kernels.
 const MR: usize = 4;
 const NR: usize = 3;
 
