@@ -42,9 +42,11 @@ def main():
     ap.add_argument("--streams", type=int, default=4)
     ap.add_argument("--decisions", type=int, default=60)
     ap.add_argument("--tokens", type=int, default=256, help="about this many encoder tokens per prompt")
+    ap.add_argument("--nice", type=int, default=10,
+                    help="[model] nice: the generating threads' niceness (the default 10; 0 to compare)")
     a = ap.parse_args()
     cfg = tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False)
-    cfg.write('[privacy]\npolicy = "allow"\naudit_db = ""\n[log]\npath = ""\n'
+    cfg.write(f'[model]\nnice = {a.nice}\n[privacy]\npolicy = "allow"\naudit_db = ""\n[log]\npath = ""\n'
               '[[routes]]\nname = "extract"\ntier = "local"\n'
               'examples = ["extract the fields from this text", "format this as JSON"]\n')
     cfg.close()
@@ -79,7 +81,7 @@ def main():
             stop.set()
             for g in gens:
                 g.result()
-        print(f"{a.tokens}-token prompts, {a.model} serving, 2 threads:")
+        print(f"{a.tokens}-token prompts, {a.model} serving, 2 threads, [model] nice = {a.nice}:")
         print(f"  idle:                     {quantiles(idle)}")
         print(f"  {a.streams} streams generating:     {quantiles(busy)}")
     finally:

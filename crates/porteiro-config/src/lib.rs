@@ -14,6 +14,8 @@
 //! [model]
 //! name = "qwen2.5-0.5b"      # catalog alias or a .gguf path
 //! threads = 0                # 0: all cores
+//! nice = 10                  # the generating threads' niceness (0..19): routing decisions and
+//!                            # embeddings preempt decoding on a busy machine (their p95 under load)
 //! ctx = 4096                 # context window per sequence
 //! default_max_tokens = 1024  # completion length when a request gives none
 //!
@@ -412,6 +414,7 @@ struct RawServer {
 struct RawModel {
     name: Option<String>,
     threads: Option<usize>,
+    nice: Option<i32>,
     ctx: Option<usize>,
     default_max_tokens: Option<usize>,
 }
@@ -449,6 +452,8 @@ pub struct Config {
     pub model: String,
     /// Worker threads; 0 means all cores.
     pub threads: usize,
+    /// The generating threads' niceness (0..=19, lower priority than the request handlers').
+    pub nice: i32,
     /// Context window per sequence; None means min(model's training context, 4096).
     pub ctx: Option<usize>,
     pub default_max_tokens: usize,
@@ -611,6 +616,13 @@ impl Config {
             return Err(invalid(
                 "model.threads",
                 "must be at most 1024 (0 = all cores)",
+            ));
+        }
+        let nice = m.nice.unwrap_or(10);
+        if !(0..=19).contains(&nice) {
+            return Err(invalid(
+                "model.nice",
+                "must be 0..19 (0: the same priority as the rest of the server)",
             ));
         }
         let ctx = o.ctx.or(m.ctx);
@@ -797,6 +809,7 @@ impl Config {
             shutdown_grace_s,
             model,
             threads,
+            nice,
             ctx,
             default_max_tokens,
             embedding_model,

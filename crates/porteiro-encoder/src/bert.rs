@@ -413,7 +413,7 @@ impl BertEncoder {
             #[cfg(not(target_arch = "x86_64"))]
             avx512: false,
             pool: (threads > 1)
-                .then(|| ThreadPool::new(threads))
+                .then(|| ThreadPool::named(threads, "porteiro-encoder"))
                 .transpose()
                 .map_err(BertError::Threads)?,
             scratch: Mutex::default(),

@@ -516,7 +516,7 @@ impl Model {
             output,
             output_norm,
             layers,
-            pool: ThreadPool::new(threads).map_err(ModelError::Threads)?,
+            pool: ThreadPool::named(threads, "porteiro-engine").map_err(ModelError::Threads)?,
         })
     }
 
@@ -569,6 +569,12 @@ impl Model {
 
     pub fn threads(&self) -> usize {
         self.pool.threads()
+    }
+
+    /// Lowers the priority of the calling thread and the pool's workers to `nice` (see
+    /// `porteiro_pool::ThreadPool::lower_priority`).
+    pub fn lower_priority(&self, nice: i32) {
+        self.pool.lower_priority(nice);
     }
 
     /// Bytes of weights read to decode one token (every layer matrix, the output projection, one

@@ -40,6 +40,9 @@ pub struct EngineConfig {
     pub kv_budget_tokens: usize,
     /// Prompt tokens prefilled per step (shared by all prefilling sequences).
     pub prefill_chunk: usize,
+    /// Niceness of the generating threads (the scheduler's and the model's pool): above 0, short
+    /// work on other threads (the router's encoder) preempts decoding when the cores are busy.
+    pub nice: i32,
 }
 
 impl EngineConfig {
@@ -312,6 +315,9 @@ pub fn spawn(
         .spawn(move || {
             // Marks the engine stopped however the loop ends, a panic included.
             let _stopped = SetOnDrop(stopped);
+            if cfg.nice > 0 {
+                model.lower_priority(cfg.nice);
+            }
             Scheduler::new(&model, &tokenizer, &cfg, &stats).run(rx);
         })?;
     Ok((handle, join))

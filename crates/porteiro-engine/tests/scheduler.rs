@@ -129,6 +129,7 @@ fn batched_greedy_matches_one_sequence_at_a_time() {
         max_queue: 4,
         kv_budget_tokens: 1024,
         prefill_chunk: 16,
+        nice: 0,
     };
     let (h, join) = scheduler::spawn(lm.model, tok, cfg).unwrap();
     let rxs: Vec<_> = ids
@@ -177,6 +178,7 @@ fn dropped_receiver_frees_the_sequence_and_the_queue_refuses_when_full() {
         max_queue: 1,
         kv_budget_tokens: 1024,
         prefill_chunk: 64,
+        nice: 0,
     };
     let (h, join) = scheduler::spawn(lm.model, tok, cfg).unwrap();
     let (a, rx_a) = request(prompt.clone(), 900);
@@ -220,6 +222,7 @@ fn prompt_plus_max_tokens_over_the_context_is_refused_before_queueing() {
         max_queue: 2,
         kv_budget_tokens: 128,
         prefill_chunk: 64,
+        nice: 0,
     };
     let (h, join) = scheduler::spawn(lm.model, tok, cfg).unwrap();
     let (r, _rx) = request(vec![1; 60], 10);
@@ -265,6 +268,7 @@ fn a_short_prompt_behind_a_long_one_gets_its_first_token_first() {
         max_queue: 4,
         kv_budget_tokens: 1024,
         prefill_chunk: 16,
+        nice: 0,
     };
     let (h, join) = scheduler::spawn(lm.model, tok, cfg).unwrap();
     let (tx, rx) = mpsc::channel();

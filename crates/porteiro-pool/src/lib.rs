@@ -50,6 +50,11 @@ impl ThreadPool {
     /// A pool of `n` threads in total: the caller's thread plus `n - 1` workers. Fails if the OS
     /// refuses to start a worker (those already started are stopped again).
     pub fn new(n: usize) -> std::io::Result<Self> {
+        Self::named(n, "porteiro-worker")
+    }
+
+    /// `new`, naming the workers `{name}-{index}` (what `top -H` and `ps -L` show).
+    pub fn named(n: usize, name: &str) -> std::io::Result<Self> {
         let n = n.max(1);
         let shared = Arc::new(Shared {
             generation: AtomicUsize::new(0),
@@ -70,11 +75,18 @@ impl ThreadPool {
         for idx in 1..n {
             let s = pool.shared.clone();
             let w = std::thread::Builder::new()
-                .name(format!("porteiro-worker-{idx}"))
+                .name(format!("{name}-{idx}"))
                 .spawn(move || worker(s, idx, n))?;
             pool.workers.push(w);
         }
         Ok(pool)
+    }
+
+    /// Lowers the priority of every thread of the pool, the calling one included, to `nice` (Linux
+    /// keeps niceness per thread; raising it needs no privilege). Best effort: where the OS refuses or
+    /// has no such notion, nothing changes.
+    pub fn lower_priority(&self, nice: i32) {
+        self.run(&|_, _| lower_this_thread(nice));
     }
 
     #[inline]
@@ -169,6 +181,19 @@ impl Drop for ThreadPool {
     }
 }
 
+/// Sets the calling thread's niceness (Linux: per thread).
+#[cfg(target_os = "linux")]
+pub fn lower_this_thread(nice: i32) {
+    // SAFETY: plain syscalls with integer arguments; they only change this thread's priority.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, nice);
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn lower_this_thread(_nice: i32) {}
+
 /// The half-open range of `0..n` that thread `i` of `t` handles, in multiples of `align`. `#[inline]`:
 /// the kernels' closures call it per step from other crates, as they did when it was the engine's.
 #[inline]
@@ -196,6 +221,30 @@ mod tests {
             });
         }
         assert_eq!(hits.load(Ordering::Relaxed), 3000);
+    }
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn lowering_the_priority_reaches_every_thread() {
+        // A pool of its own, so the test thread's own niceness is what the caller side changes.
+        std::thread::spawn(|| {
+            let pool = ThreadPool::named(3, "nice-test").unwrap();
+            pool.lower_priority(7);
+            let seen = std::sync::Mutex::new(Vec::new());
+            pool.run(&|i, _| {
+                // SAFETY: plain syscalls reading this thread's own priority.
+                let nice = unsafe {
+                    let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+                    libc::getpriority(libc::PRIO_PROCESS, tid)
+                };
+                seen.lock().unwrap().push((i, nice));
+            });
+            let mut seen = seen.into_inner().unwrap();
+            seen.sort();
+            assert_eq!(seen, vec![(0, 7), (1, 7), (2, 7)]);
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]

@@ -167,6 +167,7 @@ pub fn load_generator(
         max_queue: cfg.max_queue,
         kv_budget_tokens,
         prefill_chunk: cfg.prefill_chunk,
+        nice: cfg.nice,
     };
     ecfg.validate().map_err(|why| {
         StartError::Config(format!(
