@@ -738,13 +738,7 @@ unsafe fn gemm_tiles(a: &PackedA, b: &PackedB, c: &mut [f32], ldc: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn rand(seed: &mut u64) -> f32 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
+    use crate::test_rand as rand;
 
     #[test]
     fn bf16_rounds_to_nearest_even() {

@@ -546,13 +546,7 @@ unsafe fn gemm_avx2(a: &PackedA8, b: &PackedB8, bias: Option<&[f32]>, c: &mut [f
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn rand(seed: &mut u64) -> f32 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
+    use crate::test_rand as rand;
 
     /// The VNNI kernel gives the scalar reference's bits, and both stay within the quantization error
     /// of an f64 product, over shapes with row, column and K tails, with and without a bias.

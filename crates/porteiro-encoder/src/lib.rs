@@ -18,3 +18,12 @@ pub mod int8;
 pub mod wordpiece;
 
 pub use bert::{BertEncoder, BertError};
+
+/// A seeded value in [-1, 1) for the kernels' tests (an LCG: no dependency, same numbers everywhere).
+#[cfg(test)]
+fn test_rand(seed: &mut u64) -> f32 {
+    *seed = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+}
