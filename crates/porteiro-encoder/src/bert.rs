@@ -126,6 +126,16 @@ impl Linear {
         );
     }
 
+    /// Packs `m` input rows (`n_in` wide) into the operand this layer's weights take: int8 or bf16
+    /// (nothing for f32 weights, which read `x` itself).
+    fn pack_input(&self, x: &[f32], m: usize, xa: &mut PackedA, xq: &mut PackedA8) {
+        if self.packed8.is_some() {
+            xq.pack(x, m, self.n_in, self.n_in);
+        } else if self.packed.is_some() {
+            xa.pack(x, m, self.n_in, self.n_in);
+        }
+    }
+
     /// Moves the weights into int8 columns.
     fn pack8(&mut self) {
         self.packed8 = Some(PackedB8::pack(&self.w, self.n_in, self.b.len()));
@@ -190,8 +200,6 @@ pub struct BertEncoder {
     layers: Vec<Layer>,
     /// The bf16 kernel the matrix products run on; `None`: f32.
     kernel: Option<Kernel>,
-    /// `kernel`, or the scalar one where the products run in f32 (never called then).
-    k16: Kernel,
     /// Whether the linear layers run in int8 (VNNI); attention then stays on `kernel` or f32.
     int8: bool,
     /// Whether the CPU has AVX-512 (the elementwise work then runs 16 wide).
@@ -402,7 +410,6 @@ impl BertEncoder {
             emb_ln,
             layers,
             kernel,
-            k16: kernel.unwrap_or(Kernel::Scalar),
             int8,
             #[cfg(target_arch = "x86_64")]
             avx512: bf16::wide_allowed()
@@ -428,6 +435,11 @@ impl BertEncoder {
     /// The bf16 kernel this encoder's matrix products run on (`None`: f32).
     pub fn kernel(&self) -> Option<Kernel> {
         self.kernel
+    }
+
+    /// `kernel`, or the scalar one where the products run in f32 (never called then).
+    fn k16(&self) -> Kernel {
+        self.kernel.unwrap_or(Kernel::Scalar)
     }
 
     /// Whether the linear layers run in int8 (VNNI or AVX2).
@@ -635,15 +647,11 @@ impl BertEncoder {
         if m == 0 {
             return;
         }
-        let h = self.cfg.hidden;
-        if self.int8 {
-            s.xq.pack(x, m, h, h);
-        } else if self.kernel.is_some() {
-            s.xa.pack(x, m, h, h);
-        }
-        l.q.forward(self.k16, x, &s.xa, &s.xq, m, q, &mut s.tmp);
-        l.k.forward(self.k16, x, &s.xa, &s.xq, m, k, &mut s.tmp);
-        l.v.forward(self.k16, x, &s.xa, &s.xq, m, v, &mut s.tmp);
+        // q, k and v read the same input, packed once.
+        l.q.pack_input(x, m, &mut s.xa, &mut s.xq);
+        l.q.forward(self.k16(), x, &s.xa, &s.xq, m, q, &mut s.tmp);
+        l.k.forward(self.k16(), x, &s.xa, &s.xq, m, k, &mut s.tmp);
+        l.v.forward(self.k16(), x, &s.xa, &s.xq, m, v, &mut s.tmp);
     }
 
     /// The rest of a layer for one thread's tokens: attention of its queries over all `n` keys, the
@@ -677,7 +685,7 @@ impl BertEncoder {
                 s.qa.pack(&q[off..], m, hd, h);
                 let ld = kv.kb.cols_padded();
                 grow(&mut s.scores, s.qa.rows_padded() * ld);
-                bf16::gemm_with(self.k16, &s.qa, &kv.kb, &mut s.scores, ld);
+                bf16::gemm_with(self.k16(), &s.qa, &kv.kb, &mut s.scores, ld);
                 // e^((s − max)·scale) is computed while packing P to bf16, and the rows' 1/sum is
                 // applied to P·V instead of P: the scores are read once after the max, never
                 // written back.
@@ -695,7 +703,7 @@ impl BertEncoder {
                 });
                 let ldo = kv.vb.cols_padded();
                 grow(&mut s.head_out, s.pa.rows_padded() * ldo);
-                bf16::gemm_with(self.k16, &s.pa, &kv.vb, &mut s.head_out, ldo);
+                bf16::gemm_with(self.k16(), &s.pa, &kv.vb, &mut s.head_out, ldo);
                 for (t, &sum) in s.sums.iter().enumerate() {
                     let inv = 1.0 / sum;
                     for (c, o) in s.ctx[t * h + off..t * h + off + hd]
@@ -754,20 +762,12 @@ impl BertEncoder {
             out,
             ..
         } = s;
-        if self.int8 {
-            xq.pack(ctx, m, h, h);
-        } else if self.kernel.is_some() {
-            xa.pack(ctx, m, h, h);
-        }
+        l.o.pack_input(ctx, m, xa, xq);
         grow(out, m * h);
-        l.o.forward(self.k16, ctx, xa, xq, m, out, tmp);
+        l.o.forward(self.k16(), ctx, xa, xq, m, out, tmp);
         x.iter_mut().zip(out.iter()).for_each(|(a, b)| *a += b);
         l.ln1.apply(x, c.eps);
-        if self.int8 {
-            xq.pack(x, m, h, h);
-        } else if self.kernel.is_some() {
-            xa.pack(x, m, h, h);
-        }
+        l.up.pack_input(x, m, xa, xq);
         if let Some(up8) = &l.up.packed8 {
             // Bias and GELU applied in 32-wide chunks (the vector versions), then the hidden layer
             // quantized for the down projection.
@@ -786,23 +786,23 @@ impl BertEncoder {
                     *v = gelu_erf(*v + b);
                 }
             }
-            xq.pack(ff, m, inter, inter);
+            l.down.pack_input(ff, m, xa, xq);
         } else if let Some(up) = &l.up.packed {
             // The products go straight from the tiles into the next packing with bias and GELU
             // applied on the way: the f32 activations are read once, never written back.
             let ld = up.cols_padded();
             grow(tmp, xa.rows_padded() * ld);
-            bf16::gemm_with(self.k16, xa, up, tmp, ld);
+            bf16::gemm_with(self.k16(), xa, up, tmp, ld);
             let (bias, avx512) = (&l.up.b, self.avx512);
             xa.pack_map(tmp, m, inter, ld, |_, c0, vals| {
                 gelu_chunk(vals, &bias[c0..], avx512)
             });
         } else {
             grow(ff, m * inter);
-            l.up.forward(self.k16, x, xa, xq, m, ff, tmp);
+            l.up.forward(self.k16(), x, xa, xq, m, ff, tmp);
             ff[..m * inter].iter_mut().for_each(|g| *g = gelu_erf(*g));
         }
-        l.down.forward(self.k16, ff, xa, xq, m, out, tmp);
+        l.down.forward(self.k16(), ff, xa, xq, m, out, tmp);
         x.iter_mut().zip(out.iter()).for_each(|(a, b)| *a += b);
         l.ln2.apply(x, c.eps);
     }

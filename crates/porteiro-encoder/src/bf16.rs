@@ -521,16 +521,10 @@ struct TileConfig {
     reserved2: [u8; 16],
 }
 
-/// C = A·B, written into `c` (row stride `ldc` ≥ `b.cols_padded()`, at least `a.rows_padded()` rows)
-/// on the best kernel this CPU has (the scalar one where none). Padding rows and columns of C
-/// receive zeros-times-whatever, i.e. zeros.
+/// C = A·B on `kernel`, written into `c` (row stride `ldc` ≥ `b.cols_padded()`, at least
+/// `a.rows_padded()` rows). Padding rows and columns of C receive zeros-times-whatever, i.e. zeros.
 ///
-/// Panics if the shapes disagree.
-pub fn gemm(a: &PackedA, b: &PackedB, c: &mut [f32], ldc: usize) {
-    gemm_with(Kernel::best().unwrap_or(Kernel::Scalar), a, b, c, ldc)
-}
-
-/// `gemm` on a given kernel. Panics if the shapes disagree or the CPU cannot run `kernel`.
+/// Panics if the shapes disagree or the CPU cannot run `kernel`.
 pub fn gemm_with(kernel: Kernel, a: &PackedA, b: &PackedB, c: &mut [f32], ldc: usize) {
     assert!(kernel.runs_here(), "{} cannot run here", kernel.name());
     assert_eq!(a.k_pad, b.k_pad, "A and B disagree on K");
@@ -642,7 +636,7 @@ unsafe fn gemm_avx512(a: &PackedA, b: &PackedB, c: &mut [f32], ldc: usize) {
     }
 }
 
-/// The tile loop of `gemm`.
+/// The tile loop of `gemm_with`.
 ///
 /// # Safety
 /// AMX must be `available()` (CPU support and the kernel's permission), and the shapes must agree:

@@ -176,10 +176,6 @@ impl PackedB8 {
             k_pad,
         }
     }
-
-    pub fn cols(&self) -> usize {
-        self.n
-    }
 }
 
 /// Activations [m][k] quantized per row and group into u8 (x ≈ lo + scale·u), rows padded to a
@@ -323,14 +319,10 @@ impl PackedA8 {
             }
         }
     }
-
-    pub fn rows(&self) -> usize {
-        self.m
-    }
 }
 
 /// C(r, col) = Σ A(r, ·)·W(col, ·) (+ bias[col]) for the rows of `a` and the columns of `b`, into
-/// `c` (row stride `ldc` ≥ `b.cols()`); nothing outside those rows and columns is written. Runs on
+/// `c` (row stride `ldc` ≥ `b`'s columns); nothing outside those rows and columns is written. Runs on
 /// `kernel()` (the scalar reference where there is none: the same bits).
 pub fn gemm(a: &PackedA8, b: &PackedB8, bias: Option<&[f32]>, c: &mut [f32], ldc: usize) {
     let k = match kernel() {
@@ -370,6 +362,17 @@ pub fn gemm_on(
         }
         _ => gemm_scalar(a, b, bias, c, ldc),
     }
+}
+
+/// The bias of columns `c0..c0 + N` (zeros past `n` or without a bias), for a kernel's block.
+fn bias_block<const N: usize>(bias: Option<&[f32]>, c0: usize, n: usize) -> [f32; N] {
+    let mut t = [0f32; N];
+    if let Some(v) = bias {
+        for (t, i) in t.iter_mut().zip(c0..n) {
+            *t = v[i];
+        }
+    }
+    t
 }
 
 /// The reference, in the kernel's order of f32 steps: per group, total += sum·s_g, then
@@ -412,12 +415,7 @@ unsafe fn gemm_vnni(a: &PackedA8, b: &PackedB8, bias: Option<&[f32]>, c: &mut [f
     let (ap, bp, cp) = (a.data.as_ptr(), b.data.as_ptr(), c.as_mut_ptr());
     for nb in (0..b.n_pad / NB).step_by(NR) {
         let c0 = nb * NB;
-        let mut bias_t = [0f32; NB * NR];
-        if let Some(v) = bias {
-            for (t, i) in bias_t.iter_mut().zip(c0..b.n) {
-                *t = v[i];
-            }
-        }
+        let bias_t: [f32; NB * NR] = bias_block(bias, c0, b.n);
         let bias_v: [__m512; NR] =
             std::array::from_fn(|j| _mm512_loadu_ps(bias_t.as_ptr().add(j * NB)));
         let sw: [__m512; NR] =
@@ -488,12 +486,7 @@ unsafe fn gemm_avx2(a: &PackedA8, b: &PackedB8, bias: Option<&[f32]>, c: &mut [f
     let (ap, bp, cp) = (a.pairs.as_ptr(), b.wide16.as_ptr(), c.as_mut_ptr());
     for cb in (0..b.n_pad / W).step_by(J) {
         let c0 = cb * W;
-        let mut bias_t = [0f32; W * J];
-        if let Some(v) = bias {
-            for (t, i) in bias_t.iter_mut().zip(c0..b.n) {
-                *t = v[i];
-            }
-        }
+        let bias_t: [f32; W * J] = bias_block(bias, c0, b.n);
         for r0 in (0..a.m).step_by(R) {
             let mut total = [[0f32; W * J]; R];
             for g in 0..a.groups {

@@ -63,9 +63,9 @@ pub enum RouterCmd {
         #[command(flatten)]
         enc: EncoderArgs,
     },
-    /// Whether the encoder's fast path (bf16, int8) decides as its f32 path does: every row's decision (tier and route,
-    /// with the routes and scorer of --config) on both paths, the share identical, and how far the
-    /// vectors and scores moved.
+    /// Whether the encoder's fast path (bf16, int8) decides as its f32 path does: every row's
+    /// decision (tier and route, with the routes and scorer of --config) on both paths, the share
+    /// identical, and how far the vectors and scores moved.
     Parity {
         /// Rows to decide: labelled rows (JSON lines with a "prompt"; the labels are not used).
         #[arg(long)]
@@ -350,28 +350,28 @@ pub fn run(cmd: &RouterCmd) -> Result<()> {
             config: cfg_path,
             enc,
         } => {
-            let b16_enc = std::sync::Arc::new(enc.load()?);
-            if b16_enc.kernel().is_none() && !b16_enc.int8() {
+            let fast_enc = std::sync::Arc::new(enc.load()?);
+            if fast_enc.kernel().is_none() && !fast_enc.int8() {
                 bail!("the encoder runs in f32 here (no AMX, AVX-512 BF16, VNNI or AVX2, or turned off by PORTEIRO_BF16=0 / PORTEIRO_INT8=0 / PORTEIRO_ISA=scalar): there is nothing to compare");
             }
             let rows = read(data)?;
             let cfg = config(cfg_path.as_deref())?;
             let f32_enc = std::sync::Arc::new(enc.load_f32()?);
-            let (f32_router, b16_router) = (
+            let (f32_router, fast_router) = (
                 Router::new(&cfg, f32_enc.clone())?,
-                Router::new(&cfg, b16_enc.clone())?,
+                Router::new(&cfg, fast_enc.clone())?,
             );
             let pb = progress(rows.len(), "deciding on both paths");
             let (mut same, mut same_tier, mut min_cos, mut max_dscore) =
                 (0usize, 0usize, 1f32, 0f32);
             let mut differing = Vec::new();
             for r in &rows {
-                let (a, b) = (f32_enc.embed(&r.prompt), b16_enc.embed(&r.prompt));
+                let (a, b) = (f32_enc.embed(&r.prompt), fast_enc.embed(&r.prompt));
                 let cos: f32 = a.vector.iter().zip(&b.vector).map(|(x, y)| x * y).sum();
                 min_cos = min_cos.min(cos);
                 let (da, db) = (
                     f32_router.decide_embedded(&r.prompt, &a.vector),
-                    b16_router.decide_embedded(&r.prompt, &b.vector),
+                    fast_router.decide_embedded(&r.prompt, &b.vector),
                 );
                 if let (Some(x), Some(y)) = (da.score, db.score) {
                     max_dscore = max_dscore.max((x - y).abs());
@@ -392,7 +392,7 @@ pub fn run(cmd: &RouterCmd) -> Result<()> {
                 same,
                 100.0 * same as f64 / rows.len() as f64,
                 100.0 * same_tier as f64 / rows.len() as f64,
-                b16_enc.path_name(),
+                fast_enc.path_name(),
                 if cfg.router.scorer.is_some() {
                     format!("; largest scorer difference {max_dscore:.5}")
                 } else {
