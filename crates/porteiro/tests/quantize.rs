@@ -11,6 +11,8 @@
     clippy::print_stderr
 )]
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -35,20 +37,6 @@ fn golden() -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
 }
 
-fn model_cached(alias: &str) -> bool {
-    match porteiro_models::fetch::resolve_model(alias, false) {
-        Ok(_) => true,
-        Err(e) => {
-            assert!(
-                std::env::var("PORTEIRO_REQUIRE_MODELS").is_err(),
-                "{alias} required but not cached: {e}"
-            );
-            eprintln!("skipping: {e}");
-            false
-        }
-    }
-}
-
 fn ok(o: &Output, what: &str) {
     assert!(
         o.status.success(),
@@ -61,7 +49,7 @@ fn ok(o: &Output, what: &str) {
 fn files_are_byte_identical_to_llama_quantize() {
     let g = golden();
     let alias = g["model"].as_str().unwrap();
-    if !model_cached(alias) {
+    if !common::cached(alias) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -206,7 +194,7 @@ fn bad_requests_are_refused_clearly() {
     ])
     .contains("unsupported tensor type `Q2_K`"));
     assert!(err(&["quantize", "/nonexistent.gguf", o, "--type", "Q8_0"]).contains("nonexistent"));
-    if model_cached("smollm2-135m") {
+    if common::cached("smollm2-135m") {
         std::fs::write(&out, b"keep me").unwrap();
         assert!(err(&["quantize", "smollm2-135m", o, "--type", "Q8_0"]).contains("--force"));
         assert_eq!(std::fs::read(&out).unwrap(), b"keep me");
@@ -221,7 +209,7 @@ fn merged_adapter_predicts_like_the_adapter_served() {
     use porteiro_engine::eval::{perplexity, perplexity_with};
     use porteiro_engine::lora::{Adapter, Proj};
     use porteiro_engine::LocalModel;
-    if !model_cached("smollm2-135m") {
+    if !common::cached("smollm2-135m") {
         return;
     }
     let path = porteiro_models::fetch::resolve_model("smollm2-135m", false).unwrap();
@@ -298,7 +286,7 @@ fn merged_adapter_predicts_like_the_adapter_served() {
 /// predicted and measured calibration KLD printed.
 #[test]
 fn budget_fits_types_to_a_size() {
-    if !model_cached("smollm2-135m") {
+    if !common::cached("smollm2-135m") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -390,7 +378,7 @@ fn budget_fits_types_to_a_size() {
 /// and the file feeds `quantize --imatrix`, which records it in the output's metadata.
 #[test]
 fn imatrix_from_text_feeds_quantize() {
-    if !model_cached("smollm2-135m") {
+    if !common::cached("smollm2-135m") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -482,7 +470,7 @@ fn imatrix_from_text_feeds_quantize() {
 /// itself answers alike everywhere and scores the same; expected labels are matched exactly.
 #[test]
 fn compare_tasks_scores_both_models() {
-    if !model_cached("smollm2-135m") {
+    if !common::cached("smollm2-135m") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -12,6 +12,8 @@
     clippy::print_stderr
 )]
 
+mod common;
+
 use std::process::{Command, Output};
 
 fn porteiro(args: &[&str]) -> Output {
@@ -23,12 +25,7 @@ fn porteiro(args: &[&str]) -> Output {
 
 #[test]
 fn parity_decides_rows_on_both_encoder_paths() {
-    if let Err(e) = porteiro_models::fetch::resolve_model("minilm-l6", false) {
-        assert!(
-            std::env::var("PORTEIRO_REQUIRE_MODELS").is_err(),
-            "minilm-l6 required but not cached: {e}"
-        );
-        eprintln!("skipping: {e}");
+    if !common::cached("minilm-l6") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
