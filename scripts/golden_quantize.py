@@ -16,7 +16,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 MODELS = {"smollm2-135m": "smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf",
           "qwen2.5-0.5b": "qwen2.5-0.5b/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
           "qwen2.5-1.5b": "qwen2.5-1.5b/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"}
-TYPES = ["Q8_0", "Q4_0", "Q4_K_M", "Q6_K", "Q5_K_M", "Q4_K_S"]
+TYPES = ["Q8_0", "Q4_0", "Q4_K_M", "Q6_K", "Q5_K_M", "Q4_K_S", "Q3_K_M", "Q2_K"]
 
 
 def sha256(p):

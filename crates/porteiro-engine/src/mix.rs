@@ -18,6 +18,10 @@ pub enum Ftype {
     BF16,
     Q8_0,
     Q4_0,
+    Q2_K,
+    Q3_K_S,
+    Q3_K_M,
+    Q3_K_L,
     Q4_K_S,
     Q4_K_M,
     Q5_K_S,
@@ -26,12 +30,16 @@ pub enum Ftype {
 }
 
 impl Ftype {
-    pub const ALL: [Ftype; 10] = [
+    pub const ALL: [Ftype; 14] = [
         Ftype::F32,
         Ftype::F16,
         Ftype::BF16,
         Ftype::Q8_0,
         Ftype::Q4_0,
+        Ftype::Q2_K,
+        Ftype::Q3_K_S,
+        Ftype::Q3_K_M,
+        Ftype::Q3_K_L,
         Ftype::Q4_K_S,
         Ftype::Q4_K_M,
         Ftype::Q5_K_S,
@@ -39,10 +47,12 @@ impl Ftype {
         Ftype::Q6_K,
     ];
 
-    /// Parses a name as llama-quantize spells it (case-insensitive; Q4_K and Q5_K mean their _M).
+    /// Parses a name as llama-quantize spells it (case-insensitive; Q3_K, Q4_K and Q5_K mean
+    /// their _M).
     pub fn parse(s: &str) -> Option<Self> {
         let u = s.to_ascii_uppercase();
         let u = match u.as_str() {
+            "Q3_K" => "Q3_K_M",
             "Q4_K" => "Q4_K_M",
             "Q5_K" => "Q5_K_M",
             u => u,
@@ -57,6 +67,10 @@ impl Ftype {
             Ftype::BF16 => "BF16",
             Ftype::Q8_0 => "Q8_0",
             Ftype::Q4_0 => "Q4_0",
+            Ftype::Q2_K => "Q2_K",
+            Ftype::Q3_K_S => "Q3_K_S",
+            Ftype::Q3_K_M => "Q3_K_M",
+            Ftype::Q3_K_L => "Q3_K_L",
             Ftype::Q4_K_S => "Q4_K_S",
             Ftype::Q4_K_M => "Q4_K_M",
             Ftype::Q5_K_S => "Q5_K_S",
@@ -72,6 +86,10 @@ impl Ftype {
             Ftype::F16 => 1,
             Ftype::Q4_0 => 2,
             Ftype::Q8_0 => 7,
+            Ftype::Q2_K => 10,
+            Ftype::Q3_K_S => 11,
+            Ftype::Q3_K_M => 12,
+            Ftype::Q3_K_L => 13,
             Ftype::Q4_K_S => 14,
             Ftype::Q4_K_M => 15,
             Ftype::Q5_K_S => 16,
@@ -89,6 +107,8 @@ impl Ftype {
             Ftype::BF16 => GgmlType::BF16,
             Ftype::Q8_0 => GgmlType::Q8_0,
             Ftype::Q4_0 => GgmlType::Q4_0,
+            Ftype::Q2_K => GgmlType::Q2_K,
+            Ftype::Q3_K_S | Ftype::Q3_K_M | Ftype::Q3_K_L => GgmlType::Q3_K,
             Ftype::Q4_K_S | Ftype::Q4_K_M => GgmlType::Q4_K,
             Ftype::Q5_K_S | Ftype::Q5_K_M => GgmlType::Q5_K,
             Ftype::Q6_K => GgmlType::Q6_K,
@@ -244,8 +264,9 @@ fn more_bits(i: usize, n: usize) -> bool {
 }
 
 /// The type of every tensor, in the order given (which should be [`order`]'s: the mixtures count
-/// attn_v and ffn_down tensors as they come). `n_layer` is the model's block count.
-pub fn plan(tensors: &[Tensor], opts: &Options, n_layer: usize) -> Vec<Choice> {
+/// attn_v and ffn_down tensors as they come). `n_layer` is the model's block count, `n_gqa` its
+/// query heads per key/value head (Q2_K keeps attn_v at Q4_K when several heads share it).
+pub fn plan(tensors: &[Tensor], opts: &Options, n_layer: usize, n_gqa: usize) -> Vec<Choice> {
     let ftype = opts.ftype.unwrap_or(Ftype::Q8_0);
     let base = ftype.base();
     let quantized = !matches!(ftype, Ftype::F32 | Ftype::F16 | Ftype::BF16);
@@ -313,12 +334,17 @@ pub fn plan(tensors: &[Tensor], opts: &Options, n_layer: usize) -> Vec<Choice> {
                     };
                 }
                 AttnV | AttnQkv | AttnKvB => {
-                    if matches!(ftype, Ftype::Q4_K_M | Ftype::Q5_K_M)
-                        && more_bits(i_attn_v, n_attn_v)
-                    {
-                        ty = GgmlType::Q6_K;
-                    } else if ftype == Ftype::Q4_K_S && i_attn_v < 4 {
-                        ty = GgmlType::Q5_K;
+                    match ftype {
+                        Ftype::Q2_K if n_gqa >= 4 => ty = GgmlType::Q4_K,
+                        Ftype::Q2_K => ty = GgmlType::Q3_K,
+                        Ftype::Q3_K_M if i_attn_v < 2 => ty = GgmlType::Q5_K,
+                        Ftype::Q3_K_M => ty = GgmlType::Q4_K,
+                        Ftype::Q3_K_L => ty = GgmlType::Q5_K,
+                        Ftype::Q4_K_M | Ftype::Q5_K_M if more_bits(i_attn_v, n_attn_v) => {
+                            ty = GgmlType::Q6_K
+                        }
+                        Ftype::Q4_K_S if i_attn_v < 4 => ty = GgmlType::Q5_K,
+                        _ => {}
                     }
                     // attn_qkv's own rule replaces nothing: llama.cpp's attn_v branch comes first.
                     i_attn_v += 1;
@@ -326,6 +352,10 @@ pub fn plan(tensors: &[Tensor], opts: &Options, n_layer: usize) -> Vec<Choice> {
                 FfnDown => {
                     let (i, n) = (i_ffn_down, n_layer);
                     match ftype {
+                        Ftype::Q2_K => ty = GgmlType::Q3_K,
+                        Ftype::Q3_K_M if i < n / 16 => ty = GgmlType::Q5_K,
+                        Ftype::Q3_K_M => ty = GgmlType::Q4_K,
+                        Ftype::Q3_K_L => ty = GgmlType::Q5_K,
                         Ftype::Q4_K_M | Ftype::Q5_K_M if more_bits(i, n) => ty = GgmlType::Q6_K,
                         Ftype::Q4_K_S if i < n / 8 => ty = GgmlType::Q5_K,
                         Ftype::Q4_0 if opts.imatrix && i < n / 8 => ty = GgmlType::Q4_1,
@@ -333,6 +363,12 @@ pub fn plan(tensors: &[Tensor], opts: &Options, n_layer: usize) -> Vec<Choice> {
                     }
                     i_ffn_down += 1;
                 }
+                AttnOutput => match ftype {
+                    Ftype::Q2_K => ty = GgmlType::Q3_K,
+                    Ftype::Q3_K_M => ty = GgmlType::Q4_K,
+                    Ftype::Q3_K_L => ty = GgmlType::Q5_K,
+                    _ => {}
+                },
                 _ => {}
             }
         }
@@ -385,7 +421,7 @@ mod tests {
                 dtype: GgmlType::F16,
             })
             .collect();
-        plan(&ts, opts, n_layer)
+        plan(&ts, opts, n_layer, 6)
             .into_iter()
             .zip(&ts)
             .map(|(c, t)| (t.name.to_string(), c.dtype))
@@ -418,6 +454,52 @@ mod tests {
             assert_eq!(v == GgmlType::Q6_K, more.contains(&l), "layer {l}");
             assert_eq!(get(&p, &format!("blk.{l}.attn_q.weight")), GgmlType::Q4_K);
         }
+    }
+
+    #[test]
+    fn low_bit_mixtures_are_llama_cpp_s() {
+        let m = model(16, 1536, 8960);
+        let plan = |f| {
+            run(
+                &m,
+                &Options {
+                    ftype: Some(f),
+                    ..Default::default()
+                },
+                16,
+            )
+        };
+        let p = plan(Ftype::Q3_K_M);
+        assert_eq!(get(&p, "token_embd.weight"), GgmlType::Q6_K);
+        assert_eq!(get(&p, "blk.0.attn_v.weight"), GgmlType::Q5_K);
+        assert_eq!(get(&p, "blk.1.attn_v.weight"), GgmlType::Q5_K);
+        assert_eq!(get(&p, "blk.2.attn_v.weight"), GgmlType::Q4_K);
+        assert_eq!(get(&p, "blk.0.ffn_down.weight"), GgmlType::Q5_K); // 0 < 16 / 16
+        assert_eq!(get(&p, "blk.1.ffn_down.weight"), GgmlType::Q4_K);
+        assert_eq!(get(&p, "blk.5.attn_output.weight"), GgmlType::Q4_K);
+        assert_eq!(get(&p, "blk.5.attn_q.weight"), GgmlType::Q3_K);
+        assert_eq!(get(&p, "blk.5.ffn_up.weight"), GgmlType::Q3_K);
+        let p = plan(Ftype::Q3_K_S);
+        assert_eq!(get(&p, "blk.0.attn_v.weight"), GgmlType::Q3_K);
+        assert_eq!(get(&p, "blk.0.ffn_down.weight"), GgmlType::Q3_K);
+        let p = plan(Ftype::Q3_K_L);
+        assert_eq!(get(&p, "blk.9.attn_v.weight"), GgmlType::Q5_K);
+        assert_eq!(get(&p, "blk.9.ffn_down.weight"), GgmlType::Q5_K);
+        assert_eq!(get(&p, "blk.9.attn_output.weight"), GgmlType::Q5_K);
+        let p = plan(Ftype::Q2_K);
+        assert_eq!(get(&p, "blk.3.attn_v.weight"), GgmlType::Q4_K); // n_gqa 6 >= 4
+        assert_eq!(get(&p, "blk.3.ffn_down.weight"), GgmlType::Q3_K);
+        assert_eq!(get(&p, "blk.3.attn_output.weight"), GgmlType::Q3_K);
+        assert_eq!(get(&p, "blk.3.ffn_gate.weight"), GgmlType::Q2_K);
+        // Rows of 896 are no whole super-blocks: Q2_K and Q3_K fall back to Q4_0.
+        let m = model(8, 896, 4864);
+        let o = Options {
+            ftype: Some(Ftype::Q2_K),
+            ..Default::default()
+        };
+        let p = run(&m, &o, 8);
+        assert_eq!(get(&p, "blk.2.attn_q.weight"), GgmlType::Q4_0);
+        assert_eq!(get(&p, "blk.2.ffn_down.weight"), GgmlType::Q3_K); // 4864 = 19 × 256
     }
 
     #[test]
@@ -475,8 +557,10 @@ mod tests {
     #[test]
     fn names_parse() {
         assert_eq!(Ftype::parse("q4_k"), Some(Ftype::Q4_K_M));
-        assert_eq!(Ftype::parse("Q3_K_M"), None);
+        assert_eq!(Ftype::parse("Q3_K"), Some(Ftype::Q3_K_M));
+        assert_eq!(Ftype::parse("q2_k"), Some(Ftype::Q2_K));
+        assert_eq!(Ftype::parse("Q2_K_S"), None);
         assert_eq!(parse_type("q6_k"), Some(GgmlType::Q6_K));
-        assert_eq!(parse_type("Q2_K"), None);
+        assert_eq!(parse_type("Q2_K"), Some(GgmlType::Q2_K));
     }
 }

@@ -49,12 +49,14 @@ pub fn act_type(t: GgmlType) -> Option<ActType> {
         GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => ActType::F32,
         GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => ActType::Q8_0,
         GgmlType::Q4_1 | GgmlType::Q5_1 => ActType::Q8_1,
+        GgmlType::Q2_K | GgmlType::Q3_K => ActType::Q8K,
         GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => ActType::Q8K,
         _ => return None,
     })
 }
 
-pub const SUPPORTED_TYPES: &str = "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K";
+pub const SUPPORTED_TYPES: &str =
+    "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K";
 
 // ---------------------------------------------------------------------------------------------
 // Activation quantization
@@ -137,6 +139,29 @@ pub(crate) fn k4_scale_min(j: usize, q: &[u8]) -> (u8, u8) {
     }
 }
 
+/// Q2_K and Q3_K store element `e` of a super-block as 2 bits of `qs[32 * (e / 128) + e % 32]` at
+/// shift `2 * ((e / 32) % 4)`.
+#[inline]
+pub(crate) fn crumb(qs: &[u8], e: usize) -> u8 {
+    (qs[32 * (e / 128) + e % 32] >> (2 * ((e / 32) % 4))) & 3
+}
+
+/// Q3_K's unsigned level of element `e` (0..=7; the value is level - 4): two low bits, and the third
+/// in bit `e / 32` of `hmask[e % 32]`.
+#[inline]
+pub(crate) fn q3k_level(b: &[u8], e: usize) -> u8 {
+    crumb(&b[32..96], e) | (((b[e % 32] >> (e / 32)) & 1) << 2)
+}
+
+/// Q3_K's signed scale of group `j` (of 16 elements): 6 bits, stored offset by 32, low nibbles in
+/// the first eight bytes, high pairs in the last four.
+#[inline]
+pub(crate) fn q3k_scale(sc: &[u8], j: usize) -> i8 {
+    let lo = if j < 8 { sc[j] & 0xF } else { sc[j - 8] >> 4 };
+    let hi = (sc[8 + j % 4] >> (2 * (j / 4))) & 3;
+    (lo | (hi << 4)) as i8 - 32
+}
+
 /// Dequantizes one row (`out.len()` elements) of a tensor of type `t`.
 pub fn dequantize_row(t: GgmlType, row: &[u8], out: &mut [f32]) {
     match t {
@@ -207,6 +232,27 @@ pub fn dequantize_row(t: GgmlType, row: &[u8], out: &mut [f32]) {
                 let d = f16_at(b, 0);
                 for j in 0..32 {
                     o[j] = b[2 + j] as i8 as f32 * d;
+                }
+            }
+        }
+        GgmlType::Q2_K => {
+            // scales[16] (scale | min << 4), qs[64], d, dmin.
+            for (b, o) in row.chunks_exact(84).zip(out.chunks_exact_mut(QK_K)) {
+                let (d, dmin) = (f16_at(b, 80), f16_at(b, 82));
+                for (e, v) in o.iter_mut().enumerate() {
+                    let sc = b[e / 16];
+                    let (dl, ml) = (d * (sc & 0xF) as f32, dmin * (sc >> 4) as f32);
+                    *v = dl * crumb(&b[16..80], e) as f32 - ml;
+                }
+            }
+        }
+        GgmlType::Q3_K => {
+            // hmask[32], qs[64], scales[12], d.
+            for (b, o) in row.chunks_exact(110).zip(out.chunks_exact_mut(QK_K)) {
+                let d = f16_at(b, 108);
+                for (e, v) in o.iter_mut().enumerate() {
+                    let dl = d * q3k_scale(&b[96..108], e / 16) as f32;
+                    *v = dl * (q3k_level(b, e) as i32 - 4) as f32;
                 }
             }
         }
@@ -373,6 +419,41 @@ pub fn dot_scalar(t: GgmlType, w: &[u8], a: &[u8], k: usize) -> f32 {
             }
             sum
         }
+        GgmlType::Q2_K | GgmlType::Q3_K => {
+            // Unsigned levels against the activations; Q3_K's offset of 4 and Q2_K's mins come
+            // from the activation sums of each 16-element group.
+            let q2 = t == GgmlType::Q2_K;
+            let bs = if q2 { 84 } else { 110 };
+            let mut sum = 0f32;
+            for (wb, ab) in w.chunks_exact(bs).zip(a.chunks_exact(Q8K_BYTES)) {
+                let ad = rd_f32(ab, 0);
+                let bsum = |g: usize| i16::from_le_bytes([ab[260 + 2 * g], ab[261 + 2 * g]]) as i32;
+                let (mut sumi, mut summ) = (0i32, 0i32);
+                for g in 0..16 {
+                    let mut dot = 0i32;
+                    for e in 16 * g..16 * g + 16 {
+                        let q = if q2 {
+                            crumb(&wb[16..80], e)
+                        } else {
+                            q3k_level(wb, e)
+                        };
+                        dot += q as i32 * ab[4 + e] as i8 as i32;
+                    }
+                    if q2 {
+                        sumi += (wb[g] & 0xF) as i32 * dot;
+                        summ += (wb[g] >> 4) as i32 * bsum(g);
+                    } else {
+                        sumi += q3k_scale(&wb[96..108], g) as i32 * (dot - 4 * bsum(g));
+                    }
+                }
+                if q2 {
+                    sum += ad * f16_at(wb, 80) * sumi as f32 - ad * f16_at(wb, 82) * summ as f32;
+                } else {
+                    sum += ad * f16_at(wb, 108) * sumi as f32;
+                }
+            }
+            sum
+        }
         GgmlType::Q6_K => {
             let mut sum = 0f32;
             for (wb, ab) in w.chunks_exact(210).zip(a.chunks_exact(Q8K_BYTES)) {
@@ -414,12 +495,14 @@ pub(crate) mod testutil {
     use super::*;
 
     /// The block-quantized types the engine computes with.
-    pub const QUANTIZED: [GgmlType; 8] = [
+    pub const QUANTIZED: [GgmlType; 10] = [
         GgmlType::Q4_0,
         GgmlType::Q4_1,
         GgmlType::Q5_0,
         GgmlType::Q5_1,
         GgmlType::Q8_0,
+        GgmlType::Q2_K,
+        GgmlType::Q3_K,
         GgmlType::Q4_K,
         GgmlType::Q5_K,
         GgmlType::Q6_K,
@@ -456,6 +539,11 @@ pub(crate) mod testutil {
                     v[o..o + 2].copy_from_slice(&bits.to_le_bytes());
                 }
                 GgmlType::Q6_K => put(&mut v, o + 208, rng.f32() * 0.01),
+                GgmlType::Q3_K => put(&mut v, o + 108, rng.f32() * 0.01),
+                GgmlType::Q2_K => {
+                    put(&mut v, o + 80, rng.f32() * 0.01);
+                    put(&mut v, o + 82, rng.f32() * 0.01);
+                }
                 GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4_K | GgmlType::Q5_K => {
                     put(&mut v, o, rng.f32() * 0.01);
                     put(&mut v, o + 2, rng.f32() * 0.01);

@@ -1,5 +1,5 @@
 //! Weight quantizers: f32 rows into the block types the engine computes on (Q8_0, Q4_0, Q5_0,
-//! Q5_1, Q4_K, Q5_K, Q6_K) and F16/BF16.
+//! Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K) and F16/BF16.
 //!
 //! Without importance weights these follow ggml's reference quantizers operation for operation
 //! (same float operations in the same order, the same round-to-nearest trick, the same searches
@@ -16,7 +16,7 @@ const QK_K: usize = 256;
 const GROUP_MAX_EPS: f32 = 1e-15;
 
 /// The types [`quantize_row`] writes.
-pub const WRITABLE: [GgmlType; 11] = [
+pub const WRITABLE: [GgmlType; 13] = [
     GgmlType::F32,
     GgmlType::F16,
     GgmlType::BF16,
@@ -25,6 +25,8 @@ pub const WRITABLE: [GgmlType; 11] = [
     GgmlType::Q4_1,
     GgmlType::Q5_0,
     GgmlType::Q5_1,
+    GgmlType::Q2_K,
+    GgmlType::Q3_K,
     GgmlType::Q4_K,
     GgmlType::Q5_K,
     GgmlType::Q6_K,
@@ -66,6 +68,8 @@ pub fn quantize_row(t: GgmlType, x: &[f32], out: &mut [u8]) {
         GgmlType::Q4_1 => blocks(x, out, QK, 20, q4_1),
         GgmlType::Q5_0 => blocks(x, out, QK, 22, q5_0),
         GgmlType::Q5_1 => blocks(x, out, QK, 24, q5_1),
+        GgmlType::Q2_K => blocks(x, out, QK_K, 84, q2_k),
+        GgmlType::Q3_K => blocks(x, out, QK_K, 110, q3_k),
         GgmlType::Q4_K => blocks(x, out, QK_K, 144, |x, y| qk_min(x, y, 15)),
         GgmlType::Q5_K => blocks(x, out, QK_K, 176, |x, y| qk_min(x, y, 31)),
         GgmlType::Q6_K => blocks(x, out, QK_K, 210, q6_k),
@@ -177,7 +181,8 @@ fn q5_1(x: &[f32], y: &mut [u8]) {
 
 /// Scale and min for one group of a K-quant with a minimum (Q4_K, Q5_K): start from the min–max
 /// fit, then try `nstep + 1` scales around it, each refit by weighted least squares, keeping the one
-/// with the least weighted squared error. Returns (scale, -min); `l` gets the levels.
+/// with the least weighted squared error (absolute error with `mad`, as Q2_K asks). Returns
+/// (scale, -min); `l` gets the levels.
 #[allow(clippy::too_many_arguments)]
 fn fit_scale_min(
     x: &[f32],
@@ -187,7 +192,9 @@ fn fit_scale_min(
     rmin: f32,
     rdelta: f32,
     nstep: i32,
+    mad: bool,
 ) -> (f32, f32) {
+    let err = |diff: f32| if mad { diff.abs() } else { diff * diff };
     let n = x.len();
     let (mut min, mut max) = (x[0], x[0]);
     let mut sum_w = w[0];
@@ -216,7 +223,7 @@ fn fit_scale_min(
         let q = nearest_int(iscale * (x[i] - min)).clamp(0, nmax);
         l[i] = q as u8;
         let diff = scale * l[i] as f32 + min - x[i];
-        best += w[i] * (diff * diff);
+        best += w[i] * err(diff);
     }
     let mut aux = [0u8; 32];
     for is in 0..=nstep {
@@ -238,14 +245,14 @@ fn fit_scale_min(
                 this_min = 0.0;
                 this_scale = sum_xl / sum_l2;
             }
-            let mut err = 0.0f32;
+            let mut cur = 0.0f32;
             for i in 0..n {
                 let diff = this_scale * aux[i] as f32 + this_min - x[i];
-                err += w[i] * (diff * diff);
+                cur += w[i] * err(diff);
             }
-            if err < best {
+            if cur < best {
                 l[..n].copy_from_slice(&aux[..n]);
-                best = err;
+                best = cur;
                 scale = this_scale;
                 min = this_min;
             }
@@ -272,8 +279,16 @@ fn qk_min(x: &[f32], y: &mut [u8], nmax: i32) {
         for (w, v) in w.iter_mut().zip(g) {
             *w = av_x + v.abs();
         }
-        (scales[j], mins[j]) =
-            fit_scale_min(g, &w, nmax, &mut l[32 * j..32 * j + 32], rmin, 0.1, nstep);
+        (scales[j], mins[j]) = fit_scale_min(
+            g,
+            &w,
+            nmax,
+            &mut l[32 * j..32 * j + 32],
+            rmin,
+            0.1,
+            nstep,
+            false,
+        );
         if scales[j] > max_scale {
             max_scale = scales[j];
         }
@@ -443,6 +458,185 @@ fn q6_k_weighted(x: &[f32], y: &mut [u8], qw: Option<&[f32]>) {
     }
 }
 
+/// Symmetric levels in [-nmax, nmax) for one group by coordinate descent (ggml's make_q3_quants):
+/// the max-magnitude fit, then up to five passes moving single levels while the x²-weighted
+/// least-squares fit improves. Returns the scale; `l` gets levels offset by `nmax`.
+fn fit_q3(x: &[f32], nmax: i32, l: &mut [i8]) -> f32 {
+    let (amax, max) = signed_max(x);
+    if amax < GROUP_MAX_EPS {
+        l.fill(0);
+        return 0.0;
+    }
+    let iscale = -(nmax as f32) / max;
+    let (mut sumlx, mut suml2) = (0.0f32, 0.0f32);
+    for (i, &v) in x.iter().enumerate() {
+        let q = nearest_int(iscale * v).clamp(-nmax, nmax - 1);
+        l[i] = q as i8;
+        let w = v * v;
+        sumlx += w * v * q as f32;
+        suml2 += w * q as f32 * q as f32;
+    }
+    for _ in 0..5 {
+        let mut changed = false;
+        for (i, &v) in x.iter().enumerate() {
+            let w = v * v;
+            let li = l[i] as f32;
+            let mut slx = sumlx - w * v * li;
+            if slx > 0.0 {
+                let mut sl2 = suml2 - w * li * li;
+                let new_l = nearest_int(v * sl2 / slx).clamp(-nmax, nmax - 1);
+                if new_l != l[i] as i32 {
+                    let nf = new_l as f32;
+                    slx += w * v * nf;
+                    sl2 += w * nf * nf;
+                    if sl2 > 0.0 && slx * slx * suml2 > sumlx * sumlx * sl2 {
+                        l[i] = new_l as i8;
+                        sumlx = slx;
+                        suml2 = sl2;
+                        changed = true;
+                    }
+                }
+            }
+        }
+        if !changed {
+            break;
+        }
+    }
+    for v in l.iter_mut() {
+        *v += nmax as i8;
+    }
+    if suml2 > 0.0 {
+        sumlx / suml2
+    } else {
+        0.0
+    }
+}
+
+/// Q3_K: sixteen groups of 16 three-bit levels (value = level - 4) with 6-bit signed scales under
+/// one f16 factor.
+fn q3_k(x: &[f32], y: &mut [u8]) {
+    let mut l = [0i8; QK_K];
+    let mut scales = [0.0f32; 16];
+    let (mut amax, mut max_scale) = (0.0f32, 0.0f32);
+    for j in 0..16 {
+        scales[j] = fit_q3(&x[16 * j..16 * j + 16], 4, &mut l[16 * j..16 * j + 16]);
+        if scales[j].abs() > amax {
+            amax = scales[j].abs();
+            max_scale = scales[j];
+        }
+    }
+    let mut ls = [0u8; 16];
+    if max_scale != 0.0 {
+        let iscale = -32.0 / max_scale;
+        for j in 0..16 {
+            ls[j] = ((nearest_int(iscale * scales[j]) as i8 as i32).clamp(-32, 31) + 32) as u8;
+        }
+        put_f16(y, 108, 1.0 / iscale);
+    } else {
+        put_f16(y, 108, 0.0);
+    }
+    finish_q3_k(x, y, &mut l, &ls);
+}
+
+/// Stores Q3_K's scales (`ls`, offset by 32), then the levels against the stored scales, packed.
+fn finish_q3_k(x: &[f32], y: &mut [u8], l: &mut [i8; QK_K], ls: &[u8; 16]) {
+    let sc = &mut y[96..108];
+    sc.fill(0);
+    for (j, &v) in ls.iter().enumerate() {
+        if j < 8 {
+            sc[j] = v & 0xF;
+        } else {
+            sc[j - 8] |= (v & 0xF) << 4;
+        }
+        sc[8 + j % 4] |= (v >> 4) << (2 * (j / 4));
+    }
+    let d_all = get_f16(y, 108);
+    for j in 0..16 {
+        let d = d_all * crate::quant::q3k_scale(&y[96..108], j) as f32;
+        if d == 0.0 {
+            continue;
+        }
+        for i in 16 * j..16 * j + 16 {
+            l[i] = (nearest_int(x[i] / d).clamp(-4, 3) + 4) as i8;
+        }
+    }
+    y[..32].fill(0);
+    for (e, v) in l.iter_mut().enumerate() {
+        if *v > 3 {
+            y[e % 32] |= 1 << (e / 32);
+            *v -= 4;
+        }
+    }
+    pack_crumbs(&l.map(|v| v as u8), &mut y[32..96]);
+}
+
+/// Two-bit levels four to a byte, in the order of `quant::crumb`.
+fn pack_crumbs(l: &[u8; QK_K], qs: &mut [u8]) {
+    for h in 0..2 {
+        let (j, q) = (128 * h, 32 * h);
+        for i in 0..32 {
+            qs[q + i] =
+                l[j + i] | (l[j + i + 32] << 2) | (l[j + i + 64] << 4) | (l[j + i + 96] << 6);
+        }
+    }
+}
+
+/// Q2_K: sixteen groups of 16 two-bit levels, each group with a 4-bit scale and a 4-bit min under
+/// two f16 factors; each group fitted by least absolute error weighted by |x|.
+fn q2_k(x: &[f32], y: &mut [u8]) {
+    let mut l = [0u8; QK_K];
+    let (mut scales, mut mins) = ([0.0f32; 16], [0.0f32; 16]);
+    let (mut max_scale, mut max_min) = (0.0f32, 0.0f32);
+    for j in 0..16 {
+        let g = &x[16 * j..16 * j + 16];
+        let w: [f32; 16] = std::array::from_fn(|i| g[i].abs());
+        (scales[j], mins[j]) =
+            fit_scale_min(g, &w, 3, &mut l[16 * j..16 * j + 16], -0.5, 0.1, 15, true);
+        if scales[j] > max_scale {
+            max_scale = scales[j];
+        }
+        if mins[j] > max_min {
+            max_min = mins[j];
+        }
+    }
+    if max_scale > 0.0 {
+        let iscale = 15.0 / max_scale;
+        for j in 0..16 {
+            y[j] = nearest_int(iscale * scales[j]) as u8;
+        }
+        put_f16(y, 80, max_scale / 15.0);
+    } else {
+        y[..16].fill(0);
+        put_f16(y, 80, 0.0);
+    }
+    if max_min > 0.0 {
+        let iscale = 15.0 / max_min;
+        for j in 0..16 {
+            y[j] |= (nearest_int(iscale * mins[j]) << 4) as u8;
+        }
+        put_f16(y, 82, max_min / 15.0);
+    } else {
+        put_f16(y, 82, 0.0);
+    }
+    finish_q2_k(x, y, &mut l);
+}
+
+/// The levels against Q2_K's stored scales and mins, packed.
+fn finish_q2_k(x: &[f32], y: &mut [u8], l: &mut [u8; QK_K]) {
+    let (d_all, m_all) = (get_f16(y, 80), get_f16(y, 82));
+    for j in 0..16 {
+        let d = d_all * (y[j] & 0xF) as f32;
+        if d == 0.0 {
+            continue;
+        }
+        let dm = m_all * (y[j] >> 4) as f32;
+        for i in 16 * j..16 * j + 16 {
+            l[i] = nearest_int((x[i] + dm) / d).clamp(0, 3) as u8;
+        }
+    }
+    pack_crumbs(l, &mut y[16..80]);
+}
+
 // ---------------------------------------------------------------------------------------------
 // With importance weights (an imatrix: mean squared activation per input column), as ggml's
 // `quantize_row_*_impl`: each value's error counts by how much its column matters.
@@ -536,6 +730,20 @@ pub fn quantize_row_weighted(t: GgmlType, x: &[f32], out: &mut [u8], qw: Option<
                 qk_min_weighted(xb, qb, y, nmax);
             }
         }
+        GgmlType::Q2_K | GgmlType::Q3_K => {
+            let q2 = t == GgmlType::Q2_K;
+            for ((xb, qb), y) in x
+                .chunks_exact(QK_K)
+                .zip(qw.chunks_exact(QK_K))
+                .zip(out.chunks_exact_mut(if q2 { 84 } else { 110 }))
+            {
+                if q2 {
+                    q2_k_weighted(xb, qb, y);
+                } else {
+                    q3_k_weighted(xb, qb, y);
+                }
+            }
+        }
         GgmlType::Q6_K => {
             for ((xb, qb), y) in x
                 .chunks_exact(QK_K)
@@ -564,12 +772,13 @@ fn pack_q5(l: &[u8; 32], y: &mut [u8]) {
 /// [`fit_scale_min`] with ggml's imatrix search (make_qkx3_quants: 37 scales from nmax − 0.9 in
 /// steps of 0.05; its `max <= min` test is qkx2's `max == min`, as min ≤ max after the clamp).
 fn fit_scale_min_weighted(x: &[f32], w: &[f32], nmax: i32, l: &mut [u8]) -> (f32, f32) {
-    fit_scale_min(x, w, nmax, l, -0.9, 0.05, 36)
+    fit_scale_min(x, w, nmax, l, -0.9, 0.05, 36, false)
 }
 
-/// The super-block's 6-bit scales (or mins) for its eight groups, fitted by weighted least
+/// A super-block's integer scales (or mins) for its groups (at most 16), fitted by weighted least
 /// squares (make_qp_quants): levels in [0, nmax], the weights each group's summed weight.
-fn fit_positive(x: &[f32; 8], nmax: i32, l: &mut [u8; 8], qw: &[f32; 8]) -> f32 {
+fn fit_positive(x: &[f32], nmax: i32, l: &mut [u8], qw: &[f32]) -> f32 {
+    let n = x.len();
     let mut max = 0.0f32;
     for &v in x {
         max = max.max(v);
@@ -579,12 +788,12 @@ fn fit_positive(x: &[f32; 8], nmax: i32, l: &mut [u8; 8], qw: &[f32; 8]) -> f32 
         return 0.0;
     }
     let mut iscale = nmax as f32 / max;
-    for i in 0..8 {
+    for i in 0..n {
         l[i] = nearest_int(iscale * x[i]) as u8;
     }
     let scale = 1.0 / iscale;
     let mut best = 0.0f32;
-    for i in 0..8 {
+    for i in 0..n {
         let diff = x[i] - scale * l[i] as f32;
         best += qw[i] * diff * diff;
     }
@@ -595,7 +804,7 @@ fn fit_positive(x: &[f32; 8], nmax: i32, l: &mut [u8; 8], qw: &[f32; 8]) -> f32 
         let iscale_is = (0.1 * is as f32 + nmax as f32) / max;
         let scale_is = 1.0 / iscale_is;
         let mut mse = 0.0f32;
-        for i in 0..8 {
+        for i in 0..n {
             let q = nearest_int(iscale_is * x[i]).min(nmax);
             let diff = x[i] - scale_is * q as f32;
             mse += qw[i] * diff * diff;
@@ -606,8 +815,8 @@ fn fit_positive(x: &[f32; 8], nmax: i32, l: &mut [u8; 8], qw: &[f32; 8]) -> f32 
         }
     }
     let (mut sumlx, mut suml2) = (0.0f32, 0.0f32);
-    let mut li = [0i32; 8];
-    for i in 0..8 {
+    let mut li = [0i32; 16];
+    for i in 0..n {
         li[i] = nearest_int(iscale * x[i]).min(nmax);
         let lf = li[i] as f32;
         sumlx += qw[i] * x[i] * lf;
@@ -615,7 +824,7 @@ fn fit_positive(x: &[f32; 8], nmax: i32, l: &mut [u8; 8], qw: &[f32; 8]) -> f32 
     }
     for _ in 0..5 {
         let mut changed = 0;
-        for i in 0..8 {
+        for i in 0..n {
             let w = qw[i];
             let lf = li[i] as f32;
             let mut slx = sumlx - w * x[i] * lf;
@@ -639,7 +848,7 @@ fn fit_positive(x: &[f32; 8], nmax: i32, l: &mut [u8; 8], qw: &[f32; 8]) -> f32 
             break;
         }
     }
-    for i in 0..8 {
+    for i in 0..n {
         l[i] = li[i] as u8;
     }
     if suml2 > 0.0 {
@@ -691,6 +900,67 @@ fn qk_min_weighted(x: &[f32], qw: &[f32], y: &mut [u8], nmax: i32) {
     put_f16(y, 2, m_block);
     y[4..16].copy_from_slice(&sc);
     finish_qk_min(x, y, &mut l, nmax, &sc);
+}
+
+/// Q2_K with importance weights: each group's scale and min by weighted least squares, then the
+/// sixteen scales and mins themselves fitted to 4 bits, weighted by their groups' total weight.
+fn q2_k_weighted(x: &[f32], qw: &[f32], y: &mut [u8]) {
+    let mut sum_x2 = 0.0f32;
+    for v in x {
+        sum_x2 += v * v;
+    }
+    let sigma2 = sum_x2 / QK_K as f32;
+    let mut l = [0u8; QK_K];
+    let (mut scales, mut mins, mut sw) = ([0.0f32; 16], [0.0f32; 16], [0.0f32; 16]);
+    for j in 0..16 {
+        let g = 16 * j..16 * j + 16;
+        let w: [f32; 16] = std::array::from_fn(|i| {
+            let v = x[16 * j + i];
+            qw[16 * j + i] * (sigma2 + v * v).sqrt()
+        });
+        for wi in &w {
+            sw[j] += wi;
+        }
+        (scales[j], mins[j]) = fit_scale_min_weighted(&x[g.clone()], &w, 3, &mut l[g]);
+    }
+    let (mut ls, mut lm) = ([0u8; 16], [0u8; 16]);
+    let dm = fit_positive(&scales, 15, &mut ls, &sw);
+    let mm = fit_positive(&mins, 15, &mut lm, &sw);
+    put_f16(y, 80, dm);
+    put_f16(y, 82, mm);
+    for j in 0..16 {
+        y[j] = ls[j] | (lm[j] << 4);
+    }
+    finish_q2_k(x, y, &mut l);
+}
+
+/// Q3_K with importance weights: groups fitted by weighted least squares, then the sixteen scales
+/// themselves fitted to 6 bits, weighted by their groups' total weight.
+fn q3_k_weighted(x: &[f32], qw: &[f32], y: &mut [u8]) {
+    let mut sum_x2 = 0.0f32;
+    for v in x {
+        sum_x2 += v * v;
+    }
+    let sigma2 = 2.0 * sum_x2 / QK_K as f32;
+    let mut l = [0i8; QK_K];
+    let (mut scales, mut sw) = ([0.0f32; 16], [0.0f32; 16]);
+    for j in 0..16 {
+        let g = 16 * j..16 * j + 16;
+        let w: [f32; 16] = std::array::from_fn(|i| {
+            let v = x[16 * j + i];
+            qw[16 * j + i] * (sigma2 + v * v).sqrt()
+        });
+        let mut sumw = 0.0f32;
+        for wi in &w {
+            sumw += wi;
+        }
+        sw[j] = sumw;
+        scales[j] = fit_symmetric(&x[g.clone()], 4, &mut l[g], Some(&w));
+    }
+    let mut ls = [0i8; 16];
+    let d_block = fit_symmetric(&scales, 32, &mut ls, Some(&sw));
+    put_f16(y, 108, d_block);
+    finish_q3_k(x, y, &mut l, &ls.map(|v| v as u8));
 }
 
 #[cfg(test)]

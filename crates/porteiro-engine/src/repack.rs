@@ -6,8 +6,9 @@
 //! sub-block sum, and one multiply-add per 16 rows applies the scales: prefill runs several times
 //! fewer instructions, and decode becomes bound by memory rather than by unpacking.
 //!
-//! The packing keeps the GGUF's size: low nibbles two lines to a 64-byte line, fifth and sixth bits
-//! as 64-bit planes applied with masked byte adds, and the blocks' own scales (f16, or a K-quant's
+//! The packing keeps the GGUF's size: low nibbles two lines to a 64-byte line (2-bit levels four to
+//! a line), fifth and sixth bits (Q3_K's third) as 64-bit planes applied with masked byte adds, and
+//! the blocks' own scales (f16, or a K-quant's
 //! f16 super-block scale times its integer sub-block scales). Each lane's arithmetic depends only
 //! on its row and token, so a token's logits do not depend on what else shares its step.
 
@@ -15,7 +16,7 @@
 // disjoint parts of one output buffer through a raw pointer.
 #![allow(unsafe_code)]
 
-use crate::quant::{k4_scale_min, QK, QK_K};
+use crate::quant::{crumb, k4_scale_min, q3k_level, q3k_scale, QK, QK_K};
 use porteiro_models::gguf::GgmlType;
 
 /// Rows per group: one per 32-bit lane of a 512-bit register.
@@ -27,7 +28,8 @@ pub const ROWS: usize = 16;
 pub struct Line(pub [u8; 64]);
 
 /// How a weight type is stored: sub-block length `g` (one scale each), the offset of the unsigned
-/// values, their bits (4: nibbles; 5, 6: nibbles plus one or two bit planes; 8: bytes), whether the
+/// values, their bits (2: crumbs; 3: crumbs plus a bit plane kept apart; 4: nibbles; 5, 6: nibbles
+/// plus one or two bit planes; 8: bytes), whether the
 /// scales are f16 per sub-block (`half`) or a K-quant's f16 per super-block times an integer per
 /// sub-block, and whether there are mins.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,6 +55,8 @@ fn format(t: GgmlType) -> Option<Format> {
         GgmlType::Q5_0 => f(32, 16, 5, true, false),
         GgmlType::Q5_1 => f(32, 0, 5, true, true),
         GgmlType::Q8_0 => f(32, 128, 8, true, false),
+        GgmlType::Q2_K => f(16, 0, 2, false, true),
+        GgmlType::Q3_K => f(16, 4, 3, false, false),
         GgmlType::Q4_K => f(32, 0, 4, false, true),
         GgmlType::Q5_K => f(32, 0, 5, false, true),
         GgmlType::Q6_K => f(16, 32, 6, false, false),
@@ -65,10 +69,13 @@ impl Format {
     fn lines(self) -> usize {
         self.g / 4
     }
-    /// 64-byte storage lines per (group, sub-block): nibble pairs then bit planes, or bytes.
+    /// 64-byte storage lines per (group, sub-block): nibble pairs then bit planes, crumb quads (a
+    /// 3-bit format's plane lives in `Repacked::planes`: 32 bytes would waste half a line), or bytes.
     fn chunk(self) -> usize {
         if self.bits == 8 {
             self.lines()
+        } else if self.bits < 4 {
+            self.lines() / 4
         } else {
             self.lines() / 2 + ((self.bits - 4) * self.lines() * 8).div_ceil(64)
         }
@@ -90,6 +97,7 @@ pub trait Zeroable: Copy {}
 impl Zeroable for Line {}
 impl Zeroable for u16 {}
 impl Zeroable for i8 {}
+impl Zeroable for u64 {}
 
 impl<T: Zeroable> HugeVec<T> {
     fn zeroed(len: usize) -> std::io::Result<Self> {
@@ -228,6 +236,26 @@ fn row_parts(t: GgmlType, row: &[u8], cols: usize, p: &mut RowParts) {
                 }
             }
         }
+        GgmlType::Q2_K => {
+            for (sb, blk) in row.chunks_exact(84).enumerate() {
+                p.d.push(f16_bits(blk, 80));
+                p.ndmin.push(f16_bits(blk, 82) ^ 0x8000);
+                p.sc.extend(blk[..16].iter().map(|&v| (v & 0xF) as i8));
+                p.m.extend(blk[..16].iter().map(|&v| (v >> 4) as i8));
+                for e in 0..QK_K {
+                    q[sb * QK_K + e] = crumb(&blk[16..80], e);
+                }
+            }
+        }
+        GgmlType::Q3_K => {
+            for (sb, blk) in row.chunks_exact(110).enumerate() {
+                p.d.push(f16_bits(blk, 108));
+                p.sc.extend((0..16).map(|j| q3k_scale(&blk[96..108], j)));
+                for e in 0..QK_K {
+                    q[sb * QK_K + e] = q3k_level(blk, e);
+                }
+            }
+        }
         GgmlType::Q6_K => {
             for (sb, blk) in row.chunks_exact(210).enumerate() {
                 p.d.push(f16_bits(blk, 208));
@@ -270,6 +298,8 @@ pub struct Repacked {
     f: Format,
     /// [group][sub-block][f.chunk() lines]
     q: HugeVec<Line>,
+    /// 3-bit formats: [group][sub-block][line] the third bits of a line's 64 values.
+    planes: HugeVec<u64>,
     /// f16 formats: [group][sub-block][16] scale bits, and min bits (empty without mins).
     dh: HugeVec<u16>,
     mh: HugeVec<u16>,
@@ -327,6 +357,7 @@ impl Repacked {
             cols,
             f,
             q: HugeVec::zeroed(groups * nsb * chunk).ok()?,
+            planes: HugeVec::zeroed(if f.bits == 3 { groups * nsb * lines } else { 0 }).ok()?,
             dh: HugeVec::zeroed(per_sub).ok()?,
             mh: HugeVec::zeroed(with_min(per_sub)).ok()?,
             d: HugeVec::zeroed(per_super).ok()?,
@@ -369,6 +400,16 @@ impl Repacked {
                         lines_out[j].0 = v;
                         continue;
                     }
+                    if f.bits < 4 {
+                        let quad = &mut lines_out[j / 4].0;
+                        for i in 0..64 {
+                            quad[i] |= (v[i] & 3) << (2 * (j % 4));
+                        }
+                        if f.bits == 3 {
+                            out.planes[(grp * nsb + s) * lines + j] = bit_mask(&v, 2);
+                        }
+                        continue;
+                    }
                     let pair = &mut lines_out[j / 2].0;
                     let shift = 4 * (j % 2);
                     for i in 0..64 {
@@ -406,6 +447,7 @@ impl Repacked {
     /// Resident bytes of the repacked matrix.
     pub fn bytes(&self) -> usize {
         self.q.len() * 64
+            + self.planes.len() * 8
             + (self.dh.len() + self.mh.len() + self.d.len() + self.ndmin.len()) * 2
             + self.sc.len()
             + self.m.len()
@@ -420,6 +462,14 @@ impl Repacked {
         let line = |n: usize| &self.q[base + n].0;
         if self.f.bits == 8 {
             return line(j)[i];
+        }
+        if self.f.bits < 4 {
+            let mut v = (line(j / 4)[i] >> (2 * (j % 4))) & 3;
+            if self.f.bits == 3 {
+                let plane = self.planes[(grp * nsb + s) * lines + j];
+                v |= (((plane >> i) & 1) as u8) << 2;
+            }
+            return v;
         }
         let mut v = (line(j / 2)[i] >> (4 * (j % 2))) & 0xF;
         for plane in 0..self.f.bits - 4 {
@@ -668,6 +718,10 @@ mod zmm {
                     (16, 6, false, false) => {
                         tile::<$t, 4, 6, false, false>(p, grp, a, $at, out, ld)
                     }
+                    (16, 3, false, false) => {
+                        tile::<$t, 4, 3, false, false>(p, grp, a, $at, out, ld)
+                    }
+                    (16, 2, false, true) => tile::<$t, 4, 2, false, true>(p, grp, a, $at, out, ld),
                     _ => unreachable!("format() admits only the formats above"),
                 }
             }};
@@ -693,11 +747,31 @@ mod zmm {
         _mm512_test_epi8_mask(x, _mm512_set1_epi8((1u8 << bit) as i8))
     }
 
-    /// Line `j` of a sub-block's chunk: a nibble from the pair line, plus the bit planes.
+    /// Line `j` of a sub-block's chunk: a nibble from the pair line (a crumb from the quad line),
+    /// plus the bit planes (`planes`: a 3-bit format's, apart from the chunk).
     #[inline(always)]
-    unsafe fn line<const L: usize, const BITS: usize>(c: *const u8, j: usize) -> __m512i {
+    unsafe fn line<const L: usize, const BITS: usize>(
+        c: *const u8,
+        planes: *const u64,
+        j: usize,
+    ) -> __m512i {
         if BITS == 8 {
             return _mm512_load_si512(c.add(64 * j) as *const __m512i);
+        }
+        if BITS < 4 {
+            let quad = _mm512_load_si512(c.add(64 * (j / 4)) as *const __m512i);
+            let shifted = match j % 4 {
+                0 => quad,
+                1 => _mm512_srli_epi16(quad, 2),
+                2 => _mm512_srli_epi16(quad, 4),
+                _ => _mm512_srli_epi16(quad, 6),
+            };
+            let v = _mm512_and_si512(shifted, _mm512_set1_epi8(3));
+            if BITS == 3 {
+                let k: __mmask64 = planes.add(j).read();
+                return _mm512_mask_add_epi8(v, k, v, _mm512_set1_epi8(4));
+            }
+            return v;
         }
         let pair = _mm512_load_si512(c.add(64 * (j / 2)) as *const __m512i);
         let lo = _mm512_set1_epi8(0x0F);
@@ -741,9 +815,14 @@ mod zmm {
         for s in 0..nsb {
             let at = grp * nsb + s;
             let c = p.q.as_ptr().add(at * chunk) as *const u8;
+            let planes = if BITS == 3 {
+                p.planes.as_ptr().add(at * L)
+            } else {
+                std::ptr::null()
+            };
             let mut w = [_mm512_setzero_si512(); L];
             for j in 0..L {
-                w[j] = line::<L, BITS>(c, j);
+                w[j] = line::<L, BITS>(c, planes, j);
             }
             let (sc, mn) = if HALF {
                 let sc = _mm512_cvtph_ps(_mm256_loadu_si256(
@@ -842,12 +921,13 @@ mod tests {
                     );
                 }
             }
-            // The repacked matrix is no larger than its GGUF blocks, but for Q4_K/Q5_K's integer
-            // scales and mins (a byte each instead of 6 bits).
-            let extra = if matches!(t, GgmlType::Q4_K | GgmlType::Q5_K) {
-                rows * k / QK / 2
-            } else {
-                0
+            // The repacked matrix is no larger than its GGUF blocks, but for the K-quants' integer
+            // scales and mins (a byte each instead of 6 bits, or of Q2_K's 4).
+            let extra = match t {
+                GgmlType::Q4_K | GgmlType::Q5_K => rows * k / QK / 2,
+                GgmlType::Q2_K => rows * k / 16,
+                GgmlType::Q3_K => rows * k / 64,
+                _ => 0,
             };
             assert!(
                 p.bytes() <= data.len() + extra,

@@ -100,7 +100,7 @@ enum Cmd {
     /// How far a (quantized) model is from its reference on a text: PPL of both and their ratio,
     /// KL divergence (mean, percentiles), RMS Δp, same top-1, as llama-perplexity --kl-divergence.
     Compare(compare::CompareArgs),
-    /// Rewrite a model at another precision (Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, F16, …) with
+    /// Rewrite a model at another precision (Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q3_K_M, Q2_K, F16, …) with
     /// llama.cpp's mixtures and reference quantizers: the same bytes llama-quantize writes.
     Quantize(quantize::QuantizeArgs),
     /// Importance matrix of a model on calibration text (llama.cpp's imatrix format), for

@@ -22,8 +22,9 @@ pub struct QuantizeArgs {
     input: String,
     /// The file to write (atomically: a temporary file beside it, renamed when complete).
     output: PathBuf,
-    /// File type: F32, F16, BF16, Q8_0, Q4_0, Q4_K_S, Q4_K_M (or Q4_K), Q5_K_S, Q5_K_M (or Q5_K),
-    /// Q6_K. The _M and _S mixtures give some tensors more bits, as llama.cpp does.
+    /// File type: F32, F16, BF16, Q8_0, Q4_0, Q2_K, Q3_K_S, Q3_K_M (or Q3_K), Q3_K_L, Q4_K_S,
+    /// Q4_K_M (or Q4_K), Q5_K_S, Q5_K_M (or Q5_K), Q6_K. The _S/_M/_L mixtures (and Q2_K's) give
+    /// some tensors more bits, as llama.cpp does.
     #[arg(long = "type", short = 't')]
     ftype: String,
     /// Every quantizable tensor at the file type's base type (no mixture).
@@ -89,8 +90,7 @@ fn ty(s: &str, what: &str) -> Result<GgmlType> {
 fn options(a: &QuantizeArgs) -> Result<Options> {
     let ftype = Ftype::parse(&a.ftype).ok_or_else(|| {
         anyhow!(
-            "unknown file type `{}`: one of {} (Q3_K and Q2_K are not written yet: the engine has no \
-             kernels to run them)",
+            "unknown file type `{}`: one of {}",
             a.ftype,
             Ftype::ALL.map(Ftype::name).join(", ")
         )
@@ -253,7 +253,14 @@ pub fn rewrite(
             }
         })
         .collect();
-    let plan = mix::plan(&tensors, opts, n_layer);
+    // llama.cpp's n_gqa(): query heads per key/value head (0 when the file says nothing).
+    let head = |k: &str| src.get_u64(&format!("{}.attention.{k}", src.architecture()?));
+    let n_gqa = match (head("head_count"), head("head_count_kv")) {
+        (Ok(h), Ok(kv)) if kv > 0 => (h / kv) as usize,
+        (Ok(_), Err(_)) => 1,
+        _ => 0,
+    };
+    let plan = mix::plan(&tensors, opts, n_layer, n_gqa);
 
     let mut specs = Vec::with_capacity(plan.len());
     let mut requantized = std::collections::BTreeSet::new();
