@@ -313,11 +313,13 @@ pub struct Repacked {
 }
 
 impl Repacked {
-    /// Whether this CPU runs the repacked kernels (and `PORTEIRO_REPACK=0` does not turn them off).
+    /// Whether this CPU runs the repacked kernels (and neither `PORTEIRO_REPACK=0` nor an ISA cap
+    /// below AVX-512, `PORTEIRO_ISA=avx2|avx2vnni|scalar`, turns them off).
     pub fn available() -> bool {
         static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         *ON.get_or_init(|| {
             if std::env::var("PORTEIRO_REPACK").is_ok_and(|v| v == "0")
+                || std::env::var("PORTEIRO_ISA").is_ok_and(|v| !v.is_empty())
                 || crate::simd::isa() == crate::simd::Isa::Scalar
             {
                 return false;

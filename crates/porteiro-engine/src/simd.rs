@@ -60,6 +60,8 @@ scalar_fn!(s_q4_1, GgmlType::Q4_1);
 scalar_fn!(s_q5_0, GgmlType::Q5_0);
 scalar_fn!(s_q5_1, GgmlType::Q5_1);
 scalar_fn!(s_q8_0, GgmlType::Q8_0);
+scalar_fn!(s_q2_k, GgmlType::Q2_K);
+scalar_fn!(s_q3_k, GgmlType::Q3_K);
 scalar_fn!(s_q4_k, GgmlType::Q4_K);
 scalar_fn!(s_q5_k, GgmlType::Q5_K);
 scalar_fn!(s_q6_k, GgmlType::Q6_K);
@@ -75,6 +77,8 @@ pub fn scalar_kernel(t: GgmlType) -> Option<DotFn> {
         GgmlType::Q5_0 => s_q5_0,
         GgmlType::Q5_1 => s_q5_1,
         GgmlType::Q8_0 => s_q8_0,
+        GgmlType::Q2_K => s_q2_k,
+        GgmlType::Q3_K => s_q3_k,
         GgmlType::Q4_K => s_q4_k,
         GgmlType::Q5_K => s_q5_k,
         GgmlType::Q6_K => s_q6_k,
@@ -249,7 +253,10 @@ mod avx2 {
     instantiate!(q4_1, 20, Q8_BYTES, q4_1_1, q4_1_1v, q4_1_4, q4_1_4v);
     instantiate!(q5_0, 22, Q8_BYTES, q5_0_1, q5_0_1v, q5_0_4, q5_0_4v);
     instantiate!(q8_0, 34, Q8_BYTES, q8_0_1, q8_0_1v, q8_0_4, q8_0_4v);
+    instantiate!(q2_k, 84, Q8K_BYTES, q2_k_1, q2_k_1v, q2_k_4, q2_k_4v);
+    instantiate!(q3_k, 110, Q8K_BYTES, q3_k_1, q3_k_1v, q3_k_4, q3_k_4v);
     instantiate!(q4_k, 144, Q8K_BYTES, q4_k_1, q4_k_1v, q4_k_4, q4_k_4v);
+    instantiate!(q5_k, 176, Q8K_BYTES, q5_k_1, q5_k_1v, q5_k_4, q5_k_4v);
     instantiate!(q6_k, 210, Q8K_BYTES, q6_k_1, q6_k_1v, q6_k_4, q6_k_4v);
 
     /// Safe entry points: the caller (the matmul) guarantees `w` holds whole blocks, `a` holds the
@@ -289,8 +296,14 @@ mod avx2 {
             (GgmlType::Q5_0, true) => safe!(q5_0_1v, q5_0_4v, Q8_BYTES, 22),
             (GgmlType::Q8_0, false) => safe!(q8_0_1, q8_0_4, Q8_BYTES, 34),
             (GgmlType::Q8_0, true) => safe!(q8_0_1v, q8_0_4v, Q8_BYTES, 34),
+            (GgmlType::Q2_K, false) => safe!(q2_k_1, q2_k_4, Q8K_BYTES, 84),
+            (GgmlType::Q2_K, true) => safe!(q2_k_1v, q2_k_4v, Q8K_BYTES, 84),
+            (GgmlType::Q3_K, false) => safe!(q3_k_1, q3_k_4, Q8K_BYTES, 110),
+            (GgmlType::Q3_K, true) => safe!(q3_k_1v, q3_k_4v, Q8K_BYTES, 110),
             (GgmlType::Q4_K, false) => safe!(q4_k_1, q4_k_4, Q8K_BYTES, 144),
             (GgmlType::Q4_K, true) => safe!(q4_k_1v, q4_k_4v, Q8K_BYTES, 144),
+            (GgmlType::Q5_K, false) => safe!(q5_k_1, q5_k_4, Q8K_BYTES, 176),
+            (GgmlType::Q5_K, true) => safe!(q5_k_1v, q5_k_4v, Q8K_BYTES, 176),
             (GgmlType::Q6_K, false) => safe!(q6_k_1, q6_k_4, Q8K_BYTES, 210),
             (GgmlType::Q6_K, true) => safe!(q6_k_1v, q6_k_4v, Q8K_BYTES, 210),
             (GgmlType::F16, _) => (
@@ -1464,21 +1477,57 @@ mod avx2 {
         rb: usize,
         out: &mut [f32],
     ) {
+        k_min::<N, V, false>(w, nb, a, rb, out)
+    }
+
+    #[inline(always)]
+    unsafe fn q5_k<const N: usize, const V: bool>(
+        w: *const u8,
+        nb: usize,
+        a: *const u8,
+        rb: usize,
+        out: &mut [f32],
+    ) {
+        k_min::<N, V, true>(w, nb, a, rb, out)
+    }
+
+    /// Q4_K, and Q5_K (`FIVE`: the fifth bit of element 32 j + l is bit j of qh[l], added as 16).
+    #[inline(always)]
+    unsafe fn k_min<const N: usize, const V: bool, const FIVE: bool>(
+        w: *const u8,
+        nb: usize,
+        a: *const u8,
+        rb: usize,
+        out: &mut [f32],
+    ) {
         let mut acc = [_mm256_setzero_ps(); N];
         let mut acc_m = [0f32; N];
         let low = _mm256_set1_epi8(0x0F);
+        let (bs, qs_at) = if FIVE { (176, 48) } else { (144, 16) };
         for b in 0..nb {
-            let wb = w.add(b * 144);
+            let wb = w.add(b * bs);
             prefetch::<N>(wb);
             prefetch::<N>(wb.wrapping_add(64));
+            if FIVE {
+                prefetch::<N>(wb.wrapping_add(128));
+            }
             let (dw, dmin) = (f16(wb), f16(wb.add(2)));
             let (sc, mn) = k4_scales(&*(wb.add(4) as *const [u8; 12]));
             let mut q = [_mm256_setzero_si256(); 8];
             let mut scv = [_mm256_setzero_si256(); 8];
             for c in 0..4 {
-                let bits = load(wb.add(16 + 32 * c));
+                let bits = load(wb.add(qs_at + 32 * c));
                 q[2 * c] = _mm256_and_si256(bits, low);
                 q[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(bits, 4), low);
+            }
+            if FIVE {
+                let qh = load(wb.add(16));
+                let sixteen = _mm256_set1_epi8(16);
+                for (j, qj) in q.iter_mut().enumerate() {
+                    let m = _mm256_set1_epi8((1u8 << j) as i8);
+                    let set = _mm256_cmpeq_epi8(_mm256_and_si256(qh, m), m);
+                    *qj = _mm256_or_si256(*qj, _mm256_and_si256(set, sixteen));
+                }
             }
             for j in 0..8 {
                 scv[j] = if V {
@@ -1506,6 +1555,128 @@ mod avx2 {
         }
         for t in 0..N {
             out[t] = hsum(acc[t]) - acc_m[t];
+        }
+    }
+
+    /// Q2_K's and Q3_K's 2-bit levels: vector v (elements 32v..32v+32) is bits 2(v % 4) of the
+    /// 32 bytes at `qs + 32 (v / 4)`.
+    #[inline(always)]
+    unsafe fn crumbs(qs: *const u8) -> [__m256i; 8] {
+        let three = _mm256_set1_epi8(3);
+        let mut q = [_mm256_setzero_si256(); 8];
+        for h in 0..2 {
+            let bits = load(qs.add(32 * h));
+            q[4 * h] = _mm256_and_si256(bits, three);
+            q[4 * h + 1] = _mm256_and_si256(_mm256_srli_epi16(bits, 2), three);
+            q[4 * h + 2] = _mm256_and_si256(_mm256_srli_epi16(bits, 4), three);
+            q[4 * h + 3] = _mm256_and_si256(_mm256_srli_epi16(bits, 6), three);
+        }
+        q
+    }
+
+    /// Per-16 group scales as the multipliers of `scaled`: vector v covers groups 2v and 2v + 1.
+    #[inline(always)]
+    unsafe fn group_scales<const V: bool>(sc: &[i32; 16]) -> [__m256i; 8] {
+        let mut v = [_mm256_setzero_si256(); 8];
+        for (j, o) in v.iter_mut().enumerate() {
+            let (s0, s1) = (sc[2 * j], sc[2 * j + 1]);
+            *o = if V {
+                _mm256_set_m128i(_mm_set1_epi32(s1), _mm_set1_epi32(s0))
+            } else {
+                _mm256_set_m128i(_mm_set1_epi16(s1 as i16), _mm_set1_epi16(s0 as i16))
+            };
+        }
+        v
+    }
+
+    /// Q2_K: levels 0..3 scaled per group of 16; the mins come from the activation group sums.
+    #[inline(always)]
+    unsafe fn q2_k<const N: usize, const V: bool>(
+        w: *const u8,
+        nb: usize,
+        a: *const u8,
+        rb: usize,
+        out: &mut [f32],
+    ) {
+        let mut acc = [_mm256_setzero_ps(); N];
+        let mut acc_m = [0f32; N];
+        for b in 0..nb {
+            let wb = w.add(b * 84);
+            prefetch::<N>(wb);
+            prefetch::<N>(wb.wrapping_add(64));
+            let (dw, dmin) = (f16(wb.add(80)), f16(wb.add(82)));
+            let q = crumbs(wb.add(16));
+            let scv = group_scales::<V>(&std::array::from_fn(|g| (*wb.add(g) & 0xF) as i32));
+            for t in 0..N {
+                let ab = a.add(t * rb + b * Q8K_BYTES);
+                let mut summ = 0i32;
+                for g in 0..16 {
+                    summ += (*wb.add(g) >> 4) as i32 * rd_i16(ab.add(260 + 2 * g));
+                }
+                let y = ab.add(4);
+                let mut sumi = _mm256_setzero_si256();
+                for j in 0..8 {
+                    sumi = _mm256_add_epi32(sumi, scaled::<V>(q[j], load(y.add(32 * j)), scv[j]));
+                }
+                let ad = rd_f32(ab);
+                acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(ad * dw), _mm256_cvtepi32_ps(sumi), acc[t]);
+                acc_m[t] += ad * dmin * summ as f32;
+            }
+        }
+        for t in 0..N {
+            out[t] = hsum(acc[t]) - acc_m[t];
+        }
+    }
+
+    /// Q3_K: levels unpacked to unsigned 0..7 (two bits, plus the hmask bit as 4); the -4 offset is
+    /// applied through the activation group sums, as Q6_K's -32.
+    #[inline(always)]
+    unsafe fn q3_k<const N: usize, const V: bool>(
+        w: *const u8,
+        nb: usize,
+        a: *const u8,
+        rb: usize,
+        out: &mut [f32],
+    ) {
+        let mut acc = [_mm256_setzero_ps(); N];
+        let four = _mm256_set1_epi8(4);
+        for b in 0..nb {
+            let wb = w.add(b * 110);
+            prefetch::<N>(wb);
+            prefetch::<N>(wb.wrapping_add(64));
+            let dw = f16(wb.add(108));
+            let hm = load(wb);
+            let mut q = crumbs(wb.add(32));
+            for (v, qv) in q.iter_mut().enumerate() {
+                let m = _mm256_set1_epi8((1u8 << v) as i8);
+                let set = _mm256_cmpeq_epi8(_mm256_and_si256(hm, m), m);
+                *qv = _mm256_or_si256(*qv, _mm256_and_si256(set, four));
+            }
+            let sc12 = std::slice::from_raw_parts(wb.add(96), 12);
+            let sc: [i32; 16] = std::array::from_fn(|g| quant::q3k_scale(sc12, g) as i32);
+            let scv = group_scales::<V>(&sc);
+            for t in 0..N {
+                let ab = a.add(t * rb + b * Q8K_BYTES);
+                let y = ab.add(4);
+                let mut sumi = _mm256_setzero_si256();
+                for j in 0..8 {
+                    sumi = _mm256_add_epi32(sumi, scaled::<V>(q[j], load(y.add(32 * j)), scv[j]));
+                }
+                let mut off = 0i32;
+                for g in 0..16 {
+                    off += sc[g] * rd_i16(ab.add(260 + 2 * g));
+                }
+                let total =
+                    _mm256_sub_epi32(sumi, _mm256_setr_epi32(4 * off, 0, 0, 0, 0, 0, 0, 0));
+                acc[t] = _mm256_fmadd_ps(
+                    _mm256_set1_ps(rd_f32(ab) * dw),
+                    _mm256_cvtepi32_ps(total),
+                    acc[t],
+                );
+            }
+        }
+        for t in 0..N {
+            out[t] = hsum(acc[t]);
         }
     }
 
@@ -1837,7 +2008,10 @@ mod tests {
                 GgmlType::Q4_1,
                 GgmlType::Q5_0,
                 GgmlType::Q8_0,
+                GgmlType::Q2_K,
+                GgmlType::Q3_K,
                 GgmlType::Q4_K,
+                GgmlType::Q5_K,
                 GgmlType::Q6_K,
             ] {
                 #[cfg(target_arch = "x86_64")]

@@ -28,7 +28,8 @@ pub struct BenchArgs {
     #[arg(short = 'r', long, default_value_t = 3)]
     reps: usize,
     /// Also run a peer engine in the same invocation: `llama.cpp` (llama-bench from
-    /// scripts/build-llama-cpp.sh, or the binary named by $PORTEIRO_LLAMA_BENCH).
+    /// scripts/build-llama-cpp.sh, its AVX2 build under PORTEIRO_ISA=avx2, or the binary named by
+    /// $PORTEIRO_LLAMA_BENCH).
     #[arg(long)]
     compare: Option<String>,
     /// Aggregate decode throughput with this many sequences decoded together (comma-separated).
@@ -183,11 +184,18 @@ fn llama_bench_path() -> Result<PathBuf> {
         return Ok(PathBuf::from(p));
     }
     let home = porteiro_models::fetch::home_dir();
-    let p = home.join("llama.cpp-0.3.36/bin/llama-bench");
+    // Capped to AVX2, we compare against the peer built for AVX2 (PORTEIRO_LLAMA_ISA=avx2).
+    let avx2 = std::env::var("PORTEIRO_ISA").is_ok_and(|v| v == "avx2");
+    let (dir, how) = if avx2 {
+        ("llama.cpp-0.3.36-avx2", "PORTEIRO_LLAMA_ISA=avx2 scripts/build-llama-cpp.sh")
+    } else {
+        ("llama.cpp-0.3.36", "scripts/build-llama-cpp.sh")
+    };
+    let p = home.join(dir).join("bin/llama-bench");
     if p.exists() {
         Ok(p)
     } else {
-        bail!("llama-bench not found at {}; build it with scripts/build-llama-cpp.sh or set PORTEIRO_LLAMA_BENCH", p.display())
+        bail!("llama-bench not found at {}; build it with {how} or set PORTEIRO_LLAMA_BENCH", p.display())
     }
 }
 
