@@ -1192,11 +1192,6 @@ mod avx2 {
     }
 
     #[inline(always)]
-    unsafe fn rd_i16(p: *const u8) -> i32 {
-        (p as *const i16).read_unaligned() as i32
-    }
-
-    #[inline(always)]
     unsafe fn f16(p: *const u8) -> f32 {
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
             (p as *const u16).read_unaligned() as i32,
@@ -1513,43 +1508,45 @@ mod avx2 {
             }
             let (dw, dmin) = (f16(wb), f16(wb.add(2)));
             let (sc, mn) = k4_scales(&*(wb.add(4) as *const [u8; 12]));
-            let mut q = [_mm256_setzero_si256(); 8];
-            let mut scv = [_mm256_setzero_si256(); 8];
-            for c in 0..4 {
-                let bits = load(wb.add(qs_at + 32 * c));
-                q[2 * c] = _mm256_and_si256(bits, low);
-                q[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(bits, 4), low);
-            }
-            if FIVE {
-                let qh = load(wb.add(16));
-                let sixteen = _mm256_set1_epi8(16);
-                for (j, qj) in q.iter_mut().enumerate() {
+            // Sub-block by sub-block, every token: one unpacked vector and its scale live at a
+            // time, so four tokens' sums stay in registers (AVX2 has 16).
+            let mut sumi = [_mm256_setzero_si256(); N];
+            let qh = if FIVE {
+                load(wb.add(16))
+            } else {
+                _mm256_setzero_si256()
+            };
+            for j in 0..8 {
+                let bits = load(wb.add(qs_at + 32 * (j / 2)));
+                let mut q = if j % 2 == 0 {
+                    _mm256_and_si256(bits, low)
+                } else {
+                    _mm256_and_si256(_mm256_srli_epi16(bits, 4), low)
+                };
+                if FIVE {
                     let m = _mm256_set1_epi8((1u8 << j) as i8);
                     let set = _mm256_cmpeq_epi8(_mm256_and_si256(qh, m), m);
-                    *qj = _mm256_or_si256(*qj, _mm256_and_si256(set, sixteen));
+                    q = _mm256_or_si256(q, _mm256_and_si256(set, _mm256_set1_epi8(16)));
                 }
-            }
-            for j in 0..8 {
-                scv[j] = if V {
+                let scv = if V {
                     _mm256_set1_epi32(sc[j] as i32)
                 } else {
                     _mm256_set1_epi16(sc[j])
                 };
+                for t in 0..N {
+                    let y = load(a.add(t * rb + b * Q8K_BYTES + 4 + 32 * j));
+                    sumi[t] = _mm256_add_epi32(sumi[t], scaled::<V>(q, y, scv));
+                }
             }
+            // Each min weighs the sums of its sub-block's two 16-groups: one pmaddwd.
+            let pairs: [i16; 16] = std::array::from_fn(|g| mn[g / 2]);
+            let mp = _mm256_loadu_si256(pairs.as_ptr() as *const __m256i);
             for t in 0..N {
                 let ab = a.add(t * rb + b * Q8K_BYTES);
-                let mut summ = 0i32;
-                for j in 0..8 {
-                    summ +=
-                        mn[j] as i32 * (rd_i16(ab.add(260 + 4 * j)) + rd_i16(ab.add(262 + 4 * j)));
-                }
-                let y = ab.add(4);
-                let mut sumi = _mm256_setzero_si256();
-                for j in 0..8 {
-                    sumi = _mm256_add_epi32(sumi, scaled::<V>(q[j], load(y.add(32 * j)), scv[j]));
-                }
+                let summ = hsum_i32(_mm256_madd_epi16(load(ab.add(260)), mp));
                 let ad = rd_f32(ab);
-                acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(ad * dw), _mm256_cvtepi32_ps(sumi), acc[t]);
+                acc[t] =
+                    _mm256_fmadd_ps(_mm256_set1_ps(ad * dw), _mm256_cvtepi32_ps(sumi[t]), acc[t]);
                 acc_m[t] += ad * dmin * summ as f32;
             }
         }
@@ -1558,35 +1555,37 @@ mod avx2 {
         }
     }
 
-    /// Q2_K's and Q3_K's 2-bit levels: vector v (elements 32v..32v+32) is bits 2(v % 4) of the
-    /// 32 bytes at `qs + 32 (v / 4)`.
+    /// Exact sum of eight i32 lanes.
     #[inline(always)]
-    unsafe fn crumbs(qs: *const u8) -> [__m256i; 8] {
-        let three = _mm256_set1_epi8(3);
-        let mut q = [_mm256_setzero_si256(); 8];
-        for h in 0..2 {
-            let bits = load(qs.add(32 * h));
-            q[4 * h] = _mm256_and_si256(bits, three);
-            q[4 * h + 1] = _mm256_and_si256(_mm256_srli_epi16(bits, 2), three);
-            q[4 * h + 2] = _mm256_and_si256(_mm256_srli_epi16(bits, 4), three);
-            q[4 * h + 3] = _mm256_and_si256(_mm256_srli_epi16(bits, 6), three);
-        }
-        q
+    unsafe fn hsum_i32(v: __m256i) -> i32 {
+        let s4 = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+        let s2 = _mm_add_epi32(s4, _mm_unpackhi_epi64(s4, s4));
+        _mm_cvtsi128_si32(_mm_add_epi32(s2, _mm_shuffle_epi32(s2, 1)))
     }
 
-    /// Per-16 group scales as the multipliers of `scaled`: vector v covers groups 2v and 2v + 1.
+    /// Q2_K's and Q3_K's 2-bit levels of elements 32 j .. 32 j + 32: bits 2 (j % 4) of the 32 bytes
+    /// at `qs + 32 (j / 4)`.
     #[inline(always)]
-    unsafe fn group_scales<const V: bool>(sc: &[i32; 16]) -> [__m256i; 8] {
-        let mut v = [_mm256_setzero_si256(); 8];
-        for (j, o) in v.iter_mut().enumerate() {
-            let (s0, s1) = (sc[2 * j], sc[2 * j + 1]);
-            *o = if V {
-                _mm256_set_m128i(_mm_set1_epi32(s1), _mm_set1_epi32(s0))
-            } else {
-                _mm256_set_m128i(_mm_set1_epi16(s1 as i16), _mm_set1_epi16(s0 as i16))
-            };
+    unsafe fn crumbs(qs: *const u8, j: usize) -> __m256i {
+        let bits = load(qs.add(32 * (j / 4)));
+        let v = match j % 4 {
+            0 => bits,
+            1 => _mm256_srli_epi16(bits, 2),
+            2 => _mm256_srli_epi16(bits, 4),
+            _ => _mm256_srli_epi16(bits, 6),
+        };
+        _mm256_and_si256(v, _mm256_set1_epi8(3))
+    }
+
+    /// Per-16 group scales as the multiplier of `scaled` for elements 32 j .. 32 j + 32.
+    #[inline(always)]
+    unsafe fn group_scale<const V: bool>(sc: &[i32; 16], j: usize) -> __m256i {
+        let (s0, s1) = (sc[2 * j], sc[2 * j + 1]);
+        if V {
+            _mm256_set_m128i(_mm_set1_epi32(s1), _mm_set1_epi32(s0))
+        } else {
+            _mm256_set_m128i(_mm_set1_epi16(s1 as i16), _mm_set1_epi16(s0 as i16))
         }
-        v
     }
 
     /// Q2_K: levels 0..3 scaled per group of 16; the mins come from the activation group sums.
@@ -1605,21 +1604,28 @@ mod avx2 {
             prefetch::<N>(wb);
             prefetch::<N>(wb.wrapping_add(64));
             let (dw, dmin) = (f16(wb.add(80)), f16(wb.add(82)));
-            let q = crumbs(wb.add(16));
-            let scv = group_scales::<V>(&std::array::from_fn(|g| (*wb.add(g) & 0xF) as i32));
+            let sc: [i32; 16] = std::array::from_fn(|g| (*wb.add(g) & 0xF) as i32);
+            let mut sumi = [_mm256_setzero_si256(); N];
+            for j in 0..8 {
+                let (q, scv) = (crumbs(wb.add(16), j), group_scale::<V>(&sc, j));
+                for t in 0..N {
+                    let y = load(a.add(t * rb + b * Q8K_BYTES + 4 + 32 * j));
+                    sumi[t] = _mm256_add_epi32(sumi[t], scaled::<V>(q, y, scv));
+                }
+            }
+            let mins = _mm256_cvtepu8_epi16(_mm_srli_epi16(
+                _mm_and_si128(
+                    _mm_loadu_si128(wb as *const __m128i),
+                    _mm_set1_epi8(0xF0u8 as i8),
+                ),
+                4,
+            ));
             for t in 0..N {
                 let ab = a.add(t * rb + b * Q8K_BYTES);
-                let mut summ = 0i32;
-                for g in 0..16 {
-                    summ += (*wb.add(g) >> 4) as i32 * rd_i16(ab.add(260 + 2 * g));
-                }
-                let y = ab.add(4);
-                let mut sumi = _mm256_setzero_si256();
-                for j in 0..8 {
-                    sumi = _mm256_add_epi32(sumi, scaled::<V>(q[j], load(y.add(32 * j)), scv[j]));
-                }
+                let summ = hsum_i32(_mm256_madd_epi16(load(ab.add(260)), mins));
                 let ad = rd_f32(ab);
-                acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(ad * dw), _mm256_cvtepi32_ps(sumi), acc[t]);
+                acc[t] =
+                    _mm256_fmadd_ps(_mm256_set1_ps(ad * dw), _mm256_cvtepi32_ps(sumi[t]), acc[t]);
                 acc_m[t] += ad * dmin * summ as f32;
             }
         }
@@ -1646,28 +1652,26 @@ mod avx2 {
             prefetch::<N>(wb.wrapping_add(64));
             let dw = f16(wb.add(108));
             let hm = load(wb);
-            let mut q = crumbs(wb.add(32));
-            for (v, qv) in q.iter_mut().enumerate() {
-                let m = _mm256_set1_epi8((1u8 << v) as i8);
-                let set = _mm256_cmpeq_epi8(_mm256_and_si256(hm, m), m);
-                *qv = _mm256_or_si256(*qv, _mm256_and_si256(set, four));
-            }
             let sc12 = std::slice::from_raw_parts(wb.add(96), 12);
             let sc: [i32; 16] = std::array::from_fn(|g| quant::q3k_scale(sc12, g) as i32);
-            let scv = group_scales::<V>(&sc);
+            let mut sumi = [_mm256_setzero_si256(); N];
+            for j in 0..8 {
+                let m = _mm256_set1_epi8((1u8 << j) as i8);
+                let set = _mm256_cmpeq_epi8(_mm256_and_si256(hm, m), m);
+                let q = _mm256_or_si256(crumbs(wb.add(32), j), _mm256_and_si256(set, four));
+                let scv = group_scale::<V>(&sc, j);
+                for t in 0..N {
+                    let y = load(a.add(t * rb + b * Q8K_BYTES + 4 + 32 * j));
+                    sumi[t] = _mm256_add_epi32(sumi[t], scaled::<V>(q, y, scv));
+                }
+            }
+            let sc16: [i16; 16] = std::array::from_fn(|g| sc[g] as i16);
+            let scv16 = _mm256_loadu_si256(sc16.as_ptr() as *const __m256i);
             for t in 0..N {
                 let ab = a.add(t * rb + b * Q8K_BYTES);
-                let y = ab.add(4);
-                let mut sumi = _mm256_setzero_si256();
-                for j in 0..8 {
-                    sumi = _mm256_add_epi32(sumi, scaled::<V>(q[j], load(y.add(32 * j)), scv[j]));
-                }
-                let mut off = 0i32;
-                for g in 0..16 {
-                    off += sc[g] * rd_i16(ab.add(260 + 2 * g));
-                }
+                let off = hsum_i32(_mm256_madd_epi16(load(ab.add(260)), scv16));
                 let total =
-                    _mm256_sub_epi32(sumi, _mm256_setr_epi32(4 * off, 0, 0, 0, 0, 0, 0, 0));
+                    _mm256_sub_epi32(sumi[t], _mm256_setr_epi32(4 * off, 0, 0, 0, 0, 0, 0, 0));
                 acc[t] = _mm256_fmadd_ps(
                     _mm256_set1_ps(rd_f32(ab) * dw),
                     _mm256_cvtepi32_ps(total),
@@ -1700,52 +1704,42 @@ mod avx2 {
             prefetch::<N>(wb.wrapping_add(128));
             let dw = f16(wb.add(208));
             let scales = &*(wb.add(192) as *const [i8; 16]);
-            let mut q = [_mm256_setzero_si256(); 8];
-            let mut scv = [_mm256_setzero_si256(); 8];
-            for half in 0..2 {
-                let ql = wb.add(64 * half);
-                let qh = load(wb.add(128 + 32 * half));
-                let l1 = load(ql);
-                let l2 = load(ql.add(32));
-                let h = |sh: i32| -> __m256i {
-                    let v = match sh {
-                        0 => qh,
-                        2 => _mm256_srli_epi16(qh, 2),
-                        4 => _mm256_srli_epi16(qh, 4),
-                        _ => _mm256_srli_epi16(qh, 6),
-                    };
-                    _mm256_slli_epi16(_mm256_and_si256(v, three), 4)
+            let mut sumi = [_mm256_setzero_si256(); N];
+            for j in 0..8 {
+                let (half, i) = (j / 4, j % 4);
+                let l = load(wb.add(64 * half + 32 * (i % 2)));
+                let lo = if i < 2 {
+                    _mm256_and_si256(l, low)
+                } else {
+                    _mm256_and_si256(_mm256_srli_epi16(l, 4), low)
                 };
-                q[4 * half] = _mm256_or_si256(_mm256_and_si256(l1, low), h(0));
-                q[4 * half + 1] = _mm256_or_si256(_mm256_and_si256(l2, low), h(2));
-                q[4 * half + 2] =
-                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low), h(4));
-                q[4 * half + 3] =
-                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l2, 4), low), h(6));
-                for i in 0..4 {
-                    let (s0, s1) = (scales[8 * half + 2 * i], scales[8 * half + 2 * i + 1]);
-                    // Lanes 0..3 cover elements 0..15 (scale s0), lanes 4..7 elements 16..31 (s1).
-                    scv[4 * half + i] = if V {
-                        _mm256_set_m128i(_mm_set1_epi32(s1 as i32), _mm_set1_epi32(s0 as i32))
-                    } else {
-                        _mm256_set_m128i(_mm_set1_epi16(s1 as i16), _mm_set1_epi16(s0 as i16))
-                    };
+                let qh = load(wb.add(128 + 32 * half));
+                let hi = match i {
+                    0 => qh,
+                    1 => _mm256_srli_epi16(qh, 2),
+                    2 => _mm256_srli_epi16(qh, 4),
+                    _ => _mm256_srli_epi16(qh, 6),
+                };
+                let q = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(hi, three), 4));
+                let (s0, s1) = (scales[8 * half + 2 * i], scales[8 * half + 2 * i + 1]);
+                // Lanes 0..3 cover elements 0..15 (scale s0), lanes 4..7 elements 16..31 (s1).
+                let scv = if V {
+                    _mm256_set_m128i(_mm_set1_epi32(s1 as i32), _mm_set1_epi32(s0 as i32))
+                } else {
+                    _mm256_set_m128i(_mm_set1_epi16(s1 as i16), _mm_set1_epi16(s0 as i16))
+                };
+                for t in 0..N {
+                    let y = load(a.add(t * rb + b * Q8K_BYTES + 4 + 32 * j));
+                    sumi[t] = _mm256_add_epi32(sumi[t], scaled::<V>(q, y, scv));
                 }
             }
+            // Group g of 16 activations has scale scales[g]: the offset 32 * Σ scale_g * bsum_g.
+            let sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(scales.as_ptr() as *const __m128i));
             for t in 0..N {
                 let ab = a.add(t * rb + b * Q8K_BYTES);
-                let y = ab.add(4);
-                let mut sumi = _mm256_setzero_si256();
-                for j in 0..8 {
-                    sumi = _mm256_add_epi32(sumi, scaled::<V>(q[j], load(y.add(32 * j)), scv[j]));
-                }
-                // Group g of 16 activations has scale scales[g]: vector j covers groups 2j and 2j+1.
-                let mut off = 0i32;
-                for g in 0..16 {
-                    off += scales[g] as i32 * rd_i16(ab.add(260 + 2 * g));
-                }
+                let off = hsum_i32(_mm256_madd_epi16(load(ab.add(260)), sc16));
                 let total =
-                    _mm256_sub_epi32(sumi, _mm256_setr_epi32(32 * off, 0, 0, 0, 0, 0, 0, 0));
+                    _mm256_sub_epi32(sumi[t], _mm256_setr_epi32(32 * off, 0, 0, 0, 0, 0, 0, 0));
                 acc[t] = _mm256_fmadd_ps(
                     _mm256_set1_ps(rd_f32(ab) * dw),
                     _mm256_cvtepi32_ps(total),

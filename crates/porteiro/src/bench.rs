@@ -187,7 +187,10 @@ fn llama_bench_path() -> Result<PathBuf> {
     // Capped to AVX2, we compare against the peer built for AVX2 (PORTEIRO_LLAMA_ISA=avx2).
     let avx2 = std::env::var("PORTEIRO_ISA").is_ok_and(|v| v == "avx2");
     let (dir, how) = if avx2 {
-        ("llama.cpp-0.3.36-avx2", "PORTEIRO_LLAMA_ISA=avx2 scripts/build-llama-cpp.sh")
+        (
+            "llama.cpp-0.3.36-avx2",
+            "PORTEIRO_LLAMA_ISA=avx2 scripts/build-llama-cpp.sh",
+        )
     } else {
         ("llama.cpp-0.3.36", "scripts/build-llama-cpp.sh")
     };
@@ -195,7 +198,10 @@ fn llama_bench_path() -> Result<PathBuf> {
     if p.exists() {
         Ok(p)
     } else {
-        bail!("llama-bench not found at {}; build it with {how} or set PORTEIRO_LLAMA_BENCH", p.display())
+        bail!(
+            "llama-bench not found at {}; build it with {how} or set PORTEIRO_LLAMA_BENCH",
+            p.display()
+        )
     }
 }
 
