@@ -1002,6 +1002,8 @@ mod tests {
         let x = row(4 * QK_K, 7);
         let mut errs = Vec::new();
         for t in [
+            GgmlType::Q2_K,
+            GgmlType::Q3_K,
             GgmlType::Q4_0,
             GgmlType::Q4_K,
             GgmlType::Q5_0,
@@ -1018,6 +1020,8 @@ mod tests {
             errs.push((t, rmse(&x, &back)));
         }
         let e = |t| errs.iter().find(|(u, _)| *u == t).unwrap().1;
+        assert!(e(GgmlType::Q3_K) < e(GgmlType::Q2_K), "{errs:?}");
+        assert!(e(GgmlType::Q4_K) < e(GgmlType::Q3_K), "{errs:?}");
         assert!(e(GgmlType::Q4_K) < e(GgmlType::Q4_0), "{errs:?}");
         assert!(e(GgmlType::Q5_K) < e(GgmlType::Q4_K), "{errs:?}");
         assert!(e(GgmlType::Q6_K) < e(GgmlType::Q5_K), "{errs:?}");
