@@ -1541,17 +1541,57 @@ mod avx2 {
             // Each min weighs the sums of its sub-block's two 16-groups: one pmaddwd.
             let pairs: [i16; 16] = std::array::from_fn(|g| mn[g / 2]);
             let mp = _mm256_loadu_si256(pairs.as_ptr() as *const __m256i);
-            for t in 0..N {
-                let ab = a.add(t * rb + b * Q8K_BYTES);
-                let summ = hsum_i32(_mm256_madd_epi16(load(ab.add(260)), mp));
-                let ad = rd_f32(ab);
-                acc[t] =
-                    _mm256_fmadd_ps(_mm256_set1_ps(ad * dw), _mm256_cvtepi32_ps(sumi[t]), acc[t]);
-                acc_m[t] += ad * dmin * summ as f32;
-            }
+            let ab = a.add(b * Q8K_BYTES);
+            add_scaled_min::<N>(&mut acc, &mut acc_m, &sumi, ab, rb, (dw, dmin), mp);
         }
         for t in 0..N {
             out[t] = hsum(acc[t]) - acc_m[t];
+        }
+    }
+
+    /// One super-block's contribution with mins, token by token: `acc += (ad d) sumi` and
+    /// `acc_m += ad dmin (Σ_g min_g bsum_g)`, `mins` holding one i16 min per 16-group. `ab` is
+    /// token 0's activation block, the others `rb` apart.
+    #[inline(always)]
+    unsafe fn add_scaled_min<const N: usize>(
+        acc: &mut [__m256; N],
+        acc_m: &mut [f32; N],
+        sumi: &[__m256i; N],
+        ab: *const u8,
+        rb: usize,
+        (dw, dmin): (f32, f32),
+        mins: __m256i,
+    ) {
+        for t in 0..N {
+            let ab = ab.add(t * rb);
+            let summ = hsum_i32(_mm256_madd_epi16(load(ab.add(260)), mins));
+            let ad = rd_f32(ab);
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(ad * dw), _mm256_cvtepi32_ps(sumi[t]), acc[t]);
+            acc_m[t] += ad * dmin * summ as f32;
+        }
+    }
+
+    /// One super-block's contribution with a level offset `OFF` (Q3_K 4, Q6_K 32): `acc += (ad d)
+    /// (sumi - OFF Σ_g scale_g bsum_g)`, `scales` holding one i16 scale per 16-group.
+    #[inline(always)]
+    unsafe fn add_scaled_offset<const N: usize, const OFF: i32>(
+        acc: &mut [__m256; N],
+        sumi: &[__m256i; N],
+        ab: *const u8,
+        rb: usize,
+        dw: f32,
+        scales: __m256i,
+    ) {
+        for t in 0..N {
+            let ab = ab.add(t * rb);
+            let off = hsum_i32(_mm256_madd_epi16(load(ab.add(260)), scales));
+            let total =
+                _mm256_sub_epi32(sumi[t], _mm256_setr_epi32(OFF * off, 0, 0, 0, 0, 0, 0, 0));
+            acc[t] = _mm256_fmadd_ps(
+                _mm256_set1_ps(rd_f32(ab) * dw),
+                _mm256_cvtepi32_ps(total),
+                acc[t],
+            );
         }
     }
 
@@ -1620,14 +1660,8 @@ mod avx2 {
                 ),
                 4,
             ));
-            for t in 0..N {
-                let ab = a.add(t * rb + b * Q8K_BYTES);
-                let summ = hsum_i32(_mm256_madd_epi16(load(ab.add(260)), mins));
-                let ad = rd_f32(ab);
-                acc[t] =
-                    _mm256_fmadd_ps(_mm256_set1_ps(ad * dw), _mm256_cvtepi32_ps(sumi[t]), acc[t]);
-                acc_m[t] += ad * dmin * summ as f32;
-            }
+            let ab = a.add(b * Q8K_BYTES);
+            add_scaled_min::<N>(&mut acc, &mut acc_m, &sumi, ab, rb, (dw, dmin), mins);
         }
         for t in 0..N {
             out[t] = hsum(acc[t]) - acc_m[t];
@@ -1667,17 +1701,7 @@ mod avx2 {
             }
             let sc16: [i16; 16] = std::array::from_fn(|g| sc[g] as i16);
             let scv16 = _mm256_loadu_si256(sc16.as_ptr() as *const __m256i);
-            for t in 0..N {
-                let ab = a.add(t * rb + b * Q8K_BYTES);
-                let off = hsum_i32(_mm256_madd_epi16(load(ab.add(260)), scv16));
-                let total =
-                    _mm256_sub_epi32(sumi[t], _mm256_setr_epi32(4 * off, 0, 0, 0, 0, 0, 0, 0));
-                acc[t] = _mm256_fmadd_ps(
-                    _mm256_set1_ps(rd_f32(ab) * dw),
-                    _mm256_cvtepi32_ps(total),
-                    acc[t],
-                );
-            }
+            add_scaled_offset::<N, 4>(&mut acc, &sumi, a.add(b * Q8K_BYTES), rb, dw, scv16);
         }
         for t in 0..N {
             out[t] = hsum(acc[t]);
@@ -1735,17 +1759,7 @@ mod avx2 {
             }
             // Group g of 16 activations has scale scales[g]: the offset 32 * Σ scale_g * bsum_g.
             let sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(scales.as_ptr() as *const __m128i));
-            for t in 0..N {
-                let ab = a.add(t * rb + b * Q8K_BYTES);
-                let off = hsum_i32(_mm256_madd_epi16(load(ab.add(260)), sc16));
-                let total =
-                    _mm256_sub_epi32(sumi[t], _mm256_setr_epi32(32 * off, 0, 0, 0, 0, 0, 0, 0));
-                acc[t] = _mm256_fmadd_ps(
-                    _mm256_set1_ps(rd_f32(ab) * dw),
-                    _mm256_cvtepi32_ps(total),
-                    acc[t],
-                );
-            }
+            add_scaled_offset::<N, 32>(&mut acc, &sumi, a.add(b * Q8K_BYTES), rb, dw, sc16);
         }
         for t in 0..N {
             out[t] = hsum(acc[t]);
