@@ -49,8 +49,9 @@ pub fn act_type(t: GgmlType) -> Option<ActType> {
         GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => ActType::F32,
         GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => ActType::Q8_0,
         GgmlType::Q4_1 | GgmlType::Q5_1 => ActType::Q8_1,
-        GgmlType::Q2_K | GgmlType::Q3_K => ActType::Q8K,
-        GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => ActType::Q8K,
+        GgmlType::Q2_K | GgmlType::Q3_K | GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => {
+            ActType::Q8K
+        }
         _ => return None,
     })
 }

@@ -270,11 +270,7 @@ fn qk_min(x: &[f32], y: &mut [u8], nmax: i32) {
     let (mut max_scale, mut max_min) = (0.0f32, 0.0f32);
     for j in 0..8 {
         let g = &x[32 * j..32 * j + 32];
-        let mut sum_x2 = 0.0f32;
-        for v in g {
-            sum_x2 += v * v;
-        }
-        let av_x = (sum_x2 / 32.0).sqrt();
+        let av_x = (sum_sq(g) / 32.0).sqrt();
         let mut w = [0.0f32; 32];
         for (w, v) in w.iter_mut().zip(g) {
             *w = av_x + v.abs();
@@ -529,6 +525,7 @@ fn q3_k(x: &[f32], y: &mut [u8]) {
     if max_scale != 0.0 {
         let iscale = -32.0 / max_scale;
         for j in 0..16 {
+            // ggml stores the rounded int in an int8_t before clamping: the same wrap here.
             ls[j] = ((nearest_int(iscale * scales[j]) as i8 as i32).clamp(-32, 31) + 32) as u8;
         }
         put_f16(y, 108, 1.0 / iscale);
@@ -641,6 +638,26 @@ fn finish_q2_k(x: &[f32], y: &mut [u8], l: &mut [u8; QK_K]) {
 // With importance weights (an imatrix: mean squared activation per input column), as ggml's
 // `quantize_row_*_impl`: each value's error counts by how much its column matters.
 
+/// Σ x², summed in order (the σ² of ggml's importance weights is a multiple of it over the length).
+fn sum_sq(x: &[f32]) -> f32 {
+    let mut s = 0.0f32;
+    for v in x {
+        s += v * v;
+    }
+    s
+}
+
+/// Importance weights of one group (`x` its values, `qw` their columns' importances):
+/// qw · sqrt(σ² + x²) per value, and their sum (in order, as ggml adds them).
+fn group_weights<const G: usize>(x: &[f32], qw: &[f32], sigma2: f32) -> ([f32; G], f32) {
+    let w: [f32; G] = std::array::from_fn(|i| qw[i] * (sigma2 + x[i] * x[i]).sqrt());
+    let mut sum = 0.0f32;
+    for wi in &w {
+        sum += wi;
+    }
+    (w, sum)
+}
+
 /// Quantizes one row with importance weights `qw` (one per column); None as [`quantize_row`].
 /// Types without a weighted form (Q8_0, F16, …) ignore them, as ggml does.
 pub fn quantize_row_weighted(t: GgmlType, x: &[f32], out: &mut [u8], qw: Option<&[f32]>) {
@@ -648,21 +665,7 @@ pub fn quantize_row_weighted(t: GgmlType, x: &[f32], out: &mut [u8], qw: Option<
         return quantize_row(t, x, out);
     };
     assert_eq!(Some(out.len()), row_bytes(t, x.len()), "{t:?} row");
-    let sigma2 = || {
-        let mut s = 0.0f32;
-        for v in x {
-            s += v * v;
-        }
-        s / x.len() as f32
-    };
-    // Weight of value j of block b: qw · sqrt(σ² + x²).
-    let block_weights = |xb: &[f32], qb: &[f32], s2: f32| -> [f32; 32] {
-        let mut w = [0.0f32; 32];
-        for j in 0..32 {
-            w[j] = qb[j] * (s2 + xb[j] * xb[j]).sqrt();
-        }
-        w
-    };
+    let sigma2 = || sum_sq(x) / x.len() as f32;
     match t {
         GgmlType::Q4_0 | GgmlType::Q5_0 => {
             let (nmax, bytes) = if t == GgmlType::Q4_0 {
@@ -676,7 +679,7 @@ pub fn quantize_row_weighted(t: GgmlType, x: &[f32], out: &mut [u8], qw: Option<
                 .zip(qw.chunks_exact(QK))
                 .zip(out.chunks_exact_mut(bytes))
             {
-                let w = block_weights(xb, qb, s2);
+                let (w, _) = group_weights::<32>(xb, qb, s2);
                 let mut l = [0i8; 32];
                 let d = fit_symmetric(xb, nmax, &mut l, Some(&w));
                 put_f16(y, 0, d);
@@ -702,7 +705,7 @@ pub fn quantize_row_weighted(t: GgmlType, x: &[f32], out: &mut [u8], qw: Option<
                 .zip(qw.chunks_exact(QK))
                 .zip(out.chunks_exact_mut(bytes))
             {
-                let w = block_weights(xb, qb, s2);
+                let (w, _) = group_weights::<32>(xb, qb, s2);
                 let mut l = [0u8; 32];
                 let (d, min) = fit_scale_min_weighted(xb, &w, nmax, &mut l);
                 put_f16(y, 0, d);
@@ -731,17 +734,18 @@ pub fn quantize_row_weighted(t: GgmlType, x: &[f32], out: &mut [u8], qw: Option<
             }
         }
         GgmlType::Q2_K | GgmlType::Q3_K => {
-            let q2 = t == GgmlType::Q2_K;
+            type Weighted = fn(&[f32], &[f32], &mut [u8]);
+            let (bytes, f): (usize, Weighted) = if t == GgmlType::Q2_K {
+                (84, q2_k_weighted)
+            } else {
+                (110, q3_k_weighted)
+            };
             for ((xb, qb), y) in x
                 .chunks_exact(QK_K)
                 .zip(qw.chunks_exact(QK_K))
-                .zip(out.chunks_exact_mut(if q2 { 84 } else { 110 }))
+                .zip(out.chunks_exact_mut(bytes))
             {
-                if q2 {
-                    q2_k_weighted(xb, qb, y);
-                } else {
-                    q3_k_weighted(xb, qb, y);
-                }
+                f(xb, qb, y);
             }
         }
         GgmlType::Q6_K => {
@@ -860,25 +864,13 @@ fn fit_positive(x: &[f32], nmax: i32, l: &mut [u8], qw: &[f32]) -> f32 {
 
 /// Q4_K/Q5_K with importance weights.
 fn qk_min_weighted(x: &[f32], qw: &[f32], y: &mut [u8], nmax: i32) {
-    let mut sum_x2 = 0.0f32;
-    for v in x {
-        sum_x2 += v * v;
-    }
-    let sigma2 = 2.0 * sum_x2 / QK_K as f32;
+    let sigma2 = 2.0 * sum_sq(x) / QK_K as f32;
     let mut l = [0u8; QK_K];
     let (mut scales, mut mins, mut sw) = ([0.0f32; 8], [0.0f32; 8], [0.0f32; 8]);
     for j in 0..8 {
         let g = 32 * j..32 * j + 32;
-        let mut w = [0.0f32; 32];
-        for (i, wi) in w.iter_mut().enumerate() {
-            let v = x[32 * j + i];
-            *wi = qw[32 * j + i] * (sigma2 + v * v).sqrt();
-        }
-        let mut sumw = 0.0f32;
-        for wi in &w {
-            sumw += wi;
-        }
-        sw[j] = sumw;
+        let (w, sum) = group_weights::<32>(&x[g.clone()], &qw[g.clone()], sigma2);
+        sw[j] = sum;
         (scales[j], mins[j]) = fit_scale_min_weighted(&x[g.clone()], &w, nmax, &mut l[g]);
     }
     let (mut ls, mut lm) = ([0u8; 8], [0u8; 8]);
@@ -905,22 +897,13 @@ fn qk_min_weighted(x: &[f32], qw: &[f32], y: &mut [u8], nmax: i32) {
 /// Q2_K with importance weights: each group's scale and min by weighted least squares, then the
 /// sixteen scales and mins themselves fitted to 4 bits, weighted by their groups' total weight.
 fn q2_k_weighted(x: &[f32], qw: &[f32], y: &mut [u8]) {
-    let mut sum_x2 = 0.0f32;
-    for v in x {
-        sum_x2 += v * v;
-    }
-    let sigma2 = sum_x2 / QK_K as f32;
+    let sigma2 = sum_sq(x) / QK_K as f32;
     let mut l = [0u8; QK_K];
     let (mut scales, mut mins, mut sw) = ([0.0f32; 16], [0.0f32; 16], [0.0f32; 16]);
     for j in 0..16 {
         let g = 16 * j..16 * j + 16;
-        let w: [f32; 16] = std::array::from_fn(|i| {
-            let v = x[16 * j + i];
-            qw[16 * j + i] * (sigma2 + v * v).sqrt()
-        });
-        for wi in &w {
-            sw[j] += wi;
-        }
+        let (w, sum) = group_weights::<16>(&x[g.clone()], &qw[g.clone()], sigma2);
+        sw[j] = sum;
         (scales[j], mins[j]) = fit_scale_min_weighted(&x[g.clone()], &w, 3, &mut l[g]);
     }
     let (mut ls, mut lm) = ([0u8; 16], [0u8; 16]);
@@ -937,24 +920,13 @@ fn q2_k_weighted(x: &[f32], qw: &[f32], y: &mut [u8]) {
 /// Q3_K with importance weights: groups fitted by weighted least squares, then the sixteen scales
 /// themselves fitted to 6 bits, weighted by their groups' total weight.
 fn q3_k_weighted(x: &[f32], qw: &[f32], y: &mut [u8]) {
-    let mut sum_x2 = 0.0f32;
-    for v in x {
-        sum_x2 += v * v;
-    }
-    let sigma2 = 2.0 * sum_x2 / QK_K as f32;
+    let sigma2 = 2.0 * sum_sq(x) / QK_K as f32;
     let mut l = [0i8; QK_K];
     let (mut scales, mut sw) = ([0.0f32; 16], [0.0f32; 16]);
     for j in 0..16 {
         let g = 16 * j..16 * j + 16;
-        let w: [f32; 16] = std::array::from_fn(|i| {
-            let v = x[16 * j + i];
-            qw[16 * j + i] * (sigma2 + v * v).sqrt()
-        });
-        let mut sumw = 0.0f32;
-        for wi in &w {
-            sumw += wi;
-        }
-        sw[j] = sumw;
+        let (w, sum) = group_weights::<16>(&x[g.clone()], &qw[g.clone()], sigma2);
+        sw[j] = sum;
         scales[j] = fit_symmetric(&x[g.clone()], 4, &mut l[g], Some(&w));
     }
     let mut ls = [0i8; 16];

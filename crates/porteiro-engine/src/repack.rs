@@ -8,9 +8,9 @@
 //!
 //! The packing keeps the GGUF's size: low nibbles two lines to a 64-byte line (2-bit levels four to
 //! a line), fifth and sixth bits (Q3_K's third) as 64-bit planes applied with masked byte adds, and
-//! the blocks' own scales (f16, or a K-quant's
-//! f16 super-block scale times its integer sub-block scales). Each lane's arithmetic depends only
-//! on its row and token, so a token's logits do not depend on what else shares its step.
+//! the blocks' own scales (f16, or a K-quant's f16 super-block scale times its integer sub-block
+//! scales). Each lane's arithmetic depends only on its row and token, so a token's logits do not
+//! depend on what else shares its step.
 
 // AVX-512 intrinsics, a typed view of an anonymous mapping (HugeVec), and pool threads writing
 // disjoint parts of one output buffer through a raw pointer.
@@ -29,9 +29,8 @@ pub struct Line(pub [u8; 64]);
 
 /// How a weight type is stored: sub-block length `g` (one scale each), the offset of the unsigned
 /// values, their bits (2: crumbs; 3: crumbs plus a bit plane kept apart; 4: nibbles; 5, 6: nibbles
-/// plus one or two bit planes; 8: bytes), whether the
-/// scales are f16 per sub-block (`half`) or a K-quant's f16 per super-block times an integer per
-/// sub-block, and whether there are mins.
+/// plus one or two bit planes; 8: bytes), whether the scales are f16 per sub-block (`half`) or a
+/// K-quant's f16 per super-block times an integer per sub-block, and whether there are mins.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Format {
     g: usize,

@@ -1524,19 +1524,14 @@ mod avx2 {
                     _mm256_and_si256(_mm256_srli_epi16(bits, 4), low)
                 };
                 if FIVE {
-                    let m = _mm256_set1_epi8((1u8 << j) as i8);
-                    let set = _mm256_cmpeq_epi8(_mm256_and_si256(qh, m), m);
-                    q = _mm256_or_si256(q, _mm256_and_si256(set, _mm256_set1_epi8(16)));
+                    q = _mm256_or_si256(q, bit_value(qh, j, 16));
                 }
                 let scv = if V {
                     _mm256_set1_epi32(sc[j] as i32)
                 } else {
                     _mm256_set1_epi16(sc[j])
                 };
-                for t in 0..N {
-                    let y = load(a.add(t * rb + b * Q8K_BYTES + 4 + 32 * j));
-                    sumi[t] = _mm256_add_epi32(sumi[t], scaled::<V>(q, y, scv));
-                }
+                add_products::<N, V>(&mut sumi, q, scv, a.add(b * Q8K_BYTES + 4 + 32 * j), rb);
             }
             // Each min weighs the sums of its sub-block's two 16-groups: one pmaddwd.
             let pairs: [i16; 16] = std::array::from_fn(|g| mn[g / 2]);
@@ -1547,6 +1542,29 @@ mod avx2 {
         for t in 0..N {
             out[t] = hsum(acc[t]) - acc_m[t];
         }
+    }
+
+    /// Every token's `sumi += scaled(q, y, scv)` for one 32-value vector of weights; `y` is token 0's
+    /// 32 activations, the others `rb` apart.
+    #[inline(always)]
+    unsafe fn add_products<const N: usize, const V: bool>(
+        sumi: &mut [__m256i; N],
+        q: __m256i,
+        scv: __m256i,
+        y: *const u8,
+        rb: usize,
+    ) {
+        for t in 0..N {
+            sumi[t] = _mm256_add_epi32(sumi[t], scaled::<V>(q, load(y.add(t * rb)), scv));
+        }
+    }
+
+    /// `value` in the bytes whose bit `j` is set in `bits` (Q5_K's fifth bit, Q3_K's third), else 0.
+    #[inline(always)]
+    unsafe fn bit_value(bits: __m256i, j: usize, value: i8) -> __m256i {
+        let m = _mm256_set1_epi8((1u8 << j) as i8);
+        let set = _mm256_cmpeq_epi8(_mm256_and_si256(bits, m), m);
+        _mm256_and_si256(set, _mm256_set1_epi8(value))
     }
 
     /// One super-block's contribution with mins, token by token: `acc += (ad d) sumi` and
@@ -1617,7 +1635,8 @@ mod avx2 {
         _mm256_and_si256(v, _mm256_set1_epi8(3))
     }
 
-    /// Per-16 group scales as the multiplier of `scaled` for elements 32 j .. 32 j + 32.
+    /// Per-16 group scales as the multiplier of `scaled` for elements 32 j .. 32 j + 32: lanes 0..3
+    /// cover elements 0..15 (group 2 j), lanes 4..7 elements 16..31 (group 2 j + 1).
     #[inline(always)]
     unsafe fn group_scale<const V: bool>(sc: &[i32; 16], j: usize) -> __m256i {
         let (s0, s1) = (sc[2 * j], sc[2 * j + 1]);
@@ -1648,10 +1667,7 @@ mod avx2 {
             let mut sumi = [_mm256_setzero_si256(); N];
             for j in 0..8 {
                 let (q, scv) = (crumbs(wb.add(16), j), group_scale::<V>(&sc, j));
-                for t in 0..N {
-                    let y = load(a.add(t * rb + b * Q8K_BYTES + 4 + 32 * j));
-                    sumi[t] = _mm256_add_epi32(sumi[t], scaled::<V>(q, y, scv));
-                }
+                add_products::<N, V>(&mut sumi, q, scv, a.add(b * Q8K_BYTES + 4 + 32 * j), rb);
             }
             let mins = _mm256_cvtepu8_epi16(_mm_srli_epi16(
                 _mm_and_si128(
@@ -1679,7 +1695,6 @@ mod avx2 {
         out: &mut [f32],
     ) {
         let mut acc = [_mm256_setzero_ps(); N];
-        let four = _mm256_set1_epi8(4);
         for b in 0..nb {
             let wb = w.add(b * 110);
             prefetch::<N>(wb);
@@ -1690,14 +1705,9 @@ mod avx2 {
             let sc: [i32; 16] = std::array::from_fn(|g| quant::q3k_scale(sc12, g) as i32);
             let mut sumi = [_mm256_setzero_si256(); N];
             for j in 0..8 {
-                let m = _mm256_set1_epi8((1u8 << j) as i8);
-                let set = _mm256_cmpeq_epi8(_mm256_and_si256(hm, m), m);
-                let q = _mm256_or_si256(crumbs(wb.add(32), j), _mm256_and_si256(set, four));
+                let q = _mm256_or_si256(crumbs(wb.add(32), j), bit_value(hm, j, 4));
                 let scv = group_scale::<V>(&sc, j);
-                for t in 0..N {
-                    let y = load(a.add(t * rb + b * Q8K_BYTES + 4 + 32 * j));
-                    sumi[t] = _mm256_add_epi32(sumi[t], scaled::<V>(q, y, scv));
-                }
+                add_products::<N, V>(&mut sumi, q, scv, a.add(b * Q8K_BYTES + 4 + 32 * j), rb);
             }
             let sc16: [i16; 16] = std::array::from_fn(|g| sc[g] as i16);
             let scv16 = _mm256_loadu_si256(sc16.as_ptr() as *const __m256i);
@@ -1728,6 +1738,7 @@ mod avx2 {
             prefetch::<N>(wb.wrapping_add(128));
             let dw = f16(wb.add(208));
             let scales = &*(wb.add(192) as *const [i8; 16]);
+            let sc: [i32; 16] = std::array::from_fn(|g| scales[g] as i32);
             let mut sumi = [_mm256_setzero_si256(); N];
             for j in 0..8 {
                 let (half, i) = (j / 4, j % 4);
@@ -1745,17 +1756,8 @@ mod avx2 {
                     _ => _mm256_srli_epi16(qh, 6),
                 };
                 let q = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(hi, three), 4));
-                let (s0, s1) = (scales[8 * half + 2 * i], scales[8 * half + 2 * i + 1]);
-                // Lanes 0..3 cover elements 0..15 (scale s0), lanes 4..7 elements 16..31 (s1).
-                let scv = if V {
-                    _mm256_set_m128i(_mm_set1_epi32(s1 as i32), _mm_set1_epi32(s0 as i32))
-                } else {
-                    _mm256_set_m128i(_mm_set1_epi16(s1 as i16), _mm_set1_epi16(s0 as i16))
-                };
-                for t in 0..N {
-                    let y = load(a.add(t * rb + b * Q8K_BYTES + 4 + 32 * j));
-                    sumi[t] = _mm256_add_epi32(sumi[t], scaled::<V>(q, y, scv));
-                }
+                let scv = group_scale::<V>(&sc, j);
+                add_products::<N, V>(&mut sumi, q, scv, a.add(b * Q8K_BYTES + 4 + 32 * j), rb);
             }
             // Group g of 16 activations has scale scales[g]: the offset 32 * Σ scale_g * bsum_g.
             let sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(scales.as_ptr() as *const __m128i));

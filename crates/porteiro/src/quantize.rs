@@ -253,7 +253,8 @@ pub fn rewrite(
             }
         })
         .collect();
-    // llama.cpp's n_gqa(): query heads per key/value head (0 when the file says nothing).
+    // llama.cpp's n_gqa(): query heads per key/value head (1 without a KV head count, 0 without
+    // a head count).
     let head = |k: &str| src.get_u64(&format!("{}.attention.{k}", src.architecture()?));
     let n_gqa = match (head("head_count"), head("head_count_kv")) {
         (Ok(h), Ok(kv)) if kv > 0 => (h / kv) as usize,
