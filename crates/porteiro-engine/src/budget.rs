@@ -75,6 +75,8 @@ pub fn measure(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<(f64, Vec<Sensitivity>), BudgetError> {
     let base = reference.mean_kld(model)?;
+    // Swapping a matrix changes nothing before its first layer: those layers run once, here.
+    let states = reference.record(model)?;
     let total: usize = tensors
         .iter()
         .map(|(_, c)| candidates(*c, types).len())
@@ -90,8 +92,12 @@ pub fn measure(
             let dkld = if t == GgmlType::Q8_0 {
                 0.0
             } else {
+                let resume = model.resume_at(name)?;
                 let old = model.swap_matrix(name, t, bytes)?;
-                let kld = reference.mean_kld(model);
+                let kld = match resume {
+                    Some(layer) => reference.mean_kld_from(model, &states, layer),
+                    None => reference.mean_kld(model),
+                };
                 model.restore_matrix(old);
                 kld? - base
             };

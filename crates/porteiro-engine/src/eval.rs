@@ -221,6 +221,9 @@ pub fn compare(
     })
 }
 
+/// Residual streams recorded by [`Reference::record`], one per window.
+pub struct States(Vec<Vec<f32>>);
+
 /// A reference model's log-probabilities over the scored positions of some windows, kept so
 /// that many variants of another model can be scored against it (per-tensor sensitivity).
 pub struct Reference {
@@ -264,13 +267,57 @@ impl Reference {
 
     /// Mean KL divergence of `model` from the reference over the same positions.
     pub fn mean_kld(&self, model: &Model) -> Result<f64, ForwardError> {
+        self.kld_tapped(model, None)
+    }
+
+    /// `model`'s residual stream over each window at every layer's entry
+    /// ([`Model::forward_recording`]), for [`Reference::mean_kld_from`].
+    pub fn record(&self, model: &Model) -> Result<States, ForwardError> {
+        let mut s = Scratch::default();
+        let mut kv = model.new_cache(self.ctx);
+        let mut out = Vec::with_capacity(self.windows.len());
+        for (_, batch) in &self.windows {
+            kv.truncate(0);
+            let mut st = Vec::new();
+            model.forward_recording(batch, &mut [&mut kv], &mut s, &mut st)?;
+            out.push(st);
+        }
+        Ok(States(out))
+    }
+
+    /// [`Reference::mean_kld`] of a model that differs from the one `states` were recorded on only
+    /// from `layer` on ([`Model::resume_at`] of the changed matrix): the layers before are not
+    /// run again. Same result, bit for bit.
+    pub fn mean_kld_from(
+        &self,
+        model: &Model,
+        states: &States,
+        layer: usize,
+    ) -> Result<f64, ForwardError> {
+        self.kld_tapped(model, Some((states, layer)))
+    }
+
+    fn kld_tapped(
+        &self,
+        model: &Model,
+        from: Option<(&States, usize)>,
+    ) -> Result<f64, ForwardError> {
         let v = model.cfg.vocab;
         let mut s = Scratch::default();
         let mut kv = model.new_cache(self.ctx);
         let (mut sum, mut i) = (0f64, 0usize);
-        for (chunk, batch) in &self.windows {
+        for (w, (chunk, batch)) in self.windows.iter().enumerate() {
             kv.truncate(0);
-            model.forward(batch, &mut [&mut kv], &mut s)?;
+            match from {
+                Some((st, layer)) => {
+                    let x = st.0.get(w).ok_or(ForwardError::BadResume {
+                        layer,
+                        layers: model.cfg.n_layer,
+                    })?;
+                    model.forward_from(batch, &mut [&mut kv], &mut s, layer, x)?
+                }
+                None => model.forward(batch, &mut [&mut kv], &mut s)?,
+            }
             for (j, pos) in (self.ctx / 2..self.ctx - 1).enumerate() {
                 let q = log_softmax(&s.logits[j * v..(j + 1) * v]);
                 sum += token_stats(&self.lp[i], &q, chunk[pos + 1] as usize).kld;

@@ -656,6 +656,10 @@ pub struct BatchToken {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ForwardError {
+    #[error(
+        "cannot resume at layer {layer} of {layers}: the recorded states do not fit this batch"
+    )]
+    BadResume { layer: usize, layers: usize },
     #[error("context full: position {pos} does not fit a context of {n_ctx} tokens")]
     ContextFull { pos: usize, n_ctx: usize },
     #[error("token id {0} is outside the vocabulary")]
@@ -670,6 +674,14 @@ pub enum ForwardError {
         pos: usize,
         expected: usize,
     },
+}
+
+/// What a forward pass does with the residual stream at each layer's entry.
+enum Tap<'a> {
+    None,
+    Record(&'a mut Vec<f32>),
+    /// Start at this layer from this stream.
+    From(usize, &'a [f32]),
 }
 
 /// Quantized activations, reused across steps.
@@ -1221,6 +1233,79 @@ impl Model {
         caches: &mut [&mut KvCache],
         s: &mut Scratch,
     ) -> Result<(), ForwardError> {
+        self.forward_tapped(batch, lora, caches, s, Tap::None)
+    }
+
+    /// [`Model::forward`] that also keeps the residual stream of the whole batch at the entry of
+    /// every layer and after the last (`n_layers + 1` snapshots of `batch.len() × n_embd`, in
+    /// `states`), so that [`Model::forward_from`] can re-run only the layers after a change.
+    pub fn forward_recording(
+        &self,
+        batch: &[BatchToken],
+        caches: &mut [&mut KvCache],
+        s: &mut Scratch,
+        states: &mut Vec<f32>,
+    ) -> Result<(), ForwardError> {
+        states.clear();
+        self.forward_tapped(batch, &[], caches, s, Tap::Record(states))
+    }
+
+    /// Re-runs the same batch as a [`Model::forward_recording`] call from the entry of `layer`
+    /// (`n_layers`: only the output projection), the earlier layers' output taken from `states`.
+    /// Exact when nothing before `layer` changed since the recording (a sensitivity measurement
+    /// swaps one matrix). The caches of the skipped layers are left as they were.
+    pub fn forward_from(
+        &self,
+        batch: &[BatchToken],
+        caches: &mut [&mut KvCache],
+        s: &mut Scratch,
+        layer: usize,
+        states: &[f32],
+    ) -> Result<(), ForwardError> {
+        let per = batch.len() * self.cfg.n_embd;
+        if layer > self.layers.len() || states.len() != (self.layers.len() + 1) * per {
+            return Err(ForwardError::BadResume {
+                layer,
+                layers: self.layers.len(),
+            });
+        }
+        self.forward_tapped(
+            batch,
+            &[],
+            caches,
+            s,
+            Tap::From(layer, &states[layer * per..(layer + 1) * per]),
+        )
+    }
+
+    /// Where [`Model::forward_from`] may resume after matrix `name` changed: the first layer that
+    /// uses it (`n_layers` for an untied output projection); `None` for the token embedding, which
+    /// changes the first layer's input itself (run the whole pass).
+    pub fn resume_at(&self, name: &str) -> Result<Option<usize>, ModelError> {
+        if self.tok_embd.name == name {
+            return Ok(None);
+        }
+        if let Some(li) = self
+            .layers
+            .iter()
+            .position(|l| l.matrices().iter().any(|m| m.name == name))
+        {
+            return Ok(Some(li));
+        }
+        if self.output.name == name {
+            return Ok(Some(self.layers.len()));
+        }
+        Err(ModelError::MissingTensor(name.to_string()))
+    }
+
+    fn forward_tapped(
+        &self,
+        batch: &[BatchToken],
+        lora: &[Option<&Adapter>],
+        caches: &mut [&mut KvCache],
+        s: &mut Scratch,
+        mut tap: Tap,
+    ) -> Result<(), ForwardError> {
         let c = &self.cfg;
         let n = batch.len();
         if !lora.is_empty() && lora.len() != n {
@@ -1270,15 +1355,27 @@ impl Model {
         grow(&mut s.hb, n * ff);
         grow(&mut s.hb2, n * ff);
 
-        for (i, b) in batch.iter().enumerate() {
-            let x = &mut s.x[i * e..(i + 1) * e];
-            self.tok_embd.row_f32(b.token as usize, x);
-            if c.embd_scale != 1.0 {
-                x.iter_mut().for_each(|v| *v *= c.embd_scale);
+        let start = match tap {
+            Tap::From(layer, x) => {
+                s.x[..n * e].copy_from_slice(x);
+                layer
             }
-        }
+            _ => {
+                for (i, b) in batch.iter().enumerate() {
+                    let x = &mut s.x[i * e..(i + 1) * e];
+                    self.tok_embd.row_f32(b.token as usize, x);
+                    if c.embd_scale != 1.0 {
+                        x.iter_mut().for_each(|v| *v *= c.embd_scale);
+                    }
+                }
+                0
+            }
+        };
 
-        for (li, l) in self.layers.iter().enumerate() {
+        for (li, l) in self.layers.iter().enumerate().skip(start) {
+            if let Tap::Record(states) = &mut tap {
+                states.extend_from_slice(&s.x[..n * e]);
+            }
             // Attention block.
             for i in 0..n {
                 rms_norm_to(
@@ -1405,6 +1502,9 @@ impl Model {
                     .zip(o.iter())
                     .for_each(|(a, b)| *a += b);
             }
+        }
+        if let Tap::Record(states) = &mut tap {
+            states.extend_from_slice(&s.x[..n * e]);
         }
         for (kv, &upto) in caches.iter_mut().zip(&next) {
             kv.len = upto;

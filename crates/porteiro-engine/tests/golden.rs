@@ -81,3 +81,53 @@ fn compare_matches_llama_perplexity_kl_divergence() {
         );
     }
 }
+
+/// A sensitivity measurement re-runs only the layers after the swapped matrix
+/// (`Reference::mean_kld_from`); that must give the full forward pass's KLD bit for bit.
+#[test]
+fn resumed_measurements_equal_full_runs() {
+    use porteiro_engine::eval::Reference;
+    use porteiro_models::gguf::{GgmlType, GgufFile};
+    let (Some((mut model, tok)), Some(text)) = (
+        golden_check::load("smollm2-135m"),
+        golden_check::wiki_text(),
+    ) else {
+        return;
+    };
+    let path = porteiro_models::fetch::resolve_model("smollm2-135m", false).unwrap();
+    let file = GgufFile::open(&path).unwrap();
+    let ids = tok.encode(&text, true, false);
+    let bos = tok.adds_bos().then(|| tok.bos_id()).flatten();
+    let reference = Reference::new(&model, &ids[..256], 64, 2, bos).unwrap();
+    let states = reference.record(&model).unwrap();
+    for name in [
+        "blk.17.ffn_down.weight",
+        "blk.0.attn_q.weight",
+        "blk.29.ffn_up.weight",
+    ] {
+        let t = file.tensor(name).unwrap();
+        let cols = t.dims[0] as usize;
+        let rb = porteiro_engine::quantize::row_bytes(t.dtype, cols).unwrap();
+        let mut x = vec![0f32; t.n_elements() as usize];
+        for (r, o) in file.data(t).chunks_exact(rb).zip(x.chunks_exact_mut(cols)) {
+            porteiro_engine::quant::dequantize_row(t.dtype, r, o);
+        }
+        let q = porteiro_engine::budget::quantize_tensor(GgmlType::Q4_0, &x, cols);
+        let layer = model.resume_at(name).unwrap().unwrap();
+        let old = model.swap_matrix(name, GgmlType::Q4_0, q).unwrap();
+        let full = reference.mean_kld(&model).unwrap();
+        let resumed = reference.mean_kld_from(&model, &states, layer).unwrap();
+        model.restore_matrix(old);
+        assert!(full > 0.0, "{name}: swapping changed nothing");
+        assert_eq!(
+            full.to_bits(),
+            resumed.to_bits(),
+            "{name} from layer {layer}"
+        );
+    }
+    // The embedding changes the first layer's input: no resuming past it.
+    assert_eq!(model.resume_at("token_embd.weight").unwrap(), None);
+    assert_eq!(model.resume_at("blk.17.ffn_down.weight").unwrap(), Some(17));
+    assert!(model.resume_at("no.such.weight").is_err());
+    assert!(reference.mean_kld_from(&model, &states, 31).is_err());
+}

@@ -64,6 +64,11 @@ pub struct QuantizeArgs {
         default_value = "Q4_0,Q4_K,Q5_K,Q6_K,Q8_0"
     )]
     candidates: Vec<String>,
+    /// Keep the per-tensor measurements of --budget/--bpw in FILE (JSON) and reuse them when
+    /// FILE already holds the same input, calibration text, window and candidates: fitting the
+    /// same model to several budgets measures once.
+    #[arg(long, value_name = "FILE", requires = "calib")]
+    sensitivities: Option<PathBuf>,
     /// Importance matrix (`porteiro imatrix` or llama-imatrix, GGUF format): quantization errors
     /// weighted by how much each input column matters, as llama-quantize --imatrix.
     #[arg(long)]
@@ -613,53 +618,38 @@ fn fit_budget(
         Reference::new(&m, &ids, a.calib_window, chunks, bos)?
     };
 
-    // A working copy with every quantizable tensor at Q8_0, the starting point of each measurement.
-    let work = out.path.with_file_name(format!(
-        ".{}.q8_0.partial",
-        out.path
-            .file_name()
-            .map_or("out".into(), |n| n.to_string_lossy())
-    ));
-    let q8 = Options {
-        ftype: Some(Ftype::Q8_0),
-        pure: true,
-        ..Default::default()
+    let key = {
+        use sha2::{Digest, Sha256};
+        let meta = std::fs::metadata(path)?;
+        let mtime = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_secs());
+        serde_json::json!({
+            "input_bytes": meta.len(),
+            "input_mtime": mtime,
+            "calib_sha256": format!("{:x}", Sha256::digest(text.as_bytes())),
+            "window": a.calib_window,
+            "chunks": chunks,
+            "candidates": types.iter().map(|t| t.name()).collect::<Vec<_>>(),
+        })
     };
-    let w = Output {
-        imatrix: None,
-        extra_meta: Vec::new(),
-        path: &work,
-        force: true,
-        threads: out.threads,
-        quiet: true,
+    let cached = a
+        .sensitivities
+        .as_deref()
+        .and_then(|f| read_sensitivities(f, &key, &decide));
+    let (base, sens) = match cached {
+        Some(c) => c,
+        None => {
+            let r = measure_sensitivities(path, src, out, &decide, &types, threads, &reference)?;
+            if let Some(f) = &a.sensitivities {
+                write_sensitivities(f, &key, &r)?;
+                eprintln!("measurements kept in {}", f.display());
+            }
+            r
+        }
     };
-    rewrite(path, src, &w, &q8, None)?;
-    let measured = (|| -> Result<_> {
-        let mut model = Model::load(Arc::new(GgufFile::open(&work)?), threads)?;
-        let total: usize = decide
-            .iter()
-            .map(|(_, c)| budget::candidates(*c, &types).len())
-            .sum();
-        let pb = ProgressBar::new(total as u64);
-        pb.set_style(
-            ProgressStyle::with_template(
-                "{spinner} measuring each tensor at each type [{bar:30}] {pos}/{len} ({elapsed}, ~{eta} left)",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
-        let r = budget::measure(
-            &mut model,
-            &reference,
-            &decide,
-            &types,
-            &|name| dequantized(src, name),
-            &mut |done, _| pb.set_position(done as u64),
-        )?;
-        pb.finish_and_clear();
-        Ok(r)
-    })();
-    let _ = std::fs::remove_file(&work);
-    let (base, sens) = measured?;
     let pick = budget::allocate(&sens, room).map_err(|e| {
         anyhow!(
             "{e}; the smallest candidate types give a file of about {}",
@@ -713,5 +703,142 @@ fn fit_budget(
         human(size),
         8.0 * size as f64 / weights as f64
     );
+    Ok(())
+}
+
+/// Each tensor of `decide` at each candidate type, from a working copy at Q8_0.
+#[allow(clippy::too_many_arguments)]
+fn measure_sensitivities(
+    path: &Path,
+    src: &GgufFile,
+    out: &Output,
+    decide: &[(String, usize)],
+    types: &[GgmlType],
+    threads: usize,
+    reference: &porteiro_engine::eval::Reference,
+) -> Result<(f64, Vec<porteiro_engine::budget::Sensitivity>)> {
+    use porteiro_engine::budget;
+    use porteiro_engine::Model;
+    use std::sync::Arc;
+    // A working copy with every quantizable tensor at Q8_0, the starting point of each measurement.
+    let work = out.path.with_file_name(format!(
+        ".{}.q8_0.partial",
+        out.path
+            .file_name()
+            .map_or("out".into(), |n| n.to_string_lossy())
+    ));
+    let q8 = Options {
+        ftype: Some(Ftype::Q8_0),
+        pure: true,
+        ..Default::default()
+    };
+    let w = Output {
+        imatrix: None,
+        extra_meta: Vec::new(),
+        path: &work,
+        force: true,
+        threads: out.threads,
+        quiet: true,
+    };
+    rewrite(path, src, &w, &q8, None)?;
+    let measured = (|| -> Result<_> {
+        let mut model = Model::load(Arc::new(GgufFile::open(&work)?), threads)?;
+        let total: usize = decide
+            .iter()
+            .map(|(_, c)| budget::candidates(*c, types).len())
+            .sum();
+        let pb = ProgressBar::new(total as u64);
+        pb.set_style(
+            ProgressStyle::with_template(
+                "{spinner} measuring each tensor at each type [{bar:30}] {pos}/{len} ({elapsed}, ~{eta} left)",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        let r = budget::measure(
+            &mut model,
+            reference,
+            decide,
+            types,
+            &|name| dequantized(src, name),
+            &mut |done, _| pb.set_position(done as u64),
+        )?;
+        pb.finish_and_clear();
+        Ok(r)
+    })();
+    let _ = std::fs::remove_file(&work);
+    measured
+}
+
+/// Measurements kept by an earlier run, when they were taken under `key` and cover `decide`.
+fn read_sensitivities(
+    file: &Path,
+    key: &serde_json::Value,
+    decide: &[(String, usize)],
+) -> Option<(f64, Vec<porteiro_engine::budget::Sensitivity>)> {
+    use porteiro_engine::budget::{Choice, Sensitivity};
+    let text = std::fs::read_to_string(file).ok()?;
+    let v: serde_json::Value = match serde_json::from_str(&text) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!(
+                "{}: not a measurements file ({e}); measuring again",
+                file.display()
+            );
+            return None;
+        }
+    };
+    if v.get("key") != Some(key) {
+        eprintln!(
+            "{}: measured on another input, text, window or candidate set; measuring again",
+            file.display()
+        );
+        return None;
+    }
+    let sens: Option<Vec<Sensitivity>> = v["tensors"]
+        .as_array()?
+        .iter()
+        .map(|t| {
+            Some(Sensitivity {
+                name: t["name"].as_str()?.to_string(),
+                choices: t["choices"]
+                    .as_array()?
+                    .iter()
+                    .map(|c| {
+                        Some(Choice {
+                            dtype: mix::parse_type(c["type"].as_str()?)?,
+                            bytes: c["bytes"].as_u64()? as usize,
+                            dkld: c["dkld"].as_f64()?,
+                        })
+                    })
+                    .collect::<Option<_>>()?,
+            })
+        })
+        .collect();
+    let sens = sens.filter(|s| {
+        s.len() == decide.len() && s.iter().zip(decide).all(|(s, (n, _))| &s.name == n)
+    })?;
+    eprintln!("reusing the measurements in {}", file.display());
+    Some((v["base"].as_f64()?, sens))
+}
+
+fn write_sensitivities(
+    file: &Path,
+    key: &serde_json::Value,
+    (base, sens): &(f64, Vec<porteiro_engine::budget::Sensitivity>),
+) -> Result<()> {
+    let v = serde_json::json!({
+        "key": key,
+        "base": base,
+        "tensors": sens.iter().map(|s| serde_json::json!({
+            "name": s.name,
+            "choices": s.choices.iter().map(|c| serde_json::json!({
+                "type": c.dtype.name(), "bytes": c.bytes, "dkld": c.dkld,
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+    });
+    let tmp = file.with_extension("partial");
+    std::fs::write(&tmp, serde_json::to_string_pretty(&v)?)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, file).with_context(|| format!("writing {}", file.display()))?;
     Ok(())
 }
