@@ -1,4 +1,5 @@
-//! The 16-row weight layout, used for every token on CPUs with AVX-512 VNNI. The per-block kernels
+//! The 16-row weight layout, used for every token on CPUs with AVX2 (AVX-512 VNNI: one register
+//! per line; AVX2: two halves of 8 rows). The per-block kernels
 //! in `simd` spend most of their instructions unpacking nibbles and scaling every 4-element partial
 //! sum of every block. At load, each supported matrix is repacked into groups of 16 rows,
 //! interleaved so that one VNNI instruction multiplies 4 consecutive weights of 16 rows by the same
@@ -280,9 +281,9 @@ fn row_parts(t: GgmlType, row: &[u8], cols: usize, p: &mut RowParts) {
 /// Bit `bit` of each of the 64 bytes, as a 64-bit mask (bit i from byte i).
 fn bit_mask(v: &[u8; 64], bit: usize) -> u64 {
     #[cfg(target_arch = "x86_64")]
-    if Repacked::available() {
-        // SAFETY: available() is true only once is_x86_feature_detected! found avx512f and avx512bw,
-        // what zmm::bit_mask is compiled for; its one 64-byte load reads exactly the array `v`.
+    if Kernel::supported().contains(&Kernel::Avx512Vnni) {
+        // SAFETY: supported() lists Avx512Vnni only once is_x86_feature_detected! found avx512f and
+        // avx512bw, what zmm::bit_mask is compiled for; its one 64-byte load reads exactly `v`.
         return unsafe { zmm::bit_mask(v, bit) };
     }
     v.iter()
@@ -311,28 +312,65 @@ pub struct Repacked {
     m: HugeVec<i8>,
 }
 
-impl Repacked {
-    /// Whether this CPU runs the repacked kernels (and neither `PORTEIRO_REPACK=0` nor an ISA cap
-    /// below AVX-512, `PORTEIRO_ISA=avx2|avx2vnni|scalar`, turns them off).
-    pub fn available() -> bool {
-        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *ON.get_or_init(|| {
-            if std::env::var("PORTEIRO_REPACK").is_ok_and(|v| v == "0")
-                || std::env::var("PORTEIRO_ISA").is_ok_and(|v| !v.is_empty())
-                || crate::simd::isa() == crate::simd::Isa::Scalar
-            {
-                return false;
-            }
+/// The SIMD kernels of the layout, best first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    /// One `vpdpbusd` per 16 rows and 4 weights.
+    Avx512Vnni,
+    /// Each 64-byte line as two 8-row halves, `vpmaddubsw` + `vpmaddwd` (AVX2, FMA, F16C).
+    Avx2,
+}
+
+impl Kernel {
+    /// The kernels this CPU can run, whatever the environment asks.
+    pub fn supported() -> &'static [Kernel] {
+        static S: std::sync::OnceLock<Vec<Kernel>> = std::sync::OnceLock::new();
+        S.get_or_init(|| {
+            let mut v = Vec::new();
             #[cfg(target_arch = "x86_64")]
             {
-                is_x86_feature_detected!("avx512f")
+                let avx2 = is_x86_feature_detected!("avx2")
+                    && is_x86_feature_detected!("fma")
+                    && is_x86_feature_detected!("f16c");
+                if avx2
+                    && is_x86_feature_detected!("avx512f")
                     && is_x86_feature_detected!("avx512bw")
                     && is_x86_feature_detected!("avx512vnni")
-                    && is_x86_feature_detected!("f16c")
+                {
+                    v.push(Kernel::Avx512Vnni);
+                }
+                if avx2 {
+                    v.push(Kernel::Avx2);
+                }
             }
-            #[cfg(not(target_arch = "x86_64"))]
-            false
+            v
         })
+    }
+}
+
+impl Repacked {
+    /// The kernel this process runs the layout with: the best the CPU has, `Avx2` under an ISA cap
+    /// below AVX-512 (`PORTEIRO_ISA=avx2|avx2vnni`), none under `PORTEIRO_ISA=scalar` or
+    /// `PORTEIRO_REPACK=0` (the weights then stay in their GGUF blocks).
+    pub fn kernel() -> Option<Kernel> {
+        static K: std::sync::OnceLock<Option<Kernel>> = std::sync::OnceLock::new();
+        *K.get_or_init(|| {
+            if std::env::var("PORTEIRO_REPACK").is_ok_and(|v| v == "0")
+                || crate::simd::isa() == crate::simd::Isa::Scalar
+            {
+                return None;
+            }
+            let capped = std::env::var("PORTEIRO_ISA").is_ok_and(|v| !v.is_empty());
+            Kernel::supported()
+                .iter()
+                .copied()
+                .find(|k| !capped || *k == Kernel::Avx2)
+        })
+    }
+
+    /// Whether matrices are repacked at all ([`Repacked::kernel`] is some).
+    pub fn available() -> bool {
+        Self::kernel().is_some()
     }
 
     /// Repacks `rows` rows of type `t`; None for types or shapes this layout does not take.
@@ -515,10 +553,35 @@ impl Repacked {
         out: *mut f32,
         ld: usize,
     ) {
+        match Self::kernel() {
+            Some(k) => self.run_on(k, grp, acts, t0, t1, out, ld),
+            None => self.run_scalar(grp, acts, t0, t1, out, ld),
+        }
+    }
+
+    /// `run` with kernel `k`, which must be one of [`Kernel::supported`] (else the scalar reference
+    /// runs).
+    ///
+    /// # Safety
+    /// As `run`.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn run_on(
+        &self,
+        k: Kernel,
+        grp: usize,
+        acts: &Acts,
+        t0: usize,
+        t1: usize,
+        out: *mut f32,
+        ld: usize,
+    ) {
         assert!(grp < self.groups() && acts.k == self.cols && t1 <= acts.n);
         #[cfg(target_arch = "x86_64")]
-        if Self::available() {
-            zmm::run(self, grp, acts, t0, t1, out, ld);
+        if Kernel::supported().contains(&k) {
+            match k {
+                Kernel::Avx512Vnni => zmm::run(self, grp, acts, t0, t1, out, ld),
+                Kernel::Avx2 => ymm::run(self, grp, acts, t0, t1, out, ld),
+            }
             return;
         }
         self.run_scalar(grp, acts, t0, t1, out, ld);
@@ -650,8 +713,237 @@ pub fn quantize_scalar(x: &[f32], q: &mut [i8], d: &mut [f32], s16: &mut [i32]) 
 
 #[cfg(target_arch = "x86_64")]
 mod ymm {
-    use crate::quant::QK;
+    use super::{Acts, Repacked, ROWS};
+    use crate::quant::{QK, QK_K};
     use std::arch::x86_64::*;
+
+    /// Tokens t0..t1 in tiles of 4, then 1, with the kernel instantiated for the format.
+    pub(super) unsafe fn run(
+        p: &Repacked,
+        grp: usize,
+        a: &Acts,
+        t0: usize,
+        t1: usize,
+        out: *mut f32,
+        ld: usize,
+    ) {
+        macro_rules! go {
+            ($t:expr, $at:expr) => {{
+                let f = p.f;
+                match (f.g, f.bits, f.half, f.min) {
+                    (32, 4, true, false) => tile::<$t, 8, 4, true, false>(p, grp, a, $at, out, ld),
+                    (32, 4, true, true) => tile::<$t, 8, 4, true, true>(p, grp, a, $at, out, ld),
+                    (32, 5, true, false) => tile::<$t, 8, 5, true, false>(p, grp, a, $at, out, ld),
+                    (32, 5, true, true) => tile::<$t, 8, 5, true, true>(p, grp, a, $at, out, ld),
+                    (32, 8, true, false) => tile::<$t, 8, 8, true, false>(p, grp, a, $at, out, ld),
+                    (32, 4, false, true) => tile::<$t, 8, 4, false, true>(p, grp, a, $at, out, ld),
+                    (32, 5, false, true) => tile::<$t, 8, 5, false, true>(p, grp, a, $at, out, ld),
+                    (16, 6, false, false) => {
+                        tile::<$t, 4, 6, false, false>(p, grp, a, $at, out, ld)
+                    }
+                    (16, 3, false, false) => {
+                        tile::<$t, 4, 3, false, false>(p, grp, a, $at, out, ld)
+                    }
+                    (16, 2, false, true) => tile::<$t, 4, 2, false, true>(p, grp, a, $at, out, ld),
+                    _ => unreachable!("format() admits only the formats above"),
+                }
+            }};
+        }
+        let mut t = t0;
+        while t + 4 <= t1 {
+            go!(4, t);
+            t += 4;
+        }
+        while t < t1 {
+            go!(1, t);
+            t += 1;
+        }
+    }
+
+    /// 0xFF in byte i where bit i of `bits` is set (AVX2 has no mask registers).
+    #[inline(always)]
+    unsafe fn bytes_of(bits: u32) -> __m256i {
+        let v = _mm256_set1_epi32(bits as i32);
+        // Shuffles stay inside 128-bit lanes; the broadcast put the 4 bytes in both.
+        let idx = _mm256_setr_epi8(
+            0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3,
+            3, 3, 3,
+        );
+        let sel = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+        _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(v, idx), sel), sel)
+    }
+
+    /// Half `h` (rows 8h..8h+8) of line `j` of a sub-block's chunk, as `zmm::line` builds the whole.
+    #[inline(always)]
+    unsafe fn line<const L: usize, const BITS: usize>(
+        c: *const u8,
+        planes: *const u64,
+        j: usize,
+        h: usize,
+    ) -> __m256i {
+        let load = |at: usize| _mm256_load_si256(c.add(at + 32 * h) as *const __m256i);
+        if BITS == 8 {
+            return load(64 * j);
+        }
+        if BITS < 4 {
+            let quad = load(64 * (j / 4));
+            let shifted = match j % 4 {
+                0 => quad,
+                1 => _mm256_srli_epi16(quad, 2),
+                2 => _mm256_srli_epi16(quad, 4),
+                _ => _mm256_srli_epi16(quad, 6),
+            };
+            let v = _mm256_and_si256(shifted, _mm256_set1_epi8(3));
+            if BITS == 3 {
+                let m = bytes_of((planes.add(j).read() >> (32 * h)) as u32);
+                return _mm256_add_epi8(v, _mm256_and_si256(m, _mm256_set1_epi8(4)));
+            }
+            return v;
+        }
+        let pair = load(64 * (j / 2));
+        let lo = _mm256_set1_epi8(0x0F);
+        let mut v = if j.is_multiple_of(2) {
+            _mm256_and_si256(pair, lo)
+        } else {
+            _mm256_and_si256(_mm256_srli_epi16(pair, 4), lo)
+        };
+        for plane in 0..BITS - 4 {
+            let word = c.add(L / 2 * 64 + (plane * L + j) * 8) as *const u64;
+            let m = bytes_of((word.read_unaligned() >> (32 * h)) as u32);
+            v = _mm256_add_epi8(v, _mm256_and_si256(m, _mm256_set1_epi8(16 << plane)));
+        }
+        v
+    }
+
+    /// 16 rows x T tokens, as two halves of 8 rows (one per 32-bit lane of a 256-bit register):
+    /// the same integer sums as `zmm::tile` (`vpmaddubsw` pairs cannot saturate: values below 64
+    /// times activations within ±127; Q8_0's bytes are multiplied signed, by their magnitude and
+    /// the activation's sign moved onto them), then the same float operations.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn tile<
+        const T: usize,
+        const L: usize,
+        const BITS: usize,
+        const HALF: bool,
+        const MIN: bool,
+    >(
+        p: &Repacked,
+        grp: usize,
+        a: &Acts,
+        t0: usize,
+        out: *mut f32,
+        ld: usize,
+    ) {
+        let g = L * 4;
+        let nsb = p.cols / g;
+        let per_super = QK_K / g;
+        let chunk = p.f.chunk();
+        let k = a.k;
+        // Q8_0 is multiplied as signed bytes: no offset to take back.
+        let off = if BITS == 8 { 0 } else { p.f.off };
+        let ones = _mm256_set1_epi16(1);
+        let h16 = |v: *const u16| _mm256_cvtph_ps(_mm_loadu_si128(v as *const __m128i));
+        let ints = |v: *const i8| {
+            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(v as *const __m128i)))
+        };
+        for h in 0..2 {
+            let mut f = [_mm256_setzero_ps(); T];
+            let (mut dv, mut ndv) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            for s in 0..nsb {
+                let at = grp * nsb + s;
+                let c = p.q.as_ptr().add(at * chunk) as *const u8;
+                let planes = if BITS == 3 {
+                    p.planes.as_ptr().add(at * L)
+                } else {
+                    std::ptr::null()
+                };
+                let lane = at * ROWS + 8 * h;
+                let (sc, mn) = if HALF {
+                    let mn = if MIN {
+                        h16(p.mh.as_ptr().add(lane))
+                    } else {
+                        _mm256_setzero_ps()
+                    };
+                    (h16(p.dh.as_ptr().add(lane)), mn)
+                } else {
+                    if s % per_super == 0 {
+                        let sat = (grp * (p.cols / QK_K) + s / per_super) * ROWS + 8 * h;
+                        dv = h16(p.d.as_ptr().add(sat));
+                        if MIN {
+                            ndv = h16(p.ndmin.as_ptr().add(sat));
+                        }
+                    }
+                    let mn = if MIN {
+                        _mm256_mul_ps(ndv, ints(p.m.as_ptr().add(lane)))
+                    } else {
+                        _mm256_setzero_ps()
+                    };
+                    (_mm256_mul_ps(dv, ints(p.sc.as_ptr().add(lane))), mn)
+                };
+                let mut acc = [_mm256_setzero_si256(); T];
+                let mut y = [std::ptr::null::<i32>(); T];
+                for t in 0..T {
+                    let tok = t0 + t;
+                    y[t] = a.q.as_ptr().add(tok * k + s * g) as *const i32;
+                    acc[t] = _mm256_set1_epi32(-off * a.sum(tok, s, g));
+                }
+                // Lines whose i16 pair sums can add up before widening: |pair| <= 2 * max value
+                // * 127, so four lines below 6 bits, two at 6, one for Q8_0's signed bytes.
+                let per = if BITS <= 5 {
+                    4
+                } else if BITS == 6 {
+                    2
+                } else {
+                    1
+                };
+                for j0 in (0..L).step_by(per) {
+                    let mut part = [_mm256_setzero_si256(); T];
+                    for j in j0..j0 + per {
+                        let w = line::<L, BITS>(c, planes, j, h);
+                        let (wu, ws) = if BITS == 8 {
+                            let ws = _mm256_xor_si256(w, _mm256_set1_epi8(-128));
+                            (_mm256_abs_epi8(ws), ws)
+                        } else {
+                            (w, w)
+                        };
+                        for t in 0..T {
+                            let b = _mm256_set1_epi32(y[t].add(j).read_unaligned());
+                            let b = if BITS == 8 {
+                                _mm256_sign_epi8(b, ws)
+                            } else {
+                                b
+                            };
+                            let pairs = _mm256_maddubs_epi16(wu, b);
+                            part[t] = if j == j0 {
+                                pairs
+                            } else {
+                                _mm256_add_epi16(part[t], pairs)
+                            };
+                        }
+                    }
+                    for t in 0..T {
+                        acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(part[t], ones));
+                    }
+                }
+                for t in 0..T {
+                    let tok = t0 + t;
+                    let da = *a.d.get_unchecked(tok * k / QK + s * g / QK);
+                    f[t] = _mm256_fmadd_ps(
+                        _mm256_cvtepi32_ps(acc[t]),
+                        _mm256_mul_ps(sc, _mm256_set1_ps(da)),
+                        f[t],
+                    );
+                    if MIN {
+                        let sum = a.sum(tok, s, g);
+                        f[t] = _mm256_fmadd_ps(mn, _mm256_set1_ps(da * sum as f32), f[t]);
+                    }
+                }
+            }
+            for (t, v) in f.iter().enumerate() {
+                _mm256_storeu_ps(out.add((t0 + t) * ld + grp * ROWS + 8 * h), *v);
+            }
+        }
+    }
 
     /// `quantize_scalar` eight lanes at a time: conversion rounds half to even (the default MXCSR
     /// mode), so the values are the same.
@@ -971,14 +1263,22 @@ mod tests {
                 let mut fast = vec![0f32; n * rows];
                 let mut slow = vec![0f32; n * rows];
                 for grp in 0..rows / ROWS {
-                    // SAFETY: both outputs hold n x rows floats, the most `run` writes for t < n
-                    // and grp < rows / 16; this thread is the only one.
-                    unsafe {
-                        p.run(grp, &acts, 0, n, fast.as_mut_ptr(), rows);
-                        p.run_scalar(grp, &acts, 0, n, slow.as_mut_ptr(), rows);
-                    }
+                    // SAFETY: the output holds n x rows floats, the most `run_scalar` writes for
+                    // t < n and grp < rows / 16; this thread is the only one.
+                    unsafe { p.run_scalar(grp, &acts, 0, n, slow.as_mut_ptr(), rows) };
                 }
-                assert_eq!(fast, slow, "{t:?} k={k} n={n}");
+                // Every kernel this CPU can run, whichever the environment picks.
+                for &kern in Kernel::supported() {
+                    fast.fill(f32::NAN);
+                    for grp in 0..rows / ROWS {
+                        // SAFETY: as above, for `run_on`.
+                        unsafe { p.run_on(kern, grp, &acts, 0, n, fast.as_mut_ptr(), rows) };
+                    }
+                    assert_eq!(fast, slow, "{kern:?} {t:?} k={k} n={n}");
+                }
+                if Kernel::supported().is_empty() {
+                    fast.copy_from_slice(&slow);
+                }
                 let mut w = vec![0f32; k];
                 for r in 0..rows {
                     quant::dequantize_row(t, &data[r * row_bytes..(r + 1) * row_bytes], &mut w);
