@@ -328,6 +328,7 @@ fn budget_fits_types_to_a_size() {
     )
     .unwrap();
     let out = dir.path().join("fit.gguf");
+    let sens = dir.path().join("sens.json");
     let o = porteiro(&[
         "quantize",
         f16.to_str().unwrap(),
@@ -344,6 +345,8 @@ fn budget_fits_types_to_a_size() {
         "1",
         "--candidates",
         "Q4_0,Q8_0",
+        "--sensitivities",
+        sens.to_str().unwrap(),
     ]);
     ok(&o, "budget");
     let text = String::from_utf8_lossy(&o.stdout);
@@ -358,6 +361,35 @@ fn budget_fits_types_to_a_size() {
     );
     assert!(text.contains(" Q4_0 ") && text.contains(" Q8_0 "), "{text}");
     assert!(!dir.path().join(".fit.gguf.q8_0.partial").exists());
+    // Another budget on the same input and text reuses the kept measurements: nothing re-measured,
+    // and the smaller budget still holds.
+    let again = dir.path().join("fit2.gguf");
+    let budget2 = (small * 3 + large) / 4;
+    let o = porteiro(&[
+        "quantize",
+        f16.to_str().unwrap(),
+        again.to_str().unwrap(),
+        "--type",
+        "Q4_0",
+        "--budget",
+        &budget2.to_string(),
+        "--calib",
+        calib.to_str().unwrap(),
+        "--calib-window",
+        "64",
+        "--calib-chunks",
+        "1",
+        "--candidates",
+        "Q4_0,Q8_0",
+        "--sensitivities",
+        sens.to_str().unwrap(),
+    ]);
+    ok(&o, "budget from kept measurements");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("reusing the measurements"), "{err}");
+    assert!(!err.contains("measuring each tensor"), "{err}");
+    let got2 = std::fs::metadata(&again).unwrap().len();
+    assert!(got2 <= budget2 && got2 < got, "{got2} vs {budget2}, {got}");
     // Too small a budget is refused before anything is written.
     let tiny = porteiro(&[
         "quantize",
