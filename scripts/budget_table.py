@@ -15,26 +15,19 @@ was made with) or NAME=PATH to an F16 original, e.g. a merged fine-tune
 Usage: scripts/budget_table.py [--models smollm2-135m,qwen0.5b-snips=/path/merged-f16.gguf]
        [--types Q3_K_M,Q4_K_M,Q5_K_M] [--chunks 6] [--out DIR]
 """
-import argparse, json, pathlib, sys
+import json, pathlib, sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from compression_table import HOME, quantize, run, texts  # noqa: E402
+from compression_table import parser, quantize, run, workdir  # noqa: E402
 
 CANDIDATES = "Q2_K,Q3_K,Q4_0,Q4_K,Q5_K,Q6_K,Q8_0"
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="smollm2-135m,gemma3-270m,qwen2.5-0.5b,qwen2.5-1.5b")
-    ap.add_argument("--types", default="Q3_K_M,Q4_K_M,Q5_K_M")
+    ap = parser(__doc__, "Q3_K_M,Q4_K_M,Q5_K_M", 6)
     ap.add_argument("--candidates", default=CANDIDATES)
-    ap.add_argument("--chunks", type=int, default=6)
-    ap.add_argument("--window", type=int, default=512)
-    ap.add_argument("--out", default=str(HOME / "compression"))
     a = ap.parse_args()
-    out = pathlib.Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    calib, ev = texts(out)
+    out, calib, ev = workdir(a)
     rows = []
     for spec in a.models.split(","):
         if "=" in spec:

@@ -45,20 +45,31 @@ def quantize(src, dst, ftype, extra=()):
     return float(m.group(1)) if m else None
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser(doc, types, chunks):
+    """The options this script and budget_table.py share."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="smollm2-135m,gemma3-270m,qwen2.5-0.5b,qwen2.5-1.5b")
-    ap.add_argument("--types", default="Q8_0,Q6_K,Q5_K_M,Q4_K_M,Q4_0,Q3_K_M,Q2_K")
-    ap.add_argument("--chunks", type=int, default=8)
+    ap.add_argument("--types", default=types)
+    ap.add_argument("--chunks", type=int, default=chunks)
     ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--out", default=str(HOME / "compression"))
+    return ap
+
+
+def workdir(a):
+    """The --out folder, made if missing, and its calibration and evaluation halves."""
+    out = pathlib.Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    return (out, *texts(out))
+
+
+def main():
+    ap = parser(__doc__, "Q8_0,Q6_K,Q5_K_M,Q4_K_M,Q4_0,Q3_K_M,Q2_K", 8)
     ap.add_argument("--gen", type=int, default=64, help="decode tokens for the speed column")
     ap.add_argument("--peer", action="store_true", help="llama.cpp's decode speed on the same file")
     ap.add_argument("--imatrix", action="store_true", help="quantize with an imatrix from the calibration half")
-    ap.add_argument("--out", default=str(HOME / "compression"))
     a = ap.parse_args()
-    out = pathlib.Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    calib, ev = texts(out)
+    out, calib, ev = workdir(a)
     rows = []
     for alias in a.models.split(","):
         ref = out / f"{alias}-F16.gguf"

@@ -711,6 +711,27 @@ pub fn quantize_scalar(x: &[f32], q: &mut [i8], d: &mut [f32], s16: &mut [i32]) 
     }
 }
 
+/// Calls `$tile::<T, L, BITS, HALF, MIN>` for the format of `$p` (a kernel is instantiated per
+/// format: lines per sub-block, bits, f16 or K-quant scales, mins).
+macro_rules! per_format {
+    ($tile:ident, $t:expr, $p:expr, $($arg:expr),*) => {{
+        let f = $p.f;
+        match (f.g, f.bits, f.half, f.min) {
+            (32, 4, true, false) => $tile::<$t, 8, 4, true, false>($p, $($arg),*),
+            (32, 4, true, true) => $tile::<$t, 8, 4, true, true>($p, $($arg),*),
+            (32, 5, true, false) => $tile::<$t, 8, 5, true, false>($p, $($arg),*),
+            (32, 5, true, true) => $tile::<$t, 8, 5, true, true>($p, $($arg),*),
+            (32, 8, true, false) => $tile::<$t, 8, 8, true, false>($p, $($arg),*),
+            (32, 4, false, true) => $tile::<$t, 8, 4, false, true>($p, $($arg),*),
+            (32, 5, false, true) => $tile::<$t, 8, 5, false, true>($p, $($arg),*),
+            (16, 6, false, false) => $tile::<$t, 4, 6, false, false>($p, $($arg),*),
+            (16, 3, false, false) => $tile::<$t, 4, 3, false, false>($p, $($arg),*),
+            (16, 2, false, true) => $tile::<$t, 4, 2, false, true>($p, $($arg),*),
+            _ => unreachable!("format() admits only the formats above"),
+        }
+    }};
+}
+
 #[cfg(target_arch = "x86_64")]
 mod ymm {
     use super::{Acts, Repacked, ROWS};
@@ -727,35 +748,13 @@ mod ymm {
         out: *mut f32,
         ld: usize,
     ) {
-        macro_rules! go {
-            ($t:expr, $at:expr) => {{
-                let f = p.f;
-                match (f.g, f.bits, f.half, f.min) {
-                    (32, 4, true, false) => tile::<$t, 8, 4, true, false>(p, grp, a, $at, out, ld),
-                    (32, 4, true, true) => tile::<$t, 8, 4, true, true>(p, grp, a, $at, out, ld),
-                    (32, 5, true, false) => tile::<$t, 8, 5, true, false>(p, grp, a, $at, out, ld),
-                    (32, 5, true, true) => tile::<$t, 8, 5, true, true>(p, grp, a, $at, out, ld),
-                    (32, 8, true, false) => tile::<$t, 8, 8, true, false>(p, grp, a, $at, out, ld),
-                    (32, 4, false, true) => tile::<$t, 8, 4, false, true>(p, grp, a, $at, out, ld),
-                    (32, 5, false, true) => tile::<$t, 8, 5, false, true>(p, grp, a, $at, out, ld),
-                    (16, 6, false, false) => {
-                        tile::<$t, 4, 6, false, false>(p, grp, a, $at, out, ld)
-                    }
-                    (16, 3, false, false) => {
-                        tile::<$t, 4, 3, false, false>(p, grp, a, $at, out, ld)
-                    }
-                    (16, 2, false, true) => tile::<$t, 4, 2, false, true>(p, grp, a, $at, out, ld),
-                    _ => unreachable!("format() admits only the formats above"),
-                }
-            }};
-        }
         let mut t = t0;
         while t + 4 <= t1 {
-            go!(4, t);
+            per_format!(tile, 4, p, grp, a, t, out, ld);
             t += 4;
         }
         while t < t1 {
-            go!(1, t);
+            per_format!(tile, 1, p, grp, a, t, out, ld);
             t += 1;
         }
     }
@@ -997,39 +996,17 @@ mod zmm {
         out: *mut f32,
         ld: usize,
     ) {
-        macro_rules! go {
-            ($t:expr, $at:expr) => {{
-                let f = p.f;
-                match (f.g, f.bits, f.half, f.min) {
-                    (32, 4, true, false) => tile::<$t, 8, 4, true, false>(p, grp, a, $at, out, ld),
-                    (32, 4, true, true) => tile::<$t, 8, 4, true, true>(p, grp, a, $at, out, ld),
-                    (32, 5, true, false) => tile::<$t, 8, 5, true, false>(p, grp, a, $at, out, ld),
-                    (32, 5, true, true) => tile::<$t, 8, 5, true, true>(p, grp, a, $at, out, ld),
-                    (32, 8, true, false) => tile::<$t, 8, 8, true, false>(p, grp, a, $at, out, ld),
-                    (32, 4, false, true) => tile::<$t, 8, 4, false, true>(p, grp, a, $at, out, ld),
-                    (32, 5, false, true) => tile::<$t, 8, 5, false, true>(p, grp, a, $at, out, ld),
-                    (16, 6, false, false) => {
-                        tile::<$t, 4, 6, false, false>(p, grp, a, $at, out, ld)
-                    }
-                    (16, 3, false, false) => {
-                        tile::<$t, 4, 3, false, false>(p, grp, a, $at, out, ld)
-                    }
-                    (16, 2, false, true) => tile::<$t, 4, 2, false, true>(p, grp, a, $at, out, ld),
-                    _ => unreachable!("format() admits only the formats above"),
-                }
-            }};
-        }
         let mut t = t0;
         while t + 8 <= t1 {
-            go!(8, t);
+            per_format!(tile, 8, p, grp, a, t, out, ld);
             t += 8;
         }
         if t + 4 <= t1 {
-            go!(4, t);
+            per_format!(tile, 4, p, grp, a, t, out, ld);
             t += 4;
         }
         while t < t1 {
-            go!(1, t);
+            per_format!(tile, 1, p, grp, a, t, out, ld);
             t += 1;
         }
     }

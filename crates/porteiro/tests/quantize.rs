@@ -327,27 +327,30 @@ fn budget_fits_types_to_a_size() {
             .repeat(8),
     )
     .unwrap();
-    let out = dir.path().join("fit.gguf");
     let sens = dir.path().join("sens.json");
-    let o = porteiro(&[
-        "quantize",
-        f16.to_str().unwrap(),
-        out.to_str().unwrap(),
-        "--type",
-        "Q4_0",
-        "--budget",
-        &budget.to_string(),
-        "--calib",
-        calib.to_str().unwrap(),
-        "--calib-window",
-        "64",
-        "--calib-chunks",
-        "1",
-        "--candidates",
-        "Q4_0,Q8_0",
-        "--sensitivities",
-        sens.to_str().unwrap(),
-    ]);
+    let fit = |out: &std::path::Path, budget: u64| {
+        porteiro(&[
+            "quantize",
+            f16.to_str().unwrap(),
+            out.to_str().unwrap(),
+            "--type",
+            "Q4_0",
+            "--budget",
+            &budget.to_string(),
+            "--calib",
+            calib.to_str().unwrap(),
+            "--calib-window",
+            "64",
+            "--calib-chunks",
+            "1",
+            "--candidates",
+            "Q4_0,Q8_0",
+            "--sensitivities",
+            sens.to_str().unwrap(),
+        ])
+    };
+    let out = dir.path().join("fit.gguf");
+    let o = fit(&out, budget);
     ok(&o, "budget");
     let text = String::from_utf8_lossy(&o.stdout);
     let got = std::fs::metadata(&out).unwrap().len();
@@ -365,25 +368,7 @@ fn budget_fits_types_to_a_size() {
     // and the smaller budget still holds.
     let again = dir.path().join("fit2.gguf");
     let budget2 = (small * 3 + large) / 4;
-    let o = porteiro(&[
-        "quantize",
-        f16.to_str().unwrap(),
-        again.to_str().unwrap(),
-        "--type",
-        "Q4_0",
-        "--budget",
-        &budget2.to_string(),
-        "--calib",
-        calib.to_str().unwrap(),
-        "--calib-window",
-        "64",
-        "--calib-chunks",
-        "1",
-        "--candidates",
-        "Q4_0,Q8_0",
-        "--sensitivities",
-        sens.to_str().unwrap(),
-    ]);
+    let o = fit(&again, budget2);
     ok(&o, "budget from kept measurements");
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("reusing the measurements"), "{err}");
