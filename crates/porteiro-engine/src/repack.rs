@@ -759,19 +759,6 @@ mod ymm {
         }
     }
 
-    /// 0xFF in byte i where bit i of `bits` is set (AVX2 has no mask registers).
-    #[inline(always)]
-    unsafe fn bytes_of(bits: u32) -> __m256i {
-        let v = _mm256_set1_epi32(bits as i32);
-        // Shuffles stay inside 128-bit lanes; the broadcast put the 4 bytes in both.
-        let idx = _mm256_setr_epi8(
-            0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3,
-            3, 3, 3,
-        );
-        let sel = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
-        _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(v, idx), sel), sel)
-    }
-
     /// Half `h` (rows 8h..8h+8) of line `j` of a sub-block's chunk, as `zmm::line` builds the whole.
     #[inline(always)]
     unsafe fn line<const L: usize, const BITS: usize>(
@@ -794,7 +781,7 @@ mod ymm {
             };
             let v = _mm256_and_si256(shifted, _mm256_set1_epi8(3));
             if BITS == 3 {
-                let m = bytes_of((planes.add(j).read() >> (32 * h)) as u32);
+                let m = crate::simd::avx2::bits_to_bytes((planes.add(j).read() >> (32 * h)) as u32);
                 return _mm256_add_epi8(v, _mm256_and_si256(m, _mm256_set1_epi8(4)));
             }
             return v;
@@ -808,7 +795,7 @@ mod ymm {
         };
         for plane in 0..BITS - 4 {
             let word = c.add(L / 2 * 64 + (plane * L + j) * 8) as *const u64;
-            let m = bytes_of((word.read_unaligned() >> (32 * h)) as u32);
+            let m = crate::simd::avx2::bits_to_bytes((word.read_unaligned() >> (32 * h)) as u32);
             v = _mm256_add_epi8(v, _mm256_and_si256(m, _mm256_set1_epi8(16 << plane)));
         }
         v

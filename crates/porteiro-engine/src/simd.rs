@@ -218,7 +218,7 @@ pub fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+pub(crate) mod avx2 {
     use super::*;
     use std::arch::x86_64::*;
 
@@ -1235,7 +1235,7 @@ mod avx2 {
 
     /// 32 bits -> 32 bytes, 0xFF where the bit is set.
     #[inline(always)]
-    unsafe fn bits_to_bytes(bits: u32) -> __m256i {
+    pub(crate) unsafe fn bits_to_bytes(bits: u32) -> __m256i {
         let x = _mm256_set1_epi32(bits as i32);
         let shuf = _mm256_setr_epi8(
             0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3,
