@@ -26,6 +26,7 @@ CANDIDATES = "Q2_K,Q3_K,Q4_0,Q4_K,Q5_K,Q6_K,Q8_0"
 def main():
     ap = parser(__doc__, "Q3_K_M,Q4_K_M,Q5_K_M", 6)
     ap.add_argument("--candidates", default=CANDIDATES)
+    ap.add_argument("--calib-chunks", type=int, default=2, help="calibration windows of 256 tokens")
     a = ap.parse_args()
     out, calib, ev = workdir(a)
     rows = []
@@ -45,7 +46,7 @@ def main():
             fit = out / f"{alias}-budget-{t}.gguf"
             if not fit.exists():
                 p = run(["quantize", ref, fit, "--type", t, "--budget", size, "--calib", calib,
-                         "--candidates", a.candidates, "--sensitivities", out / f"{alias}.sensitivities.json"])
+                         "--candidates", a.candidates, "--calib-chunks", a.calib_chunks, "--sensitivities", out / f"{alias}.sensitivities.json"])
                 (out / f"{alias}-budget-{t}.log").write_text(p.stdout + p.stderr)
             u, b = measure(uni), measure(fit)
             rows.append((alias, t, size, fit.stat().st_size, u, b))

@@ -832,9 +832,20 @@ mod ymm {
         let ints = |v: *const i8| {
             _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(v as *const __m128i)))
         };
-        for h in 0..2 {
-            let mut f = [_mm256_setzero_ps(); T];
-            let (mut dv, mut ndv) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        // One token: both halves per sub-block, so memory is walked once and the token's scalar
+        // work is shared. Several tokens: one half at a time, so that T accumulators and T totals
+        // fit in AVX2's 16 registers.
+        let passes: &[(usize, usize)] = if T == 1 { &[(0, 2)] } else { &[(0, 1), (1, 2)] };
+        let per = if BITS <= 5 {
+            4
+        } else if BITS == 6 {
+            2
+        } else {
+            1
+        };
+        for &(h0, h1) in passes {
+            let mut f = [[_mm256_setzero_ps(); 2]; T];
+            let (mut dv, mut ndv) = ([_mm256_setzero_ps(); 2], [_mm256_setzero_ps(); 2]);
             for s in 0..nsb {
                 let at = grp * nsb + s;
                 let c = p.q.as_ptr().add(at * chunk) as *const u8;
@@ -843,90 +854,89 @@ mod ymm {
                 } else {
                     std::ptr::null()
                 };
-                let lane = at * ROWS + 8 * h;
-                let (sc, mn) = if HALF {
-                    let mn = if MIN {
-                        h16(p.mh.as_ptr().add(lane))
-                    } else {
-                        _mm256_setzero_ps()
-                    };
-                    (h16(p.dh.as_ptr().add(lane)), mn)
-                } else {
-                    if s % per_super == 0 {
-                        let sat = (grp * (p.cols / QK_K) + s / per_super) * ROWS + 8 * h;
-                        dv = h16(p.d.as_ptr().add(sat));
-                        if MIN {
-                            ndv = h16(p.ndmin.as_ptr().add(sat));
-                        }
-                    }
-                    let mn = if MIN {
-                        _mm256_mul_ps(ndv, ints(p.m.as_ptr().add(lane)))
-                    } else {
-                        _mm256_setzero_ps()
-                    };
-                    (_mm256_mul_ps(dv, ints(p.sc.as_ptr().add(lane))), mn)
-                };
-                let mut acc = [_mm256_setzero_si256(); T];
                 let mut y = [std::ptr::null::<i32>(); T];
+                let (mut da, mut sum) = ([0f32; T], [0i32; T]);
                 for t in 0..T {
                     let tok = t0 + t;
                     y[t] = a.q.as_ptr().add(tok * k + s * g) as *const i32;
-                    acc[t] = _mm256_set1_epi32(-off * a.sum(tok, s, g));
+                    da[t] = *a.d.get_unchecked(tok * k / QK + s * g / QK);
+                    sum[t] = a.sum(tok, s, g);
                 }
-                // Lines whose i16 pair sums can add up before widening: |pair| <= 2 * max value
-                // * 127, so four lines below 6 bits, two at 6, one for Q8_0's signed bytes.
-                let per = if BITS <= 5 {
-                    4
-                } else if BITS == 6 {
-                    2
-                } else {
-                    1
-                };
-                for j0 in (0..L).step_by(per) {
-                    let mut part = [_mm256_setzero_si256(); T];
-                    for j in j0..j0 + per {
-                        let w = line::<L, BITS>(c, planes, j, h);
-                        let (wu, ws) = if BITS == 8 {
-                            let ws = _mm256_xor_si256(w, _mm256_set1_epi8(-128));
-                            (_mm256_abs_epi8(ws), ws)
+                for h in h0..h1 {
+                    let lane = at * ROWS + 8 * h;
+                    let (sc, mn) = if HALF {
+                        let mn = if MIN {
+                            h16(p.mh.as_ptr().add(lane))
                         } else {
-                            (w, w)
+                            _mm256_setzero_ps()
                         };
+                        (h16(p.dh.as_ptr().add(lane)), mn)
+                    } else {
+                        if s % per_super == 0 {
+                            let sat = (grp * (p.cols / QK_K) + s / per_super) * ROWS + 8 * h;
+                            dv[h] = h16(p.d.as_ptr().add(sat));
+                            if MIN {
+                                ndv[h] = h16(p.ndmin.as_ptr().add(sat));
+                            }
+                        }
+                        let mn = if MIN {
+                            _mm256_mul_ps(ndv[h], ints(p.m.as_ptr().add(lane)))
+                        } else {
+                            _mm256_setzero_ps()
+                        };
+                        (_mm256_mul_ps(dv[h], ints(p.sc.as_ptr().add(lane))), mn)
+                    };
+                    let mut acc: [__m256i; T] =
+                        std::array::from_fn(|t| _mm256_set1_epi32(-off * sum[t]));
+                    // Lines whose i16 pair sums can add up before widening: |pair| <= 2 * max
+                    // value * 127, so four lines below 6 bits, two at 6, one for Q8_0's signed
+                    // bytes.
+                    for j0 in (0..L).step_by(per) {
+                        let mut part = [_mm256_setzero_si256(); T];
+                        for j in j0..j0 + per {
+                            let w = line::<L, BITS>(c, planes, j, h);
+                            let (wu, ws) = if BITS == 8 {
+                                let ws = _mm256_xor_si256(w, _mm256_set1_epi8(-128));
+                                (_mm256_abs_epi8(ws), ws)
+                            } else {
+                                (w, w)
+                            };
+                            for t in 0..T {
+                                let b = _mm256_set1_epi32(y[t].add(j).read_unaligned());
+                                let b = if BITS == 8 {
+                                    _mm256_sign_epi8(b, ws)
+                                } else {
+                                    b
+                                };
+                                let pairs = _mm256_maddubs_epi16(wu, b);
+                                part[t] = if j == j0 {
+                                    pairs
+                                } else {
+                                    _mm256_add_epi16(part[t], pairs)
+                                };
+                            }
+                        }
                         for t in 0..T {
-                            let b = _mm256_set1_epi32(y[t].add(j).read_unaligned());
-                            let b = if BITS == 8 {
-                                _mm256_sign_epi8(b, ws)
-                            } else {
-                                b
-                            };
-                            let pairs = _mm256_maddubs_epi16(wu, b);
-                            part[t] = if j == j0 {
-                                pairs
-                            } else {
-                                _mm256_add_epi16(part[t], pairs)
-                            };
+                            acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(part[t], ones));
                         }
                     }
                     for t in 0..T {
-                        acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(part[t], ones));
-                    }
-                }
-                for t in 0..T {
-                    let tok = t0 + t;
-                    let da = *a.d.get_unchecked(tok * k / QK + s * g / QK);
-                    f[t] = _mm256_fmadd_ps(
-                        _mm256_cvtepi32_ps(acc[t]),
-                        _mm256_mul_ps(sc, _mm256_set1_ps(da)),
-                        f[t],
-                    );
-                    if MIN {
-                        let sum = a.sum(tok, s, g);
-                        f[t] = _mm256_fmadd_ps(mn, _mm256_set1_ps(da * sum as f32), f[t]);
+                        f[t][h] = _mm256_fmadd_ps(
+                            _mm256_cvtepi32_ps(acc[t]),
+                            _mm256_mul_ps(sc, _mm256_set1_ps(da[t])),
+                            f[t][h],
+                        );
+                        if MIN {
+                            f[t][h] =
+                                _mm256_fmadd_ps(mn, _mm256_set1_ps(da[t] * sum[t] as f32), f[t][h]);
+                        }
                     }
                 }
             }
             for (t, v) in f.iter().enumerate() {
-                _mm256_storeu_ps(out.add((t0 + t) * ld + grp * ROWS + 8 * h), *v);
+                for h in h0..h1 {
+                    _mm256_storeu_ps(out.add((t0 + t) * ld + grp * ROWS + 8 * h), v[h]);
+                }
             }
         }
     }
