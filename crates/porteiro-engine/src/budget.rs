@@ -131,12 +131,7 @@ pub fn monotone(choices: &mut [Choice]) {
 /// One choice index per tensor whose bytes sum to at most `budget`, at the least total loss the
 /// sweep finds. Infeasible when even the smallest choices exceed the budget.
 pub fn allocate(sens: &[Sensitivity], budget: usize) -> Result<Vec<usize>, BudgetError> {
-    let bytes = |pick: &[usize]| -> usize {
-        sens.iter()
-            .zip(pick)
-            .map(|(s, &i)| s.choices[i].bytes)
-            .sum()
-    };
+    let bytes = |pick: &[usize]| bytes(sens, pick);
     let at = |lambda: f64| -> Vec<usize> {
         sens.iter()
             .map(|s| {
@@ -192,6 +187,13 @@ pub fn allocate(sens: &[Sensitivity], budget: usize) -> Result<Vec<usize>, Budge
     Ok(pick)
 }
 
+fn bytes(sens: &[Sensitivity], pick: &[usize]) -> usize {
+    sens.iter()
+        .zip(pick)
+        .map(|(s, &i)| s.choices[i].bytes)
+        .sum()
+}
+
 fn loss(sens: &[Sensitivity], pick: &[usize]) -> f64 {
     sens.iter().zip(pick).map(|(s, &i)| s.choices[i].dkld).sum()
 }
@@ -239,12 +241,7 @@ fn knapsack(sens: &[Sensitivity], budget: usize) -> Option<Vec<usize>> {
 
 /// Spends what is left of `budget` on the single upgrades that save the most loss per byte.
 fn fill(sens: &[Sensitivity], budget: usize, pick: &mut [usize]) {
-    let bytes = |pick: &[usize]| -> usize {
-        sens.iter()
-            .zip(pick)
-            .map(|(s, &i)| s.choices[i].bytes)
-            .sum()
-    };
+    let bytes = |pick: &[usize]| bytes(sens, pick);
     loop {
         let left = budget.saturating_sub(bytes(pick));
         let best = sens
@@ -314,11 +311,7 @@ mod tests {
             .collect();
         for budget in [800, 900, 1000, 1200, 1500, 1700] {
             let pick = allocate(&sens, budget).unwrap();
-            let used: usize = sens
-                .iter()
-                .zip(&pick)
-                .map(|(s, &i)| s.choices[i].bytes)
-                .sum();
+            let used = bytes(&sens, &pick);
             assert!(used <= budget, "{used} > {budget}");
             // No single upgrade still fits and helps.
             let left = budget - used;
@@ -338,11 +331,7 @@ mod tests {
         sens.extend((0..10).map(|_| s("t", &[(10, 0.001), (20, 0.0)])));
         let pick = allocate(&sens, 1000).unwrap();
         assert_eq!(pick[0], 2, "{pick:?}");
-        let used: usize = sens
-            .iter()
-            .zip(&pick)
-            .map(|(s, &i)| s.choices[i].bytes)
-            .sum();
+        let used = bytes(&sens, &pick);
         assert!(used <= 1000);
         assert!((loss(&sens, &pick) - 0.01).abs() < 1e-12, "{pick:?}");
         // Brute force over the big tensor's choices agrees.

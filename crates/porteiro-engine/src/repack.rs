@@ -492,6 +492,19 @@ impl Repacked {
             + self.m.len()
     }
 
+    /// The kernels' view of sub-block `at` (= group * sub-blocks + s): its chunk of lines and, for
+    /// a 3-bit format, its bit planes (null otherwise).
+    #[inline(always)]
+    fn sub_block<const L: usize, const BITS: usize>(&self, at: usize) -> (*const u8, *const u64) {
+        let c = self.q[at * self.f.chunk()..].as_ptr() as *const u8;
+        let planes = if BITS == 3 {
+            self.planes[at * L..].as_ptr()
+        } else {
+            std::ptr::null()
+        };
+        (c, planes)
+    }
+
     /// Stored value of element `e` (0..g) of sub-block `s` of row `lane` of group `grp`.
     fn value(&self, grp: usize, s: usize, lane: usize, e: usize) -> u8 {
         let (lines, chunk) = (self.f.lines(), self.f.chunk());
@@ -823,7 +836,6 @@ mod ymm {
         let g = L * 4;
         let nsb = p.cols / g;
         let per_super = QK_K / g;
-        let chunk = p.f.chunk();
         let k = a.k;
         // Q8_0 is multiplied as signed bytes: no offset to take back.
         let off = if BITS == 8 { 0 } else { p.f.off };
@@ -848,12 +860,7 @@ mod ymm {
             let (mut dv, mut ndv) = ([_mm256_setzero_ps(); 2], [_mm256_setzero_ps(); 2]);
             for s in 0..nsb {
                 let at = grp * nsb + s;
-                let c = p.q.as_ptr().add(at * chunk) as *const u8;
-                let planes = if BITS == 3 {
-                    p.planes.as_ptr().add(at * L)
-                } else {
-                    std::ptr::null()
-                };
+                let (c, planes) = p.sub_block::<L, BITS>(at);
                 let mut y = [std::ptr::null::<i32>(); T];
                 let (mut da, mut sum) = ([0f32; T], [0i32; T]);
                 for t in 0..T {
@@ -1075,18 +1082,12 @@ mod zmm {
         let g = L * 4;
         let nsb = p.cols / g;
         let per_super = QK_K / g;
-        let chunk = p.f.chunk();
         let k = a.k;
         let mut f = [_mm512_setzero_ps(); T];
         let (mut dv, mut ndv) = (_mm512_setzero_ps(), _mm512_setzero_ps());
         for s in 0..nsb {
             let at = grp * nsb + s;
-            let c = p.q.as_ptr().add(at * chunk) as *const u8;
-            let planes = if BITS == 3 {
-                p.planes.as_ptr().add(at * L)
-            } else {
-                std::ptr::null()
-            };
+            let (c, planes) = p.sub_block::<L, BITS>(at);
             let mut w = [_mm512_setzero_si512(); L];
             for j in 0..L {
                 w[j] = line::<L, BITS>(c, planes, j);

@@ -236,7 +236,7 @@ fn dir(c: &Common) -> Result<PathBuf> {
 }
 
 /// Writes `text` to `path` through a temporary file and a rename (never half a file).
-fn write_atomic(path: &Path, text: &str) -> Result<()> {
+pub(crate) fn write_atomic(path: &Path, text: &str) -> Result<()> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))

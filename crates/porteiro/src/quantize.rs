@@ -836,9 +836,5 @@ fn write_sensitivities(
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
     });
-    let tmp = file.with_extension("partial");
-    std::fs::write(&tmp, serde_json::to_string_pretty(&v)?)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, file).with_context(|| format!("writing {}", file.display()))?;
-    Ok(())
+    crate::flywheel_cmd::write_atomic(file, &serde_json::to_string_pretty(&v)?)
 }
